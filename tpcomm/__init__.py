@@ -1,0 +1,23 @@
+"""tpcomm: tensor-parallel communication for LLM inference.
+
+Collectives that bypass NCCL on the latency-bound hot path of TP inference (GPU: Triton kernels
+over NVLink peer memory; CPU: POSIX shared memory), with torch.distributed as the fallback.
+
+    import torch.distributed as dist, tpcomm
+    dist.init_process_group("gloo")            # or "nccl"; launched by torchrun
+    with tpcomm.Communicator() as comm:
+        y = comm.all_reduce(x)
+"""
+from .communicator import Communicator
+from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
+                     PeerDiedError, PeerTimeoutError, TpcommError)
+from .select import Topology, select_algorithm
+from .settings import Settings, get_settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Communicator", "CommunicatorBrokenError", "CommunicatorClosedError", "MismatchError",
+    "PeerDiedError", "PeerTimeoutError", "TpcommError", "Topology", "select_algorithm",
+    "Settings", "get_settings", "__version__",
+]

@@ -1,0 +1,363 @@
+"""Communicator: tpcomm's collectives over one torch.distributed process group.
+
+It owns the registered buffers (one symmetric buffer per rank, set up once), validates every
+call, picks the algorithm (``tpcomm.select``), chunks calls larger than its buffer, keeps
+statistics, and sends whatever tpcomm cannot do to torch.distributed, logging the first fallback
+of each reason once.
+
+Shape letters in the docstrings: R = world size, m = rows per rank.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import reference
+from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
+                     TpcommError)
+from .group import GroupInfo, GroupStore
+from .select import (FALLBACK_DTYPES, FAST_DTYPES, Topology, check_algorithm, fallback_reason,
+                     select_algorithm)
+from .settings import get_settings
+
+log = logging.getLogger("tpcomm")
+_logged_reasons: set[str] = set()
+_OP_CODES = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3}
+_DTYPE_CODES = {d: i for i, d in enumerate(FAST_DTYPES + FALLBACK_DTYPES)}
+
+
+def _log_fallback_once(reason: str) -> None:
+    if reason in _logged_reasons or get_settings().quiet:
+        return
+    _logged_reasons.add(reason)
+    log.warning("tpcomm: falling back to torch.distributed: %s (logged once; set TPCOMM_QUIET=1 "
+                "to silence, see comm.stats()['fallbacks'] for counts)", reason)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+class Communicator:
+    """tpcomm's collectives on a torch.distributed group.
+
+    Args:
+        group: the ProcessGroup (default: the world group). Every member must create the
+            Communicator, in the same order relative to other tpcomm objects on that group.
+        device: where the tensors live (default: the current CUDA device for an NCCL group,
+            else the CPU).
+        max_bytes: size of the registered buffer per rank, i.e. the largest input handled in
+            one round; larger inputs are processed in chunks (default TPCOMM_MAX_BYTES, 32 MiB).
+        timeout_s: bound on every wait for a peer (default TPCOMM_TIMEOUT_S, 60 s). Past it the
+            call raises PeerTimeoutError naming the op, its sequence number, this rank and the
+            missing peers, and the Communicator refuses further calls.
+
+    Use as a context manager, or call ``close()``; both release the shared buffers.
+    """
+
+    def __init__(self, group=None, *, device=None, max_bytes: int | None = None,
+                 timeout_s: float | None = None):
+        settings = get_settings()
+        self._info = GroupInfo.of(group)
+        self.group = self._info.group
+        self.rank, self.world_size = self._info.rank, self._info.world_size
+        self.timeout_s = float(timeout_s if timeout_s is not None else settings.timeout_s)
+        self.max_bytes = int(max_bytes if max_bytes is not None else settings.max_bytes)
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if self.max_bytes < 4096:
+            raise ValueError(f"max_bytes must be at least 4096, got {max_bytes}")
+        self.device = self._pick_device(device)
+        self._debug = settings.debug
+        self._lock = threading.Lock()
+        self._closed = False
+        self._backend = None
+        self.disabled_reason: str | None = None
+        self._stats = collections.defaultdict(lambda: [0, 0, 0.0])  # (op, algo) -> calls, bytes, s
+        self._fallbacks: collections.Counter = collections.Counter()
+        self._topology = Topology(device_type=self.device.type)
+        self._setup(settings)
+
+    # ------------------------------------------------------------------ set-up
+    def _pick_device(self, device) -> torch.device:
+        if device is None:
+            if self._info.backend == "nccl" and torch.cuda.is_available():
+                return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cpu")
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"tpcomm supports cpu and cuda devices, got {dev}")
+        return dev
+
+    def _setup(self, settings) -> None:
+        """Create the backend on every rank, then agree: if any rank failed, all fall back."""
+        reason = None
+        if settings.disable:
+            reason = "TPCOMM_DISABLE=1"
+        elif self.world_size > 1:
+            try:
+                self._backend = self._make_backend()
+            except Exception as e:  # a fast path that cannot start is a fallback, not a crash
+                reason = f"{type(e).__name__}: {e}"
+        if self.world_size > 1 and not settings.disable:
+            store = GroupStore(self._info, "verdict", self.timeout_s)
+            verdicts = store.all_gather("ok", reason or "")
+            bad = [(r, v.decode()) for r, v in enumerate(verdicts) if v]
+            if bad and reason is None:
+                r, why = bad[0]
+                reason = f"rank {r} could not start the fast path ({why})"
+        if reason is not None:
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None
+            self.disabled_reason = reason
+            _log_fallback_once(f"Communicator on {self.world_size} ranks: {reason}")
+
+    def _make_backend(self):
+        if self.device.type == "cpu":
+            from .cpu.shm_collectives import ShmCollectives, should_use_shm
+            from .memory.shm import ShmSymmetricBuffer, shm_available
+            why = should_use_shm() or shm_available()
+            if why:
+                raise TpcommError(why)
+            # two slots (double buffering), each max_bytes rounded up to 64 bytes
+            slot = -(-self.max_bytes // 64) * 64
+            buf = ShmSymmetricBuffer(self._info, 2 * slot, self.timeout_s)
+            return ShmCollectives(buf, self.timeout_s)
+        from .cuda.backend import make_cuda_backend
+        return make_cuda_backend(self._info, self.device, self.max_bytes, self.timeout_s)
+
+    @property
+    def backend_name(self) -> str:
+        """'shm', 'p2p' (GPU), 'local' (world 1) or 'torch' (everything falls back)."""
+        if self.world_size == 1:
+            return "local"
+        return self._backend.name if self._backend is not None else "torch"
+
+    # ------------------------------------------------------------------ public ops
+    def all_reduce(self, x: torch.Tensor, *, out: torch.Tensor | None = None,
+                   algorithm: str = "auto") -> torch.Tensor:
+        """Sum of ``x`` over all ranks, in ``out`` (a new tensor if None; may be ``x``).
+
+        x: any shape, contiguous, float32/float16/bfloat16 (other dtypes go to
+        torch.distributed). 16-bit inputs are accumulated in float32; every rank gets bitwise
+        the same result.
+        """
+        self._check_tensor("all_reduce", x)
+        out = self._out("all_reduce", x, out, x.shape)
+        return self._run("all_reduce", x, out, algorithm)
+
+    def all_reduce_(self, x: torch.Tensor, *, algorithm: str = "auto") -> torch.Tensor:
+        """In-place :meth:`all_reduce`; returns ``x``."""
+        return self.all_reduce(x, out=x, algorithm=algorithm)
+
+    def reduce_scatter(self, x: torch.Tensor, *, out: torch.Tensor | None = None,
+                       algorithm: str = "auto") -> torch.Tensor:
+        """x: [R*m, ...] -> out: [m, ...], the sum over ranks of x's rows [rank*m, (rank+1)*m)."""
+        self._check_tensor("reduce_scatter", x)
+        if x.dim() == 0 or x.shape[0] % self.world_size:
+            raise ValueError(f"reduce_scatter needs dim 0 divisible by the world size "
+                             f"{self.world_size}, got shape {tuple(x.shape)}")
+        shape = (x.shape[0] // self.world_size, *x.shape[1:])
+        out = self._out("reduce_scatter", x, out, shape)
+        if _overlaps(out, x):
+            raise ValueError("reduce_scatter: out must not overlap the input")
+        return self._run("reduce_scatter", x, out, algorithm)
+
+    def all_gather(self, x: torch.Tensor, *, out: torch.Tensor | None = None,
+                   algorithm: str = "auto") -> torch.Tensor:
+        """x: [m, ...] -> out: [R*m, ...], rank p's x in rows [p*m, (p+1)*m). A 0-d x gives [R]."""
+        self._check_tensor("all_gather", x)
+        shape = (self.world_size * x.shape[0], *x.shape[1:]) if x.dim() else (self.world_size,)
+        out = self._out("all_gather", x, out, shape)
+        if _overlaps(out, x):
+            raise ValueError("all_gather: out must not overlap the input")
+        return self._run("all_gather", x, out, algorithm)
+
+    def all_reduce_coalesced(self, tensors: list[torch.Tensor], *,
+                             algorithm: str = "auto") -> list[torch.Tensor]:
+        """All-reduce several tensors in place with one collective per dtype (pack, reduce
+        once, unpack). Cuts the fixed cost per call when a layer produces many small results.
+        Returns ``tensors``."""
+        if isinstance(tensors, torch.Tensor) or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise TypeError("all_reduce_coalesced takes a list of tensors")
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            self._check_tensor("all_reduce_coalesced", t)
+            by_dtype.setdefault(t.dtype, []).append(t)
+        # the same dtype order on every rank: first appearance in the list
+        for dtype, group in by_dtype.items():
+            flat = torch.cat([t.reshape(-1) for t in group]) if len(group) > 1 else group[0].reshape(-1)
+            self._run("all_reduce", flat, flat, algorithm, op_name="all_reduce_coalesced")
+            if len(group) > 1:
+                off = 0
+                for t in group:
+                    n = t.numel()
+                    t.copy_(flat[off:off + n].view_as(t))
+                    off += n
+        return tensors
+
+    def stats(self) -> dict:
+        """Calls, bytes and host seconds per (op, algorithm), and fallbacks per reason.
+
+        On the GPU the seconds are host time of the launches, not GPU time (use the benchmark
+        for that).
+        """
+        ops = {}
+        for (op, algo), (calls, nbytes, secs) in sorted(self._stats.items()):
+            ops.setdefault(op, {})[algo] = {"calls": calls, "bytes": nbytes, "seconds": secs}
+        return {"backend": self.backend_name, "world_size": self.world_size, "rank": self.rank,
+                "disabled_reason": self.disabled_reason, "ops": ops,
+                "fallbacks": dict(self._fallbacks)}
+
+    def close(self) -> None:
+        """Release the shared buffers. Safe to call twice; later calls raise."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        # never free cross-process memory here: at most note that close() was forgotten
+        if not getattr(self, "_closed", True) and getattr(self, "_backend", None) is not None:
+            log.debug("tpcomm Communicator garbage-collected without close()")
+
+    def __repr__(self):
+        return (f"Communicator(rank={self.rank}, world_size={self.world_size}, "
+                f"device={self.device}, backend={self.backend_name!r})")
+
+    # ------------------------------------------------------------------ internals
+    def _check_tensor(self, op: str, x) -> None:
+        if self._closed:
+            raise CommunicatorClosedError(f"{op} on a closed Communicator")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op} takes a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FAST_DTYPES and x.dtype not in FALLBACK_DTYPES:
+            raise TypeError(f"{op} does not support dtype {x.dtype}; supported: "
+                            f"{[str(d) for d in FAST_DTYPES + FALLBACK_DTYPES]}")
+        if x.device != self.device:
+            raise ValueError(f"{op}: tensor is on {x.device} but this Communicator is on {self.device}")
+        if not x.is_contiguous():
+            raise ValueError(f"{op} needs a contiguous tensor, got shape {tuple(x.shape)} with "
+                             f"strides {x.stride()}; call .contiguous() first")
+
+    def _out(self, op: str, x: torch.Tensor, out, shape) -> torch.Tensor:
+        shape = torch.Size(shape)
+        if out is None:
+            return torch.empty(shape, dtype=x.dtype, device=x.device)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{op}: out must be a torch.Tensor, got {type(out).__name__}")
+        if out.shape != shape or out.dtype != x.dtype or out.device != x.device:
+            raise ValueError(f"{op}: out must be {tuple(shape)} {x.dtype} on {x.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        if not out.is_contiguous():
+            raise ValueError(f"{op}: out must be contiguous, got strides {out.stride()}")
+        return out
+
+    def _run(self, op: str, x: torch.Tensor, out: torch.Tensor, algorithm: str,
+             op_name: str | None = None) -> torch.Tensor:
+        if not self._lock.acquire(blocking=False):
+            raise TpcommError(f"{op_name or op}: this Communicator is already running a "
+                              f"collective in another thread; use one Communicator per thread")
+        try:
+            return self._run_locked(op, x, out, algorithm, op_name or op)
+        finally:
+            self._lock.release()
+
+    def _run_locked(self, op, x, out, algorithm, name):
+        if self._backend is not None and self._backend.broken:
+            raise CommunicatorBrokenError(f"{name}: Communicator is broken by an earlier error: "
+                                          f"{self._backend.broken}")
+        check_algorithm(op, algorithm, self.device.type)
+        nbytes = x.numel() * x.element_size()
+        if self._debug and self.world_size > 1:
+            self._debug_check(name, x)
+        if algorithm == "auto":
+            algorithm = select_algorithm(op, nbytes, x.dtype, self.world_size, self._topology)
+        elif x.dtype not in FAST_DTYPES:
+            raise ValueError(f"{name}: algorithm={algorithm!r} needs float32/float16/bfloat16, "
+                             f"got {x.dtype}")
+        if self._backend is None and algorithm not in ("local", "torch"):
+            algorithm = "torch"
+        t0 = time.perf_counter()
+        if algorithm == "local":
+            if out.data_ptr() != x.data_ptr():
+                out.copy_(x.view(out.shape))
+        elif algorithm == "torch":
+            if self._backend is None:
+                reason = self.disabled_reason or "no fast path"
+            else:
+                reason = fallback_reason(op, x.dtype, self.world_size, self._topology)
+            self._fallbacks[reason] += 1
+            _log_fallback_once(reason)
+            getattr(reference, op)(x, out, self.group)
+        else:
+            self._run_backend(op, x, out, algorithm)
+        st = self._stats[(name, algorithm)]
+        st[0] += 1
+        st[1] += nbytes
+        st[2] += time.perf_counter() - t0
+        return out
+
+    def _run_backend(self, op: str, x: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
+        """Run on the backend in chunks of at most its capacity."""
+        b, R = self._backend, self.world_size
+        item = x.element_size()
+        if x.numel() * item <= b.capacity:  # the common case: one round, no slicing
+            if op == "all_reduce":
+                b.all_reduce(x, out, algorithm)
+            elif op == "reduce_scatter":
+                b.reduce_scatter(x.view(R, out.numel()), out.view(-1), algorithm)
+            else:
+                b.all_gather(x.view(-1), out.view(R, x.numel()), algorithm)
+            return
+        if op == "all_reduce":
+            xf, of = x.view(-1), out.view(-1)
+            step = (b.capacity // item) & ~15
+            for lo in range(0, xf.numel(), step):
+                b.all_reduce(xf[lo:lo + step], of[lo:lo + step], algorithm)
+        elif op == "reduce_scatter":
+            c = out.numel()
+            x2, o1 = x.view(R, c), out.view(-1)
+            step = (b.capacity // (item * R)) & ~15
+            for lo in range(0, c, step):
+                b.reduce_scatter(x2[:, lo:lo + step], o1[lo:lo + step], algorithm)
+        else:
+            c = x.numel()
+            x1, o2 = x.view(-1), out.view(R, c)
+            step = (b.capacity // item) & ~15
+            for lo in range(0, c, step):
+                b.all_gather(x1[lo:lo + step], o2[:, lo:lo + step], algorithm)
+
+    def _debug_check(self, name: str, x: torch.Tensor) -> None:
+        """TPCOMM_DEBUG=1: every rank called the same op with the same numel and dtype."""
+        mine = torch.tensor([_OP_CODES.get(name, 4), x.numel(), _DTYPE_CODES[x.dtype]],
+                            dtype=torch.int64, device=self.device)
+        every = torch.empty(self.world_size * 3, dtype=torch.int64, device=self.device)
+        reference.all_gather(mine, every, self.group)
+        rows = every.view(self.world_size, 3).tolist()
+        for r, row in enumerate(rows):
+            if row != rows[self.rank]:
+                raise MismatchError(f"tpcomm {name} (TPCOMM_DEBUG check): rank {self.rank} "
+                                    f"has {x.numel()} elements of {x.dtype} but rank {r} "
+                                    f"called {'the same op' if row[0] == rows[self.rank][0] else 'another op'} "
+                                    f"with {row[1]} elements (dtype code {row[2]}); every rank "
+                                    f"must call the same collective with the same size and dtype")

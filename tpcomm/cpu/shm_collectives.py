@@ -1,0 +1,298 @@
+"""Collectives over POSIX shared memory, one process per rank (the CPU backend).
+
+Naming grammar of the algorithms, shared with the GPU kernels: ``<collective>_<algorithm>``:
+``all_reduce_one_shot`` (every rank reads every peer's input and reduces all of it),
+``all_reduce_two_shot`` (rank r reduces slice r of every input, then every rank gathers the
+slices), ``reduce_scatter`` and ``all_gather`` (one round each).
+
+Signal pad of each rank (int64 words; written only by its owner, read by peers)::
+
+    word   0   pid of the owner (peers use it to notice a dead rank)
+    word   8   state: 0 running, 1 closed, 2 aborted (peers waiting on it raise at once)
+    word  16   arrive[0]: seq of the last op whose phase 0 this rank finished (input posted)
+    word  24   arrive[1]: seq of the last op whose phase 1 this rank finished (slice reduced)
+    word  64   meta[0]: seq, op, algorithm, dtype, numel of the last even-seq op
+    word  72   meta[1]: the same for the last odd-seq op
+
+Flags hold sequence numbers, which only grow, so a flag never needs resetting and a phase an
+algorithm skips does no harm. Each word sits on its own 64-byte line.
+
+The data region holds two slots (double buffering by seq parity). Op ``s`` writes slot ``s % 2``;
+the last op that used that slot is ``s - 2``, and every peer finished reading it before it posted
+``arrive[0] = s - 1``, which this rank waited for during op ``s - 1``. So no extra round is needed
+to know a slot is free again.
+
+Memory ordering: a rank writes the data, then the meta words, then the arrive flag; a peer reads
+the flag, then the meta and the data. x86-64 keeps stores in order and loads in order (TSO), and
+each Python-level access is a separate C call the compiler cannot move, so this is sufficient
+there. Other architectures would need fences: ``should_use_shm`` refuses them and the
+Communicator falls back to torch.distributed.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import time
+
+import torch
+
+from ..errors import CommunicatorBrokenError, MismatchError, PeerDiedError, PeerTimeoutError
+from ..memory.shm import ShmSymmetricBuffer
+
+W_PID, W_STATE, W_ARRIVE, W_META = 0, 8, 16, 64
+STATE_RUNNING, STATE_CLOSED, STATE_ABORTED = 0, 1, 2
+OPS = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3}
+ALGORITHMS = {"one_shot": 1, "two_shot": 2, "direct": 3}
+DTYPES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+_NAMES = {v: k for d in (OPS, ALGORITHMS) for k, v in d.items()}
+_NAMES_DTYPE = {v: str(k).removeprefix("torch.") for k, v in DTYPES.items()}
+
+SPINS_BEFORE_YIELD = 2000     # about 0.2 ms of polling before giving the core away
+SECONDS_BEFORE_SLEEP = 0.01   # after 10 ms of waiting, sleep between polls instead of spinning
+LIVENESS_EVERY_S = 0.2        # how often a waiting rank checks that its peers are alive
+
+
+def should_use_shm() -> str | None:
+    """None when the shared-memory collectives are safe on this machine, else why not."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return (f"the CPU shared-memory collectives rely on x86-64 store ordering; "
+                f"this machine is {platform.machine()}")
+    return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return False
+    except OSError:
+        return True  # cannot tell: assume alive, the timeout still bounds the wait
+
+
+def sum_in_rank_order(srcs: list[torch.Tensor], out: torch.Tensor, acc: torch.Tensor | None) -> None:
+    """out = srcs[0] + srcs[1] + ... in that order, accumulated in float32.
+
+    The same order on every rank makes every rank's result bitwise identical. ``acc`` is a
+    float32 scratch of out's size, needed only for 16-bit dtypes with more than two sources
+    (with two, torch's 16-bit add already computes in float32 and rounds once). ``out`` must not
+    alias any source but the first two.
+    """
+    if len(srcs) == 1:
+        out.copy_(srcs[0])
+    elif len(srcs) == 2 or out.dtype == torch.float32:
+        torch.add(srcs[0], srcs[1], out=out)
+        for s in srcs[2:]:
+            out.add_(s)
+    else:
+        acc.copy_(srcs[0])
+        for s in srcs[1:]:
+            acc.add_(s)
+        out.copy_(acc)
+
+
+class ShmCollectives:
+    """The CPU backend of a Communicator: collectives over one :class:`ShmSymmetricBuffer`."""
+
+    name = "shm"
+
+    def __init__(self, buf: ShmSymmetricBuffer, timeout_s: float):
+        self.buf = buf
+        self.rank, self.world = buf.rank, buf.world_size
+        self.timeout_s = timeout_s
+        self.slot_nbytes = (buf.nbytes // 2) & ~63
+        self.seq = 0
+        self.broken: str | None = None
+        self._pads = [buf.pad_memoryview(p) for p in range(self.world)]
+        self._mine = self._pads[self.rank]
+        self._peers = [p for p in range(self.world) if p != self.rank]
+        self._pids = [0] * self.world
+        self._acc = torch.empty(0, dtype=torch.float32)
+        self._views: dict = {}
+        self._mine[W_PID] = os.getpid()
+        self._mine[W_STATE] = STATE_RUNNING
+
+    @property
+    def capacity(self) -> int:
+        """Largest input in bytes one call can take (the Communicator chunks above it)."""
+        return self.slot_nbytes
+
+    # ---------------------------------------------------------------- synchronization
+    def _post(self, phase: int, seq: int) -> None:
+        self._mine[W_ARRIVE + 8 * phase] = seq
+
+    def _wait(self, phase: int, seq: int, op: str, algorithm: str, nbytes: int) -> None:
+        """Wait until every peer has posted ``phase`` of op ``seq``; bounded by the timeout."""
+        word = W_ARRIVE + 8 * phase
+        pads = self._pads
+        for p in self._peers:
+            if pads[p][word] >= seq:
+                continue
+            start = time.monotonic()
+            next_check = start + LIVENESS_EVERY_S
+            spins = 0
+            while pads[p][word] < seq:
+                spins += 1
+                if spins < SPINS_BEFORE_YIELD:
+                    continue
+                now = time.monotonic()
+                if now - start > SECONDS_BEFORE_SLEEP:
+                    time.sleep(50e-6)
+                else:
+                    os.sched_yield()
+                if now >= next_check:
+                    next_check = now + LIVENESS_EVERY_S
+                    self._check_peer(p, op, seq, algorithm, nbytes)
+                if now - start > self.timeout_s:
+                    late = [q for q in self._peers if pads[q][word] < seq]
+                    self._fail(PeerTimeoutError(op, seq, self.rank, late, self.timeout_s,
+                                                f"phase {phase}", algorithm, nbytes))
+
+    def _check_peer(self, p: int, op: str, seq: int, algorithm: str, nbytes: int) -> None:
+        pad = self._pads[p]
+        state = pad[W_STATE]
+        if state != STATE_RUNNING:
+            what = "closed its Communicator" if state == STATE_CLOSED else "aborted after an error"
+            self._fail(PeerDiedError(op, seq, self.rank, [p], self.timeout_s,
+                                     f"peer {p} {what}", algorithm, nbytes))
+        pid = self._pids[p] or pad[W_PID]
+        self._pids[p] = pid
+        if pid and not _process_alive(pid):
+            self._fail(PeerDiedError(op, seq, self.rank, [p], self.timeout_s,
+                                     f"peer {p} (pid {pid}) exited", algorithm, nbytes))
+
+    def _fail(self, err: Exception):
+        """Mark this backend broken, tell the peers, raise."""
+        self.broken = str(err)
+        try:
+            self._mine[W_STATE] = STATE_ABORTED
+        except (ValueError, TypeError):
+            pass
+        raise err
+
+    def _begin(self, op: str, algorithm: str, dtype: torch.dtype, numel: int) -> int:
+        if self.broken:
+            raise CommunicatorBrokenError(f"tpcomm Communicator is broken by an earlier error: {self.broken}")
+        self.seq += 1
+        seq = self.seq
+        m = W_META + 8 * (seq % 2)
+        mine = self._mine
+        mine[m + 1] = OPS[op]
+        mine[m + 2] = ALGORITHMS[algorithm]
+        mine[m + 3] = DTYPES[dtype]
+        mine[m + 4] = numel
+        mine[m] = seq
+        return seq
+
+    def _check_meta(self, seq: int, op: str) -> None:
+        """Every peer posted the same op, algorithm, dtype and numel for ``seq``."""
+        m = W_META + 8 * (seq % 2)
+        mine = tuple(self._mine[m:m + 5])
+        for p in self._peers:
+            theirs = tuple(self._pads[p][m:m + 5])
+            if theirs != mine:
+                def fmt(t):
+                    return (f"{_NAMES.get(t[1], t[1])}/{_NAMES.get(t[2], t[2])} "
+                            f"{_NAMES_DTYPE.get(t[3], t[3])} numel={t[4]} (seq {t[0]})")
+                err = MismatchError(
+                    f"tpcomm {op} #{seq}: rank {self.rank} called {fmt(mine)} but rank {p} "
+                    f"called {fmt(theirs)}; every rank must call the same collective with the "
+                    f"same size and dtype")
+                # every rank sees the mismatch at the same seq and raises; the protocol stays
+                # in step, so the Communicator stays usable
+                raise err
+
+    def _slots(self, seq: int, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
+        """Every rank's slot for op ``seq`` as 1-D ``dtype`` views of ``numel`` elements.
+
+        Cached: a torch view costs a few microseconds on a small CPU, and a decode loop asks for
+        the same few sizes over and over.
+        """
+        key = (seq % 2, dtype, numel)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) > 256:
+                self._views.clear()
+            off = (seq % 2) * self.slot_nbytes
+            views = [self.buf.view(p, dtype, numel, off) for p in range(self.world)]
+            self._views[key] = views
+        return views
+
+    def _scratch(self, numel: int) -> torch.Tensor:
+        if self._acc.numel() < numel:
+            self._acc = torch.empty(numel, dtype=torch.float32)
+        return self._acc[:numel]
+
+    def _publish(self, op: str, algorithm: str, src: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+        """Phase 0 of every op: copy the input into this rank's slot, post, wait, check."""
+        n = src.numel()
+        nbytes = n * src.element_size()
+        seq = self._begin(op, algorithm, src.dtype, n)
+        slots = self._slots(seq, src.dtype, n)
+        if src.is_contiguous():
+            ctypes.memmove(slots[self.rank].data_ptr(), src.data_ptr(), nbytes)
+        else:
+            slots[self.rank].view(src.shape).copy_(src)
+        self._post(0, seq)
+        self._wait(0, seq, op, algorithm, nbytes)
+        self._check_meta(seq, op)
+        return seq, slots
+
+    # ---------------------------------------------------------------- collectives
+    def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
+        """out = sum over ranks of inp (contiguous, same numel; out may alias inp)."""
+        n = inp.numel()
+        seq, slots = self._publish("all_reduce", algorithm, inp)
+        wide = inp.dtype != torch.float32 and self.world > 2
+        if out.dim() != 1:
+            out = out.view(-1)
+        if algorithm == "one_shot":
+            sum_in_rank_order(slots, out, self._scratch(n) if wide else None)
+            return
+        # two_shot: reduce slice r into out, copy it into this rank's slot for the peers
+        bounds = self._split(n)
+        lo, hi = bounds[self.rank], bounds[self.rank + 1]
+        sum_in_rank_order([s[lo:hi] for s in slots], out[lo:hi],
+                          self._scratch(hi - lo) if wide else None)
+        slots[self.rank][lo:hi].copy_(out[lo:hi])
+        self._post(1, seq)
+        self._wait(1, seq, "all_reduce", algorithm, n * inp.element_size())
+        for p in self._peers:
+            a, b = bounds[p], bounds[p + 1]
+            out[a:b].copy_(slots[p][a:b])
+
+    def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct") -> None:
+        """inp is [world, c] (rows may be strided), out is [c]: out = sum over ranks of inp[rank]."""
+        seq, slots = self._publish("reduce_scatter", algorithm, inp)
+        c = out.numel()
+        rows = [s.view(self.world, c)[self.rank] for s in slots]
+        wide = inp.dtype != torch.float32 and self.world > 2
+        sum_in_rank_order(rows, out, self._scratch(c) if wide else None)
+
+    def all_gather(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct") -> None:
+        """inp is [c], out is [world, c] (rows may be strided): out[p] = inp of rank p."""
+        seq, slots = self._publish("all_gather", algorithm, inp)
+        for p in range(self.world):
+            out[p].copy_(slots[p])
+
+    def _split(self, n: int) -> list[int]:
+        """Slice bounds of the two-shot algorithm: world slices, 64-byte aligned starts."""
+        per = -(-n // self.world)
+        per = -(-per // 16) * 16
+        return [min(n, r * per) for r in range(self.world)] + [n]
+
+    def close(self) -> None:
+        """Tell the peers this rank is gone and drop the views over the mapping."""
+        if self._mine is None:
+            return
+        try:
+            if self._mine[W_STATE] == STATE_RUNNING:
+                self._mine[W_STATE] = STATE_CLOSED
+        except ValueError:
+            pass
+        for mv in self._pads:
+            mv.release()
+        self._pads, self._mine = [], None
+        self._views.clear()

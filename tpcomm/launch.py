@@ -1,0 +1,98 @@
+"""Start N ranks on this machine when not launched by torchrun (benchmark CLI, tests).
+
+Each rank is a fresh ``spawn`` process with the torchrun environment (RANK, WORLD_SIZE,
+LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set, so code run by :func:`spawn`
+behaves exactly as under torchrun. Results come back in rank order; a rank that raises, dies or
+outlives ``timeout_s`` makes :func:`spawn` kill the others and raise.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+
+
+class RankFailed(RuntimeError):
+    def __init__(self, msg: str, results: dict):
+        super().__init__(msg)
+        self.results = results  # rank -> ("ok", value) | ("error", traceback text)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def _entry(fn, rank, world, port, env, args, q):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    try:
+        value = fn(rank, world, *args)
+        pickle.dumps(value)  # fail here, with a message, rather than in the queue's thread
+        q.put((rank, "ok", value))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+        q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        raise SystemExit(1)
+
+
+def spawn(fn, world: int, *args, env: dict | None = None, timeout_s: float = 300.0,
+          allow_failure: bool = False) -> list:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes; return the values in rank order.
+
+    ``fn`` must be importable (a module-level function). With ``allow_failure`` the per-rank
+    outcomes ("ok", value) / ("error", text) / ("died", exitcode) are returned instead of raising.
+    """
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, env, args, q), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) < world:
+            try:
+                rank, status, value = q.get(timeout=0.2)
+                results[rank] = (status, value)
+                continue
+            except queue.Empty:
+                pass
+            for r, p in enumerate(procs):
+                if r not in results and p.exitcode is not None:
+                    # give its queued message a moment to arrive
+                    try:
+                        rank, status, value = q.get(timeout=1.0)
+                        results[rank] = (status, value)
+                    except queue.Empty:
+                        results[r] = ("died", p.exitcode)
+            if time.monotonic() > deadline:
+                for r in range(world):
+                    results.setdefault(r, ("error", f"timed out after {timeout_s:g} s"))
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    ordered = [results[r] for r in range(world)]
+    if allow_failure:
+        return ordered
+    bad = {r: v for r, v in enumerate(ordered) if v[0] != "ok"}
+    if bad:
+        first = min(bad)
+        raise RankFailed(f"rank {first} failed: {bad[first][1]}", dict(enumerate(ordered)))
+    return [v for _, v in ordered]

@@ -1,0 +1,32 @@
+"""torch.distributed versions of every op: the fallback path, the tests' oracle, the benchmarks'
+baseline. Same signatures as the fast paths: (input, out, group) with ``out`` preallocated.
+
+Shapes: ``all_reduce``: out like x. ``reduce_scatter``: x is [R*m, ...], out [m, ...], rank r
+gets the sum of rows [r*m, (r+1)*m). ``all_gather``: x is [m, ...], out [R*m, ...].
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# torch 2.13 renamed the *_tensor collectives to *_single (the old names warn); torch 2.11, on
+# the GPU machines, has only the old ones
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_reduce(x: torch.Tensor, out: torch.Tensor, group=None) -> torch.Tensor:
+    if out.data_ptr() != x.data_ptr():
+        out.copy_(x)
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def reduce_scatter(x: torch.Tensor, out: torch.Tensor, group=None) -> torch.Tensor:
+    _reduce_scatter(out, x, group=group)
+    return out
+
+
+def all_gather(x: torch.Tensor, out: torch.Tensor, group=None) -> torch.Tensor:
+    _all_gather(out, x, group=group)
+    return out

@@ -1,0 +1,86 @@
+"""Algorithm selection: a pure function of (op, nbytes, dtype, world size, device/topology).
+
+No tensors, no process groups, no environment: everything it needs is an argument, so it is
+tested on a machine without devices. Every threshold names the measurement behind it.
+
+Algorithms (names shared by the CPU backend and the GPU kernels):
+
+- ``one_shot``  every rank reads every peer's input and reduces all of it: one round.
+- ``two_shot``  rank r reduces slice r of every input, then every rank gathers the slices: two
+                rounds, a 1/world share of the reduction work and of the bytes read per rank.
+- ``ring``      chunked, pipelined reduce-scatter + all-gather (GPU, bandwidth-bound sizes).
+- ``direct``    the only algorithm of reduce_scatter and all_gather on the CPU: one round.
+- ``local``     world size 1: a copy.
+- ``torch``     torch.distributed (NCCL / gloo): the fallback, and the choice wherever it is faster.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# dtypes torch.distributed reduces but tpcomm's own paths do not: routed to the fallback
+FALLBACK_DTYPES = (torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+OPS = ("all_reduce", "reduce_scatter", "all_gather")
+ALGORITHMS = {
+    "cpu": {"all_reduce": ("one_shot", "two_shot"), "reduce_scatter": ("direct",),
+            "all_gather": ("direct",)},
+    "cuda": {"all_reduce": ("one_shot", "two_shot", "ring"), "reduce_scatter": ("direct",),
+             "all_gather": ("direct",)},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """What selection needs to know of where the ranks are."""
+    device_type: str = "cpu"     # "cpu" or "cuda"
+    p2p: bool = True             # every pair of local ranks can map each other's memory
+    nnodes: int = 1              # nodes the group spans
+
+
+# CPU, all_reduce: one_shot below this many bytes, two_shot from it on.
+# Measured with `tpcomm bench` on the 2-core CI machine, world 2, float32 (see
+# benchmarks/results/cpu-2rank-*.md): the two agree within noise up to 256 KiB; from 1 MiB
+# two_shot's halved reduction work wins.
+CPU_TWO_SHOT_MIN_BYTES = 512 << 10
+
+
+def select_algorithm(op: str, nbytes: int, dtype: torch.dtype, world_size: int,
+                     topology: Topology = Topology()) -> str:
+    """The algorithm tpcomm uses for one call; ``"torch"`` means torch.distributed."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if world_size == 1:
+        return "local"
+    if dtype not in FAST_DTYPES or topology.nnodes > 1 or not topology.p2p:
+        return "torch"
+    if topology.device_type == "cpu":
+        if op != "all_reduce":
+            return "direct"
+        return "one_shot" if nbytes < CPU_TWO_SHOT_MIN_BYTES else "two_shot"
+    if topology.device_type == "cuda":
+        from .cuda.select_table import select_cuda
+        return select_cuda(op, nbytes, dtype, world_size)
+    return "torch"
+
+
+def fallback_reason(op: str, dtype: torch.dtype, world_size: int, topology: Topology) -> str:
+    """Why :func:`select_algorithm` sent a call to torch.distributed (for the log and stats)."""
+    if dtype not in FAST_DTYPES:
+        return f"dtype {str(dtype).removeprefix('torch.')} has no tpcomm kernel"
+    if topology.nnodes > 1:
+        return f"the group spans {topology.nnodes} nodes"
+    if not topology.p2p:
+        return "no peer-to-peer access between the ranks"
+    return f"torch.distributed is faster for this {op} size"
+
+
+def check_algorithm(op: str, algorithm: str, device_type: str) -> None:
+    """Raise a clear ValueError for an algorithm that does not exist for this op and device."""
+    if algorithm in ("auto", "torch"):
+        return
+    known = ALGORITHMS.get(device_type, {}).get(op, ())
+    if algorithm not in known:
+        raise ValueError(f"{op} on {device_type} has no algorithm {algorithm!r}; "
+                         f"choose one of {('auto', 'torch') + tuple(known)}")

@@ -1,0 +1,124 @@
+"""The one place that reads ``TPCOMM_*`` environment variables.
+
+Every switch is read once into a frozen :class:`Settings`; the rest of the package asks
+:func:`get_settings` and never touches ``os.environ`` itself. The algorithm is never an
+environment variable: it is an argument of each call (``algorithm="one_shot"``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    val = raw.strip().lower()
+    if val in _TRUE:
+        return True
+    if val in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        val = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a number of seconds") from None
+    if not val > 0:
+        raise ValueError(f"{name}={raw!r}: must be > 0")
+    return val
+
+
+def parse_size(text: str) -> int:
+    """'64M' -> 67108864, '4K' -> 4096, '8' -> 8 (nccl-tests style, powers of 1024)."""
+    s = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if s.endswith(suffix):
+            s, mult = s[:-1], m
+            break
+    try:
+        val = int(float(s) * mult)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size (examples: 8, 4K, 64M, 1G)") from None
+    if val < 0:
+        raise ValueError(f"size {text!r} is negative")
+    return val
+
+
+def _size(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return parse_size(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def _int_or_none(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        val = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a positive integer") from None
+    if val <= 0:
+        raise ValueError(f"{name}={raw!r}: expected a positive integer")
+    return val
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    # TPCOMM_DISABLE=1: send every call to torch.distributed, as if tpcomm were not there
+    # (the first switch to flip when tpcomm is suspected of a wrong answer).
+    disable: bool = False
+    # TPCOMM_DEBUG=1: extra cross-rank checks on every call (sizes, dtypes, op agree on all
+    # ranks) and debug logging; costs a little latency.
+    debug: bool = False
+    # TPCOMM_QUIET=1: do not log fallbacks to torch.distributed (they are still counted in
+    # comm.stats()).
+    quiet: bool = False
+    # TPCOMM_TIMEOUT_S: default bound on every wait for a peer, in seconds; a Communicator's
+    # timeout_s argument overrides it.
+    timeout_s: float = 60.0
+    # TPCOMM_MAX_BYTES: default size of the registered buffer per rank; larger tensors are
+    # processed in chunks of this size. A Communicator's max_bytes argument overrides it.
+    max_bytes: int = 32 << 20
+    # TPCOMM_LOCAL_WORLD_SIZE: ranks per node, to emulate several nodes on one host; default
+    # from torchrun's LOCAL_WORLD_SIZE.
+    local_world_size: int | None = None
+
+
+def _read() -> Settings:
+    return Settings(
+        disable=_bool("TPCOMM_DISABLE", False),
+        debug=_bool("TPCOMM_DEBUG", False),
+        quiet=_bool("TPCOMM_QUIET", False),
+        timeout_s=_float("TPCOMM_TIMEOUT_S", 60.0),
+        max_bytes=_size("TPCOMM_MAX_BYTES", 32 << 20),
+        local_world_size=_int_or_none("TPCOMM_LOCAL_WORLD_SIZE"),
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings of this process, read from the environment on first use."""
+    return _read()
+
+
+def reload_settings() -> Settings:
+    """Read the environment again (for tests and for tools that set variables late)."""
+    get_settings.cache_clear()
+    return get_settings()
