@@ -290,9 +290,10 @@ class Communicator:
         nbytes = x.numel() * x.element_size()
         if self._debug and self.world_size > 1:
             self._debug_check(name, x)
+        forced = algorithm
         if algorithm == "auto":
             algorithm = select_algorithm(op, nbytes, x.dtype, self.world_size, self._topology)
-        elif x.dtype not in FAST_DTYPES:
+        elif algorithm != "torch" and x.dtype not in FAST_DTYPES:
             raise ValueError(f"{name}: algorithm={algorithm!r} needs float32/float16/bfloat16, "
                              f"got {x.dtype}")
         if self._backend is None and algorithm not in ("local", "torch"):
@@ -304,10 +305,13 @@ class Communicator:
         elif algorithm == "torch":
             if self._backend is None:
                 reason = self.disabled_reason or "no fast path"
+            elif forced == "torch":
+                reason = "algorithm='torch' was asked for"
             else:
                 reason = fallback_reason(op, x.dtype, self.world_size, self._topology)
             self._fallbacks[reason] += 1
-            _log_fallback_once(reason)
+            if forced != "torch":
+                _log_fallback_once(reason)
             getattr(reference, op)(x, out, self.group)
         else:
             self._run_backend(op, x, out, algorithm)

@@ -81,12 +81,10 @@ class ShmSymmetricBuffer(SymmetricBuffer):
         own = paths[self.rank]
         total = SIGNAL_PAD_NBYTES + nbytes
         try:
-            self._maps[self.rank] = self._create(own, total)
-            store.barrier("created")
-            for r, path in enumerate(paths):
-                if r != self.rank:
-                    self._maps[r] = self._attach(path, total)
-            store.barrier("attached")
+            # each step ends in an all-gather of the ranks' status, so a rank that fails makes
+            # every rank raise at the same step instead of leaving them waiting
+            self._step(store, "created", lambda: self._create_own(own, total))
+            self._step(store, "attached", lambda: self._attach_peers(paths, total))
         except BaseException:
             _unlink(own)
             self._unmap()
@@ -97,6 +95,26 @@ class ShmSymmetricBuffer(SymmetricBuffer):
             t = torch.frombuffer(m, dtype=torch.uint8)
             self._pads.append(t[:SIGNAL_PAD_NBYTES].view(torch.int64))
             self._data.append(t[SIGNAL_PAD_NBYTES:])
+
+    def _step(self, store: GroupStore, name: str, action) -> None:
+        error = ""
+        try:
+            action()
+        except Exception as e:  # reported to every rank below
+            error = f"{type(e).__name__}: {e}"
+        statuses = store.all_gather(name, error)
+        failed = [(r, v.decode()) for r, v in enumerate(statuses) if v]
+        if failed:
+            r, why = failed[0]
+            raise TpcommError(f"shared-memory set-up failed on rank {r} ({name}): {why}")
+
+    def _create_own(self, path: str, total: int) -> None:
+        self._maps[self.rank] = self._create(path, total)
+
+    def _attach_peers(self, paths: list[str], total: int) -> None:
+        for r, path in enumerate(paths):
+            if r != self.rank:
+                self._maps[r] = self._attach(path, total)
 
     @staticmethod
     def _create(path: str, total: int) -> mmap.mmap:

@@ -1,0 +1,104 @@
+"""The Communicator on a world of one process: argument checking and the local path."""
+import logging
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import tpcomm
+from tpcomm.launch import free_port
+
+
+@pytest.fixture(scope="module")
+def comm():
+    import os
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    c = tpcomm.Communicator()
+    yield c
+    c.close()
+    dist.destroy_process_group()
+
+
+def test_local_ops(comm):
+    x = torch.arange(10, dtype=torch.float32)
+    assert comm.backend_name == "local"
+    assert torch.equal(comm.all_reduce(x), x)
+    assert torch.equal(comm.all_gather(x), x)
+    assert torch.equal(comm.reduce_scatter(x), x)
+    y = x.clone()
+    assert comm.all_reduce_(y) is y
+    a, b = torch.ones(3), torch.ones(2, 2, dtype=torch.bfloat16)
+    assert comm.all_reduce_coalesced([a, b]) == [a, b]
+    st = comm.stats()
+    assert st["ops"]["all_reduce"]["local"]["calls"] >= 2
+    assert st["ops"]["all_reduce_coalesced"]["local"]["calls"] == 2  # one per dtype
+
+
+def test_zero_size(comm):
+    x = torch.empty(0, 5)
+    assert comm.all_reduce(x).shape == (0, 5)
+    assert comm.all_gather(x).shape == (0, 5)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda c: c.all_reduce(torch.ones(4, 4).t()), "contiguous.*strides"),
+    (lambda c: c.all_reduce(torch.ones(4, dtype=torch.bool)), "dtype"),
+    (lambda c: c.all_reduce(torch.ones(4, dtype=torch.complex64)), "dtype"),
+    (lambda c: c.all_reduce([1.0, 2.0]), "torch.Tensor"),
+    (lambda c: c.all_reduce(torch.ones(4), out=torch.empty(5)), "out must be"),
+    (lambda c: c.all_reduce(torch.ones(4), out=torch.empty(4, dtype=torch.float16)), "out must be"),
+    (lambda c: c.all_reduce(torch.ones(4), out=torch.empty(8)[::2]), "out must be contiguous"),
+    (lambda c: c.all_reduce(torch.ones(4), algorithm="ring"), "no algorithm 'ring'"),
+    (lambda c: c.all_reduce(torch.ones(4), algorithm="fastest"), "no algorithm"),
+    (lambda c: c.reduce_scatter(torch.tensor(1.0)), "divisible"),
+    (lambda c: c.all_gather(torch.ones(4), out=torch.ones(8)), "out must be"),
+    (lambda c: c.all_reduce_coalesced(torch.ones(3)), "list of tensors"),
+    (lambda c: c.all_reduce(torch.ones(4, dtype=torch.float64), algorithm="one_shot"), "float32"),
+])
+def test_bad_input_raises_clear_error(comm, call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(comm)
+
+
+def test_all_gather_out_may_not_overlap_input(comm):
+    buf = torch.zeros(8)
+    with pytest.raises(ValueError, match="overlap"):
+        comm.all_gather(buf[:8], out=buf)
+
+
+def test_world_one_needs_no_fallback(comm):
+    x = torch.arange(5, dtype=torch.float64)
+    assert torch.equal(comm.all_reduce(x), x)  # a local copy, whatever the dtype
+    assert comm.stats()["fallbacks"] == {}
+
+
+def test_constructor_arguments():
+    with pytest.raises(ValueError, match="timeout_s"):
+        tpcomm.Communicator(timeout_s=0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        tpcomm.Communicator(max_bytes=16)
+    with pytest.raises(ValueError, match="cpu and cuda"):
+        tpcomm.Communicator(device="meta")
+
+
+def test_use_after_close():
+    c = tpcomm.Communicator()
+    c.close()
+    c.close()  # twice is fine
+    with pytest.raises(tpcomm.CommunicatorClosedError):
+        c.all_reduce(torch.ones(2))
+
+
+def test_context_manager_and_repr():
+    with tpcomm.Communicator() as c:
+        assert "world_size=1" in repr(c)
+    with pytest.raises(tpcomm.CommunicatorClosedError):
+        c.all_gather(torch.ones(2))
+
+
+def test_needs_initialized_torch_distributed(monkeypatch):
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    with pytest.raises(tpcomm.TpcommError, match="init_process_group"):
+        tpcomm.Communicator()

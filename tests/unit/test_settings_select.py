@@ -1,0 +1,138 @@
+"""Unit tests, no devices: settings, sizes, selection, reduction order."""
+import pytest
+import torch
+
+from tpcomm import select
+from tpcomm.cpu.shm_collectives import sum_in_rank_order
+from tpcomm.settings import parse_size, reload_settings
+from tpcomm.select import Topology, check_algorithm, select_algorithm
+
+
+@pytest.fixture
+def env(monkeypatch):
+    yield monkeypatch
+    monkeypatch.undo()
+    reload_settings()
+
+
+def test_parse_size():
+    assert parse_size("8") == 8
+    assert parse_size("4K") == 4096
+    assert parse_size("64M") == 64 << 20
+    assert parse_size("1G") == 1 << 30
+    assert parse_size("2KiB") == 2048
+    assert parse_size("1.5K") == 1536
+    for bad in ("x", "-4", "4Q"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_settings_defaults_and_env(env):
+    for k in ("TPCOMM_DISABLE", "TPCOMM_DEBUG", "TPCOMM_TIMEOUT_S", "TPCOMM_MAX_BYTES"):
+        env.delenv(k, raising=False)
+    s = reload_settings()
+    assert (s.disable, s.debug, s.timeout_s, s.max_bytes) == (False, False, 60.0, 32 << 20)
+    env.setenv("TPCOMM_DISABLE", "1")
+    env.setenv("TPCOMM_TIMEOUT_S", "2.5")
+    env.setenv("TPCOMM_MAX_BYTES", "1M")
+    s = reload_settings()
+    assert (s.disable, s.timeout_s, s.max_bytes) == (True, 2.5, 1 << 20)
+
+
+@pytest.mark.parametrize("name,value", [("TPCOMM_DISABLE", "maybe"), ("TPCOMM_TIMEOUT_S", "0"),
+                                        ("TPCOMM_TIMEOUT_S", "soon"), ("TPCOMM_MAX_BYTES", "lots"),
+                                        ("TPCOMM_LOCAL_WORLD_SIZE", "-2")])
+def test_settings_bad_values_name_the_variable(env, name, value):
+    env.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        reload_settings()
+
+
+def test_only_settings_reads_tpcomm_env():
+    """All TPCOMM_* variables are read in tpcomm/settings.py and nowhere else."""
+    import pathlib
+    import re
+    root = pathlib.Path(select.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "settings.py":
+            continue
+        text = path.read_text()
+        if re.search(r"environ[^\n]*TPCOMM_|getenv\([^)]*TPCOMM_", text):
+            offenders.append(str(path))
+    assert not offenders, f"TPCOMM_* read outside settings.py: {offenders}"
+
+
+CPU = Topology("cpu")
+
+
+def test_select_cpu_all_reduce_threshold():
+    t = select.CPU_TWO_SHOT_MIN_BYTES
+    assert select_algorithm("all_reduce", t - 1, torch.float32, 2, CPU) == "one_shot"
+    assert select_algorithm("all_reduce", t, torch.float32, 2, CPU) == "two_shot"
+    assert select_algorithm("all_reduce", 0, torch.bfloat16, 4, CPU) == "one_shot"
+
+
+@pytest.mark.parametrize("op", ["reduce_scatter", "all_gather"])
+def test_select_cpu_other_ops(op):
+    assert select_algorithm(op, 1 << 20, torch.float16, 3, CPU) == "direct"
+
+
+def test_select_falls_back_where_tpcomm_cannot():
+    assert select_algorithm("all_reduce", 64, torch.float64, 2, CPU) == "torch"
+    assert select_algorithm("all_reduce", 64, torch.int32, 2, CPU) == "torch"
+    assert select_algorithm("all_reduce", 64, torch.float32, 4, Topology("cpu", nnodes=2)) == "torch"
+    assert select_algorithm("all_reduce", 64, torch.float32, 2, Topology("cuda", p2p=False)) == "torch"
+    assert select_algorithm("all_reduce", 64, torch.float32, 1, CPU) == "local"
+    assert "float64" in select.fallback_reason("all_reduce", torch.float64, 2, CPU)
+
+
+def test_select_rejects_unknown_op():
+    with pytest.raises(ValueError, match="unknown op"):
+        select_algorithm("broadcast", 8, torch.float32, 2, CPU)
+
+
+def test_select_is_deterministic_over_sizes():
+    # the same inputs give the same answer: all ranks of a call must agree
+    for nbytes in [0, 4, 8196, 1 << 20, 1 << 26]:
+        for dt in select.FAST_DTYPES:
+            a = select_algorithm("all_reduce", nbytes, dt, 2, CPU)
+            assert a == select_algorithm("all_reduce", nbytes, dt, 2, CPU)
+            assert a in select.ALGORITHMS["cpu"]["all_reduce"]
+
+
+def test_check_algorithm():
+    check_algorithm("all_reduce", "two_shot", "cpu")
+    check_algorithm("all_gather", "auto", "cpu")
+    with pytest.raises(ValueError, match="no algorithm 'ring'"):
+        check_algorithm("all_reduce", "ring", "cpu")
+    with pytest.raises(ValueError, match="choose one of"):
+        check_algorithm("reduce_scatter", "one_shot", "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("nsrc", [1, 2, 3, 5])
+def test_sum_in_rank_order_matches_float32_accumulation(dtype, nsrc):
+    g = torch.Generator().manual_seed(nsrc)
+    srcs = [torch.randn(1001, generator=g).to(dtype) for _ in range(nsrc)]
+    out = torch.full((1001,), float("nan"), dtype=dtype)
+    sum_in_rank_order(srcs, out, torch.empty(1001, dtype=torch.float32))
+    ref = srcs[0].float()
+    for s in srcs[1:]:
+        ref = ref + s.float()
+    if dtype == torch.float32:
+        assert torch.equal(out, ref)
+    else:
+        assert torch.equal(out, ref.to(dtype)), "16-bit sums must be accumulated in float32"
+
+
+def test_two_shot_split_covers_everything():
+    from tpcomm.cpu.shm_collectives import ShmCollectives
+    for world in (2, 3, 4, 8):
+        fake = ShmCollectives.__new__(ShmCollectives)
+        fake.world = world
+        for n in (0, 1, 15, 16, 17, 1000, 4097):
+            b = fake._split(n)
+            assert b[0] == 0 and b[-1] == n and len(b) == world + 1
+            assert all(b[i] <= b[i + 1] for i in range(world))
+            assert all(x % 16 == 0 or x == n for x in b), "slice starts stay 64-byte aligned"
