@@ -10,6 +10,7 @@ Shape letters in the docstrings: R = world size, m = rows per rank.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -207,6 +208,34 @@ class Communicator:
                     off += n
         return tensors
 
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor,
+                                weight: torch.Tensor, eps: float = 1e-6, *,
+                                algorithm: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """The end of a TP sublayer in one op: all-reduce ``x``, add it to ``residual`` (in
+        place), RMS-normalize the sum and scale by ``weight``.
+
+        x, residual: [..., H] of one dtype; weight: [H]. ``x`` is reduced in place. Returns
+        (normed, residual); see ``tpcomm.reference.add_rms_norm`` for the exact arithmetic. The
+        GPU backend does it in one kernel; elsewhere it is an all-reduce then the epilogue.
+        """
+        self._check_tensor("all_reduce_add_rms_norm", x)
+        for name, t in (("residual", residual), ("weight", weight)):
+            if not isinstance(t, torch.Tensor) or t.device != x.device or t.dtype != x.dtype:
+                raise ValueError(f"all_reduce_add_rms_norm: {name} must be a {x.dtype} tensor "
+                                 f"on {x.device}")
+        if residual.shape != x.shape or not residual.is_contiguous():
+            raise ValueError(f"all_reduce_add_rms_norm: residual must be contiguous with x's "
+                             f"shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if x.dim() == 0 or weight.shape != (x.shape[-1],):
+            raise ValueError(f"all_reduce_add_rms_norm: weight must be [{x.shape[-1] if x.dim() else '?'}], "
+                             f"got {tuple(weight.shape)}")
+        fused = getattr(self._backend, "all_reduce_add_rms_norm", None)
+        if fused is not None and algorithm == "auto" and x.dtype in FAST_DTYPES:
+            with self._exclusive("all_reduce_add_rms_norm"):
+                return fused(x, residual, weight, eps)
+        self._run("all_reduce", x, x, algorithm, op_name="all_reduce_add_rms_norm")
+        return reference.add_rms_norm(x, residual, weight, eps)
+
     def stats(self) -> dict:
         """Calls, bytes and host seconds per (op, algorithm), and fallbacks per reason.
 
@@ -272,15 +301,21 @@ class Communicator:
             raise ValueError(f"{op}: out must be contiguous, got strides {out.stride()}")
         return out
 
-    def _run(self, op: str, x: torch.Tensor, out: torch.Tensor, algorithm: str,
-             op_name: str | None = None) -> torch.Tensor:
+    @contextlib.contextmanager
+    def _exclusive(self, name: str):
+        """At most one collective in flight per Communicator: a second thread is refused."""
         if not self._lock.acquire(blocking=False):
-            raise TpcommError(f"{op_name or op}: this Communicator is already running a "
-                              f"collective in another thread; use one Communicator per thread")
+            raise TpcommError(f"{name}: this Communicator is already running a collective in "
+                              f"another thread; use one Communicator per thread")
         try:
-            return self._run_locked(op, x, out, algorithm, op_name or op)
+            yield
         finally:
             self._lock.release()
+
+    def _run(self, op: str, x: torch.Tensor, out: torch.Tensor, algorithm: str,
+             op_name: str | None = None) -> torch.Tensor:
+        with self._exclusive(op_name or op):
+            return self._run_locked(op, x, out, algorithm, op_name or op)
 
     def _run_locked(self, op, x, out, algorithm, name):
         if self._backend is not None and self._backend.broken:

@@ -30,3 +30,21 @@ def reduce_scatter(x: torch.Tensor, out: torch.Tensor, group=None) -> torch.Tens
 def all_gather(x: torch.Tensor, out: torch.Tensor, group=None) -> torch.Tensor:
     _all_gather(out, x, group=group)
     return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The epilogue of a TP sublayer, unfused: ``residual = x + residual`` (rounded to the
+    dtype, as an unfused model stores it), then ``normed = residual * rsqrt(mean(residual^2) +
+    eps) * weight`` computed in float32. Updates ``residual`` in place; returns (normed,
+    residual). x, residual: [..., H]; weight: [H]."""
+    residual.add_(x)
+    r = residual.float()
+    normed = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight.float()).to(x.dtype), residual
+
+
+def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                            eps: float, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    dist.all_reduce(x, group=group)
+    return add_rms_norm(x, residual, weight, eps)

@@ -175,3 +175,32 @@ def _two_communicators(rank, world):
 
 def test_two_communicators_on_overlapping_groups():
     assert run(_two_communicators, 3) == [True] * 3
+
+
+def _fused_norm(rank, world):
+    init_gloo()
+    from tpcomm import reference
+    with tpcomm.Communicator() as comm:
+        out = []
+        for dtype in DTYPES:
+            g = torch.Generator().manual_seed(7)  # same weight and residual on every rank
+            h = 96
+            x = exact_input(5 * h, rank, dtype).view(5, h)
+            residual = torch.randn(5, h, generator=g).to(dtype)
+            weight = torch.rand(h, generator=g).to(dtype) + 0.5
+            xr, rr = x.clone(), residual.clone()
+            dist.all_reduce(xr)
+            ref_normed, ref_res = reference.add_rms_norm(xr, rr, weight, 1e-5)
+            normed, res = comm.all_reduce_add_rms_norm(x, residual, weight, 1e-5)
+            assert res is residual
+            assert torch.equal(res, ref_res), dtype
+            assert torch.equal(normed, ref_normed), dtype
+            out.append(_digest(normed))
+        with pytest.raises(ValueError, match="weight"):
+            comm.all_reduce_add_rms_norm(x, residual, weight[:-1])
+        return out
+
+
+def test_all_reduce_add_rms_norm_matches_unfused_reference():
+    a, b = run(_fused_norm, 2)
+    assert a == b
