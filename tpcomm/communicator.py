@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import reference
+from . import flight_recorder, reference
 from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
                      TpcommError)
 from .group import GroupInfo, GroupStore
@@ -85,7 +85,9 @@ class Communicator:
         self._stats = collections.defaultdict(lambda: [0, 0, 0.0])  # (op, algo) -> calls, bytes, s
         self._fallbacks: collections.Counter = collections.Counter()
         self._topology = Topology(device_type=self.device.type)
+        self._recorder = flight_recorder.FlightRecorder()
         self._setup(settings)
+        flight_recorder.register(self)
 
     # ------------------------------------------------------------------ set-up
     def _pick_device(self, device) -> torch.device:
@@ -249,6 +251,15 @@ class Communicator:
                 "disabled_reason": self.disabled_reason, "ops": ops,
                 "fallbacks": dict(self._fallbacks)}
 
+    def dump(self) -> str:
+        """The flight recorder: the last calls of this Communicator with their state and
+        timing, as text (also written to stderr for every Communicator on SIGUSR1)."""
+        state = "closed" if self._closed else (
+            f"broken: {self._backend.broken}" if self._backend is not None and self._backend.broken
+            else "ok")
+        return self._recorder.render(f"rank {self.rank}/{self.world_size}, backend "
+                                     f"{self.backend_name}, {state}")
+
     def close(self) -> None:
         """Release the shared buffers. Safe to call twice; later calls raise."""
         if self._closed:
@@ -333,7 +344,23 @@ class Communicator:
                              f"got {x.dtype}")
         if self._backend is None and algorithm not in ("local", "torch"):
             algorithm = "torch"
+        rec = self._recorder.start(name, algorithm, nbytes, x.dtype)
         t0 = time.perf_counter()
+        try:
+            self._dispatch(op, x, out, algorithm, forced)
+        except BaseException as e:
+            self._recorder.finish(rec, e)
+            if self._backend is not None and self._backend.broken:
+                log.error("%s\n%s", e, self.dump())
+            raise
+        self._recorder.finish(rec)
+        st = self._stats[(name, algorithm)]
+        st[0] += 1
+        st[1] += nbytes
+        st[2] += time.perf_counter() - t0
+        return out
+
+    def _dispatch(self, op, x, out, algorithm, forced) -> None:
         if algorithm == "local":
             if out.data_ptr() != x.data_ptr():
                 out.copy_(x.view(out.shape))
@@ -350,11 +377,6 @@ class Communicator:
             getattr(reference, op)(x, out, self.group)
         else:
             self._run_backend(op, x, out, algorithm)
-        st = self._stats[(name, algorithm)]
-        st[0] += 1
-        st[1] += nbytes
-        st[2] += time.perf_counter() - t0
-        return out
 
     def _run_backend(self, op: str, x: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
         """Run on the backend in chunks of at most its capacity."""

@@ -41,6 +41,8 @@ def _stalled(rank, world, stall_s):
             comm.all_reduce(x)
         except tpcomm.CommunicatorBrokenError as e2:
             later = str(e2)
+        dump = comm.dump()
+        assert "failed" in dump and "broken" in dump and "all_reduce" in dump, dump
         return (type(e).__name__, waited, (str(e), e.op, e.seq, e.rank, e.peers, later))
     finally:
         comm.close()
