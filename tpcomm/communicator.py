@@ -55,8 +55,9 @@ class Communicator:
             Communicator, in the same order relative to other tpcomm objects on that group.
         device: where the tensors live (default: the current CUDA device for an NCCL group,
             else the CPU).
-        max_bytes: size of the registered buffer per rank, i.e. the largest input handled in
-            one round; larger inputs are processed in chunks (default TPCOMM_MAX_BYTES, 32 MiB).
+        max_bytes: upper bound of the registered buffer per rank, i.e. of the input handled
+            in one round; larger inputs are processed in chunks (default TPCOMM_MAX_BYTES,
+            32 MiB; the CPU backend uses at most 1 MiB rounds, see SHM_CHUNK_BYTES).
         timeout_s: bound on every wait for a peer (default TPCOMM_TIMEOUT_S, 60 s). Past it the
             call raises PeerTimeoutError naming the op, its sequence number, this rank and the
             missing peers, and the Communicator refuses further calls.
@@ -128,13 +129,14 @@ class Communicator:
 
     def _make_backend(self):
         if self.device.type == "cpu":
-            from .cpu.shm_collectives import ShmCollectives, should_use_shm
+            from .cpu.shm_collectives import SHM_CHUNK_BYTES, ShmCollectives, should_use_shm
             from .memory.shm import ShmSymmetricBuffer, shm_available
             why = should_use_shm() or shm_available()
             if why:
                 raise TpcommError(why)
-            # two slots (double buffering), each max_bytes rounded up to 64 bytes
-            slot = -(-self.max_bytes // 64) * 64
+            # two slots (double buffering) of at most SHM_CHUNK_BYTES: larger calls go in
+            # chunks, which keeps each round's data in the caches
+            slot = min(-(-self.max_bytes // 64) * 64, SHM_CHUNK_BYTES)
             buf = ShmSymmetricBuffer(self._info, 2 * slot, self.timeout_s)
             return ShmCollectives(buf, self.timeout_s)
         from .cuda.backend import make_cuda_backend

@@ -39,11 +39,13 @@ class Topology:
     nnodes: int = 1              # nodes the group spans
 
 
-# CPU, all_reduce: one_shot below this many bytes, two_shot from it on.
-# Measured with `tpcomm bench` on the 2-core CI machine, world 2, float32 (see
-# benchmarks/results/cpu-2rank-*.md): the two agree within noise up to 256 KiB; from 1 MiB
-# two_shot's halved reduction work wins.
+# CPU, all_reduce. World 2: one_shot at every size. Measured on the 2-core CI machine, float32,
+# 2026-11-22 (one run, the machine shared with other jobs): 4 KiB 288 vs 804 us, 1 MiB 712 vs
+# 1279 us, 16 MiB 12.4 vs 14.6 ms (one_shot vs two_shot): with two ranks two_shot moves as many
+# bytes as one_shot and adds a round. World > 2: two_shot from 512 KiB, by byte count (one_shot
+# reads R·S bytes per rank, two_shot about 2·S); not measured here, for want of cores.
 CPU_TWO_SHOT_MIN_BYTES = 512 << 10
+CPU_TWO_SHOT_MIN_WORLD = 3
 
 
 def select_algorithm(op: str, nbytes: int, dtype: torch.dtype, world_size: int,
@@ -58,7 +60,9 @@ def select_algorithm(op: str, nbytes: int, dtype: torch.dtype, world_size: int,
     if topology.device_type == "cpu":
         if op != "all_reduce":
             return "direct"
-        return "one_shot" if nbytes < CPU_TWO_SHOT_MIN_BYTES else "two_shot"
+        if world_size < CPU_TWO_SHOT_MIN_WORLD or nbytes < CPU_TWO_SHOT_MIN_BYTES:
+            return "one_shot"
+        return "two_shot"
     if topology.device_type == "cuda":
         from .cuda.select_table import select_cuda
         return select_cuda(op, nbytes, dtype, world_size)

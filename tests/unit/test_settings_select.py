@@ -68,9 +68,11 @@ CPU = Topology("cpu")
 
 def test_select_cpu_all_reduce_threshold():
     t = select.CPU_TWO_SHOT_MIN_BYTES
-    assert select_algorithm("all_reduce", t - 1, torch.float32, 2, CPU) == "one_shot"
-    assert select_algorithm("all_reduce", t, torch.float32, 2, CPU) == "two_shot"
+    assert select_algorithm("all_reduce", t - 1, torch.float32, 4, CPU) == "one_shot"
+    assert select_algorithm("all_reduce", t, torch.float32, 4, CPU) == "two_shot"
     assert select_algorithm("all_reduce", 0, torch.bfloat16, 4, CPU) == "one_shot"
+    # two ranks: two_shot only adds a round
+    assert select_algorithm("all_reduce", 64 << 20, torch.float32, 2, CPU) == "one_shot"
 
 
 @pytest.mark.parametrize("op", ["reduce_scatter", "all_gather"])
