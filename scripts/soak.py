@@ -20,17 +20,10 @@ import time
 import torch
 import torch.distributed as dist
 
+from tpcomm.testing import exact, expected, expected_all_reduce, op_input
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
-
-def exact(numel: int, rank: int, dtype, salt: int, device) -> torch.Tensor:
-    i = torch.arange(numel, device=device, dtype=torch.int64)
-    return ((i * 3 + rank * 5 + salt) % 7 - 3).to(dtype)
-
-
-def expected_all_reduce(numel, world, dtype, salt, device):
-    return sum(exact(numel, r, torch.float64, salt, device) for r in range(world)).to(dtype)
 
 
 def plan(seed: int, count: int, max_numel: int, ops: list[str], algorithms: list[str]):
@@ -43,13 +36,7 @@ def plan(seed: int, count: int, max_numel: int, ops: list[str], algorithms: list
 
 
 def check(op, out, numel, rank, world, dtype, salt, device) -> bool:
-    if op == "all_reduce":
-        return torch.equal(out, expected_all_reduce(numel, world, dtype, salt, device))
-    if op == "all_gather":
-        ref = torch.cat([exact(numel, r, dtype, salt, device) for r in range(world)])
-        return torch.equal(out, ref)
-    full = expected_all_reduce(numel * world, world, dtype, salt, device)
-    return torch.equal(out, full[rank * numel:(rank + 1) * numel])
+    return torch.equal(out, expected(op, numel, rank, world, dtype, salt, device))
 
 
 def run_eager(comm, args, rank, world, device):
@@ -59,7 +46,7 @@ def run_eager(comm, args, rank, world, device):
     for i, op, numel, dtype, algo in plan(args.seed, args.ops, args.max_numel, ops, algos):
         if op != "all_reduce":
             algo = "auto"
-        x = exact(numel * (world if op == "reduce_scatter" else 1), rank, dtype, i, device)
+        x = op_input(op, numel, rank, world, dtype, i, device)
         out = getattr(comm, op)(x, algorithm=algo)
         ok = check(op, out, numel, rank, world, dtype, i, device)
         wrong += not ok

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from tpcomm.launch import spawn
+from tpcomm.testing import exact
 
 
 def init_gloo(threads: int = 1) -> None:
@@ -14,7 +15,7 @@ def init_gloo(threads: int = 1) -> None:
 
 def exact_input(numel: int, rank: int, dtype: torch.dtype, salt: int = 0) -> torch.Tensor:
     """Small integers, so every sum is exact in every dtype and every order."""
-    return ((torch.arange(numel, dtype=torch.int64) * 3 + rank * 5 + salt) % 7 - 3).to(dtype)
+    return exact(numel, rank, dtype, salt)
 
 
 def run(fn, world: int, *args, env=None, timeout_s: float = 240.0, **kw):
