@@ -1,0 +1,134 @@
+"""Tensor-parallel linear layers (Megatron sharding) and the sharding arithmetic behind them.
+
+A TP sublayer is a column-parallel linear (input replicated, output split by rows of the
+weight, no communication) followed by a row-parallel linear (input split, partial output on
+every rank, one all-reduce). The all-reduce lives in exactly one place:
+:meth:`RowParallelLinear.forward` / :meth:`RowParallelLinear.forward_add_rms_norm`. The
+overlapped GEMM + collective ops will replace the "matmul, then ``comm.all_reduce``" there and
+nowhere else.
+
+Shape letters: W = world (TP) size, r = this rank, ``*_local`` = this rank's share.
+
+``comm`` is anything with the Communicator's interface: ``all_reduce_(x)``,
+``all_reduce_add_rms_norm(x, residual, weight, eps)``, ``all_gather(x)`` (a
+:class:`tpcomm.Communicator`, or :class:`tpcomm.models.comm.TorchDistComm` for NCCL / gloo).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .reference import add_rms_norm
+
+
+# ---------------------------------------------------------------- sharding arithmetic
+def shard_range(size: int, world: int, rank: int, what: str = "dimension") -> tuple[int, int]:
+    """[start, stop) of rank ``rank``'s equal share of ``size`` (which W must divide)."""
+    if size % world:
+        raise ValueError(f"tensor parallelism over {world} ranks needs the {what} ({size}) to be "
+                         f"divisible by {world}")
+    per = size // world
+    return rank * per, (rank + 1) * per
+
+
+def kv_head_range(num_kv_heads: int, world: int, rank: int) -> tuple[int, int]:
+    """The key/value heads rank ``rank`` holds (GQA).
+
+    Split evenly when W divides the head count; when the head count divides W (fewer KV heads
+    than ranks, e.g. 8 KV heads on 16 ranks) each head is replicated on W / heads consecutive
+    ranks, as vLLM and Megatron do: rank r holds head r * heads // W.
+    """
+    if num_kv_heads % world == 0:
+        return shard_range(num_kv_heads, world, rank, "number of key/value heads")
+    if world % num_kv_heads == 0:
+        h = rank * num_kv_heads // world
+        return h, h + 1
+    raise ValueError(f"{num_kv_heads} key/value heads cannot be spread over {world} ranks: one "
+                     f"of the two must divide the other")
+
+
+def padded_size(size: int, world: int) -> int:
+    """``size`` rounded up to a multiple of W (the vocabulary of a vocab-parallel LM head)."""
+    return -(-size // world) * world
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm with the arithmetic of ``tpcomm.reference.add_rms_norm`` (float32 inside)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+# ---------------------------------------------------------------- layers
+class ColumnParallelLinear(nn.Module):
+    """y_local = x @ W[rows of this rank]^T. No communication.
+
+    x: [..., in_features], the same on every rank; y_local: [..., out_local].
+
+    ``parts`` fuses several linears that read the same input (q/k/v, gate/up) into one GEMM:
+    each part is split on its own, and this rank's weight is the concatenation of its share of
+    every part (``[q_local; k_local; v_local]``). ``row_ranges`` gives the [start, stop) rows of
+    each part explicitly (replicated KV heads); by default each part is split evenly.
+    """
+
+    def __init__(self, in_features: int, out_features: int | Sequence[int], *, rank: int,
+                 world: int, row_ranges: Sequence[tuple[int, int]] | None = None,
+                 dtype=None, device=None):
+        super().__init__()
+        parts = [out_features] if isinstance(out_features, int) else list(out_features)
+        if row_ranges is None:
+            row_ranges = [shard_range(p, world, rank, "output size") for p in parts]
+        if len(row_ranges) != len(parts):
+            raise ValueError(f"{len(parts)} parts but {len(row_ranges)} row ranges")
+        self.in_features, self.parts = in_features, parts
+        self.row_ranges = [tuple(r) for r in row_ranges]
+        self.out_local = sum(b - a for a, b in self.row_ranges)
+        self.weight = nn.Parameter(torch.empty(self.out_local, in_features, dtype=dtype,
+                                               device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, parts={self.parts}, rows={self.row_ranges}"
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_local @ W[:, columns of this rank]^T): the end of a TP sublayer.
+
+    x_local: [..., in_local] (the output of a column-parallel layer); y: [..., out_features],
+    the same on every rank.
+    """
+
+    def __init__(self, in_features: int, out_features: int, comm, *, rank: int, world: int,
+                 dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.col_range = shard_range(in_features, world, rank, "input size")
+        self.comm = comm
+        in_local = self.col_range[1] - self.col_range[0]
+        self.weight = nn.Parameter(torch.empty(out_features, in_local, dtype=dtype,
+                                               device=device), requires_grad=False)
+
+    def forward(self, x_local: torch.Tensor) -> torch.Tensor:
+        """matmul, then all-reduce (in place)."""
+        return self.comm.all_reduce_(F.linear(x_local, self.weight))
+
+    def forward_add_rms_norm(self, x_local: torch.Tensor, residual: torch.Tensor,
+                             norm_weight: torch.Tensor, eps: float, fused: bool = True
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """matmul, all-reduce, ``residual += y`` (in place), RMSNorm of the new residual.
+
+        Returns (normed, residual). ``fused``: one ``comm.all_reduce_add_rms_norm``; otherwise
+        an all-reduce followed by a separate add and norm (the same arithmetic).
+        """
+        y = F.linear(x_local, self.weight)
+        if fused:
+            return self.comm.all_reduce_add_rms_norm(y, residual, norm_weight, eps)
+        self.comm.all_reduce_(y)
+        return add_rms_norm(y, residual, norm_weight, eps)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, cols={self.col_range}"

@@ -1,0 +1,106 @@
+"""Greedy generation with a static KV cache: an eager prefill, then decode steps that are
+replayed from a CUDA graph on the GPU (eager on the CPU).
+
+A decode step reads its input token and position from static device tensors and writes the
+next ones back into them (``tokens <- argmax``, ``pos += 1``), so replaying the graph n times
+decodes n tokens with no host work in between, and the whole step (GEMMs, attention, every
+collective) is one graph launch.
+"""
+from __future__ import annotations
+
+import torch
+
+from .llama import LlamaTP
+
+
+class Generator:
+    """Greedy decoding of ``batch`` sequences of up to ``max_seq`` tokens with ``model``.
+
+    ``graph``: capture the decode step in a CUDA graph (GPU only). The model's KV cache is
+    (re)allocated for [batch, max_seq]; graphs hold its addresses, so a Generator owns the
+    cache until the next one is made.
+    """
+
+    def __init__(self, model: LlamaTP, batch: int, max_seq: int, *, graph: bool = False):
+        if graph and model.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.model, self.batch, self.max_seq, self.use_graph = model, batch, max_seq, graph
+        model.setup_cache(batch, max_seq)
+        dev = model.device
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)   # next input
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)             # its position
+        self.host_pos = 0
+        self.logits: torch.Tensor | None = None   # [B, V] of the last step
+        self._graph = None
+        self._graph_out = None
+
+    # ---------------------------------------------------------------- prefill
+    @torch.inference_mode()
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """prompt: [B, P] int64 -> the first generated token of each sequence, [B]."""
+        B, P = prompt.shape
+        if B != self.batch or P >= self.max_seq:
+            raise ValueError(f"prefill of {tuple(prompt.shape)}: this Generator takes batch "
+                             f"{self.batch} and fewer than {self.max_seq} prompt tokens")
+        input_pos = torch.arange(P, device=self.model.device)
+        logits = self.model(prompt.to(self.model.device), input_pos, kv_len=P, fresh=True)[:, -1]
+        nxt = logits.argmax(-1)
+        self.logits = logits
+        self.tokens.copy_(nxt[:, None])
+        self.pos.fill_(P)
+        self.host_pos = P
+        return nxt
+
+    # ---------------------------------------------------------------- decode
+    def _step(self, kv_len: int) -> torch.Tensor:
+        logits = self.model(self.tokens, self.pos, kv_len=kv_len)[:, -1]
+        nxt = logits.argmax(-1)
+        self.tokens.copy_(nxt[:, None])
+        self.pos.add_(1)
+        return logits, nxt
+
+    def _capture(self) -> None:
+        """Record one decode step (attending over the whole cache, a static length)."""
+        saved_tokens, saved_pos = self.tokens.clone(), self.pos.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            # warm-up outside the graph: lazy NCCL / tpcomm set-up and cuBLAS workspaces must
+            # not happen during capture; it writes the cache at the next positions, which the
+            # real steps overwrite before anything reads them
+            for _ in range(2):
+                self._step(self.max_seq)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.tokens.copy_(saved_tokens)
+        self.pos.copy_(saved_pos)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._graph_out = self._step(self.max_seq)
+        self._graph = graph
+
+    @torch.inference_mode()
+    def decode_step(self) -> torch.Tensor:
+        """Decode one token for every sequence; returns it, [B] (valid until the next step)."""
+        if self.host_pos >= self.max_seq:
+            raise ValueError(f"the KV cache holds {self.max_seq} positions; all are used")
+        if self.use_graph:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+            self.logits, nxt = self._graph_out
+        else:
+            self.logits, nxt = self._step(self.host_pos + 1)
+        self.host_pos += 1
+        return nxt
+
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy: [B, P] -> [B, new_tokens] (the prefill's token, then new_tokens-1 steps)."""
+        out = [self.prefill(prompt).clone()]
+        for _ in range(new_tokens - 1):
+            out.append(self.decode_step().clone())
+        return torch.stack(out, dim=1)
+
+    def close(self) -> None:
+        """Drop the graph (and with it the addresses of the cache)."""
+        self._graph = self._graph_out = None
