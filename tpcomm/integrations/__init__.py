@@ -1,0 +1,1 @@
+"""Tensor parallelism with tpcomm for models of other libraries (hf: Hugging Face transformers)."""
