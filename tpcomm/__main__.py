@@ -1,0 +1,7 @@
+"""``python -m tpcomm ...``: the same as the ``tpcomm`` command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The implementations ``tpcomm bench`` compares, behind one small interface.
+
+- ``tpcomm``: :class:`tpcomm.Communicator` (CPU shared memory or the GPU kernels), with
+  ``--algorithm`` passed to every call.
+- ``gloo`` (CPU), ``nccl`` (GPU): torch.distributed through :mod:`tpcomm.reference`, the same
+  calls tpcomm falls back to.
+- ``symm_mem_one_shot``, ``symm_mem_two_shot`` (GPU, all_reduce only): torch's symmetric-memory
+  ops ``torch.ops.symm_mem.one_shot_all_reduce_out`` and ``two_shot_all_reduce_`` on a buffer
+  from ``torch.distributed._symmetric_memory.empty`` + ``rendezvous``. ``symm_mem`` names both:
+  they are reported as two columns rather than a best-of, so the table shows where each wins.
+- ``_broken`` (test only, not advertised): gloo/nccl with one element of rank 0's result
+  changed, to show that a wrong result is caught and makes the run fail.
+
+all_reduce runs in place on every backend but ``symm_mem_one_shot`` (whose op has no in-place
+form): ``comm.all_reduce_(x)``, ``dist.all_reduce(x)``, ``two_shot_all_reduce_(buf)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .. import reference
+from ..communicator import Communicator
+from .meta import nccl_version
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    rank: int
+    world: int
+    device: torch.device
+    algorithm: str      # tpcomm's --algorithm ("auto" unless forced)
+
+
+class BenchBackend:
+    """One way of running a collective. Every method is collective: all ranks call it alike."""
+
+    name = ""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def describe(self) -> str:
+        """One line for the report header: what this backend is, as set up in this run."""
+        raise NotImplementedError
+
+    def buffers(self, op: str, numel_in: int, numel_out: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, output) for one call; the same tensor twice for an in-place all_reduce."""
+        inp = torch.empty(numel_in, dtype=dtype, device=self.ctx.device)
+        if op == "all_reduce":
+            return inp, inp
+        return inp, torch.empty(numel_out, dtype=dtype, device=self.ctx.device)
+
+    def make_call(self, op: str, inp: torch.Tensor, out: torch.Tensor) -> Callable[[], object]:
+        """A function that runs ``op`` once from ``inp`` into ``out``."""
+        raise NotImplementedError
+
+    def run_once(self, call: Callable[[], object]) -> str:
+        """Run ``call`` once; return the algorithm it used ('-' when the backend does not say)."""
+        call()
+        return "-"
+
+    def close(self) -> None:
+        pass
+
+
+class TpcommBackend(BenchBackend):
+    name = "tpcomm"
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self.comm = Communicator(device=ctx.device)
+
+    def describe(self) -> str:
+        c = self.comm
+        text = f"tpcomm.Communicator, backend {c.backend_name!r}, algorithm {self.ctx.algorithm}"
+        if c.disabled_reason:
+            text += f" (fast path off: {c.disabled_reason}; every call went to torch.distributed)"
+        return text
+
+    def make_call(self, op, inp, out):
+        comm, algorithm = self.comm, self.ctx.algorithm
+        if op == "all_reduce":
+            return lambda: comm.all_reduce_(inp, algorithm=algorithm)
+        fn = getattr(comm, op)
+        return lambda: fn(inp, out=out, algorithm=algorithm)
+
+    def run_once(self, call):
+        before = self._calls()
+        call()
+        after = self._calls()
+        used = sorted(algo for algo, n in after.items() if n > before.get(algo, 0))
+        return "+".join(used) or "-"
+
+    def _calls(self) -> dict[str, int]:
+        ops = self.comm.stats()["ops"]
+        return {algo: s["calls"] for per_op in ops.values() for algo, s in per_op.items()}
+
+    def close(self):
+        self.comm.close()
+
+
+class TorchBackend(BenchBackend):
+    """torch.distributed on the default group: gloo for CPU tensors, NCCL for CUDA ones."""
+
+    def __init__(self, ctx: Context, name: str):
+        super().__init__(ctx)
+        self.name = name
+
+    def describe(self) -> str:
+        version = f" {nccl_version()}" if self.name == "nccl" else ""
+        return f"torch.distributed {self.name}{version} (tpcomm.reference, tpcomm's fallback)"
+
+    def make_call(self, op, inp, out):
+        fn, group = getattr(reference, op), dist.group.WORLD
+        return lambda: fn(inp, out, group)
+
+
+class BrokenBackend(TorchBackend):
+    """torch.distributed with one wrong element on rank 0: for the tests of the check."""
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx, "gloo" if ctx.device.type == "cpu" else "nccl")
+        self.name = "_broken"
+
+    def describe(self) -> str:
+        return "test only: torch.distributed with element 0 of rank 0's result off by one"
+
+    def make_call(self, op, inp, out):
+        call = super().make_call(op, inp, out)
+        flat = out.view(-1)
+
+        def broken():
+            call()
+            if self.ctx.rank == 0:
+                flat[0] += 1
+        return broken
+
+
+class SymmMemBackend(BenchBackend):
+    """torch's symmetric-memory all_reduce, one variant ('one_shot' or 'two_shot')."""
+
+    def __init__(self, ctx: Context, variant: str):
+        super().__init__(ctx)
+        import torch.distributed._symmetric_memory as symm_mem
+        self.symm_mem, self.variant = symm_mem, variant
+        self.name = f"symm_mem_{variant}"
+        self.group_name = dist.group.WORLD.group_name
+        with warnings.catch_warnings():
+            # torch < 2.8 needs this call before rendezvous; later torch deprecates it
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(self.group_name)
+
+    def describe(self) -> str:
+        op = "one_shot_all_reduce_out" if self.variant == "one_shot" else "two_shot_all_reduce_"
+        return f"torch.ops.symm_mem.{op} on a rendezvoused symmetric-memory buffer"
+
+    def buffers(self, op, numel_in, numel_out, dtype):
+        buf = self.symm_mem.empty(numel_in, dtype=dtype, device=self.ctx.device)
+        self.symm_mem.rendezvous(buf, self.group_name)
+        return buf, (torch.empty_like(buf) if self.variant == "one_shot" else buf)
+
+    def make_call(self, op, inp, out):
+        ops, group = torch.ops.symm_mem, self.group_name
+        if self.variant == "one_shot":
+            return lambda: ops.one_shot_all_reduce_out(inp, "sum", group, out)
+        return lambda: ops.two_shot_all_reduce_(inp, "sum", group)
+
+    def run_once(self, call):
+        call()
+        return self.variant
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    make: Callable[[Context], BenchBackend]
+    devices: tuple[str, ...]
+    ops: tuple[str, ...] = ("all_reduce", "reduce_scatter", "all_gather")
+
+
+BACKENDS = {
+    "tpcomm": Spec(TpcommBackend, ("cpu", "cuda")),
+    "gloo": Spec(lambda ctx: TorchBackend(ctx, "gloo"), ("cpu",)),
+    "nccl": Spec(lambda ctx: TorchBackend(ctx, "nccl"), ("cuda",)),
+    "symm_mem_one_shot": Spec(lambda ctx: SymmMemBackend(ctx, "one_shot"), ("cuda",),
+                              ("all_reduce",)),
+    "symm_mem_two_shot": Spec(lambda ctx: SymmMemBackend(ctx, "two_shot"), ("cuda",),
+                              ("all_reduce",)),
+    "_broken": Spec(BrokenBackend, ("cpu", "cuda")),
+}
+ALIASES = {"symm_mem": ("symm_mem_one_shot", "symm_mem_two_shot")}
+DEFAULTS = {"cpu": "tpcomm,gloo", "cuda": "tpcomm,nccl,symm_mem"}
+PUBLIC = [n for n in BACKENDS if not n.startswith("_")] + list(ALIASES)
+_ON_OTHER_DEVICE = {"cpu": "nccl and symm_mem need --device cuda; on cpu compare with gloo",
+                    "cuda": "gloo times CPU tensors; on cuda compare with nccl or symm_mem"}
+
+
+def resolve_backends(text: str, device: str, op: str) -> list[str]:
+    """'tpcomm,symm_mem' -> ['tpcomm', 'symm_mem_one_shot', 'symm_mem_two_shot'], or a
+    ValueError that says what is wrong and what to use instead."""
+    names: list[str] = []
+    for raw in text.split(","):
+        name = raw.strip()
+        if name not in BACKENDS and name not in ALIASES:
+            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(PUBLIC)}")
+        for n in ALIASES.get(name, (name,)):
+            spec = BACKENDS[n]
+            if device not in spec.devices:
+                raise ValueError(f"backend {n} does not run on {device}: {_ON_OTHER_DEVICE[device]}")
+            if op not in spec.ops:
+                raise ValueError(f"backend {n} times {' and '.join(spec.ops)} only, not {op}")
+            if n in names:
+                raise ValueError(f"backend {n} is named twice in --backends {text}")
+            names.append(n)
+    return names
+
+
+def make_backend(name: str, ctx: Context) -> BenchBackend:
+    return BACKENDS[name].make(ctx)

@@ -1,0 +1,221 @@
+"""tpcomm bench: sweep message sizes like nccl-tests and compare backends.
+
+  tpcomm bench                                  # cpu: tpcomm vs gloo, 2 ranks, 8 B .. 16 MiB
+  tpcomm bench --backends tpcomm,gloo -n 2 -b 4K -e 16M -f 2 --json run.json --plot run.png
+  tpcomm bench --device cuda --graph            # GPU: tpcomm vs nccl and torch symm_mem
+  torchrun --nproc-per-node 4 -m tpcomm bench   # under torchrun: its ranks, its world size
+
+Without torchrun it starts its own ranks on this machine. Every size of every backend is checked
+before it is timed. Exit code: 0 when every result was right, 1 when any was wrong (or a rank
+failed), 2 for bad arguments.
+"""
+# More benchmarks (`bench model`, `bench overlap`) can hang off this parser with
+# parser.add_subparsers(dest="kind", required=False): the collective sweep stays the default.
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+import torch
+
+from ..cli import UsageError
+from ..launch import RankFailed, under_torchrun
+from ..select import OPS, check_algorithm
+from ..settings import parse_size
+from . import plot, report, runner
+from .backends import DEFAULTS, PUBLIC, resolve_backends
+
+DEFAULT_MAX_BYTES = {"cpu": "16M", "cuda": "128M"}
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
+
+
+def _positive_int(text: str) -> int:
+    val = int(text)
+    if val < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return val
+
+
+def _count(text: str) -> int:
+    val = int(text)
+    if val < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return val
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="time all_reduce / reduce_scatter / all_gather against other backends",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Sizes take K, M, G suffixes (powers of 1024) and round down to whole elements "
+               "(per rank for\nreduce_scatter and all_gather); the size of a reduce_scatter is "
+               "its input, of an all_gather its\noutput, as in nccl-tests.")
+    p.add_argument("-n", "--nranks", type=_positive_int,
+                   help="ranks to start (default: 2 on cpu, the number of GPUs on cuda); "
+                        "under torchrun the world size is torchrun's")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="default: cuda when a GPU is visible, else cpu")
+    p.add_argument("--backends", help=f"comma-separated, the first is the one under test and "
+                   f"the others its baselines; known: {', '.join(PUBLIC)} (default: "
+                   f"{DEFAULTS['cpu']} on cpu, {DEFAULTS['cuda']} on cuda)")
+    p.add_argument("--op", choices=OPS, default="all_reduce")
+    p.add_argument("--dtype", choices=tuple(runner.DTYPES),
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--algorithm", default="auto",
+                   help="force tpcomm's algorithm (one_shot, two_shot, ...); default auto")
+    sizes = p.add_argument_group("sizes (nccl-tests style)")
+    sizes.add_argument("-b", "--minbytes", default="8", help="smallest size (default 8)")
+    sizes.add_argument("-e", "--maxbytes",
+                       help="largest size (default 16M on cpu, 128M on cuda)")
+    step = sizes.add_mutually_exclusive_group()
+    step.add_argument("-f", "--stepfactor", type=int, help="multiply the size by this (default 2)")
+    step.add_argument("-i", "--stepbytes", help="add this many bytes instead")
+    timing = p.add_argument_group("timing")
+    timing.add_argument("--iters", type=_positive_int, default=20, help="calls per repetition (default 20)")
+    timing.add_argument("--reps", type=_positive_int, default=5,
+                        help="repetitions; their median is reported (default 5)")
+    timing.add_argument("--warmup", type=_count, default=5, help="untimed calls first (default 5)")
+    timing.add_argument("--graph", action="store_true",
+                        help=f"cuda: time sizes up to {report.human_size(runner.GRAPH_MAX_BYTES)} "
+                             f"as replays of a CUDA graph of --iters calls")
+    timing.add_argument("--timeout", type=float, default=3600.0,
+                        help="seconds the whole run may take when it starts its own ranks "
+                             "(default 3600)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="FILE", help="write every figure and the header as JSON")
+    out.add_argument("--plot", metavar="FILE.png",
+                     help="draw latency and bus bandwidth against size (needs matplotlib)")
+    out.add_argument("--markdown", metavar="FILE.md",
+                     help="write the header and tables as a results file (benchmarks/results/)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=main, parser=p)
+    return p
+
+
+# ---------------------------------------------------------------- sizes
+def sweep_sizes(begin: int, end: int, factor: int | None = None,
+                step: int | None = None) -> list[int]:
+    """nccl-tests' sweep: begin, begin*factor, ... (or begin, begin+step, ...) up to end."""
+    if begin < 1:
+        raise UsageError(f"-b must be at least 1 byte, got {begin}")
+    if begin > end:
+        raise UsageError(f"-b {begin} is larger than -e {end}")
+    if step is not None and step < 1:
+        raise UsageError(f"-i must be at least 1 byte, got {step}")
+    if step is None and factor is not None and factor < 2:
+        raise UsageError(f"-f must be at least 2, got {factor}")
+    sizes, size = [], begin
+    while size <= end:
+        sizes.append(size)
+        size = size + step if step is not None else size * (factor or 2)
+    return sizes
+
+
+def align_sizes(sizes: list[int], unit: int) -> list[int]:
+    """Round each size down to a multiple of ``unit`` (the bytes of one element, times the
+    world size for reduce_scatter and all_gather), but not below one unit; drop duplicates."""
+    if sizes[-1] < unit:
+        raise UsageError(f"-e {sizes[-1]} is below the smallest size of this op, {unit} bytes "
+                         f"(one element per rank)")
+    return list(dict.fromkeys(max(unit, s - s % unit) for s in sizes))
+
+
+def _parse(flag: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None
+
+
+# ---------------------------------------------------------------- arguments -> config
+def _device(args) -> str:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA GPU")
+    if args.graph and device != "cuda":
+        raise UsageError("--graph captures CUDA graphs: it needs --device cuda")
+    return device
+
+
+def _world(args, device: str) -> int:
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if args.nranks is not None and args.nranks != world:
+            raise UsageError(f"-n {args.nranks}, but torchrun started {world} ranks")
+        return world
+    if device == "cpu":
+        return args.nranks or 2
+    gpus = torch.cuda.device_count()
+    if args.nranks is not None and args.nranks > gpus:
+        raise UsageError(f"-n {args.nranks} ranks need {args.nranks} GPUs; {gpus} visible")
+    return args.nranks or gpus
+
+
+def config_from_args(args) -> runner.BenchConfig:
+    """Check the arguments and resolve every default; UsageError says what is wrong."""
+    device = _device(args)
+    world = _world(args, device)
+    try:
+        backends = resolve_backends(args.backends or DEFAULTS[device], device, args.op)
+        if args.algorithm != "auto":
+            if "tpcomm" not in backends:
+                raise ValueError("--algorithm applies to the tpcomm backend, which is not in "
+                                 "--backends")
+            check_algorithm(args.op, args.algorithm, device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.plot:
+        plot.require_matplotlib()
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    dtype = args.dtype or DEFAULT_DTYPE[device]
+    step = _parse("-i", args.stepbytes) if args.stepbytes is not None else None
+    sizes = sweep_sizes(_parse("-b", args.minbytes),
+                        _parse("-e", args.maxbytes or DEFAULT_MAX_BYTES[device]),
+                        args.stepfactor, step)
+    unit = runner.DTYPES[dtype].itemsize * (1 if args.op == "all_reduce" else world)
+    return runner.BenchConfig(
+        op=args.op, dtype=dtype, device=device, world=world, backends=tuple(backends),
+        sizes=tuple(align_sizes(sizes, unit)), iters=args.iters, warmup=args.warmup,
+        reps=args.reps, algorithm=args.algorithm, graph=args.graph,
+        progress=not args.no_progress, command=shlex.join(["tpcomm", *args.argv]),
+        timeout_s=args.timeout)
+
+
+# ---------------------------------------------------------------- run
+def main(args) -> int:
+    config = config_from_args(args)
+    try:
+        result = runner.run(config)
+    except RankFailed as e:
+        print(f"tpcomm bench: {e}", file=sys.stderr)
+        return 1
+    rows = result["rows"]
+    if result["meta"] is not None:   # rank 0 reports
+        _write_outputs(args, result["meta"], rows, list(config.backends))
+    wrong = sum(r.wrong for r in rows)
+    if wrong:
+        bad = sorted({f"{r.backend} at {report.human_size(r.nbytes)}" for r in rows if r.wrong})
+        print(f"tpcomm bench: {wrong} wrong element(s): {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_outputs(args, meta: dict, rows: list, backends: list[str]) -> None:
+    sys.stdout.write(report.format_text(meta, rows, backends))
+    sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_json(meta, rows, backends), f, indent=1)
+            f.write("\n")
+    if args.plot:
+        plot.plot(meta, rows, backends, args.plot)
+    if args.markdown:
+        plot_name = None
+        if args.plot:
+            plot_name = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.markdown)))
+        with open(args.markdown, "w") as f:
+            f.write(report.format_markdown(meta, rows, backends, plot_name))
