@@ -1,0 +1,102 @@
+"""Device helpers of the push kernels: data that carries its own arrival flag (Lamport style).
+
+A receive slot that holds the sentinel (every bit one: a NaN pattern in fp32, bf16 and fp16) has
+not arrived yet; the sender never stores the sentinel, because :func:`sanitize` maps an input
+whose bits are all ones to the canonical quiet NaN of its dtype (NaN in, NaN out: a sum with a
+NaN is NaN anyway). The receiver polls its slots with volatile loads until no element holds the
+sentinel, uses those very values, and stores the sentinel back (:func:`clear`), so the slot is
+ready for the op after next.
+
+Receive buffers rotate over NB = 2 regions by the op's epoch (``epoch % 2``). Why two suffice:
+when rank w stores into rank r's region during op E, w has finished op E-1, which needed data
+that r produced during its own op E-1 (directly, or through the owner of a slice or the ring
+predecessor, which in turn waited for r); so r had finished op E-2, the last op that used this
+region, including the clearing. Every op with at least one element makes every rank wait on
+every other rank in this way; ops with zero elements launch nothing.
+
+All waits are bounded as in ``barrier.py``: past ``timeout_ns`` the poll stops, the error word
+names the missing source rank, and later polls return at once.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .barrier import _bit_or, lowest_bit, now_ns
+
+
+@triton.jit
+def sanitize(x, ITYPE: tl.constexpr, CANON: tl.constexpr):
+    """Bits of ``x`` as ITYPE, with the sentinel (all ones) replaced by the canonical NaN."""
+    b = x.to(ITYPE, bitcast=True)
+    return tl.where(b == -1, tl.full(b.shape, CANON, ITYPE), b)
+
+
+@triton.jit
+def typed(addr, ITYPE: tl.constexpr):
+    """An int64 address (16-byte aligned by construction) as an ITYPE pointer."""
+    return tl.multiple_of(addr.to(tl.pointer_type(ITYPE)), 16)
+
+
+@triton.jit
+def push(dst_addr, offs, bits, mask, ITYPE: tl.constexpr):
+    tl.store(typed(dst_addr, ITYPE) + offs, bits, mask=mask)
+
+
+@triton.jit
+def clear(addr, offs, mask, ITYPE: tl.constexpr):
+    tl.store(typed(addr, ITYPE) + offs, tl.full(offs.shape, -1, ITYPE), mask=mask)
+
+
+@triton.jit
+def poll_sum(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead, DTYPE: tl.constexpr,
+             ITYPE: tl.constexpr, R: tl.constexpr):
+    """Wait until slots 0..R-1 (``slot_stride`` elements apart) hold data at ``offs``; return
+    their float32 sum in slot order 0, 1, .., R-1 (the same order on every rank), the updated
+    ``dead`` flag and the lowest slot still missing at a timeout (-1 if none)."""
+    base = typed(base_addr, ITYPE)
+    acc = tl.zeros(offs.shape, tl.float32)
+    late = -1
+    pending = dead == 0
+    while pending:
+        acc = tl.zeros(offs.shape, tl.float32)
+        missing = tl.zeros(offs.shape, tl.int32)
+        for q in tl.static_range(R):
+            b = tl.load(base + q * slot_stride + offs, mask=mask, other=0, volatile=True)
+            missing = missing | (((b == -1) & mask).to(tl.int32) << q)
+            acc += b.to(DTYPE, bitcast=True).to(tl.float32)
+        bits = tl.reduce(missing, 0, _bit_or)
+        pending = bits != 0
+        if pending:
+            if now_ns() - t0 > timeout_ns:
+                late = lowest_bit(bits, R)
+                dead = 1
+                pending = False
+    return acc, dead, late
+
+
+@triton.jit
+def poll_one(addr, offs, mask, t0, timeout_ns, dead, ITYPE: tl.constexpr):
+    """Wait until one slot holds data at ``offs``; return its bits, ``dead`` and 1 if it timed
+    out (else 0)."""
+    base = typed(addr, ITYPE)
+    b = tl.zeros(offs.shape, ITYPE)
+    late = 0
+    pending = dead == 0
+    while pending:
+        b = tl.load(base + offs, mask=mask, other=0, volatile=True)
+        n = tl.sum(((b == -1) & mask).to(tl.int32), 0)
+        pending = n != 0
+        if pending:
+            if now_ns() - t0 > timeout_ns:
+                late = 1
+                dead = 1
+                pending = False
+    return b, dead, late
+
+
+@triton.jit
+def clear_slots(base_addr, slot_stride, offs, mask, ITYPE: tl.constexpr, R: tl.constexpr):
+    base = typed(base_addr, ITYPE)
+    for q in tl.static_range(R):
+        tl.store(base + q * slot_stride + offs, tl.full(offs.shape, -1, ITYPE), mask=mask)

@@ -1,0 +1,59 @@
+"""All-gather (push): out[p] = inp of rank p, ``out`` [R, c] with rows ``out_stride`` apart.
+
+Rank r stores its input into slot r of every peer's receive region and into its own row of
+``out``; then it polls slot q of its region for every other rank q, copies it into row q and
+clears it (``_lamport.py``). Bits are copied exactly, except that an input element whose bits
+are all ones (a NaN) arrives as the canonical NaN, on every rank alike.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._lamport import poll_one, push, sanitize, typed
+from .barrier import is_dead, now_ns, record_error
+
+
+@triton.jit
+def _all_gather_push_kernel(
+        inp_ptr, out_ptr, c, out_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
+        counter_ptr, err_ptr, err_host, rank, timeout_ns,
+        R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
+        ITEM: tl.constexpr):
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    epoch = tl.load(counter_ptr + pid) + 1
+    buf_off = (epoch % 2) * buf_stride
+    dead = is_dead(err_ptr)
+    t0 = now_ns()
+    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    for start in range(pid * BLOCK, c, G * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < c
+        bits = sanitize(tl.load(inp_ptr + offs, mask=m), ITYPE, CANON)
+        for q in tl.static_range(R):
+            if q != rank:
+                push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, m, ITYPE)
+        tl.store(out_ptr + rank * out_stride + offs, bits.to(DTYPE, bitcast=True), mask=m)
+    mine = my_recv_addr + buf_off
+    for q in tl.static_range(R):
+        if q != rank:
+            src = mine + q * slot_stride * ITEM
+            for start in range(pid * BLOCK, c, G * BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                m = offs < c
+                bits, dead, late = poll_one(src, offs, m, t0, timeout_ns, dead, ITYPE)
+                if late != 0:
+                    record_error(err_ptr, err_host, 6, 0, rank, q, epoch)
+                tl.store(out_ptr + q * out_stride + offs, bits.to(DTYPE, bitcast=True), mask=m)
+                tl.store(typed(src, ITYPE) + offs, tl.full([BLOCK], -1, ITYPE), mask=m)
+    tl.store(counter_ptr + pid, epoch)
+
+
+def all_gather(inp, out, c, out_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
+               counters, err_dev, err_host, rank, timeout_ns, *, grid, num_warps, itype, canon,
+               block):
+    _all_gather_push_kernel[(grid,)](
+        inp, out, c, out_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride, counters,
+        err_dev, err_host, rank, timeout_ns, R=len(recv_addrs), BLOCK=block, ITYPE=itype,
+        CANON=canon, ITEM=out.element_size(), num_warps=num_warps)

@@ -1,0 +1,124 @@
+"""One-shot all-reduce: every rank ends up with every rank's data and reduces all of it.
+
+Two mechanisms:
+
+- ``_all_reduce_one_shot_push_kernel`` (small messages): each rank stores its input straight
+  into slot ``rank`` of every rank's receive region (itself included) and polls its own region
+  until all R slots hold data (``_lamport.py``): one NVLink one-way latency, no barrier round
+  trip, no copy-in. Region of op E: ``recv + (E % 2) * buf_stride``, slots ``slot_stride``
+  elements apart.
+- ``_all_reduce_one_shot_pull_kernel`` (inputs in symmetric memory, zero-copy): the input is in
+  this rank's symmetric buffer (copied into a staging slot, MODE 0, or already there because it
+  came from ``Communicator.empty``, MODES 1-2); a signal-pad barrier; every rank reads every
+  peer's input; a second barrier when the input is the user's tensor (it may be overwritten as
+  soon as the kernel ends). Staging slots alternate by epoch: op E writes slot E % 2, whose last
+  readers (op E-2) finished before the peers signalled op E-1.
+
+Both sum in rank order 0..R-1 in float32 and round once, so every rank gets the same bits.
+Grid: a fixed number of blocks G per mechanism (the per-block epoch counters must advance
+together); block b handles tiles b, b+G, b+2G, ...
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._lamport import clear_slots, poll_sum, push, sanitize, typed
+from .barrier import NPHASE, blockwise_barrier, is_dead, now_ns, record_error
+
+
+@triton.jit
+def _all_reduce_one_shot_push_kernel(
+        inp_ptr, out_ptr, n, recv_addrs, my_recv_addr, buf_stride, slot_stride,
+        counter_ptr, err_ptr, err_host, rank, timeout_ns,
+        R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
+        ITEM: tl.constexpr):
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    epoch = tl.load(counter_ptr + pid) + 1
+    buf_off = (epoch % 2) * buf_stride
+    dead = is_dead(err_ptr)
+    t0 = now_ns()
+    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    for start in range(pid * BLOCK, n, G * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        bits = sanitize(tl.load(inp_ptr + offs, mask=m), ITYPE, CANON)
+        for q in tl.static_range(R):
+            push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, m, ITYPE)
+        mine = my_recv_addr + buf_off
+        acc, dead, late = poll_sum(mine, slot_stride, offs, m, t0, timeout_ns, dead, DTYPE, ITYPE, R)
+        if late >= 0:
+            record_error(err_ptr, err_host, 1, 0, rank, late, epoch)
+        tl.store(out_ptr + offs, acc.to(DTYPE), mask=m)
+        clear_slots(mine, slot_stride, offs, m, ITYPE, R)
+    tl.store(counter_ptr + pid, epoch)
+
+
+@triton.jit
+def _all_reduce_one_shot_pull_kernel(
+        inp_ptr, out_ptr, n, src_addrs, my_src_addr, slot_bytes, pad_addrs, my_pad_addr,
+        counter_ptr, err_ptr, err_host, rank, timeout_ns,
+        MODE: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr):
+    """MODE 0: copy inp into this rank's staging slot first; src_addrs are the staging bases.
+    MODE 1: zero-copy, inp is at the same offset of every rank's buffer (src_addrs), out apart.
+    MODE 2: zero-copy in place: results go to the staging slot (my_src_addr), then to out
+    after the closing barrier."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    epoch = tl.load(counter_ptr + pid) + 1
+    slot_off = (epoch % 2) * slot_bytes
+    dead = is_dead(err_ptr)
+    t0 = now_ns()
+    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    if MODE == 0:
+        stage = typed(my_src_addr + slot_off, DTYPE)
+        for start in range(pid * BLOCK, n, G * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < n
+            tl.store(stage + offs, tl.load(inp_ptr + offs, mask=m), mask=m)
+    dead = blockwise_barrier(pad_addrs, my_pad_addr, pid * NPHASE, epoch, rank, err_ptr,
+                             err_host, t0, timeout_ns, dead, 2, 0, R, RP)
+    if MODE == 0:
+        src_off = slot_off
+    else:
+        src_off = slot_off * 0
+    for start in range(pid * BLOCK, n, G * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        acc = tl.zeros([BLOCK], tl.float32)
+        for q in tl.static_range(R):
+            src = typed(src_addrs[q] + src_off, DTYPE)
+            acc += tl.load(src + offs, mask=m).to(tl.float32)
+        if MODE == 2:
+            tl.store(typed(my_src_addr + slot_off, DTYPE) + offs, acc.to(DTYPE), mask=m)
+        else:
+            tl.store(out_ptr + offs, acc.to(DTYPE), mask=m)
+    if MODE != 0:
+        dead = blockwise_barrier(pad_addrs, my_pad_addr, pid * NPHASE + 1, epoch, rank, err_ptr,
+                                 err_host, t0, timeout_ns, dead, 2, 1, R, RP)
+    if MODE == 2:
+        res = typed(my_src_addr + slot_off, DTYPE)
+        for start in range(pid * BLOCK, n, G * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < n
+            tl.store(out_ptr + offs, tl.load(res + offs, mask=m), mask=m)
+    tl.store(counter_ptr + pid, epoch)
+
+
+def all_reduce_one_shot_push(inp, out, n, recv_addrs, my_recv_addr, buf_stride, slot_stride,
+                             counters, err_dev, err_host, rank, timeout_ns, *, grid, num_warps,
+                             itype, canon, block):
+    _all_reduce_one_shot_push_kernel[(grid,)](
+        inp, out, n, recv_addrs, my_recv_addr, buf_stride, slot_stride, counters, err_dev,
+        err_host, rank, timeout_ns, R=len(recv_addrs), BLOCK=block, ITYPE=itype, CANON=canon,
+        ITEM=inp.element_size(), num_warps=num_warps)
+
+
+def all_reduce_one_shot_pull(inp, out, n, src_addrs, my_src_addr, slot_bytes, pad_addrs,
+                             my_pad_addr, counters, err_dev, err_host, rank, timeout_ns, *, mode,
+                             grid, num_warps, rp, block):
+    _all_reduce_one_shot_pull_kernel[(grid,)](
+        inp, out, n, src_addrs, my_src_addr, slot_bytes, pad_addrs, my_pad_addr, counters,
+        err_dev, err_host, rank, timeout_ns, MODE=mode, R=len(src_addrs), RP=rp, BLOCK=block,
+        num_warps=num_warps)

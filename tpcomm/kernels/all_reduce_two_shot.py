@@ -1,0 +1,96 @@
+"""Two-shot all-reduce (push): reduce-scatter then all-gather in one kernel.
+
+The input is cut into R slices of ``sl`` elements (``sl`` a multiple of 16; the last slices may
+be short or empty). Receive region of op E (``recv + (E % 2) * buf_stride``, bytes)::
+
+    [0, R * rs_slot_stride) elements   RS slots: slot s holds rank s's copy of my slice
+    [ag_off, ag_off + n) bytes/elems   AG area: element i of the result (slices of the others)
+
+Phases, per tile (``BLOCK`` elements; block b takes tiles b, b+G, ... of every slice, the same
+tiles in every phase, so ``out`` may alias ``inp``):
+
+    a. push slice q of my input into RS slot ``rank`` of rank q          (never waits)
+    b. poll my RS slots, sum them in rank order 0..R-1 in float32, round once, write my slice
+       of ``out``, push it into every peer's AG area, clear my RS slots
+    c. for every other slice: poll my AG area, copy into ``out``, clear
+
+Each rank sends 2 (R-1)/R of the bytes, the bandwidth optimum, and waits two one-way NVLink
+latencies. Every block only waits for the same block index on the peers, and never before it
+has pushed everything its peers need from it, so the fixed grid (at most one wave) cannot
+deadlock.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._lamport import clear_slots, poll_one, poll_sum, push, sanitize, typed
+from .barrier import is_dead, now_ns, record_error
+
+
+@triton.jit
+def _all_reduce_two_shot_push_kernel(
+        inp_ptr, out_ptr, n, sl, recv_addrs, my_recv_addr, buf_stride, rs_slot_stride, ag_off,
+        counter_ptr, err_ptr, err_host, rank, timeout_ns,
+        R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
+        ITEM: tl.constexpr):
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    epoch = tl.load(counter_ptr + pid) + 1
+    buf_off = (epoch % 2) * buf_stride
+    dead = is_dead(err_ptr)
+    t0 = now_ns()
+    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    ntiles = tl.cdiv(sl, BLOCK)
+    # a. scatter my input: slice q goes to RS slot `rank` of rank q
+    for q in tl.static_range(R):
+        lo = q * sl
+        size = tl.minimum(n - lo, sl)
+        dst = recv_addrs[q] + buf_off + rank * rs_slot_stride * ITEM
+        for t in range(pid, ntiles, G):
+            offs = t * BLOCK + tl.arange(0, BLOCK)
+            m = offs < size
+            bits = sanitize(tl.load(inp_ptr + lo + offs, mask=m), ITYPE, CANON)
+            push(dst, offs, bits, m, ITYPE)
+    # b. reduce my slice, keep it, and send it to everyone
+    lo = rank * sl
+    size = tl.minimum(n - lo, sl)
+    mine = my_recv_addr + buf_off
+    for t in range(pid, ntiles, G):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        m = offs < size
+        acc, dead, late = poll_sum(mine, rs_slot_stride, offs, m, t0, timeout_ns, dead, DTYPE,
+                                   ITYPE, R)
+        if late >= 0:
+            record_error(err_ptr, err_host, 3, 0, rank, late, epoch)
+        res = acc.to(DTYPE)
+        tl.store(out_ptr + lo + offs, res, mask=m)
+        bits = sanitize(res, ITYPE, CANON)
+        for q in tl.static_range(R):
+            if q != rank:
+                push(recv_addrs[q] + buf_off + ag_off + lo * ITEM, offs, bits, m, ITYPE)
+        clear_slots(mine, rs_slot_stride, offs, m, ITYPE, R)
+    # c. gather the other slices
+    for q in tl.static_range(R):
+        if q != rank:
+            lo = q * sl
+            size = tl.minimum(n - lo, sl)
+            src = mine + ag_off + lo * ITEM
+            for t in range(pid, ntiles, G):
+                offs = t * BLOCK + tl.arange(0, BLOCK)
+                m = offs < size
+                bits, dead, late = poll_one(src, offs, m, t0, timeout_ns, dead, ITYPE)
+                if late != 0:
+                    record_error(err_ptr, err_host, 3, 1, rank, q, epoch)
+                tl.store(out_ptr + lo + offs, bits.to(DTYPE, bitcast=True), mask=m)
+                tl.store(typed(src, ITYPE) + offs, tl.full([BLOCK], -1, ITYPE), mask=m)
+    tl.store(counter_ptr + pid, epoch)
+
+
+def all_reduce_two_shot(inp, out, n, sl, recv_addrs, my_recv_addr, buf_stride, rs_slot_stride,
+                        ag_off, counters, err_dev, err_host, rank, timeout_ns, *, grid,
+                        num_warps, itype, canon, block):
+    _all_reduce_two_shot_push_kernel[(grid,)](
+        inp, out, n, sl, recv_addrs, my_recv_addr, buf_stride, rs_slot_stride, ag_off, counters,
+        err_dev, err_host, rank, timeout_ns, R=len(recv_addrs), BLOCK=block, ITYPE=itype,
+        CANON=canon, ITEM=inp.element_size(), num_warps=num_warps)

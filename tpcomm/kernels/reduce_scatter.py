@@ -1,0 +1,56 @@
+"""Reduce-scatter (push): out = sum over ranks of their row ``rank`` of ``inp`` [R, c].
+
+Rank r stores row q of its input into slot r of rank q's receive region (one one-way NVLink
+latency, no barrier), then polls its own R slots, sums them in rank order 0..R-1 in float32,
+rounds once and clears them (``_lamport.py``). Rows of ``inp`` may be strided (``in_stride``
+elements apart). Region of op E: ``recv + (E % 2) * buf_stride``; slots ``slot_stride``
+elements apart.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._lamport import clear_slots, poll_sum, push, sanitize
+from .barrier import is_dead, now_ns, record_error
+
+
+@triton.jit
+def _reduce_scatter_push_kernel(
+        inp_ptr, out_ptr, c, in_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
+        counter_ptr, err_ptr, err_host, rank, timeout_ns,
+        R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
+        ITEM: tl.constexpr):
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    epoch = tl.load(counter_ptr + pid) + 1
+    buf_off = (epoch % 2) * buf_stride
+    dead = is_dead(err_ptr)
+    t0 = now_ns()
+    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    for start in range(pid * BLOCK, c, G * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < c
+        for q in tl.static_range(R):
+            bits = sanitize(tl.load(inp_ptr + q * in_stride + offs, mask=m), ITYPE, CANON)
+            push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, m, ITYPE)
+    mine = my_recv_addr + buf_off
+    for start in range(pid * BLOCK, c, G * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < c
+        acc, dead, late = poll_sum(mine, slot_stride, offs, m, t0, timeout_ns, dead, DTYPE,
+                                   ITYPE, R)
+        if late >= 0:
+            record_error(err_ptr, err_host, 5, 0, rank, late, epoch)
+        tl.store(out_ptr + offs, acc.to(DTYPE), mask=m)
+        clear_slots(mine, slot_stride, offs, m, ITYPE, R)
+    tl.store(counter_ptr + pid, epoch)
+
+
+def reduce_scatter(inp, out, c, in_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
+                   counters, err_dev, err_host, rank, timeout_ns, *, grid, num_warps, itype,
+                   canon, block):
+    _reduce_scatter_push_kernel[(grid,)](
+        inp, out, c, in_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride, counters,
+        err_dev, err_host, rank, timeout_ns, R=len(recv_addrs), BLOCK=block, ITYPE=itype,
+        CANON=canon, ITEM=out.element_size(), num_warps=num_warps)
