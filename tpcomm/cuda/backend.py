@@ -1,0 +1,510 @@
+"""The GPU backend: collectives over NVLink peer memory with tpcomm's Triton kernels.
+
+:func:`make_cuda_backend` sets up one :class:`~tpcomm.memory.cuda_symm.TorchSymmetricBuffer`
+per Communicator and returns a :class:`P2PCollectives` (name ``"p2p"``) that implements
+:class:`tpcomm.backend.Backend`. Every call only launches kernels on the current stream: no host
+synchronization, no allocation, so it works eagerly and inside CUDA-graph capture (warm each
+size up once before capturing, as for any Triton kernel: the first call of a new size or
+alignment compiles).
+
+Layout of each rank's symmetric buffer (``Layout``)::
+
+    signal pad (int64 words)                 data region (bytes)
+    +--------------------------------+       +----------------------------------------+
+    | counters[family][block]        |       | push region 0  | push region 1         |  2 x buf
+    |   0 push kernels, 1 pull,      |       |  (receive slots of the push kernels,    |
+    |   2 standalone barrier         |       |   sentinel-filled, rotated by epoch)    |
+    | error word (device copy)       |       +----------------------------------------+
+    | flags[block*2 + phase][src]    |       | staging slot 0 | staging slot 1        |  pull
+    | flags[barrier slot][src]       |       +----------------------------------------+
+    +--------------------------------+       | user region: Communicator.empty()      |
+                                             +----------------------------------------+
+
+Algorithms (``all_reduce``): ``one_shot`` (push kernel up to the push slot size, else pull),
+``one_shot_push``, ``one_shot_pull`` (zero-copy when the input lives in the user region),
+``two_shot`` (push), ``ring`` (push). ``reduce_scatter`` and ``all_gather``: ``direct`` (push).
+Each is chunked to its own buffer limit; ``capacity`` (the Communicator's chunk) is max_bytes.
+
+Errors. A kernel that waits longer than ``timeout_s`` for a peer stops, and writes an error word
+into a host-mapped (pinned) int64 that the host reads with a plain load: every call checks it
+first, at no synchronization cost, and raises :class:`PeerTimeoutError` (op, rank, missing peer)
+once the GPU has recorded one; ``check(sync=True)`` waits for the queued work first, and
+``close()`` looks once more. Where host-mapped memory cannot be written from the GPU (checked at
+set-up), only ``check(sync=True)`` and ``close()`` see the device copy of the word.
+
+Streams. Calls are ordered on the current stream. A call on another stream than the previous
+one first makes the new stream wait for the old one (outside graph capture), so two streams
+never run this Communicator's kernels at the same time; inside a capture, use one stream per
+Communicator.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import socket
+
+import torch
+import triton.language as tl
+
+from ..errors import CommunicatorBrokenError, PeerTimeoutError, TpcommError
+from ..group import GroupInfo, GroupStore
+from ..kernels import (all_gather as k_all_gather, all_reduce_one_shot as k_one_shot,
+                       all_reduce_ring as k_ring, all_reduce_two_shot as k_two_shot,
+                       barrier as k_barrier, reduce_scatter as k_reduce_scatter)
+
+log = logging.getLogger("tpcomm")
+
+# Largest size of the push receive areas: a two-shot round of 8 MiB keeps the push region at
+# 2 x 16 MiB per rank; larger calls go in 8 MiB rounds (each a few microseconds of launch and
+# pipeline fill against about 30 us of NVLink transfer).
+PUSH_ROUND_BYTES = 8 << 20
+# Staging slots of the pull kernel (copy-in mode).
+STAGE_BYTES = 4 << 20
+MAX_GRID = 256
+NUM_WARPS = 8
+DTYPES = {torch.bfloat16: (tl.int16, 0x7FC0), torch.float16: (tl.int16, 0x7E00),
+          torch.float32: (tl.int32, 0x7FC00000)}
+FAM_PUSH, FAM_PULL, FAM_BARRIER = 0, 1, 2
+ALGORITHMS = ("one_shot", "one_shot_push", "one_shot_pull", "two_shot", "ring")
+
+
+def _round_down(x: int, m: int) -> int:
+    return x // m * m
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where everything lives in a rank's pad and data region (see the module docstring)."""
+    world: int
+    grid: int                 # blocks of every push and pull kernel (fixed: counters per block)
+    rs_slot: int              # bytes of one reduce-scatter / all-gather slot
+    push_buf: int             # bytes of one push region (2 of them, rotated by epoch)
+    stage: int                # bytes of one staging slot (2 of them)
+    user: int                 # bytes of the user region (Communicator.empty)
+
+    @classmethod
+    def make(cls, world: int, max_bytes: int, grid: int) -> "Layout":
+        round_bytes = max(4096, min(max_bytes, PUSH_ROUND_BYTES))
+        rs_slot = max(256, _round_down(round_bytes // world, 256))
+        return cls(world=world, grid=min(grid, MAX_GRID), rs_slot=rs_slot,
+                   push_buf=2 * world * rs_slot, stage=min(_round_up(max_bytes, 256), STAGE_BYTES),
+                   user=_round_up(max_bytes, 4096))
+
+    @property
+    def rp(self) -> int:
+        return max(2, 1 << (self.world - 1).bit_length())
+
+    # pad, in int64 words
+    def counter_word(self, family: int) -> int:
+        return family * MAX_GRID
+
+    @property
+    def err_word(self) -> int:
+        return 3 * MAX_GRID
+
+    @property
+    def flags_word(self) -> int:
+        return 4 * MAX_GRID
+
+    @property
+    def barrier_slot(self) -> int:
+        return MAX_GRID * 2
+
+    @property
+    def pad_bytes(self) -> int:
+        return 8 * (self.flags_word + (self.barrier_slot + 1) * self.rp)
+
+    # data region, in bytes
+    @property
+    def push_off(self) -> int:
+        return 0
+
+    @property
+    def stage_off(self) -> int:
+        return 2 * self.push_buf
+
+    @property
+    def user_off(self) -> int:
+        return self.stage_off + 2 * self.stage
+
+    @property
+    def data_bytes(self) -> int:
+        return self.user_off + self.user
+
+    # per-algorithm limits, in elements
+    def one_shot_push_max(self, item: int) -> int:
+        return _round_down(self.push_buf // self.world // item, 16)
+
+    def two_shot_max(self, item: int) -> int:
+        return self.world * _round_down(self.rs_slot // item, 16)
+
+    def ring_max(self, item: int) -> int:
+        return _round_down(self.push_buf // (4 + item), 16)
+
+    def slot_max(self, item: int) -> int:   # reduce_scatter / all_gather columns
+        return _round_down(self.rs_slot // item, 16)
+
+
+def _split(n: int, world: int) -> int:
+    """Elements per slice of the two-shot and ring kernels (a multiple of 16)."""
+    return _round_up(-(-n // world), 16)
+
+
+class P2PCollectives:
+    """The GPU backend of a Communicator (see the module docstring)."""
+
+    name = "p2p"
+
+    def __init__(self, buf, layout: Layout, timeout_s: float, max_bytes: int, *,
+                 num_warps: int = NUM_WARPS):
+        self.buf, self.layout = buf, layout
+        self.rank, self.world = buf.rank, buf.world_size
+        self.device = buf.device
+        self.timeout_s = timeout_s
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.capacity = max_bytes
+        self.broken: str | None = None
+        self.num_warps = num_warps
+        self._closed = False
+        self._is_cuda = self.device.type == "cuda"
+        self._last_stream = None
+        self._user_next = 0
+        L = layout
+        data, pads = buf.buffer_ptrs, buf.signal_pad_ptrs
+        self._push_addrs = tuple(p + L.push_off for p in data)
+        self._my_push = self._push_addrs[self.rank]
+        self._stage_addrs = tuple(p + L.stage_off for p in data)
+        self._my_stage = self._stage_addrs[self.rank]
+        self._user_addrs = tuple(p + L.user_off for p in data)
+        self._pad_addrs = tuple(pads)
+        self._my_pad = pads[self.rank]
+        self._flags = tuple(p + 8 * L.flags_word for p in pads)
+        self._my_flags = self._flags[self.rank]
+        pad = buf.signal_pad(self.rank)
+        self._counters = [pad[L.counter_word(f):L.counter_word(f) + MAX_GRID] for f in range(3)]
+        self._err_dev = pad[L.err_word:L.err_word + 1]
+        self._next_push = self._push_addrs[(self.rank + 1) % self.world]
+        self._err_host_tensor = None
+        self._err_host = 0
+        self._setup_error_word()
+
+    # ---------------------------------------------------------------- errors
+    def _setup_error_word(self) -> None:
+        """A host-mapped int64 the kernels write their error word to (checked every call)."""
+        if not self._is_cuda:
+            self._err_host_tensor = torch.zeros(1, dtype=torch.int64)
+            self._err_host = self._err_host_tensor.data_ptr()
+            return
+        try:
+            t = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+            with torch.cuda.device(self.device):
+                k_barrier.write_word(t.data_ptr(), 12345)
+                torch.cuda.synchronize(self.device)
+            if int(t[0]) != 12345:
+                raise TpcommError(f"read back {int(t[0])}")
+            t.zero_()
+            self._err_host_tensor, self._err_host = t, t.data_ptr()
+        except Exception as e:  # noqa: BLE001 - fall back to checks at sync points
+            log.warning("tpcomm: GPU cannot write host-mapped memory (%s); peer timeouts are "
+                        "reported by check(sync=True) and close() only", e)
+            self._err_host_tensor, self._err_host = None, 0
+
+    def _read_error(self, sync: bool) -> int:
+        if self._err_host:
+            return ctypes.c_int64.from_address(self._err_host).value
+        if sync:
+            return int(self._err_dev.item())
+        return 0
+
+    def check(self, sync: bool = False) -> None:
+        """Raise PeerTimeoutError if a kernel of this rank gave up waiting for a peer.
+
+        Costs one host load; ``sync=True`` first waits for the work queued on this device."""
+        if sync and self._is_cuda:
+            torch.cuda.synchronize(self.device)
+        word = self._read_error(sync)
+        if word:
+            self._fail(word)
+
+    def _fail(self, word: int):
+        info = k_barrier.decode_error(word)
+        op, algorithm = k_barrier.OP_NAMES.get(info["op"], ("collective", "?"))
+        err = PeerTimeoutError(op, info["epoch"], self.rank, [info["peer"]], self.timeout_s,
+                               f"{algorithm}, GPU-side wait in phase {info['phase']}")
+        err.algorithm = algorithm
+        self.broken = str(err)
+        raise err
+
+    def _begin(self) -> None:
+        if self.broken:
+            raise CommunicatorBrokenError(f"tpcomm Communicator is broken by an earlier error: "
+                                          f"{self.broken}")
+        if self._closed:
+            raise TpcommError("the GPU backend is closed")
+        if self._err_host:
+            word = ctypes.c_int64.from_address(self._err_host).value
+            if word:
+                self._fail(word)
+        if self._is_cuda:
+            self._order_streams()
+
+    def _order_streams(self) -> None:
+        stream = torch.cuda.current_stream(self.device)
+        last = self._last_stream
+        if last is not None and last != stream and not torch.cuda.is_current_stream_capturing():
+            ev = torch.cuda.Event()
+            ev.record(last)
+            stream.wait_event(ev)
+        self._last_stream = stream
+
+    # ---------------------------------------------------------------- helpers
+    def _kw(self, dtype: torch.dtype) -> dict:
+        itype, canon = DTYPES[dtype]
+        item = dtype.itemsize
+        return dict(grid=self.layout.grid, num_warps=self.num_warps, itype=itype, canon=canon,
+                    block=self.num_warps * 32 * (16 // item))
+
+    def _user_offset(self, t: torch.Tensor) -> int | None:
+        """Offset of ``t`` in this rank's user region, or None if it does not lie inside."""
+        lo = self._user_addrs[self.rank]
+        p = t.data_ptr()
+        if lo <= p and p + t.numel() * t.element_size() <= lo + self.layout.user:
+            return p - lo
+        return None
+
+    def _dev(self):
+        """A guard making this backend's GPU current (a no-op when it already is)."""
+        if self._is_cuda and torch.cuda.current_device() != self.device.index:
+            return torch.cuda.device(self.device)
+        return _NULL
+
+    # ---------------------------------------------------------------- collectives
+    def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
+        """out = sum over ranks of inp (1-D views, same numel; out may alias inp)."""
+        self._begin()
+        inp, out = inp.view(-1), out.view(-1)
+        n = inp.numel()
+        if n == 0:
+            return
+        item = inp.element_size()
+        L = self.layout
+        if algorithm == "one_shot":
+            algorithm = "one_shot_push" if n <= L.one_shot_push_max(item) else "one_shot_pull"
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"all_reduce on the GPU has no algorithm {algorithm!r}; choose one "
+                             f"of {ALGORITHMS}")
+        with self._dev():
+            if algorithm == "one_shot_push":
+                self._chunks(inp, out, L.one_shot_push_max(item), self._one_shot_push)
+            elif algorithm == "two_shot":
+                self._chunks(inp, out, L.two_shot_max(item), self._two_shot)
+            elif algorithm == "ring":
+                self._chunks(inp, out, L.ring_max(item), self._ring)
+            else:
+                off = self._user_offset(inp)
+                if off is not None and out.data_ptr() != inp.data_ptr():
+                    self._one_shot_pull(inp, out, 1, off)
+                elif off is not None:
+                    self._chunks(inp, out, _round_down(L.stage // item, 16),
+                                 lambda i, o: self._one_shot_pull(i, o, 2, self._user_offset(i)))
+                else:
+                    self._chunks(inp, out, _round_down(L.stage // item, 16),
+                                 lambda i, o: self._one_shot_pull(i, o, 0, 0))
+
+    @staticmethod
+    def _chunks(inp, out, step, fn):
+        n = inp.numel()
+        if n <= step:
+            fn(inp, out)
+            return
+        for lo in range(0, n, step):
+            fn(inp[lo:lo + step], out[lo:lo + step])
+
+    def _one_shot_push(self, inp, out):
+        L = self.layout
+        k_one_shot.all_reduce_one_shot_push(
+            inp, out, inp.numel(), self._push_addrs, self._my_push, L.push_buf,
+            L.push_buf // self.world // inp.element_size(), self._counters[FAM_PUSH],
+            self._err_dev, self._err_host, self.rank, self.timeout_ns, **self._kw(inp.dtype))
+
+    def _one_shot_pull(self, inp, out, mode, user_off):
+        L = self.layout
+        kw = self._kw(inp.dtype)
+        if mode == 0:
+            src, mine, slot = self._stage_addrs, self._my_stage, L.stage
+        else:
+            src = tuple(a + user_off for a in self._user_addrs)
+            mine, slot = self._my_stage, (L.stage if mode == 2 else 0)
+        k_one_shot.all_reduce_one_shot_pull(
+            inp, out, inp.numel(), src, mine, slot, self._flags, self._my_flags,
+            self._counters[FAM_PULL], self._err_dev, self._err_host, self.rank, self.timeout_ns,
+            mode=mode, grid=L.grid, num_warps=self.num_warps, rp=L.rp, block=kw["block"])
+
+    def _two_shot(self, inp, out):
+        L = self.layout
+        n = inp.numel()
+        item = inp.element_size()
+        k_two_shot.all_reduce_two_shot(
+            inp, out, n, _split(n, self.world), self._push_addrs, self._my_push, L.push_buf,
+            L.rs_slot // item, self.world * L.rs_slot, self._counters[FAM_PUSH], self._err_dev,
+            self._err_host, self.rank, self.timeout_ns, **self._kw(inp.dtype))
+
+    def _ring(self, inp, out):
+        L = self.layout
+        n = inp.numel()
+        k_ring.all_reduce_ring(
+            inp, out, n, _split(n, self.world), self._next_push, self._my_push, L.push_buf,
+            4 * L.ring_max(inp.element_size()), self._counters[FAM_PUSH], self._err_dev,
+            self._err_host, self.rank, self.world, self.timeout_ns, **self._kw(inp.dtype))
+
+    def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct") -> None:
+        """inp is [world, c] (rows may be strided), out is [c]: out = sum of row ``rank``."""
+        self._begin()
+        c = out.numel()
+        if c == 0:
+            return
+        if algorithm not in ("direct", "auto"):
+            raise ValueError(f"reduce_scatter on the GPU has no algorithm {algorithm!r}")
+        inp = inp.view(self.world, c) if inp.dim() != 2 else inp
+        if inp.stride(1) != 1:
+            raise ValueError("reduce_scatter needs rows of contiguous elements")
+        out = out.view(-1)
+        L = self.layout
+        item = out.element_size()
+        step = L.slot_max(item)
+        with self._dev():
+            for lo in range(0, c, step):
+                i, o = inp[:, lo:lo + step], out[lo:lo + step]
+                k_reduce_scatter.reduce_scatter(
+                    i, o, o.numel(), inp.stride(0), self._push_addrs, self._my_push, L.push_buf,
+                    L.rs_slot // item, self._counters[FAM_PUSH], self._err_dev, self._err_host,
+                    self.rank, self.timeout_ns, **self._kw(out.dtype))
+
+    def all_gather(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct") -> None:
+        """inp is [c], out is [world, c] (rows may be strided): out[p] = inp of rank p."""
+        self._begin()
+        c = inp.numel()
+        if c == 0:
+            return
+        if algorithm not in ("direct", "auto"):
+            raise ValueError(f"all_gather on the GPU has no algorithm {algorithm!r}")
+        inp = inp.view(-1)
+        out = out.view(self.world, c) if out.dim() != 2 else out
+        if out.stride(1) != 1:
+            raise ValueError("all_gather needs rows of contiguous elements")
+        L = self.layout
+        item = inp.element_size()
+        step = L.slot_max(item)
+        with self._dev():
+            for lo in range(0, c, step):
+                i, o = inp[lo:lo + step], out[:, lo:lo + step]
+                k_all_gather.all_gather(
+                    i, o, i.numel(), out.stride(0), self._push_addrs, self._my_push, L.push_buf,
+                    L.rs_slot // item, self._counters[FAM_PUSH], self._err_dev, self._err_host,
+                    self.rank, self.timeout_ns, **self._kw(inp.dtype))
+
+    def barrier(self) -> None:
+        """All ranks meet on the GPU (stream-ordered, graph-safe, bounded by the timeout)."""
+        self._begin()
+        with self._dev():
+            k_barrier.barrier(self._flags, self._my_flags, self._counters[FAM_BARRIER],
+                              self._err_dev, self._err_host, self.rank, self.timeout_ns,
+                              self.layout.barrier_slot, self.layout.rp)
+
+    # ---------------------------------------------------------------- zero-copy
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor in this rank's user region of the symmetric buffer.
+
+        Collective by convention: every rank must ask for the same shapes in the same order, so
+        that a tensor sits at the same offset on every rank (the pull kernel reads the peers'
+        copies there). Allocations live until ``close()``; the region holds max_bytes."""
+        if self._closed:
+            raise TpcommError("the GPU backend is closed")
+        shape = tuple(shape) if not isinstance(shape, int) else (shape,)
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        nbytes = numel * dtype.itemsize
+        start = _round_up(self._user_next, 256)
+        if start + nbytes > self.layout.user:
+            raise TpcommError(f"empty{shape} {dtype}: the symmetric user region has "
+                              f"{self.layout.user - start} of {self.layout.user} bytes left; "
+                              f"create the Communicator with a larger max_bytes")
+        self._user_next = start + nbytes
+        region = self.buf.local_data()[self.layout.user_off:self.layout.user_off + self.layout.user]
+        return region[start:start + nbytes].view(dtype).view(shape)
+
+    # ---------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Release the symmetric buffer (after the queued kernels finished). Safe twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._is_cuda:
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            word = self._read_error(sync=True)
+            if word and not self.broken:
+                info = k_barrier.decode_error(word)
+                self.broken = f"a GPU-side wait timed out ({info})"
+                log.warning("tpcomm: closing a Communicator whose GPU kernels timed out "
+                            "waiting for peer %d", info["peer"])
+        except Exception:  # noqa: BLE001
+            pass
+        self.buf.close()
+        self._err_host_tensor = None
+        self._err_host = 0
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL = _Null()
+
+
+def _agree_p2p(info: GroupInfo, device: torch.device, timeout_s: float) -> str | None:
+    """Every rank's verdict on P2P (same host, peer access), gathered before anything is
+    allocated, so that all ranks fall back together instead of some waiting in a rendezvous."""
+    from ..memory.cuda_symm import p2p_reason
+    mine = p2p_reason(info, device) or ""
+    store = GroupStore(info, "cuda_p2p", timeout_s)
+    rows = [v.decode().split("\n", 1) for v in
+            store.all_gather("verdict", f"{socket.gethostname()}\n{mine}")]
+    hosts = sorted({r[0] for r in rows})
+    if len(hosts) != 1:
+        return f"the group spans several hosts ({hosts}); NVLink P2P needs one"
+    for r, (_, why) in enumerate(rows):
+        if why:
+            return f"rank {r}: {why}"
+    return None
+
+
+def make_cuda_backend(info: GroupInfo, device: torch.device, max_bytes: int,
+                      timeout_s: float) -> P2PCollectives:
+    """Set up the GPU backend of a Communicator (collective over ``info``'s group)."""
+    from ..memory.cuda_symm import TorchSymmetricBuffer
+    why = _agree_p2p(info, device, timeout_s)
+    if why:
+        raise TpcommError(why)
+    props = torch.cuda.get_device_properties(device)
+    layout = Layout.make(info.world_size, max_bytes, props.multi_processor_count)
+    buf = TorchSymmetricBuffer(info, layout.data_bytes, layout.pad_bytes, device, timeout_s,
+                               data_fill=0xFF)
+    try:
+        return P2PCollectives(buf, layout, timeout_s, max_bytes)
+    except BaseException:
+        buf.close()
+        raise
