@@ -240,6 +240,22 @@ class Communicator:
         self._run("all_reduce", x, x, algorithm, op_name="all_reduce_add_rms_norm")
         return reference.add_rms_norm(x, residual, weight, eps)
 
+    def empty(self, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialized tensor that lives in this rank's symmetric buffer (GPU backend):
+        an all_reduce of it reads it where it is, skipping the copy into the buffer (zero-copy).
+
+        Collective by convention: every rank asks for the same shapes and dtypes in the same
+        order (the peers find the tensor at the same offset). The tensors live until
+        ``close()``; together they hold at most ``max_bytes``. Without such a buffer (CPU,
+        fallback, world 1) this is ``torch.empty`` on the Communicator's device.
+        """
+        if self._closed:
+            raise CommunicatorClosedError("empty on a closed Communicator")
+        fn = getattr(self._backend, "empty", None)
+        if fn is None:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        return fn(shape, dtype)
+
     def stats(self) -> dict:
         """Calls, bytes and host seconds per (op, algorithm), and fallbacks per reason.
 
