@@ -60,23 +60,37 @@ from .settings import get_settings
 from .topology import GroupLayout, layout_of, verify_layout
 from .transport import InterNodeTransport, make_transport
 
-# Pipelining thresholds (bytes). A message below PIPELINE_MIN_BYTES goes in one chunk: at 2 MiB
-# the three stages take ~10-25 us each on H200 + 400 Gb/s NICs (tpcomm plan), close to their
-# fixed costs, so splitting only adds latency. Above it, chunks of about a quarter of the
-# message, between 1 and 16 MiB: `tpcomm plan --nodes 8 --gpus-per-node 8 --gpu h200
-# --nic 8x400Gb/s` picks 2-8 MiB chunks for 16-256 MiB messages, within 5% of its optimum.
-PIPELINE_MIN_BYTES = 2 << 20
-MIN_CHUNK_BYTES = 1 << 20
-MAX_CHUNK_BYTES = 16 << 20
+# Pipeline chunk size, when the caller gives none.
+# GPU: from the cost model (tpcomm.cost_model.two_level_us, fitted on H200) for this group's
+# shape, with an assumed network of one 400 Gb/s NIC per GPU and 5 us per hop. The model says
+# chunking pays only while the network leg's latency per chunk (2(M-1) hops for a ring) stays
+# small next to its transfer: 2 nodes x 8 split 64 MiB into 4 chunks of 16 MiB, 8 nodes x 8 with
+# 14 us hops do not split it at all. For another network, take chunk_bytes from
+# `tpcomm plan --nic ...`.
+ASSUMED_NIC_PER_GPU_GBIT = 400.0
+# CPU (gloo between nodes): not tuned for speed, the CPU path is for correctness and CI. From
+# 2 MiB on, about four chunks of 1-16 MiB, so the pipeline runs with two chunks in flight.
+CPU_PIPELINE_MIN_BYTES = 2 << 20
+CPU_MIN_CHUNK_BYTES = 1 << 20
+CPU_MAX_CHUNK_BYTES = 16 << 20
 ALIGN_ELEMS = 16            # each rank's slice of a chunk is a multiple of 16 elements
 
 
-def default_chunk_bytes(nbytes: int) -> int:
-    """Chunk size for a message of ``nbytes`` (see the thresholds above)."""
-    if nbytes < PIPELINE_MIN_BYTES:
+def default_chunk_bytes(nbytes: int, nnodes: int = 2, ranks_per_node: int = 2,
+                        device_type: str = "cpu") -> int:
+    """Chunk size for a message of ``nbytes`` (see the constants above); ``nbytes`` or more
+    means one chunk."""
+    if device_type == "cuda":
+        from . import cost_model
+        nic = cost_model.Nic(ranks_per_node, ASSUMED_NIC_PER_GPU_GBIT)
+        cluster = cost_model.Cluster(nnodes, ranks_per_node, cost_model.h200(), nic)
+        best = min((cost_model.two_level_us(nbytes, cluster, inter) for inter in ("ring", "tree")),
+                   key=lambda ch: ch.time_us)
+        return best.chunk_bytes or max(nbytes, 1)
+    if nbytes < CPU_PIPELINE_MIN_BYTES:
         return max(nbytes, 1)
     quarter = 1 << max(0, (nbytes // 4 - 1).bit_length())   # next power of two >= nbytes/4
-    return min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, quarter))
+    return min(CPU_MAX_CHUNK_BYTES, max(CPU_MIN_CHUNK_BYTES, quarter))
 
 
 def plan_chunks(numel: int, ranks_per_node: int, chunk_numel: int) -> list[tuple[int, int, int]]:
@@ -159,7 +173,8 @@ class HierarchicalAllReduce:
             LOCAL_WORLD_SIZE (see tpcomm.topology).
         transport: the inter-node transport: a name (``"torch"``) or a callable taking this
             rank's cross-node sub-group and returning an :class:`InterNodeTransport`.
-        chunk_bytes: pipeline chunk size (default :func:`default_chunk_bytes` of each message).
+        chunk_bytes: pipeline chunk size (default: :func:`default_chunk_bytes` of each message,
+            from the cost model on GPUs).
         max_bytes, timeout_s: passed to the intra-node :class:`Communicator`.
 
     ``close()`` (or the context manager) releases the intra-node Communicator's buffers. The
@@ -190,6 +205,7 @@ class HierarchicalAllReduce:
         self._closed = False
         self.broken: str | None = None
         self._scratch: dict = {}
+        self._chunk_cache: dict[int, int] = {}
         self._stats = collections.defaultdict(lambda: [0, 0, 0, 0.0])  # path -> calls, bytes, chunks, s
         self.intra: Communicator | None = None
         self.transport: InterNodeTransport | None = None
@@ -330,6 +346,14 @@ class HierarchicalAllReduce:
             return "inter", 1
         return "two_level", self._two_level(xf, of)
 
+    def _default_chunk(self, nbytes: int) -> int:
+        got = self._chunk_cache.get(nbytes)
+        if got is None:
+            got = default_chunk_bytes(nbytes, self.nnodes, self.ranks_per_node, self.device.type)
+            if len(self._chunk_cache) < 1024:
+                self._chunk_cache[nbytes] = got
+        return got
+
     def _buffers(self, dtype: torch.dtype, padded: int, slice_numel: int):
         """(staging in, staging out, two slice buffers), grown on demand and kept."""
         have = self._scratch.get(dtype)
@@ -345,7 +369,7 @@ class HierarchicalAllReduce:
     def _two_level(self, xf: torch.Tensor, of: torch.Tensor) -> int:
         L, item = self.ranks_per_node, xf.element_size()
         nbytes = xf.numel() * item
-        chunk_bytes = self.chunk_bytes or default_chunk_bytes(nbytes)
+        chunk_bytes = self.chunk_bytes or self._default_chunk(nbytes)
         chunks = plan_chunks(xf.numel(), L, chunk_numel_for(chunk_bytes, item, L))
         biggest = max(p for _, _, p in chunks)
         pad_in, pad_out, slices = self._buffers(xf.dtype, biggest, biggest // L)

@@ -129,7 +129,12 @@ def test_chunk_sizes():
     assert chunk_numel_for(4096, 4, 2) == 1024
     assert chunk_numel_for(1, 2, 3) == 3 * ALIGN_ELEMS         # at least one aligned block
     assert chunk_numel_for(1 << 20, 2, 8) % (8 * ALIGN_ELEMS) == 0
-    assert default_chunk_bytes(4096) == 4096                   # small: one chunk
+    # CPU rule: one chunk below 2 MiB, then about four of 1-16 MiB
+    assert default_chunk_bytes(4096) == 4096
     assert default_chunk_bytes(8 << 20) == 2 << 20
     assert default_chunk_bytes(256 << 20) == 16 << 20
     assert default_chunk_bytes(3 << 20) == 1 << 20
+    # GPU: the cost model's pick: small messages whole, large ones in a few chunks
+    assert default_chunk_bytes(64 << 10, 2, 8, "cuda") == 64 << 10
+    big = default_chunk_bytes(256 << 20, 2, 8, "cuda")
+    assert 1 << 20 <= big < 256 << 20 and (256 << 20) % big == 0

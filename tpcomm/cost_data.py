@@ -1,0 +1,54 @@
+"""Measured all-reduce times the cost model is fitted to (tpcomm.cost_model).
+
+Source: /work/shared/BASELINES.md, "Baselines measured on our 4 x H200 test machine
+(2026-11-22)": 4 NVIDIA H200, all pairs NV18 through NVSwitch, driver 580.159.04, torch 2.11.0+cu130,
+NCCL 2.28.9, NVLS off. bf16, sum, microseconds per call. Produced by ../shared/probes/ (torchrun).
+
+The torch symm_mem one_shot / two_shot kernels stand in for tpcomm's own until tpcomm's GPU
+measurements exist (benchmarks/results/gpu-h200x*.md, refit with ``tpcomm plan --fit FILE.json``).
+
+Rows: (gpus, algorithm, mode, nbytes, time_us). ``mode`` is "graph" (CUDA-graph replays) or
+"eager". The model predicts graph times; eager rows are fitted only from 32 MiB on, where the
+~5 us of host time per eager launch is under 3% of the call (the NCCL eager rows below 32 MiB,
+42-69 us, are dominated by that launch overhead and are kept only for the record).
+"""
+from __future__ import annotations
+
+K, M = 1 << 10, 1 << 20
+
+SOURCE = ("/work/shared/BASELINES.md: 4 x H200 (NV18, NVSwitch), NCCL 2.28.9, torch 2.11, "
+          "2026-11-22, bf16 sum")
+
+H200_ALLREDUCE = [
+    # 4 GPUs
+    (4, "nccl", "eager", 2 * K, 42.7), (4, "nccl", "eager", 32 * K, 41.6),
+    (4, "nccl", "eager", 128 * K, 69.3), (4, "nccl", "eager", 512 * K, 45.9),
+    (4, "nccl", "eager", 2 * M, 43.0), (4, "nccl", "eager", 8 * M, 59.3),
+    (4, "nccl", "eager", 32 * M, 174.0), (4, "nccl", "eager", 128 * M, 617.0),
+    (4, "nccl", "graph", 2 * K, 15.5), (4, "nccl", "graph", 32 * K, 16.1),
+    (4, "nccl", "graph", 128 * K, 16.5), (4, "nccl", "graph", 512 * K, 19.4),
+    (4, "nccl", "graph", 2 * M, 31.4), (4, "nccl", "graph", 8 * M, 63.9),
+    (4, "one_shot", "graph", 2 * K, 6.7), (4, "one_shot", "graph", 32 * K, 7.6),
+    (4, "one_shot", "graph", 128 * K, 9.1), (4, "one_shot", "graph", 512 * K, 13.3),
+    (4, "one_shot", "graph", 2 * M, 28.9), (4, "one_shot", "graph", 8 * M, 87.4),
+    (4, "one_shot", "eager", 32 * M, 337.0), (4, "one_shot", "eager", 128 * M, 1317.0),
+    (4, "two_shot", "graph", 2 * K, 6.7), (4, "two_shot", "graph", 32 * K, 7.6),
+    (4, "two_shot", "graph", 128 * K, 9.2), (4, "two_shot", "graph", 512 * K, 9.8),
+    (4, "two_shot", "graph", 2 * M, 18.4), (4, "two_shot", "graph", 8 * M, 50.0),
+    (4, "two_shot", "eager", 32 * M, 173.0), (4, "two_shot", "eager", 128 * M, 657.0),
+    # 2 GPUs
+    (2, "nccl", "graph", 2 * K, 11.4), (2, "nccl", "graph", 128 * K, 13.0),
+    (2, "nccl", "graph", 512 * K, 16.2), (2, "nccl", "graph", 2 * M, 31.5),
+    (2, "nccl", "graph", 8 * M, 49.4),
+    (2, "one_shot", "graph", 2 * K, 6.2), (2, "one_shot", "graph", 128 * K, 7.7),
+    (2, "one_shot", "graph", 512 * K, 9.8), (2, "one_shot", "graph", 2 * M, 18.8),
+    (2, "one_shot", "graph", 8 * M, 52.4),
+    (2, "two_shot", "graph", 2 * K, 6.1), (2, "two_shot", "graph", 128 * K, 7.2),
+    (2, "two_shot", "graph", 512 * K, 7.6), (2, "two_shot", "graph", 2 * M, 13.0),
+    (2, "two_shot", "graph", 8 * M, 32.2),
+]
+
+# Emulated 2 nodes x 2 H200 on one host, NCCL over loopback sockets (NCCL_HOSTID per "node",
+# NCCL_SOCKET_IFNAME=lo): flat NCCL all-reduce, fp32 (BASELINES.md, probes/probe_emul.py A).
+# Not fitted: a check that the network terms behave for a slow "NIC" (about 2.7 GB/s).
+H200_EMULATED_SOCKETS = [(2, 2, 1 * M, 1200.0), (2, 2, 64 * M, 24000.0)]

@@ -1,0 +1,213 @@
+"""``tpcomm plan``: which all-reduce algorithm (and pipeline chunk) the cost model picks for a
+topology you describe, and how well the model fits the measurements it was fitted to.
+
+    tpcomm plan --nodes 8 --gpus-per-node 8 --gpu h200 --nic 8x400Gb/s
+    tpcomm plan --gpus-per-node 4 --measured          # predictions next to the measurements
+    tpcomm plan --gpus-per-node 4 --measured --fit benchmarks/results/gpu-h200x4.json
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from . import cost_data, cost_model
+from .settings import parse_size
+
+DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"
+
+
+def add_plan_parser(subparsers):
+    p = subparsers.add_parser(
+        "plan", help="predict all-reduce times for a topology and pick the algorithm",
+        description="Predict all-reduce time per algorithm from the cost model (tpcomm.cost_model: "
+                    "latency + bandwidth terms per link, fitted to measured H200 times) for the "
+                    "topology described, and say which algorithm and pipeline chunk it picks.")
+    p.add_argument("--nodes", type=_positive, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=_positive, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--gpu", choices=sorted(cost_model.GPUS), default="h200",
+                   help="GPU whose fitted constants to use (h100: the H200 fit, unvalidated)")
+    p.add_argument("--link", choices=("nvlink", "pcie"), default="nvlink",
+                   help="intra-node link (pcie: assumed bandwidth, not fitted)")
+    p.add_argument("--nic", help="network of one node, e.g. 8x400Gb/s, 8x400Gb/s@3us (latency "
+                                 "per hop, default %g us), 2x25GB/s; needed with --nodes > 1"
+                                 % cost_model.NIC_LATENCY_US)
+    p.add_argument("--nic-efficiency", type=float, default=cost_model.NIC_EFFICIENCY,
+                   help="share of the line rate an all-reduce reaches (default %(default)s, "
+                        "assumed)")
+    p.add_argument("--sizes", default=DEFAULT_SIZES,
+                   help=f"message sizes in bytes, comma-separated (default {DEFAULT_SIZES})")
+    p.add_argument("--measured", action="store_true",
+                   help="also print the model's predictions next to every measurement it was "
+                        "fitted to, with the error")
+    p.add_argument("--fit", metavar="FILE.json", action="append", default=[],
+                   help="refit on `tpcomm bench --json` results (GPU all_reduce rows; they "
+                        "replace the built-in rows of the same GPU count and algorithm)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=run_plan, parser=p)
+    return p
+
+
+add_parser = add_plan_parser        # the name tpcomm/cli.py looks for
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise ValueError(f"expected a positive integer, got {text}")
+    return v
+
+
+def _usage_error(msg: str):
+    try:
+        from .cli import UsageError
+    except ImportError:          # tpcomm.cli not there: plain ValueError
+        UsageError = ValueError  # noqa: N806
+    return UsageError(msg)
+
+
+# ---------------------------------------------------------------------------- bench results
+_BACKEND_TO_ALGORITHM = {"nccl": "nccl", "symm_mem_one_shot": "one_shot",
+                         "symm_mem_two_shot": "two_shot"}
+
+
+def rows_from_bench_json(doc: dict) -> list[tuple]:
+    """(gpus, algorithm, mode, nbytes, time_us) rows of a ``tpcomm bench --json`` document:
+    GPU all_reduce rows without wrong elements; tpcomm's own one_shot/two_shot rows take the
+    place of torch symm_mem's where both are there."""
+    meta = doc.get("meta", {})
+    gpus = int(meta.get("world_size", 0))
+    if not gpus:
+        raise ValueError("bench JSON without meta.world_size")
+    rows, own = [], set()
+    for r in doc.get("rows", []):
+        if r.get("op") != "all_reduce" or r.get("wrong", 0) or r.get("time_us", 0) <= 0:
+            continue
+        backend, algo = r.get("backend"), r.get("algo", "-")
+        if backend == "tpcomm" and algo in ("one_shot", "two_shot"):
+            name = algo
+            own.add(name)
+        elif backend in _BACKEND_TO_ALGORITHM:
+            name = _BACKEND_TO_ALGORITHM[backend]
+        else:
+            continue
+        rows.append((gpus, name, r.get("mode", "eager"), int(r["nbytes"]), float(r["time_us"]),
+                     backend))
+    return [r[:5] for r in rows if not (r[1] in own and r[5] != "tpcomm")]
+
+
+def merged_rows(paths: list[str]) -> tuple[list[tuple], str]:
+    """Built-in rows, with those of every (gpus, algorithm) that a file covers replaced."""
+    if not paths:
+        return list(cost_data.H200_ALLREDUCE), cost_data.SOURCE
+    new = []
+    for path in paths:
+        with open(path) as f:
+            new += rows_from_bench_json(json.load(f))
+    covered = {(r[0], r[1]) for r in new}
+    kept = [r for r in cost_data.H200_ALLREDUCE if (r[0], r[1]) not in covered]
+    return kept + new, f"{', '.join(paths)} + {cost_data.SOURCE} (rows not covered)"
+
+
+# ---------------------------------------------------------------------------- output
+def _fmt_size(n: int) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def plan_rows(cluster: cost_model.Cluster, sizes: list[int]) -> list[dict]:
+    out = []
+    for S in sizes:
+        cands = cost_model.candidates(S, cluster)
+        out.append({"nbytes": S, "pick": cands[0].algorithm, "time_us": cands[0].time_us,
+                    "chunk_bytes": cands[0].chunk_bytes, "detail": cands[0].detail,
+                    "candidates": {c.algorithm: {"time_us": c.time_us,
+                                                 "chunk_bytes": c.chunk_bytes}
+                                   for c in cands}})
+    return out
+
+
+def format_plan(cluster: cost_model.Cluster, rows: list[dict], gpu: str) -> str:
+    N, Mn = cluster.gpus_per_node, cluster.nodes
+    names = list(rows[0]["candidates"]) if rows else []
+    names = sorted(names)
+    lines = [f"# tpcomm plan: {Mn} node(s) x {N} {gpu} ({cluster.link})"
+             + (f", NIC {cluster.nic}" if cluster.nic else ""),
+             f"# intra-node constants fitted to: {cluster.params.source}"]
+    if cluster.link == "pcie":
+        lines.append(f"# PCIe: assumed {cost_model.PCIE_GBS:g} GB/s per direction, not fitted")
+    if cluster.nic:
+        lines.append("# network: the NIC given, efficiency and latency assumed (no NIC was measured)")
+    lines.append("# predicted microseconds per all-reduce (CUDA graph); [chunk]: the two-level "
+                 "pipeline's chunk, none: one chunk")
+    width = 17
+    head = f"{'size':>8}  {'pick':<15} {'time':>9} {'chunk':>6}" + "".join(
+        f"{n:>{width}}" for n in names)
+    lines.append("#" + head[1:])
+    for r in rows:
+        cells = []
+        for n in names:
+            c = r["candidates"][n]
+            chunk = f" [{_fmt_size(c['chunk_bytes'])}]" if c["chunk_bytes"] else ""
+            cells.append(f"{c['time_us']:.1f}{chunk}")
+        lines.append(f"{_fmt_size(r['nbytes']):>8}  {r['pick']:<15} {r['time_us']:>9.1f} "
+                     f"{_fmt_size(r['chunk_bytes']) if r['chunk_bytes'] else '-':>6}"
+                     + "".join(f"{c:>{width}}" for c in cells))
+    return "\n".join(lines)
+
+
+def format_fit(params: cost_model.Params, table: list[dict]) -> str:
+    lines = [f"# cost model fit: {params.source}",
+             *("#   " + s for s in params.describe().splitlines()),
+             "# error = (predicted - measured) / measured; loo = the same with that row left "
+             "out of the fit",
+             f"# {'gpus':>4} {'algorithm':<9} {'mode':<5} {'size':>6} {'measured':>9} "
+             f"{'predicted':>9} {'error':>7} {'loo':>7}"]
+    for r in table:
+        lines.append(f"  {r['gpus']:>4} {r['algorithm']:<9} {r['mode']:<5} "
+                     f"{_fmt_size(r['nbytes']):>6} {r['measured_us']:>9.1f} "
+                     f"{r['predicted_us']:>9.1f} {100 * r['error']:>+6.1f}% "
+                     f"{100 * r.get('loo_error', math.nan):>+6.1f}%")
+    big = [r for r in table if r["nbytes"] >= 64 << 10]
+    if big:
+        worst = max(big, key=lambda r: abs(r["error"]))
+        worst_loo = max(abs(r.get("loo_error", 0.0)) for r in big)
+        lines.append(f"# sizes >= 64K: {len(big)} rows, largest |error| "
+                     f"{100 * abs(worst['error']):.1f}% ({worst['gpus']} GPUs {worst['algorithm']} "
+                     f"{_fmt_size(worst['nbytes'])}), largest |loo error| {100 * worst_loo:.1f}% "
+                     f"(target: 25%)")
+    return "\n".join(lines)
+
+
+def run_plan(args) -> int:
+    try:
+        sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+        nic = (cost_model.parse_nic(args.nic, args.nic_efficiency) if args.nic else None)
+        if args.nodes > 1 and nic is None:
+            raise ValueError("--nodes > 1 needs --nic (e.g. --nic 8x400Gb/s)")
+        if not 0 < args.nic_efficiency <= 1:
+            raise ValueError("--nic-efficiency must be in (0, 1]")
+        rows_in, source = merged_rows(args.fit)
+    except (ValueError, OSError) as e:
+        raise _usage_error(str(e)) from None
+    if args.fit:
+        params = cost_model.fit(rows_in, source=source)
+    else:
+        params = cost_model.GPUS[args.gpu]()
+    cluster = cost_model.Cluster(args.nodes, args.gpus_per_node, params, nic, args.link)
+    rows = plan_rows(cluster, sizes)
+    table = cost_model.error_table(rows_in if args.fit else None) if args.measured else None
+    if args.json:
+        doc = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "gpu": args.gpu,
+               "link": args.link, "nic": str(nic) if nic else None, "source": params.source,
+               "plan": rows}
+        if table is not None:
+            doc["fit"] = table
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(format_plan(cluster, rows, args.gpu))
+    if table is not None:
+        print()
+        print(format_fit(params, table))
+    return 0
