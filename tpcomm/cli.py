@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("tpcomm.bench.cli", "tpcomm.check")
+SUBCOMMANDS = ("tpcomm.bench.cli", "tpcomm.check", "tpcomm.plan_cli")
 
 
 class UsageError(ValueError):

@@ -152,3 +152,12 @@ def test_refit_from_bench_json(tmp_path, capsys):
     assert str(path) in source
     out = _plan(["--gpus-per-node", "4", "--measured", "--fit", str(path)], capsys)
     assert str(path) in out
+
+
+def test_plan_is_a_tpcomm_subcommand(capsys):
+    from tpcomm.cli import main
+    assert main(["plan", "--gpus-per-node", "2", "--sizes", "1M"]) == 0
+    assert "two_shot" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:        # a usage error: message and exit code 2
+        main(["plan", "--nodes", "2"])
+    assert e.value.code == 2 and "needs --nic" in capsys.readouterr().err
