@@ -141,3 +141,28 @@ def test_checkpoint_shape_mismatch_is_a_clear_error(tmp_path):
     save_checkpoint(str(tmp_path), CKPT_CFG, full)
     with pytest.raises(KeyError, match="model.norm.weight"):
         build_model(CKPT_CFG, TorchDistComm(), checkpoint=str(tmp_path))
+
+
+def test_bench_model_cli_end_to_end(tmp_path, monkeypatch, capsys):
+    """``tpcomm bench model`` on 2 spawned ranks: tables, JSON, markdown, breakdown, exit 0."""
+    import json
+
+    from tpcomm.cli import main
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    js, md = tmp_path / "m.json", tmp_path / "m.md"
+    rc = main(["bench", "model", "--device", "cpu", "--batch", "1,2", "--context", "8",
+               "--decode-tokens", "4", "--warmup-steps", "1", "--prompt-lens", "16",
+               "--reps", "1", "--breakdown", "--json", str(js), "--markdown", str(md),
+               "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "tpcomm (ms)" in out and "gloo (ms)" in out and "identical" in out
+    data = json.loads(js.read_text())
+    assert data["meta"]["model"] == "tiny" and data["meta"]["comm_backends"]["tpcomm"] == "shm"
+    phases = [(r["phase"], r["comm"]) for r in data["rows"]]
+    assert phases.count(("decode", "tpcomm")) == 2 and phases.count(("prefill", "gloo")) == 1
+    assert all(c["ok"] and c["identical_tokens"] for c in data["checks"])
+    parts = data["rows"][0]["breakdown_ms"]
+    assert set(parts) == {"gemm", "attention", "comm", "other", "step"} and parts["comm"] > 0
+    assert "| batch | tpcomm (ms) |" in md.read_text()

@@ -1,0 +1,250 @@
+"""The TP Llama model without processes: configs, sharding arithmetic, weight plans, shapes,
+prefill/decode consistency, fused = unfused, and the benchmark's argument handling."""
+import argparse
+import dataclasses
+
+import pytest
+import torch
+
+from tpcomm.layers import (ColumnParallelLinear, RowParallelLinear, kv_head_range, padded_size,
+                           shard_range)
+from tpcomm.models.comm import TorchDistComm, make_comm
+from tpcomm.models.generate import Generator
+from tpcomm.models.llama import CONFIGS, LlamaConfig, LlamaTP, get_config, rope_inv_freq
+from tpcomm.models.weights import RandomReader, build_model, hf_shapes, load_weights, weight_plan
+
+
+class FakeComm:
+    """Rank r of W for building shards; no communication."""
+
+    def __init__(self, rank, world):
+        self.rank, self.world_size = rank, world
+
+
+# ---------------------------------------------------------------- configs
+def test_llama3_shapes_have_the_published_parameter_counts():
+    assert abs(CONFIGS["llama3_8b"].num_params() / 1e9 - 8.03) < 0.01
+    assert abs(CONFIGS["llama3_70b"].num_params() / 1e9 - 70.55) < 0.01
+    for name in ("llama3_8b", "llama3_70b"):
+        cfg = get_config(name)
+        assert cfg.head_dim == 128 and cfg.num_kv_heads == 8
+        for world in (1, 2, 4, 8):
+            cfg.check_tp(world)
+
+
+def test_hf_config_round_trip_and_rope_spellings():
+    cfg = dataclasses.replace(get_config("tiny"), rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 1024})
+    assert LlamaConfig.from_hf(cfg.to_hf()) == cfg
+    old = cfg.to_hf()
+    old["rope_scaling"] = {"type": "default"}
+    assert LlamaConfig.from_hf(old).rope_scaling is None
+    new = get_config("tiny").to_hf()
+    del new["rope_theta"], new["head_dim"]
+    new["rope_parameters"] = {"rope_type": "default", "rope_theta": 1234.0}
+    got = LlamaConfig.from_hf(new)
+    assert got.rope_theta == 1234.0 and got.head_dim == 32
+    with pytest.raises(ValueError, match="rope type 'yarn'"):
+        dataclasses.replace(cfg, rope_scaling={"rope_type": "yarn"})
+    with pytest.raises(ValueError, match="unknown model config"):
+        get_config("llama9")
+
+
+def test_llama3_rope_scaling_slows_only_the_low_frequencies():
+    base = get_config("tiny")
+    scaled = dataclasses.replace(base, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})
+    a, b = rope_inv_freq(base), rope_inv_freq(scaled)
+    assert torch.equal(a[:2], b[:2])                      # high frequencies untouched
+    torch.testing.assert_close(b[-1], a[-1] / 8)          # lowest frequency divided by factor
+    assert (b <= a).all()
+
+
+# ---------------------------------------------------------------- sharding arithmetic
+def test_shard_and_kv_head_ranges():
+    assert [shard_range(12, 3, r) for r in range(3)] == [(0, 4), (4, 8), (8, 12)]
+    with pytest.raises(ValueError, match=r"intermediate size \(10\).*divisible by 4"):
+        shard_range(10, 4, 0, "intermediate size")
+    assert [kv_head_range(8, 4, r) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    # fewer KV heads than ranks: each head on world/heads consecutive ranks
+    assert [kv_head_range(2, 8, r) for r in range(8)] == [(0, 1)] * 4 + [(1, 2)] * 4
+    with pytest.raises(ValueError, match="3 key/value heads cannot be spread over 2"):
+        kv_head_range(3, 2, 0)
+    assert padded_size(128256, 8) == 128256 and padded_size(301, 2) == 302
+
+
+def test_tp_refuses_indivisible_shapes():
+    with pytest.raises(ValueError, match="attention heads"):
+        get_config("tiny").check_tp(3)
+    with pytest.raises(ValueError, match="intermediate size"):
+        dataclasses.replace(get_config("tiny"), intermediate_size=770).check_tp(4)
+
+
+def test_column_parallel_parts_are_split_one_by_one():
+    lin = ColumnParallelLinear(8, [4, 2, 2], rank=1, world=2)
+    assert lin.row_ranges == [(2, 4), (1, 2), (1, 2)] and lin.weight.shape == (4, 8)
+    row = RowParallelLinear(6, 5, None, rank=2, world=3)
+    assert row.col_range == (4, 6) and row.weight.shape == (5, 2)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_shards_of_every_rank_reassemble_the_full_weights(world):
+    """Concatenating the ranks' column shards (per part) and row shards gives the full tensors."""
+    cfg = LlamaConfig(vocab_size=30, hidden_size=32, intermediate_size=48, num_layers=1,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+    reader = RandomReader(5)
+    full = {n: reader.full(n, s) for n, s in hf_shapes(cfg).items()}
+    shards = [load_weights(LlamaTP(cfg, FakeComm(r, world)), reader) for r in range(world)]
+    D = cfg.head_dim
+    q_local, kv_local = cfg.num_heads * D // world, max(cfg.num_kv_heads // world, 1) * D
+    qkv = [m.layers[0].self_attn.qkv_proj.weight for m in shards]
+    q = torch.cat([w[:q_local] for w in qkv])
+    assert torch.equal(q, full["model.layers.0.self_attn.q_proj.weight"])
+    k_rows = {kv_head_range(cfg.num_kv_heads, world, r): w[q_local:q_local + kv_local]
+              for r, w in enumerate(qkv)}
+    k = torch.cat([k_rows[key] for key in sorted(k_rows)])
+    assert torch.equal(k, full["model.layers.0.self_attn.k_proj.weight"])
+    o = torch.cat([m.layers[0].self_attn.o_proj.weight for m in shards], dim=1)
+    assert torch.equal(o, full["model.layers.0.self_attn.o_proj.weight"])
+    I = cfg.intermediate_size // world
+    up = torch.cat([m.layers[0].mlp.gate_up_proj.weight[I:] for m in shards])
+    assert torch.equal(up, full["model.layers.0.mlp.up_proj.weight"])
+    head = torch.cat([m.lm_head.weight for m in shards])   # vocab 30 padded to a multiple
+    assert torch.equal(head[:30], full["lm_head.weight"]) and not head[30:].any()
+    for m in shards:
+        assert torch.equal(m.embed_tokens, full["model.embed_tokens.weight"])
+    plan_names = {p[0] for _, pieces in weight_plan(shards[0]) for p in pieces}
+    assert plan_names == set(full)
+
+
+def test_random_weights_do_not_depend_on_the_world_size():
+    r = RandomReader(1)
+    a = r.read("model.layers.0.mlp.down_proj.weight", (16, 8), 1, 4, 8)
+    assert torch.equal(a, r.full("model.layers.0.mlp.down_proj.weight", (16, 8))[:, 4:8])
+    assert not torch.equal(r.full("x.weight", (4, 4)), RandomReader(2).full("x.weight", (4, 4)))
+
+
+# ---------------------------------------------------------------- the model, world of one
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model(get_config("tiny"), TorchDistComm(), seed=2)
+
+
+def test_local_shapes_at_tp4():
+    m = LlamaTP(get_config("tiny"), FakeComm(3, 4), device="meta")
+    a = m.layers[0].self_attn
+    assert (a.n_heads, a.n_kv_heads) == (2, 1)
+    assert a.qkv_proj.weight.shape == ((2 + 1 + 1) * 32, 256)
+    assert m.layers[0].mlp.down_proj.weight.shape == (256, 768 // 4)
+    assert m.lm_head.weight.shape == (512 // 4, 256)
+
+
+def test_prefill_then_decode_equals_one_long_prefill(tiny):
+    cfg = tiny.cfg
+    prompt = torch.randint(0, cfg.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+    gen = Generator(tiny, 3, 16)
+    tokens = gen.generate(prompt, 6)
+    assert tokens.shape == (3, 6)
+    seq = torch.cat([prompt, tokens[:, :-1]], dim=1)
+    tiny.setup_cache(3, 16)
+    with torch.inference_mode():
+        logits = tiny(seq, torch.arange(seq.shape[1]), kv_len=seq.shape[1], fresh=True,
+                      last_only=False)
+    assert logits.shape == (3, 12, cfg.vocab_size)
+    assert torch.equal(logits[:, 6:].argmax(-1), tokens)
+    # a decode step attending the whole static cache (as a CUDA graph does) gives the same
+    gen = Generator(tiny, 3, 16)
+    gen.prefill(prompt)
+    with torch.inference_mode():
+        full = tiny(gen.tokens, gen.pos, kv_len=16)[:, -1]
+    torch.testing.assert_close(full, logits[:, 7], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_and_unfused_sublayer_ends_are_bitwise_equal(tiny):
+    prompt = torch.randint(0, tiny.cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+    out = []
+    for fused in (True, False):
+        tiny.fused = fused
+        tiny.setup_cache(2, 8)
+        with torch.inference_mode():
+            out.append(tiny(prompt, torch.arange(5), kv_len=5, fresh=True, last_only=False))
+    tiny.fused = True
+    assert torch.equal(out[0], out[1])
+
+
+def test_generator_guards(tiny):
+    gen = Generator(tiny, 2, 6)
+    with pytest.raises(ValueError, match="batch 2 and fewer than 6"):
+        gen.prefill(torch.zeros(2, 6, dtype=torch.long))
+    gen.prefill(torch.zeros(2, 5, dtype=torch.long))
+    gen.decode_step()
+    with pytest.raises(ValueError, match="all are used"):
+        gen.decode_step()
+    with pytest.raises(ValueError, match="CUDA graphs need"):
+        Generator(tiny, 1, 4, graph=True)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        tiny.setup_cache(1, 10 ** 6)
+
+
+def test_set_comm_checks_the_rank():
+    m = LlamaTP(get_config("tiny"), FakeComm(0, 2), device="meta")
+    with pytest.raises(ValueError, match="sharded for rank 0 of 2"):
+        m.set_comm(FakeComm(1, 2))
+
+
+def test_make_comm_names_the_choices():
+    with pytest.raises(ValueError, match="not available on cpu"):
+        make_comm("nccl", torch.device("cpu"))
+    c = make_comm("gloo", torch.device("cpu"))   # no process group: a world of one
+    x = torch.arange(4.0)
+    assert c.world_size == 1 and torch.equal(c.all_reduce(x), x)
+    assert c.all_gather(x[None]).shape == (1, 4)
+
+
+# ---------------------------------------------------------------- benchmark arguments
+def _args(*argv):
+    from tpcomm.models.cli import add_model_bench_args
+    p = add_model_bench_args(argparse.ArgumentParser())
+    args = p.parse_args(list(argv))
+    args.argv = ["bench", "model", *argv]
+    return args
+
+
+def test_bench_defaults_on_cpu(monkeypatch):
+    from tpcomm.models.cli import config_from_args
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    c = config_from_args(_args("--device", "cpu"))
+    assert (c.model, c.world, c.comms, c.dtype, c.graph) == ("tiny", 2, ("tpcomm", "gloo"),
+                                                             "float32", False)
+    c = config_from_args(_args("--device", "cpu", "--batch", "2,3", "--prompt-lens", "",
+                               "--comm", "gloo", "--no-fused"))
+    assert c.batches == (2, 3) and c.prompt_lens == () and c.comms == ("gloo",) and not c.fused
+
+
+@pytest.mark.parametrize("argv,match", [
+    (("--comm", "nccl"), "choose distinct backends among tpcomm, gloo"),
+    (("--comm", "tpcomm,tpcomm"), "distinct"),
+    (("--model", "tiny", "--checkpoint", "/nonexistent"), "not both"),
+    (("--checkpoint", "/nonexistent"), "no config.json"),
+])
+def test_bench_bad_arguments(argv, match, monkeypatch):
+    from tpcomm.cli import UsageError
+    from tpcomm.models.cli import config_from_args
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(UsageError, match=match):
+        config_from_args(_args("--device", "cpu", *argv))
+
+
+def test_compare_states_the_reason_when_tokens_differ():
+    from tpcomm.models.bench import compare
+    logits = {"a": torch.tensor([[10.0, 9.99]]), "b": torch.tensor([[9.99, 10.0]])}
+    tokens = {"a": torch.tensor([[0, 1]]), "b": torch.tensor([[0, 2]])}
+    ok = compare(tokens, logits, "a", "b", "bfloat16")
+    assert ok["ok"] and "near-tie" in ok["verdict"] and ok["first_difference_step"] == 1
+    bad = compare(tokens, {"a": logits["a"], "b": logits["a"] * 2}, "a", "b", "bfloat16")
+    assert not bad["ok"] and bad["verdict"].startswith("WRONG")
+    assert compare(tokens, logits, "a", "a", "float32")["verdict"] == "identical"

@@ -1,0 +1,271 @@
+"""What every rank of ``tpcomm bench model`` does: build the TP model once, then for each
+communication backend time decode (TPOT) and prefill (TTFT) and keep the greedy tokens.
+
+Decode, per batch size and backend: prefill a random context of ``context`` tokens, run
+``warmup_steps`` untimed decode steps (the first one captures the CUDA graph on the GPU), then
+``decode_tokens`` timed steps. A step's time is taken between consecutive steps (CUDA events
+around graph replays on the GPU, ``time.perf_counter`` on the CPU); TPOT is the median step,
+the maximum over ranks. tokens/s = batch / TPOT.
+
+Prefill, per prompt length and backend: the prompt to its first token (argmax included),
+eager, ``reps`` timed runs after one untimed; TTFT is the median, the maximum over ranks.
+
+Every backend runs the same weights on the same prompts, so greedy tokens must agree; where
+they do not (possible in bfloat16 once reduction orders differ), the prefill logits are
+compared instead (see ``compare``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..launch import spawn, under_torchrun
+from .breakdown import decode_breakdown
+from .comm import make_comm
+from .generate import Generator
+from .llama import get_config
+from .weights import build_model, load_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                    "NVSHMEM_DISABLE_NVLS": "1"}
+# logits of two backends agree "within tolerance" when max|a - b| <= TOL * max|a|: bfloat16
+# keeps 8 significant bits (relative step 2^-8 = 0.4 %); a sum of two roundings and the
+# rounding of the logits themselves stay under 4 steps
+BREAKDOWN_STEPS = 5
+LOGITS_TOL = {"bfloat16": 4 * 2.0 ** -8, "float16": 4 * 2.0 ** -11, "float32": 1e-4}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBenchConfig:
+    model: str                  # a name of tpcomm.models.llama.CONFIGS (ignored with checkpoint)
+    checkpoint: str | None
+    device: str                 # "cpu" or "cuda"
+    dtype: str
+    world: int
+    comms: tuple[str, ...]      # the first is under test, the others its baselines
+    batches: tuple[int, ...]
+    context: int
+    decode_tokens: int
+    warmup_steps: int
+    prompt_lens: tuple[int, ...]
+    ttft_batch: int
+    reps: int
+    graph: bool
+    fused: bool
+    breakdown: bool             # profile a few eager decode steps: GEMM / attention / comm
+    seed: int
+    threads: int | None
+    progress: bool
+    command: str
+    timeout_s: float
+
+
+def run(config: ModelBenchConfig) -> dict:
+    """In this process under torchrun, else in ``config.world`` spawned ranks; rank 0's result."""
+    if under_torchrun():
+        return rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), config)
+    return spawn(rank_main, config.world, config, timeout_s=config.timeout_s)[0]
+
+
+class _Clock:
+    """Wall time of steps: CUDA events on the GPU (no sync between steps), else perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _max_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+class _Progress:
+    """One line per step on stderr (rank 0): readable in a log, unlike a redrawn bar."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.monotonic()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self.enabled:
+            print(f"[{self.done}/{self.total} {time.monotonic() - self.t0:6.1f}s] {what}",
+                  file=sys.stderr, flush=True)
+
+
+def _prompt(seed: int, batch: int, length: int, vocab: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 7919 + batch * 131 + length)
+    return torch.randint(0, vocab, (batch, length), generator=g).to(device)
+
+
+def _decode(model, comm_name, batch, config, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    steps = config.warmup_steps + config.decode_tokens
+    extra = BREAKDOWN_STEPS + 1 if config.breakdown else 0
+    gen = Generator(model, batch, config.context + steps + 1 + extra, graph=config.graph)
+    prompt = _prompt(config.seed, batch, config.context, model.cfg.vocab_size, device)
+    try:
+        tokens = [gen.prefill(prompt).clone()]
+        logits = gen.logits.float().cpu()
+        for _ in range(config.warmup_steps):
+            tokens.append(gen.decode_step().clone())
+        dist.barrier()
+        _sync(device)
+        clock = _Clock(device)
+        clock.mark()
+        for _ in range(config.decode_tokens):
+            tokens.append(gen.decode_step().clone())
+            clock.mark()
+        ms = _max_over_ranks(statistics.median(clock.intervals_ms()))
+        parts = decode_breakdown(gen, BREAKDOWN_STEPS) if config.breakdown else None
+    finally:
+        gen.close()
+    row = {"phase": "decode", "comm": comm_name, "batch": batch, "tokens": config.context,
+           "ms": ms, "tokens_per_s": batch * 1e3 / ms, "samples": config.decode_tokens}
+    if parts is not None:
+        row["breakdown_ms"] = parts
+    return row, torch.stack(tokens, 1).cpu(), logits
+
+
+def _prefill(model, comm_name, length, config, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    batch = config.ttft_batch
+    gen = Generator(model, batch, length + 1, graph=False)
+    prompt = _prompt(config.seed + 1, batch, length, model.cfg.vocab_size, device)
+    times = []
+    try:
+        for i in range(config.reps + 1):
+            dist.barrier()
+            _sync(device)
+            t0 = time.perf_counter()
+            first = gen.prefill(prompt)
+            _sync(device)
+            if i:   # the first run is a warm-up
+                times.append((time.perf_counter() - t0) * 1e3)
+        logits = gen.logits.float().cpu()
+    finally:
+        gen.close()
+    ms = _max_over_ranks(statistics.median(times))
+    row = {"phase": "prefill", "comm": comm_name, "batch": batch, "tokens": length, "ms": ms,
+           "tokens_per_s": batch * length * 1e3 / ms, "samples": config.reps}
+    return row, first[:, None].cpu(), logits
+
+
+def compare(tokens: dict, logits: dict, base: str, other: str, dtype: str) -> dict:
+    """Greedy tokens of ``other`` against ``base``; where they differ, the logits they started
+    from, against the tolerance of ``dtype``."""
+    a, b = tokens[base], tokens[other]
+    same = torch.equal(a, b)
+    la, lb = logits[base], logits[other]
+    diff = float((la - lb).abs().max())
+    scale = float(la.abs().max()) or 1.0
+    out = {"base": base, "other": other, "identical_tokens": same, "logits_max_abs_diff": diff,
+           "logits_tolerance": LOGITS_TOL[dtype] * scale}
+    if same:
+        out["verdict"] = "identical"
+    else:
+        col = int((a != b).any(0).nonzero()[0])
+        out["first_difference_step"] = col
+        if diff <= out["logits_tolerance"]:
+            out["verdict"] = (f"tokens differ from step {col}, logits within {dtype} tolerance "
+                              f"(max|diff| {diff:.3g} <= {out['logits_tolerance']:.3g}): a "
+                              f"near-tie argmax flipped by a different reduction order")
+        else:
+            out["verdict"] = (f"WRONG: tokens differ from step {col} and logits differ by "
+                              f"{diff:.3g} > {out['logits_tolerance']:.3g}")
+    out["ok"] = same or diff <= out["logits_tolerance"]
+    return out
+
+
+def rank_main(rank: int, world: int, config: ModelBenchConfig) -> dict:
+    os.environ.update(NO_MULTICAST_ENV)
+    if config.device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        threads = config.threads or max(1, (os.cpu_count() or 1) // local_world)
+        torch.set_num_threads(threads)
+        dist.init_process_group("gloo")
+    comms = {}
+    try:
+        for name in config.comms:
+            comms[name] = make_comm(name, device)
+        cfg = load_config(config.checkpoint) if config.checkpoint else get_config(config.model)
+        model = build_model(cfg, comms[config.comms[0]], checkpoint=config.checkpoint,
+                            seed=config.seed, dtype=DTYPES[config.dtype], device=device,
+                            fused=config.fused)
+        return _measure(model, comms, config, device, rank)
+    finally:
+        for c in comms.values():
+            c.close()
+        dist.destroy_process_group()
+
+
+def _measure(model, comms: dict, config: ModelBenchConfig, device, rank: int) -> dict:
+    progress = _Progress(len(comms) * (len(config.batches) + len(config.prompt_lens)),
+                         config.progress and rank == 0)
+    rows, checks = [], []
+    base = config.comms[0]
+    for what, sizes, fn in (("decode", config.batches, _decode),
+                            ("prefill", config.prompt_lens, _prefill)):
+        for size in sizes:
+            tokens, logits = {}, {}
+            for name, comm in comms.items():
+                model.set_comm(comm)
+                row, tokens[name], logits[name] = fn(model, name, size, config, device)
+                rows.append(row)
+                progress.step(f"{what} {'batch' if what == 'decode' else 'prompt'} {size}, "
+                              f"{name}: {row['ms']:.3f} ms, {row['tokens_per_s']:.1f} tok/s")
+            for other in config.comms[1:]:
+                checks.append({"phase": what, "size": size,
+                               **compare(tokens, logits, base, other, config.dtype)})
+    model.set_comm(comms[base])
+    result = {"rows": rows, "checks": checks, "meta": None}
+    if rank == 0:
+        result["meta"] = _meta(model, comms, config, device)
+    return result
+
+
+def _meta(model, comms, config: ModelBenchConfig, device) -> dict:
+    from ..bench.meta import system_info
+    cfg = model.cfg
+    meta = system_info(device, torch.get_num_threads())
+    meta.update({
+        "benchmark": "model", "command": config.command,
+        "model": config.checkpoint or config.model, "params": cfg.num_params(),
+        "world_size": config.world, "dtype": config.dtype, "device": config.device,
+        "graph": config.graph, "fused": config.fused,
+        "comm_backends": {n: getattr(c, "backend_name", n) for n, c in comms.items()},
+        "config": dataclasses.asdict(config), "model_config": dataclasses.asdict(cfg)})
+    return meta

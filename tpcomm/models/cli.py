@@ -1,0 +1,221 @@
+"""``tpcomm bench model``: the TP Llama model end to end, tpcomm against NCCL / gloo.
+
+    tpcomm bench model                                   # CPU: tiny model, 2 ranks, tpcomm vs gloo
+    tpcomm bench model --batch 1,4 --context 64 --prompt-lens 64,256 --json out.json --plot out.png
+    torchrun --nproc-per-node 4 -m tpcomm bench model --model llama3_70b   # GPU: vs nccl, graphs
+
+Measures TPOT (decode, per batch size, with a context of --context tokens), TTFT (prefill of
+each --prompt-lens prompt) and tokens/s for every --comm backend, and checks that the backends
+produce the same greedy tokens. Not under torchrun it starts its own ranks on this machine.
+Exit code: 0 when every backend agreed, 1 when one did not (or a rank failed), 2 for bad
+arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+import torch
+
+from ..launch import RankFailed, under_torchrun
+from .bench import DTYPES, ModelBenchConfig, run
+from .comm import COMM_CHOICES
+from .llama import CONFIGS
+
+DEFAULTS = {
+    "cpu": {"model": "tiny", "dtype": "float32", "batch": "1,4", "context": 64,
+            "decode_tokens": 32, "prompt_lens": "64,256"},
+    "cuda": {"model": "llama3_70b", "dtype": "bfloat16", "batch": "1,8,32,64", "context": 1024,
+             "decode_tokens": 64, "prompt_lens": "1024,4096"},
+}
+
+
+def _usage_error():
+    from ..cli import UsageError
+    return UsageError
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return vals
+
+
+def _positive(text: str) -> int:
+    val = int(text)
+    if val < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return val
+
+
+def add_model_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of ``tpcomm bench model`` (defaults depend on the device: see --help)."""
+    d_cpu, d_gpu = DEFAULTS["cpu"], DEFAULTS["cuda"]
+    what = p.add_argument_group("model")
+    what.add_argument("--model", choices=tuple(CONFIGS),
+                      help=f"architecture, random weights (default {d_cpu['model']} on cpu, "
+                           f"{d_gpu['model']} on cuda)")
+    what.add_argument("--checkpoint", metavar="DIR",
+                      help="a Hugging Face style checkpoint (config.json + *.safetensors); "
+                           "overrides --model")
+    what.add_argument("--dtype", choices=tuple(DTYPES),
+                      help="default float32 on cpu, bfloat16 on cuda")
+    what.add_argument("--seed", type=int, default=0, help="weights and prompts")
+    what.add_argument("--no-fused", action="store_true",
+                      help="end sublayers with all-reduce, add, norm instead of the fused "
+                           "all_reduce_add_rms_norm")
+    where = p.add_argument_group("ranks and backends")
+    where.add_argument("-n", "--nranks", type=_positive,
+                       help="TP ranks to start (default 2 on cpu, every GPU on cuda); under "
+                            "torchrun the world size is torchrun's")
+    where.add_argument("--device", choices=("cpu", "cuda"),
+                       help="default: cuda when a GPU is visible, else cpu")
+    where.add_argument("--comm", help="comma-separated backends, the first under test: "
+                                      "tpcomm,nccl on cuda, tpcomm,gloo on cpu (the default)")
+    where.add_argument("--threads", type=_positive,
+                       help="cpu: torch threads per rank (default cores / ranks)")
+    where.add_argument("--no-graph", action="store_true",
+                       help="cuda: decode eagerly instead of replaying a CUDA graph")
+    where.add_argument("--breakdown", action="store_true",
+                       help="also profile a few eager decode steps per batch and backend: ms "
+                            "in GEMMs, attention, communication, other (rank 0)")
+    sizes = p.add_argument_group("workload")
+    sizes.add_argument("--batch", type=_int_list,
+                       help=f"decode batch sizes (default {d_cpu['batch']} on cpu, "
+                            f"{d_gpu['batch']} on cuda)")
+    sizes.add_argument("--context", type=_positive,
+                       help=f"tokens in the KV cache before decoding (default {d_cpu['context']} "
+                            f"on cpu, {d_gpu['context']} on cuda)")
+    sizes.add_argument("--decode-tokens", type=_positive,
+                       help=f"timed decode steps (default {d_cpu['decode_tokens']} on cpu, "
+                            f"{d_gpu['decode_tokens']} on cuda)")
+    sizes.add_argument("--warmup-steps", type=_positive, default=3,
+                       help="untimed decode steps first (the first captures the graph)")
+    sizes.add_argument("--prompt-lens", type=lambda s: _int_list(s) if s.strip() else (),
+                       help=f"TTFT prompt lengths, '' for none (default {d_cpu['prompt_lens']} "
+                            f"on cpu, {d_gpu['prompt_lens']} on cuda)")
+    sizes.add_argument("--ttft-batch", type=_positive, default=1, help="sequences per prefill")
+    sizes.add_argument("--reps", type=_positive, default=3, help="timed prefills (median)")
+    sizes.add_argument("--timeout", type=float, default=3600.0,
+                       help="seconds the whole run may take when it starts its own ranks")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="FILE", help="write every figure and the header as JSON")
+    out.add_argument("--plot", metavar="FILE.png", help="TPOT and TTFT charts (needs matplotlib)")
+    out.add_argument("--markdown", metavar="FILE.md", help="write the header and tables as a "
+                                                         "results file (benchmarks/results/)")
+    out.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """``model`` under ``tpcomm bench`` (the bench parser's sub-benchmarks)."""
+    p = subparsers.add_parser(
+        "model", help="the TP Llama model end to end: TPOT, TTFT, tokens/s per --comm backend",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_bench_args(p)
+    p.set_defaults(func=run_model_bench, parser=p)
+    return p
+
+
+def config_from_args(args) -> ModelBenchConfig:
+    """Check the arguments and resolve the defaults; UsageError says what is wrong."""
+    UsageError = _usage_error()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA GPU")
+    d = DEFAULTS[device]
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if args.nranks is not None and args.nranks != world:
+            raise UsageError(f"-n {args.nranks}, but torchrun started {world} ranks")
+    elif device == "cpu":
+        world = args.nranks or 2
+    else:
+        gpus = torch.cuda.device_count()
+        world = args.nranks or gpus
+        if world > gpus:
+            raise UsageError(f"-n {world} ranks need {world} GPUs; {gpus} visible")
+    comms = tuple(c.strip() for c in (args.comm or ",".join(COMM_CHOICES[device])).split(","))
+    bad = [c for c in comms if c not in COMM_CHOICES[device]]
+    if bad or not comms or len(set(comms)) != len(comms):
+        raise UsageError(f"--comm {args.comm!r}: choose distinct backends among "
+                         f"{', '.join(COMM_CHOICES[device])} on {device}")
+    if args.checkpoint and args.model:
+        raise UsageError("give --model or --checkpoint, not both")
+    if args.checkpoint and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        raise UsageError(f"--checkpoint {args.checkpoint}: no config.json there")
+    if args.plot:
+        from ..bench.plot import require_matplotlib
+        require_matplotlib()
+    prompt_lens = _int_list(d["prompt_lens"]) if args.prompt_lens is None else args.prompt_lens
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    return ModelBenchConfig(
+        model=args.model or (None if args.checkpoint else d["model"]),
+        checkpoint=args.checkpoint, device=device, dtype=args.dtype or d["dtype"], world=world,
+        comms=comms, batches=args.batch or _int_list(d["batch"]),
+        context=args.context or d["context"],
+        decode_tokens=args.decode_tokens or d["decode_tokens"], warmup_steps=args.warmup_steps,
+        prompt_lens=prompt_lens, ttft_batch=args.ttft_batch, reps=args.reps,
+        graph=device == "cuda" and not args.no_graph, fused=not args.no_fused,
+        breakdown=args.breakdown, seed=args.seed,
+        threads=args.threads, progress=not args.no_progress,
+        command=shlex.join(["tpcomm", *getattr(args, "argv", ["bench", "model"])]),
+        timeout_s=args.timeout)
+
+
+def run_model_bench(args) -> int:
+    """Entry point of ``tpcomm bench model``; returns the exit code."""
+    config = config_from_args(args)
+    try:
+        result = run(config)
+    except RankFailed as e:
+        print(f"tpcomm bench model: {e}", file=sys.stderr)
+        return 1
+    if result["meta"] is None:   # ranks other than 0 under torchrun
+        return 0 if all(c["ok"] for c in result["checks"]) else 1
+    from . import report
+    meta, rows, checks = result["meta"], result["rows"], result["checks"]
+    sys.stdout.write(report.format_text(meta, rows, checks))
+    sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "checks": checks}, f, indent=1)
+            f.write("\n")
+    if args.plot:
+        report.plot(meta, rows, args.plot)
+    if args.markdown:
+        plot_name = None
+        if args.plot:
+            plot_name = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.markdown)))
+        with open(args.markdown, "w") as f:
+            f.write(report.format_markdown(meta, rows, checks, plot_name))
+    wrong = [c for c in checks if not c["ok"]]
+    for c in wrong:
+        print(f"tpcomm bench model: {c['phase']} {c['size']}: {c['other']} vs {c['base']}: "
+              f"{c['verdict']}", file=sys.stderr)
+    return 1 if wrong else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tpcomm.models.cli``: the same as ``tpcomm bench model``."""
+    p = argparse.ArgumentParser(prog="tpcomm bench model", description=__doc__.split("\n\n")[0])
+    add_model_bench_args(p)
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    args.argv = ["bench", "model", *argv]
+    try:
+        return run_model_bench(args)
+    except _usage_error() as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

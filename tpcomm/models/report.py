@@ -1,0 +1,133 @@
+"""Tables (text and markdown) and the plot of ``tpcomm bench model``.
+
+One table per phase: a row per batch size (decode) or prompt length (prefill), a time and a
+tokens/s column per backend, the speed-up of the first backend over each other one, and the
+agreement of the greedy tokens.
+"""
+from __future__ import annotations
+
+
+def _backends(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["comm"] for r in rows))
+
+
+def _table(meta: dict, rows: list[dict], checks: list[dict], phase: str) -> tuple[list, list]:
+    """(header cells, body rows) of one phase; empty when the phase did not run."""
+    mine = [r for r in rows if r["phase"] == phase]
+    if not mine:
+        return [], []
+    comms = _backends(mine)
+    base = comms[0]
+    key = "batch" if phase == "decode" else "prompt"
+    head = [key] + [f"{c} (ms)" for c in comms] + [f"{c} tok/s" for c in comms]
+    head += [f"x {c}" for c in comms[1:]] + ["tokens"]
+    body = []
+    for size in dict.fromkeys(r["batch"] if phase == "decode" else r["tokens"] for r in mine):
+        by = {r["comm"]: r for r in mine
+              if (r["batch"] if phase == "decode" else r["tokens"]) == size}
+        cells = [str(size)] + [f"{by[c]['ms']:.3f}" for c in comms]
+        cells += [f"{by[c]['tokens_per_s']:.1f}" for c in comms]
+        cells += [f"{by[c]['ms'] / by[base]['ms']:.2f}" for c in comms[1:]]
+        verdicts = [c["verdict"] for c in checks if c["phase"] == phase and c["size"] == size]
+        cells.append("; ".join(verdicts) if verdicts else "-")
+        body.append(cells)
+    return head, body
+
+
+def _breakdown(rows: list[dict]) -> tuple[list, list]:
+    """(header, body) of the measured decode-step breakdown; empty without --breakdown."""
+    mine = [r for r in rows if r["phase"] == "decode" and "breakdown_ms" in r]
+    if not mine:
+        return [], []
+    keys = ("gemm", "attention", "comm", "other", "step")
+    head = ["batch", "backend", "GEMM ms", "attention ms", "communication ms", "other ms",
+            "step ms (profiled)", "comm share"]
+    body = [[str(r["batch"]), r["comm"]] + [f"{r['breakdown_ms'][k]:.3f}" for k in keys]
+            + [f"{100 * r['breakdown_ms']['comm'] / r['breakdown_ms']['step']:.0f}%"]
+            for r in mine]
+    return head, body
+
+
+def _title(meta: dict, phase: str) -> str:
+    if phase == "breakdown":
+        return ("decode step breakdown, measured on rank 0 with torch.profiler over 5 eager "
+                "steps (see tpcomm/models/breakdown.py for what each column counts)")
+    c = meta["config"]
+    if phase == "decode":
+        how = "CUDA graph" if meta["graph"] else "eager"
+        return (f"decode: TPOT = median time per step ({c['decode_tokens']} timed steps, {how}), "
+                f"context {c['context']} tokens; tok/s = batch / TPOT")
+    return (f"prefill: TTFT = prompt to first token (batch {c['ttft_batch']}, eager, median of "
+            f"{c['reps']}); tok/s = prompt tokens / TTFT")
+
+
+def _header_lines(meta: dict) -> list[str]:
+    v = meta["versions"]
+    comms = ", ".join(f"{k} ({b})" for k, b in meta["comm_backends"].items())
+    return [
+        f"tpcomm bench model: {meta['model']} ({meta['params'] / 1e6:.1f} M params), "
+        f"TP {meta['world_size']}, {meta['device']} {meta['dtype']}, "
+        f"{'fused' if meta['fused'] else 'unfused'} all_reduce + add + RMSNorm",
+        f"backends: {comms}",
+        f"hardware: {meta['hardware']}",
+        "versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"date: {meta['date']}",
+        f"command: {meta['command']}",
+    ]
+
+
+def format_text(meta: dict, rows: list[dict], checks: list[dict]) -> str:
+    lines = [f"# {s}" for s in _header_lines(meta)]
+    for phase in ("decode", "prefill", "breakdown"):
+        head, body = (_breakdown(rows) if phase == "breakdown"
+                      else _table(meta, rows, checks, phase))
+        if not head:
+            continue
+        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head[:-1])]
+        lines += ["#", f"# {_title(meta, phase)}",
+                  "# " + "  ".join(h.rjust(w) for h, w in zip(head, widths)) + "  " + head[-1]]
+        lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(b, widths)) + "  " + b[-1]
+                  for b in body]
+    return "\n".join(lines) + "\n"
+
+
+def format_markdown(meta: dict, rows: list[dict], checks: list[dict],
+                    plot_name: str | None = None) -> str:
+    out = [f"# {_header_lines(meta)[0]}", ""]
+    out += [f"- {s}" for s in _header_lines(meta)[1:5]]
+    out += ["", "Command:", "", "```", meta["command"], "```"]
+    for phase in ("decode", "prefill", "breakdown"):
+        head, body = (_breakdown(rows) if phase == "breakdown"
+                      else _table(meta, rows, checks, phase))
+        if not head:
+            continue
+        out += ["", f"## {_title(meta, phase)}", "",
+                "| " + " | ".join(head) + " |",
+                "|" + "|".join("---:" for _ in head[:-1]) + "|---|"]
+        out += ["| " + " | ".join(b) + " |" for b in body]
+    if plot_name:
+        out += ["", f"![TPOT and TTFT]({plot_name})"]
+    return "\n".join(out) + "\n"
+
+
+def plot(meta: dict, rows: list[dict], path: str) -> None:
+    """TPOT per batch size and TTFT per prompt length, one line per backend."""
+    from ..bench.plot import require_matplotlib
+    plt = require_matplotlib()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
+    for ax, phase, key, xlabel, ylabel in (
+            (axes[0], "decode", "batch", "batch size", "TPOT (ms per step)"),
+            (axes[1], "prefill", "tokens", "prompt tokens", "TTFT (ms)")):
+        for comm in _backends(rows):
+            mine = [r for r in rows if r["phase"] == phase and r["comm"] == comm]
+            ax.plot([r[key] for r in mine], [r["ms"] for r in mine], marker="o", label=comm)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{phase} (lower is better)")
+        ax.grid(True, alpha=0.4)
+        ax.legend()
+    fig.suptitle(f"tpcomm bench model: {meta['model']}, TP {meta['world_size']}, "
+                 f"{meta['device']} {meta['dtype']} ({meta['date'][:10]})")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
