@@ -92,6 +92,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="write the header and tables as a results file (benchmarks/results/)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=main, parser=p)
+    # sub-benchmarks: `tpcomm bench model ...` (their own options come after their name)
+    from ..models.cli import add_parser as add_model_parser
+    add_model_parser(p.add_subparsers(dest="kind", metavar="KIND", required=False))
     return p
 
 
