@@ -1,0 +1,165 @@
+"""Development timing of every GPU all-reduce variant against NCCL and torch symm_mem.
+
+    python scripts/gpu_timing.py --world 4 --json OUT.json [--dtype bfloat16]
+
+Not the project's benchmark (that is ``tpcomm bench``): this times each of tpcomm's mechanisms
+(one_shot_push, one_shot_pull, two_shot, ring), which the benchmark cannot force individually,
+so that the selection table can be filled in. Per size: graph replays (a graph of ITERS
+out-of-place calls, median of REPS replays) up to 32 MiB, eager calls above; every variant's
+result is checked against NCCL before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import tpcomm  # noqa: E402
+from tpcomm.launch import spawn  # noqa: E402
+from tpcomm.testing import exact  # noqa: E402
+
+ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+       "NVSHMEM_DISABLE_NVLS": "1", "PYTHONUNBUFFERED": "1"}
+SIZES = [2 << 10, 8 << 10, 32 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20,
+         4 << 20, 8 << 20, 16 << 20, 32 << 20, 64 << 20, 128 << 20]
+GRAPH_MAX = 32 << 20
+ITERS, REPS = 20, 15
+
+
+def _time_graph(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(ITERS):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    dist.barrier()
+    times = []
+    for _ in range(REPS):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / ITERS)
+    return statistics.median(times)
+
+
+def _time_eager(fn, iters=10):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / iters)
+    return statistics.median(times)
+
+
+def _worker(rank, world, dtype_name, sizes):
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    dev = torch.device("cuda", rank)
+    dtype = getattr(torch, dtype_name)
+    comm = tpcomm.Communicator(max_bytes=32 << 20)
+    back = comm._backend
+    import torch.distributed._symmetric_memory as symm_mem
+    group_name = dist.group.WORLD.group_name
+    rows = []
+    for nbytes in sizes:
+        n = nbytes // dtype.itemsize
+        x = exact(n, rank, dtype, 1, device=dev)
+        ref = x.clone()
+        dist.all_reduce(ref)
+        out = torch.empty_like(x)
+        row = {"bytes": nbytes}
+        timer = _time_graph if nbytes <= GRAPH_MAX else _time_eager
+        row["mode"] = "graph" if nbytes <= GRAPH_MAX else "eager"
+        variants = {
+            "one_shot_push": nbytes <= back.layout.one_shot_push_max(dtype.itemsize) * dtype.itemsize,
+            "one_shot_pull": nbytes <= (8 << 20),
+            "two_shot": True,
+            "ring": True,
+        }
+        for algo, use in variants.items():
+            if not use:
+                continue
+            out.fill_(float("nan"))
+            back.all_reduce(x, out, algo)
+            torch.cuda.synchronize()
+            if not torch.equal(out, ref):
+                row[algo + "_wrong"] = int((out != ref).sum())
+                continue
+            row[algo] = timer(lambda: back.all_reduce(x, out, algo))
+        y = x.clone()
+        row["nccl"] = timer(lambda: dist.all_reduce(y))
+        if nbytes <= (32 << 20):
+            try:
+                buf = symm_mem.empty(n, dtype=dtype, device=dev)
+                symm_mem.rendezvous(buf, group_name)
+                buf.copy_(x)
+                o2 = torch.empty_like(buf)
+                row["symm_one_shot"] = timer(
+                    lambda: torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", group_name, o2))
+                row["symm_two_shot"] = timer(
+                    lambda: torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", group_name))
+                del buf
+            except Exception as e:  # noqa: BLE001
+                row["symm_error"] = f"{type(e).__name__}: {str(e)[:100]}"
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+    back.check(sync=True)
+    comm.close()
+    dist.destroy_process_group()
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--world", type=int, default=torch.cuda.device_count())
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--json")
+    p.add_argument("--max", type=int, default=128 << 20)
+    args = p.parse_args()
+    sizes = [s for s in SIZES if s <= args.max]
+    rows = spawn(_worker, args.world, args.dtype, sizes, env=ENV, timeout_s=540)[0]
+    algos = ["one_shot_push", "one_shot_pull", "two_shot", "ring", "nccl", "symm_one_shot",
+             "symm_two_shot"]
+    print(f"world {args.world} {args.dtype}, us per call (graph replays <= 32 MiB, eager above)")
+    print(f"{'bytes':>10} " + " ".join(f"{a:>13}" for a in algos) + "  best")
+    for r in rows:
+        vals = {a: r.get(a) for a in algos}
+        ours = {a: v for a, v in vals.items() if v is not None and a in algos[:4]}
+        best = min(ours, key=ours.get) if ours else "-"
+        print(f"{r['bytes']:>10} " + " ".join(f"{v:13.2f}" if v is not None else f"{'-':>13}"
+                                             for v in vals.values()) + f"  {best}"
+              + (f" ({vals['nccl'] / ours[best]:.2f}x nccl)" if ours and vals['nccl'] else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"world": args.world, "dtype": args.dtype, "rows": rows,
+                       "device": torch.cuda.get_device_name(0)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

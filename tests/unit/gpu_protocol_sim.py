@@ -1,0 +1,239 @@
+"""The GPU backend's kernels and protocol, run on the CPU by Triton's interpreter.
+
+Each "rank" is a thread with its own symmetric buffer (a CPU tensor); the kernels reach the
+peers' buffers through raw addresses exactly as on the GPU, and spin on them while the other
+threads run. This checks the indexing, the push/poll/clear protocol, the epoch rotation, the
+chunking and the timeout path without a GPU; it says nothing about speed or the GPU memory
+model. Run by tests/unit/test_gpu_protocol_interpreted.py in a subprocess with
+TRITON_INTERPRET=1 (needs triton installed; CI without triton skips it).
+
+    TRITON_INTERPRET=1 python tests/unit/gpu_protocol_sim.py [quick]
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+import triton.runtime.interpreter as interp  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from tpcomm.cuda.backend import Layout, P2PCollectives  # noqa: E402
+from tpcomm.errors import PeerTimeoutError  # noqa: E402
+from tpcomm.testing import exact  # noqa: E402
+
+# ---- make the interpreter usable from several threads at once --------------------------------
+_tls = threading.local()
+
+
+def _get_idx(self):
+    return getattr(_tls, "grid_idx", None)
+
+
+def _set_idx(self, v):
+    _tls.grid_idx = v
+
+
+def _get_dim(self):
+    return getattr(_tls, "grid_dim", None)
+
+
+def _set_dim(self, v):
+    _tls.grid_dim = v
+
+
+interp.InterpreterBuilder.grid_idx = property(_get_idx, _set_idx)
+interp.InterpreterBuilder.grid_dim = property(_get_dim, _set_dim)
+_orig_patch = interp._patch_lang
+_patched = []
+_patch_lock = threading.Lock()
+
+
+class _Keep:
+    def restore(self):
+        pass
+
+
+def _patch_once(fn):
+    import triton.language as tl
+    with _patch_lock:
+        mods = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+        if not mods <= set(_patched):
+            _orig_patch(fn)
+            _patched.extend(mods)
+            # numpy >= 2.4 refuses int() of a 1-element array (the interpreter's scalars)
+            import triton.language as tl
+            tl.tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+    return _Keep()
+
+
+interp._patch_lang = _patch_once
+# CPU tensors are used in place: no copy back (a copy back of a whole buffer would race with
+# the peers' stores into it)
+interp.GridExecutor._restore_args_dev = lambda self, *a, **k: None
+
+
+class SimBuffer:
+    """The part of TorchSymmetricBuffer the backend uses, over CPU tensors in one process."""
+
+    def __init__(self, rank, tensors, pad_nbytes):
+        self.rank, self.world_size = rank, len(tensors)
+        self.device = torch.device("cpu")
+        self.signal_pad_nbytes = pad_nbytes
+        self._t = tensors
+        self.signal_pad_ptrs = [t.data_ptr() for t in tensors]
+        self.buffer_ptrs = [p + pad_nbytes for p in self.signal_pad_ptrs]
+
+    def signal_pad(self, peer):
+        return self._t[peer][: self.signal_pad_nbytes].view(torch.int64)
+
+    def local_data(self):
+        return self._t[self.rank][self.signal_pad_nbytes:]
+
+    def close(self):
+        pass
+
+
+def make_group(world, max_bytes, grid, timeout_s=20.0):
+    layout = Layout.make(world, max_bytes, grid)
+    pad = -(-layout.pad_bytes // 4096) * 4096
+    tensors = []
+    for _ in range(world):
+        t = torch.empty(pad + layout.data_bytes, dtype=torch.uint8)
+        t[:pad].zero_()
+        t[pad:].fill_(0xFF)
+        tensors.append(t)
+    backs = [P2PCollectives(SimBuffer(r, tensors, pad), layout, timeout_s, max_bytes,
+                            num_warps=1) for r in range(world)]
+    return backs, tensors
+
+
+def run_ranks(fns):
+    errors = [None] * len(fns)
+
+    def wrap(i):
+        try:
+            fns[i]()
+        except BaseException as e:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+            errors[i] = e
+    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def check_all_reduce(backs, algo, numel, dtype, salt, offset=0):
+    world = len(backs)
+    ins = [exact(numel + offset, r, dtype, salt)[offset:] for r in range(world)]
+    outs = [torch.full((numel + offset + 8,), 77.0, dtype=dtype) for _ in range(world)]
+    views = [o[offset:offset + numel] for o in outs]
+    errs = run_ranks([lambda r=r: backs[r].all_reduce(ins[r], views[r], algo)
+                      for r in range(world)])
+    assert not any(errs), errs
+    want = sum(exact(numel + offset, r, torch.float64, salt)[offset:] for r in range(world)).to(dtype)
+    for r in range(world):
+        assert torch.equal(views[r], want), (algo, numel, dtype, r, views[r][:20], want[:20])
+        assert torch.all(outs[r][:offset] == 77) and torch.all(outs[r][offset + numel:] == 77)
+    return True
+
+
+def check_in_place(backs, algo, numel, dtype, salt):
+    world = len(backs)
+    xs = [exact(numel, r, dtype, salt) for r in range(world)]
+    errs = run_ranks([lambda r=r: backs[r].all_reduce(xs[r], xs[r], algo) for r in range(world)])
+    assert not any(errs), errs
+    want = sum(exact(numel, r, torch.float64, salt) for r in range(world)).to(dtype)
+    for r in range(world):
+        assert torch.equal(xs[r], want), (algo, numel, r)
+
+
+def check_rs_ag(backs, c, dtype, salt):
+    world = len(backs)
+    ins = [exact(world * c, r, dtype, salt).view(world, c) for r in range(world)]
+    outs = [torch.full((c,), 5.0, dtype=dtype) for _ in range(world)]
+    errs = run_ranks([lambda r=r: backs[r].reduce_scatter(ins[r], outs[r]) for r in range(world)])
+    assert not any(errs), errs
+    full = sum(exact(world * c, r, torch.float64, salt) for r in range(world)).to(dtype).view(world, c)
+    for r in range(world):
+        assert torch.equal(outs[r], full[r]), ("rs", c, r)
+    gin = [exact(c, r, dtype, salt) for r in range(world)]
+    gout = [torch.full((world, c), 5.0, dtype=dtype) for _ in range(world)]
+    errs = run_ranks([lambda r=r: backs[r].all_gather(gin[r], gout[r]) for r in range(world)])
+    assert not any(errs), errs
+    for r in range(world):
+        for p in range(world):
+            assert torch.equal(gout[r][p], gin[p]), ("ag", c, r, p)
+
+
+def check_zero_copy(backs, numel, dtype, salt):
+    world = len(backs)
+    xs = [b.empty((numel,), dtype) for b in backs]
+    for r in range(world):
+        xs[r].copy_(exact(numel, r, dtype, salt))
+    want = sum(exact(numel, r, torch.float64, salt) for r in range(world)).to(dtype)
+    outs = [torch.empty(numel, dtype=dtype) for _ in range(world)]
+    errs = run_ranks([lambda r=r: backs[r].all_reduce(xs[r], outs[r], "one_shot_pull")
+                      for r in range(world)])
+    assert not any(errs), errs
+    for r in range(world):
+        assert torch.equal(outs[r], want), ("zero-copy", r)
+    errs = run_ranks([lambda r=r: backs[r].all_reduce(xs[r], xs[r], "one_shot_pull")
+                      for r in range(world)])
+    assert not any(errs), errs
+    for r in range(world):
+        assert torch.equal(xs[r], want), ("zero-copy in place", r)
+
+
+def check_timeout(world):
+    backs, _ = make_group(world, 16 << 10, 2, timeout_s=0.5)
+    x = exact(300, 0, torch.float32)
+    try:
+        backs[0].all_reduce(x, x.clone(), "one_shot_push")  # the peers never come
+    except PeerTimeoutError:
+        pass
+    try:
+        backs[0].check()
+    except PeerTimeoutError as e:
+        assert e.peers and e.peers[0] != 0, e
+        print("timeout ok:", str(e)[:160])
+        return
+    raise AssertionError("no PeerTimeoutError after a stalled peer")
+
+
+def main():
+    quick = "quick" in sys.argv
+    for world in (2, 3, 4):
+        backs, _ = make_group(world, 64 << 10, 3)
+        salt = 0
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            sizes = [1, 7, 16, 300, 2048 + 5, 5000] if not quick else [7, 2048 + 5]
+            for numel in sizes:
+                for algo in ("one_shot_push", "one_shot_pull", "two_shot", "ring"):
+                    salt += 1
+                    check_all_reduce(backs, algo, numel, dtype, salt, offset=salt % 3)
+            big = (64 << 10) // dtype.itemsize + 37  # several rounds of every algorithm
+            for algo in ("one_shot", "two_shot", "ring"):
+                salt += 1
+                check_all_reduce(backs, algo, big, dtype, salt)
+                check_in_place(backs, algo, 1000, dtype, salt)
+            for c in (1, 33, 4096 + 3):
+                salt += 1
+                check_rs_ag(backs, c, dtype, salt)
+            check_zero_copy(backs, 777, dtype, salt)
+            print(f"world {world} {dtype}: ok", flush=True)
+            if quick:
+                break
+    check_timeout(2)
+    print("ALL OK")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The GPU selection table: pure, total, and NCCL wherever it is not measured."""
+import torch
+
+from tpcomm.cuda import select_table
+from tpcomm.cuda.select_table import select_cuda
+from tpcomm.select import ALGORITHMS
+
+SIZES = [0, 4, 2 << 10, 256 << 10, 1 << 20, 8 << 20, 64 << 20, 1 << 30]
+
+
+def test_every_answer_is_a_known_algorithm():
+    for op in ("all_reduce", "reduce_scatter", "all_gather"):
+        for world in range(2, 9):
+            for nbytes in SIZES:
+                for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                    algo = select_cuda(op, nbytes, dtype, world)
+                    assert algo == "torch" or algo in ALGORITHMS["cuda"][op], (op, world, algo)
+
+
+def test_unmeasured_world_sizes_go_to_nccl():
+    measured = set(select_table.ALL_REDUCE)
+    for world in range(2, 9):
+        if world not in measured:
+            assert select_cuda("all_reduce", 4096, torch.bfloat16, world) == "torch"
+
+
+def test_tables_are_sorted_and_end_unbounded():
+    for world, table in select_table.ALL_REDUCE.items():
+        bounds = [b for b, _ in table]
+        assert bounds[-1] is None
+        assert bounds[:-1] == sorted(bounds[:-1])
