@@ -19,8 +19,8 @@ def test_tpcomm_check_passes_on_this_machine():
     assert "FAIL" not in out
 
 
-def test_tpcomm_check_fails_when_a_rank_cannot_start():
-    # a CUDA self-test on a machine without CUDA is refused with exit 2, not a traceback
+def test_tpcomm_check_refuses_cuda_without_cuda():
+    # exit 2 and a message, not a traceback
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

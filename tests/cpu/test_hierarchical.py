@@ -167,3 +167,18 @@ def test_transport_not_built_is_said_plainly():
     with pytest.raises(ValueError, match="unknown inter-node transport"):
         make_transport("carrier-pigeon", None)
     assert issubclass(TopologyError, TpcommError)
+
+
+def test_benchmark_script_checks_and_times(tmp_path, capsys):
+    """python -m tpcomm.hierarchical_bench end to end, 2 ranks as 2 nodes x 1, tiny sizes (the
+    GPU run that produces the timing table uses the same script)."""
+    from tpcomm import hierarchical_bench
+    md = tmp_path / "h.md"
+    rc = hierarchical_bench.main(["--nproc", "2", "--ranks-per-node", "1", "--device", "cpu",
+                                  "-b", "4K", "-e", "64K", "--iters", "2", "--reps", "1",
+                                  "--markdown", str(md)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "nodes=2, ranks_per_node=1" in out and "flat / two-level" in out
+    table = md.read_text()
+    assert table.count("| float32 |") == 3 and "#wrong" in table
