@@ -1,0 +1,213 @@
+"""Time the two-level all-reduce against a flat torch.distributed all-reduce on the same nodes.
+
+    # 4 GPUs of one host as 2 emulated nodes x 2 (NCCL over loopback sockets between them)
+    python -m tpcomm.hierarchical_bench --nproc 4 --ranks-per-node 2 -b 4K -e 256M \\
+        --markdown benchmarks/results/gpu-h200x4-hierarchical-2x2.md
+    # a real cluster: one process per GPU from torchrun, nodes from LOCAL_WORLD_SIZE
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m tpcomm.hierarchical_bench -b 4K -e 256M
+
+Each size is checked first (exact-sum inputs, two-level against flat, bitwise), then timed:
+``--iters`` calls per repetition, the median of ``--reps`` repetitions per rank, the maximum over
+ranks; CUDA events on the GPU (eagerly, or replaying a CUDA graph of the calls with ``--graph``),
+the host clock on the CPU. Columns as in nccl-tests: busbw = algbw * 2(R-1)/R.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _sizes(lo: int, hi: int, factor: int) -> list[int]:
+    out, s = [], lo
+    while s <= hi:
+        out.append(s)
+        s *= factor
+    return out
+
+
+def _timer(device):
+    if device.type == "cuda":
+        def measure(fn, iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(iters)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) * 1e3 / iters
+    else:
+        def measure(fn, iters):
+            t0 = time.perf_counter()
+            fn(iters)
+            return (time.perf_counter() - t0) * 1e6 / iters
+    return measure
+
+
+def _maybe_graph(call, iters, use_graph, device):
+    """A function running ``iters`` calls: eagerly, or as one captured CUDA graph."""
+    if not use_graph or device.type != "cuda":
+        return lambda n: [call() for _ in range(n)]
+    call()                                           # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            call()
+    return lambda n: graph.replay()
+
+
+def run_rank(rank: int, world: int, args) -> list[dict] | None:
+    from .hierarchical import HierarchicalAllReduce
+    from .testing import exact
+    if args.emulate and args.ranks_per_node:
+        # one NCCL "host" per emulated node, so NCCL crosses them over its network transport
+        os.environ.setdefault("NCCL_HOSTID", f"tpcomm-fakenode{rank // args.ranks_per_node}")
+    if args.device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo")
+    dtype = DTYPES[args.dtype]
+    ar = HierarchicalAllReduce(device=device, local_world_size=args.ranks_per_node,
+                               chunk_bytes=args.chunk_bytes)
+    measure = _timer(device)
+    rows = []
+    for nbytes in _sizes(args.minbytes, args.maxbytes, args.stepfactor):
+        n = max(1, nbytes // dtype.itemsize)
+        x = exact(n, rank, dtype, 0, device=device)
+        ref = x.clone()
+        dist.all_reduce(ref)
+        got = ar.all_reduce(x)
+        wrong = torch.tensor([int((got != ref).sum())], device=device)
+        dist.all_reduce(wrong)
+        out = torch.empty_like(x)
+        calls = {"two_level": lambda: ar.all_reduce(x, out=out),
+                 "flat": lambda: (out.copy_(x), dist.all_reduce(out))}
+        times = {}
+        for name, call in calls.items():
+            try:
+                run = _maybe_graph(call, args.iters, args.graph, device)
+            except Exception as e:  # a capture that fails is reported, the run goes on eagerly
+                if rank == 0:
+                    print(f"# {name} {nbytes} B: CUDA graph capture failed ({e}); eager",
+                          file=sys.stderr)
+                run = _maybe_graph(call, args.iters, False, device)
+            run(args.warmup)
+            per_rep = [measure(run, args.iters) for _ in range(args.reps)]
+            t = torch.tensor([statistics.median(per_rep)], dtype=torch.float64, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            times[name] = float(t)
+        rows.append({"nbytes": n * dtype.itemsize, "count": n, "wrong": int(wrong), **times})
+    info = repr(ar)
+    ar.close()
+    dist.destroy_process_group()
+    return (rows, info) if rank == 0 else None
+
+
+def _bw(nbytes, us, world):
+    alg = nbytes / (us * 1e3) if us > 0 else 0.0
+    return alg, alg * 2 * (world - 1) / world
+
+
+def format_table(rows, world, dtype, markdown=False) -> str:
+    head = ["size (B)", "count", "type", "two-level (us)", "algbw (GB/s)", "busbw (GB/s)",
+            "flat (us)", "busbw (GB/s)", "flat / two-level", "#wrong"]
+    lines = []
+    for r in rows:
+        a1, b1 = _bw(r["nbytes"], r["two_level"], world)
+        _, b2 = _bw(r["nbytes"], r["flat"], world)
+        lines.append([str(r["nbytes"]), str(r["count"]), dtype, f"{r['two_level']:.1f}",
+                      f"{a1:.2f}", f"{b1:.2f}", f"{r['flat']:.1f}", f"{b2:.2f}",
+                      f"{r['flat'] / r['two_level']:.2f}", str(r["wrong"])])
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+        out += ["| " + " | ".join(c) + " |" for c in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h)
+              for i, h in enumerate(head)]
+    out = ["# " + "  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    out += ["  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in lines]
+    return "\n".join(out)
+
+
+def header(args, world, info) -> list[str]:
+    dev = (torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available()
+           else platform.processor() or platform.machine())
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if args.device == "cuda" else "-"
+    return [f"two-level all-reduce vs flat torch.distributed, {world} ranks, {info}",
+            f"device: {dev}; torch {torch.__version__}; NCCL {nccl}; "
+            f"{datetime.datetime.now().isoformat(timespec='seconds')}",
+            ("emulated nodes on one host: NCCL_HOSTID per node, "
+             + ", ".join(f"{k}={v}" for k, v in args.env.items()) if args.emulate
+             else "nodes from the launch (torchrun)"),
+            f"{'CUDA graph replays' if args.graph else 'eager'}, {args.iters} calls x "
+            f"{args.reps} reps, median per rank, max over ranks",
+            "command: " + " ".join(["python -m tpcomm.hierarchical_bench", *args.argv])]
+
+
+def main(argv=None) -> int:
+    from .settings import parse_size
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m tpcomm.hierarchical_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=4, help="ranks to spawn when not under torchrun")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="emulated ranks per node (default: TPCOMM_LOCAL_WORLD_SIZE / torchrun)")
+    p.add_argument("--device", choices=("cuda", "cpu"),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("-b", "--minbytes", default="4K")
+    p.add_argument("-e", "--maxbytes", default="256M")
+    p.add_argument("-f", "--stepfactor", type=int, default=4)
+    p.add_argument("--chunk-bytes", default=None, help="pipeline chunk (default: the model's)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--graph", action="store_true", help="replay CUDA graphs of the calls")
+    p.add_argument("--markdown", metavar="FILE.md")
+    args = p.parse_args(argv)
+    args.argv = argv
+    args.minbytes, args.maxbytes = parse_size(args.minbytes), parse_size(args.maxbytes)
+    args.chunk_bytes = parse_size(args.chunk_bytes) if args.chunk_bytes else None
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    from .launch import spawn, under_torchrun
+    if under_torchrun():
+        args.emulate, args.env = False, {}
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        res = run_rank(rank, world, args)
+    else:
+        args.emulate = args.ranks_per_node is not None
+        world = args.nproc
+        env = {"NCCL_SOCKET_IFNAME": "lo", "NCCL_IB_DISABLE": "1", "NCCL_NVLS_ENABLE": "0",
+               "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+               "TPCOMM_QUIET": "1"} if args.emulate else {}
+        args.env = env
+        res = spawn(run_rank, world, args, env=env, timeout_s=3600)[0]
+    if res is None:
+        return 0
+    rows, info = res
+    head = header(args, world, info)
+    print("\n".join("# " + h for h in head))
+    print(format_table(rows, world, args.dtype))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"# {head[0]}\n\n" + "\n".join(f"- {h}" for h in head[1:]) + "\n\n"
+                    + format_table(rows, world, args.dtype, markdown=True) + "\n")
+    return 1 if any(r["wrong"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
