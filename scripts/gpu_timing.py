@@ -29,6 +29,7 @@ ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
        "NVSHMEM_DISABLE_NVLS": "1", "PYTHONUNBUFFERED": "1"}
 SIZES = [2 << 10, 8 << 10, 32 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20,
          4 << 20, 8 << 20, 16 << 20, 32 << 20, 64 << 20, 128 << 20]
+RS_AG_SIZES = [8 << 10, 64 << 10, 512 << 10, 4 << 20, 32 << 20]
 GRAPH_MAX = 32 << 20
 ITERS, REPS = 20, 15
 
@@ -111,6 +112,17 @@ def _worker(rank, world, dtype_name, sizes):
                 row[algo + "_wrong"] = int((out != ref).sum())
                 continue
             row[algo] = timer(lambda: back.all_reduce(x, out, algo))
+        if nbytes >= (1 << 20):   # larger tiles (more bytes in flight per block)?
+            for v in (2, 4):
+                back.vecs["two_shot"] = v
+                out.fill_(float("nan"))
+                back.all_reduce(x, out, "two_shot")
+                torch.cuda.synchronize()
+                if torch.equal(out, ref):
+                    row[f"two_shot_v{v}"] = timer(lambda: back.all_reduce(x, out, "two_shot"))
+                else:
+                    row[f"two_shot_v{v}_wrong"] = int((out != ref).sum())
+            back.vecs["two_shot"] = 1
         y = x.clone()
         row["nccl"] = timer(lambda: dist.all_reduce(y))
         if nbytes <= (32 << 20):
@@ -129,6 +141,35 @@ def _worker(rank, world, dtype_name, sizes):
         rows.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
+    for op in ("reduce_scatter", "all_gather"):
+        for nbytes in RS_AG_SIZES:
+            c = nbytes // dtype.itemsize // world        # elements per rank
+            big = exact(world * c, rank, dtype, 2, device=dev)
+            small = exact(c, rank, dtype, 3, device=dev)
+            o_small, o_big = torch.empty_like(small), torch.empty_like(big)
+            if op == "reduce_scatter":
+                ours = lambda: back.reduce_scatter(big.view(world, c), o_small)  # noqa: E731
+                nccl = lambda: dist.reduce_scatter_tensor(o_small, big)  # noqa: E731
+                res = o_small
+            else:
+                ours = lambda: back.all_gather(small, o_big.view(world, c))  # noqa: E731
+                nccl = lambda: dist.all_gather_into_tensor(o_big, small)  # noqa: E731
+                res = o_big
+            nccl()
+            want = res.clone()
+            res.fill_(float("nan"))
+            ours()
+            torch.cuda.synchronize()
+            row = {"op": op, "bytes": nbytes}
+            timer = _time_graph if nbytes <= GRAPH_MAX else _time_eager
+            if torch.equal(res, want):
+                row["direct"] = timer(ours)
+            else:
+                row["direct_wrong"] = int((res != want).sum())
+            row["nccl"] = timer(nccl)
+            rows.append(row)
+            if rank == 0:
+                print(json.dumps(row), flush=True)
     back.check(sync=True)
     comm.close()
     dist.destroy_process_group()
@@ -145,10 +186,15 @@ def main():
     sizes = [s for s in SIZES if s <= args.max]
     rows = spawn(_worker, args.world, args.dtype, sizes, env=ENV, timeout_s=540)[0]
     algos = ["one_shot_push", "one_shot_pull", "two_shot", "ring", "nccl", "symm_one_shot",
-             "symm_two_shot"]
+             "symm_two_shot", "two_shot_v2", "two_shot_v4"]
     print(f"world {args.world} {args.dtype}, us per call (graph replays <= 32 MiB, eager above)")
     print(f"{'bytes':>10} " + " ".join(f"{a:>13}" for a in algos) + "  best")
     for r in rows:
+        if "op" in r:
+            d, c = r.get("direct"), r.get("nccl")
+            print(f"{r['op']:>15} {r['bytes']:>10}  direct {d if d is None else round(d, 2)}  "
+                  f"nccl {c if c is None else round(c, 2)}")
+            continue
         vals = {a: r.get(a) for a in algos}
         ours = {a: v for a, v in vals.items() if v is not None and a in algos[:4]}
         best = min(ours, key=ours.get) if ours else "-"

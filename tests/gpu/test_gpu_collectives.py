@@ -51,7 +51,7 @@ def _bits(t):
 
 def _same_on_all_ranks(t, world):
     """Gather ``t``'s bits from every rank (NCCL) and check they are identical."""
-    b = _bits(t).reshape(-1)
+    b = t.contiguous().view(torch.uint8).reshape(-1)   # NCCL gathers bytes, not int16
     every = torch.empty(world * b.numel(), dtype=b.dtype, device=b.device)
     dist.all_gather_into_tensor(every, b)
     rows = every.view(world, -1)

@@ -170,6 +170,9 @@ class P2PCollectives:
         self.capacity = max_bytes
         self.broken: str | None = None
         self.num_warps = num_warps
+        # 16-byte vectors per thread in one tile, per kernel (tile = num_warps * 32 * vecs
+        # vectors); more vectors per tile keep more bytes in flight per block
+        self.vecs = {"one_shot_push": 1, "two_shot": 1, "ring": 1, "direct": 1}
         self._closed = False
         self._is_cuda = self.device.type == "cuda"
         self._last_stream = None
@@ -263,11 +266,11 @@ class P2PCollectives:
         self._last_stream = stream
 
     # ---------------------------------------------------------------- helpers
-    def _kw(self, dtype: torch.dtype) -> dict:
+    def _kw(self, dtype: torch.dtype, algorithm: str = "direct") -> dict:
         itype, canon = DTYPES[dtype]
         item = dtype.itemsize
         return dict(grid=self.layout.grid, num_warps=self.num_warps, itype=itype, canon=canon,
-                    block=self.num_warps * 32 * (16 // item))
+                    block=self.num_warps * 32 * (16 // item) * self.vecs.get(algorithm, 1))
 
     def _user_offset(self, t: torch.Tensor) -> int | None:
         """Offset of ``t`` in this rank's user region, or None if it does not lie inside."""
@@ -330,7 +333,8 @@ class P2PCollectives:
         k_one_shot.all_reduce_one_shot_push(
             inp, out, inp.numel(), self._push_addrs, self._my_push, L.push_buf,
             L.push_buf // self.world // inp.element_size(), self._counters[FAM_PUSH],
-            self._err_dev, self._err_host, self.rank, self.timeout_ns, **self._kw(inp.dtype))
+            self._err_dev, self._err_host, self.rank, self.timeout_ns,
+            **self._kw(inp.dtype, "one_shot_push"))
 
     def _one_shot_pull(self, inp, out, mode, user_off):
         L = self.layout
@@ -352,7 +356,7 @@ class P2PCollectives:
         k_two_shot.all_reduce_two_shot(
             inp, out, n, _split(n, self.world), self._push_addrs, self._my_push, L.push_buf,
             L.rs_slot // item, self.world * L.rs_slot, self._counters[FAM_PUSH], self._err_dev,
-            self._err_host, self.rank, self.timeout_ns, **self._kw(inp.dtype))
+            self._err_host, self.rank, self.timeout_ns, **self._kw(inp.dtype, "two_shot"))
 
     def _ring(self, inp, out):
         L = self.layout
@@ -360,7 +364,7 @@ class P2PCollectives:
         k_ring.all_reduce_ring(
             inp, out, n, _split(n, self.world), self._next_push, self._my_push, L.push_buf,
             4 * L.ring_max(inp.element_size()), self._counters[FAM_PUSH], self._err_dev,
-            self._err_host, self.rank, self.world, self.timeout_ns, **self._kw(inp.dtype))
+            self._err_host, self.rank, self.world, self.timeout_ns, **self._kw(inp.dtype, "ring"))
 
     def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct") -> None:
         """inp is [world, c] (rows may be strided), out is [c]: out = sum of row ``rank``."""

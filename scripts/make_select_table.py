@@ -1,0 +1,136 @@
+"""Write tpcomm/cuda/select_table.py from scripts/gpu_timing.py measurements.
+
+    python scripts/make_select_table.py timing-w2.json timing-w4.json [-o tpcomm/cuda/select_table.py]
+
+Rule, per world size and measured size s (sorted): the fastest of tpcomm's algorithms wins if it
+is under 0.97 x NCCL's time there (a 3 % margin against noise), else "torch". A size n uses the
+decision of the smallest measured size >= n (above the largest, the largest's). Each range of
+the written table carries the measured times behind it as a comment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+MARGIN = 0.97
+AR_CANDIDATES = {"one_shot": "one_shot_push", "two_shot": "two_shot", "ring": "ring"}
+
+
+def _human(n: int) -> str:
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def _ranges(decisions):
+    """[(size, algo, note)] sorted by size -> [(bound exclusive or None, algo, notes)]."""
+    out = []
+    for i, (size, algo, note) in enumerate(decisions):
+        last = i == len(decisions) - 1
+        bound = None if last else size + 1
+        if out and out[-1][1] == algo:
+            out[-1] = (bound, algo, out[-1][2] + [note])
+        else:
+            out.append((bound, algo, [note]))
+    return out
+
+
+def all_reduce_decisions(rows):
+    dec = []
+    for r in sorted((r for r in rows if "op" not in r), key=lambda r: r["bytes"]):
+        nccl = r.get("nccl")
+        ours = {name: r[key] for name, key in AR_CANDIDATES.items() if r.get(key) is not None}
+        best = min(ours, key=ours.get) if ours else None
+        times = ", ".join(f"{k} {v:.1f}" for k, v in sorted(ours.items(), key=lambda kv: kv[1]))
+        note = f"{_human(r['bytes'])} ({r['mode']}): {times}, nccl {nccl:.1f} us"
+        algo = best if best and nccl and ours[best] < MARGIN * nccl else "torch"
+        dec.append((r["bytes"], algo, note))
+    return dec
+
+
+def rs_ag_decisions(rows, op):
+    dec = []
+    for r in sorted((r for r in rows if r.get("op") == op), key=lambda r: r["bytes"]):
+        d, c = r.get("direct"), r.get("nccl")
+        note = f"{_human(r['bytes'])}: direct {d if d is None else f'{d:.1f}'}, nccl {c:.1f} us"
+        dec.append((r["bytes"], "direct" if d is not None and d < MARGIN * c else "torch", note))
+    return dec
+
+
+def render(measurements) -> str:
+    lines = ['"""Measured algorithm table for the GPU backend (pure: no CUDA, no Triton).',
+             "",
+             "Written by scripts/make_select_table.py from scripts/gpu_timing.py runs (bf16, us per",
+             "call: CUDA-graph replays up to 32 MiB, eager above; tpcomm and NCCL in the same run):"]
+    for m in measurements:
+        lines.append(f"    world {m['world']}: {m['device']}, {m.get('date', '?')} ({m['file']})")
+    lines += ["A size uses the decision of the smallest measured size at or above it; tpcomm's",
+              f"algorithm wins only where it was under {MARGIN} x NCCL's time, else \"torch\" (NCCL).",
+              "Thresholds are in bytes and apply to every dtype (measured in bf16; the kernels move",
+              "bytes, so float32/float16 behave alike). World sizes not measured go to NCCL.",
+              '"""', "from __future__ import annotations", "", "import torch", ""]
+
+    def table(name, per_world):
+        lines.append(f"# world -> [(upper bound in bytes, exclusive; None = no limit, algorithm)]")
+        lines.append(f"{name} = {{")
+        for world, ranges in per_world.items():
+            lines.append(f"    {world}: [")
+            for bound, algo, notes in ranges:
+                for note in notes:
+                    lines.append(f"        # {note}")
+                lines.append(f"        ({bound}, {algo!r}),")
+            lines.append("    ],")
+        lines.append("}")
+        lines.append("")
+
+    table("ALL_REDUCE", {m["world"]: _ranges(all_reduce_decisions(m["rows"]))
+                         for m in measurements})
+    table("REDUCE_SCATTER", {m["world"]: _ranges(rs_ag_decisions(m["rows"], "reduce_scatter"))
+                             for m in measurements if any(r.get("op") for r in m["rows"])})
+    table("ALL_GATHER", {m["world"]: _ranges(rs_ag_decisions(m["rows"], "all_gather"))
+                         for m in measurements if any(r.get("op") for r in m["rows"])})
+    lines += [
+        "",
+        "def _lookup(table, nbytes: int) -> str:",
+        "    for bound, algorithm in table:",
+        "        if bound is None or nbytes < bound:",
+        "            return algorithm",
+        '    return "torch"',
+        "",
+        "",
+        "def select_cuda(op: str, nbytes: int, dtype: torch.dtype, world_size: int) -> str:",
+        '    """The GPU algorithm for one call; ``"torch"`` (NCCL) wherever ours was not measured',
+        '    faster."""',
+        '    tables = {"all_reduce": ALL_REDUCE, "reduce_scatter": REDUCE_SCATTER,',
+        '              "all_gather": ALL_GATHER}[op]',
+        "    table = tables.get(world_size)",
+        '    return "torch" if table is None else _lookup(table, nbytes)',
+        ""]
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("files", nargs="+")
+    p.add_argument("-o", "--output",
+                   default=os.path.join(os.path.dirname(__file__), "..", "tpcomm", "cuda",
+                                        "select_table.py"))
+    p.add_argument("--date", default="2026-11-22")
+    args = p.parse_args()
+    ms = []
+    for f in args.files:
+        with open(f) as fh:
+            m = json.load(fh)
+        m["file"] = os.path.basename(f)
+        m.setdefault("date", args.date)
+        ms.append(m)
+    ms.sort(key=lambda m: m["world"])
+    with open(args.output, "w") as fh:
+        fh.write(render(ms))
+    print(open(args.output).read())
+
+
+if __name__ == "__main__":
+    main()
