@@ -1,8 +1,9 @@
 """Measured all-reduce times the cost model is fitted to (tpcomm.cost_model).
 
 Source: /work/shared/BASELINES.md, "Baselines measured on our 4 x H200 test machine
-(2026-11-22)": 4 NVIDIA H200, all pairs NV18 through NVSwitch, driver 580.159.04, torch 2.11.0+cu130,
-NCCL 2.28.9, NVLS off. bf16, sum, microseconds per call. Produced by ../shared/probes/ (torchrun).
+(2026-11-22)": 4 NVIDIA H200, all pairs NV18 through NVSwitch, driver 580.159.04,
+torch 2.11.0+cu130, NCCL 2.28.9, NVLS off. bf16, sum, microseconds per call. Produced by
+../shared/probes/ (torchrun).
 
 The torch symm_mem one_shot / two_shot kernels stand in for tpcomm's own until tpcomm's GPU
 measurements exist (benchmarks/results/gpu-h200x*.md, refit with ``tpcomm plan --fit FILE.json``).

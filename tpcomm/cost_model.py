@@ -115,8 +115,10 @@ class Params:
     def describe(self) -> str:
         gbs = lambda b: US_PER_BYTE_AT_1GBS / b if b > 0 else float("inf")  # noqa: E731
         lines = [f"NVLink: {gbs(self.b_nv):.0f} GB/s per GPU port",
-                 f"one_shot: {self.one_shot[0]:.2f} us + S / {gbs(self.one_shot[1]):.0f} GB/s local",
-                 f"two_shot: {self.two_shot[0]:.2f} us + S / {gbs(self.two_shot[1]):.0f} GB/s local"]
+                 f"one_shot: {self.one_shot[0]:.2f} us + S / {gbs(self.one_shot[1]):.0f} GB/s "
+                 f"local",
+                 f"two_shot: {self.two_shot[0]:.2f} us + S / {gbs(self.two_shot[1]):.0f} GB/s "
+                 f"local"]
         for p, (a, h, b) in self.nccl.items():
             lines.append(f"nccl {p}: {a:.2f} us + {h:.2f} us per step, bus {gbs(b):.0f} GB/s")
         return "\n".join(lines)

@@ -5,9 +5,9 @@ the node boundary, and a flat ring across nodes pays a network hop latency for e
 
 Algorithm: with L ranks of the group on each of M nodes, rank (node k, local index j)::
 
-    1. intra-node reduce_scatter   x -> s_j = sum over node k of slice j of x     (tpcomm, NVLink/shm)
-    2. inter-node all_reduce       s_j := sum over the M nodes of s_j             (transport, network)
-    3. intra-node all_gather       out = [s_0, s_1, ..., s_{L-1}]                 (tpcomm, NVLink/shm)
+    1. intra-node reduce_scatter  x -> s_j = sum over node k of slice j of x  (tpcomm: NVLink/shm)
+    2. inter-node all_reduce      s_j := sum over the M nodes of s_j          (transport: network)
+    3. intra-node all_gather      out = [s_0, s_1, ..., s_{L-1}]              (tpcomm: NVLink/shm)
 
 Each rank sends (L-1)/L·S bytes inside its node twice and 2(M-1)/M·S/L across nodes (ring), so
 the network carries 1/L of what a flat ring would put on each rank's path, and only the M-1
@@ -206,7 +206,8 @@ class HierarchicalAllReduce:
         self.broken: str | None = None
         self._scratch: dict = {}
         self._chunk_cache: dict[int, int] = {}
-        self._stats = collections.defaultdict(lambda: [0, 0, 0, 0.0])  # path -> calls, bytes, chunks, s
+        # path -> calls, bytes, chunks, seconds
+        self._stats = collections.defaultdict(lambda: [0, 0, 0, 0.0])
         self.intra: Communicator | None = None
         self.transport: InterNodeTransport | None = None
         self.intra_group, self.inter_group = _make_subgroups(self._info, self.layout,

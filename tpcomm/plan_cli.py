@@ -138,7 +138,8 @@ def format_plan(cluster: cost_model.Cluster, rows: list[dict], gpu: str) -> str:
     if cluster.link == "pcie":
         lines.append(f"# PCIe: assumed {cost_model.PCIE_GBS:g} GB/s per direction, not fitted")
     if cluster.nic:
-        lines.append("# network: the NIC given, efficiency and latency assumed (no NIC was measured)")
+        lines.append("# network: the NIC given, efficiency and latency assumed (no NIC was "
+                     "measured)")
     lines.append("# predicted microseconds per all-reduce (CUDA graph); [chunk]: the two-level "
                  "pipeline's chunk, none: one chunk")
     width = 17
