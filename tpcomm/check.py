@@ -90,7 +90,7 @@ def _selftest(rank: int, world: int, device_type: str) -> list[tuple[str, str, i
     results = []
     with tpcomm.Communicator(device=device, max_bytes=64 << 10, timeout_s=30) as comm:
         for op, algos in ALGORITHMS[device_type].items():
-            for algo in ("auto", "torch") + algos:
+            for algo in ("auto", "torch") + tuple(a for a in algos if a != "two_level"):
                 for dtype in (torch.float32, torch.bfloat16, torch.float16):
                     for n in SIZES:
                         try:

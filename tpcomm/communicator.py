@@ -85,7 +85,10 @@ class Communicator:
         self.disabled_reason: str | None = None
         self._stats = collections.defaultdict(lambda: [0, 0, 0.0])  # (op, algo) -> calls, bytes, s
         self._fallbacks: collections.Counter = collections.Counter()
-        self._topology = Topology(device_type=self.device.type)
+        from .topology import layout_of
+        self._layout = layout_of(self._info)      # from the launch; not collective
+        self._topology = Topology(device_type=self.device.type, nnodes=self._layout.nnodes)
+        self._two_level = None                    # HierarchicalAllReduce when nnodes > 1
         self._recorder = flight_recorder.FlightRecorder()
         self._setup(settings)
         flight_recorder.register(self)
@@ -124,10 +127,21 @@ class Communicator:
             if self._backend is not None:
                 self._backend.close()
                 self._backend = None
+            if self._two_level is not None:
+                self._two_level.close()
+                self._two_level = None
             self.disabled_reason = reason
             _log_fallback_once(f"Communicator on {self.world_size} ranks: {reason}")
 
     def _make_backend(self):
+        if self._topology.nnodes > 1:
+            # never build the flat backend across a node boundary: the two-level all-reduce
+            # builds one per node, and everything else goes to torch.distributed
+            from .hierarchical import HierarchicalAllReduce
+            self._two_level = HierarchicalAllReduce(self.group, device=self.device,
+                                                    max_bytes=self.max_bytes,
+                                                    timeout_s=self.timeout_s)
+            return None
         if self.device.type == "cpu":
             from .cpu.shm_collectives import SHM_CHUNK_BYTES, ShmCollectives, should_use_shm
             from .memory.shm import ShmSymmetricBuffer, shm_available
@@ -147,6 +161,8 @@ class Communicator:
         """'shm', 'p2p' (GPU), 'local' (world 1) or 'torch' (everything falls back)."""
         if self.world_size == 1:
             return "local"
+        if self._two_level is not None:
+            return "two_level"
         return self._backend.name if self._backend is not None else "torch"
 
     # ------------------------------------------------------------------ public ops
@@ -286,6 +302,9 @@ class Communicator:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+        if self._two_level is not None:
+            self._two_level.close()
+            self._two_level = None
 
     def __enter__(self):
         return self
@@ -360,7 +379,11 @@ class Communicator:
         elif algorithm != "torch" and x.dtype not in FAST_DTYPES:
             raise ValueError(f"{name}: algorithm={algorithm!r} needs float32/float16/bfloat16, "
                              f"got {x.dtype}")
-        if self._backend is None and algorithm not in ("local", "torch"):
+        if algorithm == "two_level" and self._two_level is None and forced == "two_level":
+            raise ValueError(f"{name}: algorithm='two_level' needs a group that spans nodes; "
+                             f"this one is on {self._topology.nnodes} node")
+        if self._backend is None and algorithm not in ("local", "torch") and not (
+                algorithm == "two_level" and self._two_level is not None):
             algorithm = "torch"
         rec = self._recorder.start(name, algorithm, nbytes, x.dtype)
         t0 = time.perf_counter()
@@ -379,11 +402,13 @@ class Communicator:
         return out
 
     def _dispatch(self, op, x, out, algorithm, forced) -> None:
-        if algorithm == "local":
+        if algorithm == "two_level":
+            self._two_level.all_reduce(x, out=out)
+        elif algorithm == "local":
             if out.data_ptr() != x.data_ptr():
                 out.copy_(x.view(out.shape))
         elif algorithm == "torch":
-            if self._backend is None:
+            if self._backend is None and self._two_level is None:
                 reason = self.disabled_reason or "no fast path"
             elif forced == "torch":
                 reason = "algorithm='torch' was asked for"

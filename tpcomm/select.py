@@ -24,9 +24,10 @@ FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FALLBACK_DTYPES = (torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 OPS = ("all_reduce", "reduce_scatter", "all_gather")
 ALGORITHMS = {
-    "cpu": {"all_reduce": ("one_shot", "two_shot"), "reduce_scatter": ("direct",),
+    "cpu": {"all_reduce": ("one_shot", "two_shot", "two_level"), "reduce_scatter": ("direct",),
             "all_gather": ("direct",)},
-    "cuda": {"all_reduce": ("one_shot", "two_shot", "ring"), "reduce_scatter": ("direct",),
+    "cuda": {"all_reduce": ("one_shot", "two_shot", "ring", "two_level"),
+             "reduce_scatter": ("direct",),
              "all_gather": ("direct",)},
 }
 
@@ -48,6 +49,15 @@ CPU_TWO_SHOT_MIN_BYTES = 512 << 10
 CPU_TWO_SHOT_MIN_WORLD = 3
 
 
+# Groups that span nodes, all_reduce: tpcomm's two-level algorithm (tpcomm.hierarchical) up to
+# this size, flat torch.distributed (NCCL) above. From the cost model (`tpcomm plan`, fitted on the
+# H200 tables of BASELINES.md; network assumed: one 400 Gb/s NIC per GPU, 5 us per hop), 8 GPUs
+# per node on 2-16 nodes: two-level 1.18-1.85x faster up to 1 MiB, 1.07-1.33x at 2 MiB, NCCL
+# faster from 4 MiB (4-16 nodes) or 16 MiB (2 nodes). A prediction, not a measurement: re-check
+# with `python -m tpcomm.hierarchical_bench` on the GPU machine.
+TWO_LEVEL_MAX_BYTES = 2 << 20
+
+
 def select_algorithm(op: str, nbytes: int, dtype: torch.dtype, world_size: int,
                      topology: Topology = Topology()) -> str:
     """The algorithm tpcomm uses for one call; ``"torch"`` means torch.distributed."""
@@ -55,6 +65,9 @@ def select_algorithm(op: str, nbytes: int, dtype: torch.dtype, world_size: int,
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     if world_size == 1:
         return "local"
+    if topology.nnodes > 1 and dtype in FAST_DTYPES:
+        return ("two_level" if op == "all_reduce" and nbytes <= TWO_LEVEL_MAX_BYTES
+                else "torch")
     if dtype not in FAST_DTYPES or topology.nnodes > 1 or not topology.p2p:
         return "torch"
     if topology.device_type == "cpu":

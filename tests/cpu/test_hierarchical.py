@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import tpcomm
 from _dist import exact_input, init_gloo, run
 from tpcomm.errors import TpcommError
 from tpcomm.hierarchical import HierarchicalAllReduce
@@ -137,6 +138,22 @@ def _emulated_nodes(rank, world):
         report["disagree"] = "built"
     except TopologyError as e:
         report["disagree"] = str(e)
+    # --- the Communicator of a group that spans nodes: all_reduce up to TWO_LEVEL_MAX_BYTES
+    # through the two-level algorithm, the rest through torch.distributed
+    with tpcomm.Communicator() as comm:
+        assert comm.backend_name == "two_level", comm.disabled_reason
+        for n in (7, 2049, (3 << 20) // 4 + 1):
+            x = exact_input(n, rank, torch.float32)
+            ref = x.clone()
+            dist.all_reduce(ref)
+            assert torch.equal(comm.all_reduce(x), ref), n
+        xs = exact_input(4 * 10, rank, torch.float32)
+        ref = torch.empty(10)
+        dist.reduce_scatter_tensor(ref, xs)
+        assert torch.equal(comm.reduce_scatter(xs), ref)
+        ops = comm.stats()["ops"]
+        report["communicator"] = (ops["all_reduce"]["two_level"]["calls"],
+                                  ops["all_reduce"]["torch"]["calls"])
     dist.barrier()
     return report
 
@@ -158,6 +175,7 @@ def test_emulated_multinode_layouts_match_flat_gloo():
         assert "disagree on the ranks per node" in r["disagree"], r["disagree"]
     for r in (0, 2):
         assert "different numbers of torch.distributed groups" in reports[r]["counts"]
+    assert [r["communicator"] for r in reports] == [(2, 1)] * 4
 
 
 def test_transport_not_built_is_said_plainly():

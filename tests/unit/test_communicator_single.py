@@ -55,6 +55,7 @@ def test_zero_size(comm):
     (lambda c: c.reduce_scatter(torch.tensor(1.0)), "divisible"),
     (lambda c: c.all_gather(torch.ones(4), out=torch.ones(8)), "out must be"),
     (lambda c: c.all_reduce_coalesced(torch.ones(3)), "list of tensors"),
+    (lambda c: c.all_reduce(torch.ones(4), algorithm="two_level"), "spans nodes"),
     (lambda c: c.all_reduce(torch.ones(4, dtype=torch.float64), algorithm="one_shot"), "float32"),
 ])
 def test_bad_input_raises_clear_error(comm, call, match):
