@@ -124,12 +124,7 @@ class Communicator:
                 r, why = bad[0]
                 reason = f"rank {r} could not start the fast path ({why})"
         if reason is not None:
-            if self._backend is not None:
-                self._backend.close()
-                self._backend = None
-            if self._two_level is not None:
-                self._two_level.close()
-                self._two_level = None
+            self._close_paths()
             self.disabled_reason = reason
             _log_fallback_once(f"Communicator on {self.world_size} ranks: {reason}")
 
@@ -299,12 +294,15 @@ class Communicator:
         if self._closed:
             return
         self._closed = True
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
-        if self._two_level is not None:
-            self._two_level.close()
-            self._two_level = None
+        self._close_paths()
+
+    def _close_paths(self) -> None:
+        """Release the fast paths (the flat backend, the two-level all-reduce)."""
+        for attr in ("_backend", "_two_level"):
+            path = getattr(self, attr)
+            if path is not None:
+                setattr(self, attr, None)
+                path.close()
 
     def __enter__(self):
         return self
