@@ -14,6 +14,11 @@ import json
 import os
 
 MARGIN = 0.97
+# Above this size only the NCCL baseline is chosen: gpu_timing.py times sizes up to 32 MiB as
+# graph replays of one L2-resident input (the H200's L2 is 50 MiB), and the benchmark's eager
+# run of 16 MiB on 2 GPUs (inputs rotating through 64 MiB) gave two_shot 172 us against NCCL's
+# 81 us (benchmarks/results/gpu-h200x2-2026-11-22.md): a graph win there does not carry over.
+GRAPH_DECISION_MAX = 8 << 20
 AR_CANDIDATES = {"one_shot": "one_shot_push", "two_shot": "two_shot", "ring": "ring"}
 
 
@@ -46,16 +51,25 @@ def all_reduce_decisions(rows):
         times = ", ".join(f"{k} {v:.1f}" for k, v in sorted(ours.items(), key=lambda kv: kv[1]))
         note = f"{_human(r['bytes'])} ({r['mode']}): {times}, nccl {nccl:.1f} us"
         algo = best if best and nccl and ours[best] < MARGIN * nccl else "torch"
+        if r["bytes"] > GRAPH_DECISION_MAX and algo != "torch":
+            algo, note = "torch", note + f" (above {_human(GRAPH_DECISION_MAX)}: NCCL, see top)"
         dec.append((r["bytes"], algo, note))
     return dec
 
 
-def rs_ag_decisions(rows, op):
+def rs_ag_decisions(rows, op, world):
+    """Keyed by the input bytes of one rank, as the Communicator passes them to selection
+    (gpu_timing.py names all_gather sizes by their output, world x the input)."""
     dec = []
     for r in sorted((r for r in rows if r.get("op") == op), key=lambda r: r["bytes"]):
         d, c = r.get("direct"), r.get("nccl")
-        note = f"{_human(r['bytes'])}: direct {d if d is None else f'{d:.1f}'}, nccl {c:.1f} us"
-        dec.append((r["bytes"], "direct" if d is not None and d < MARGIN * c else "torch", note))
+        size = r["bytes"] // world if op == "all_gather" else r["bytes"]
+        what = f"{_human(size)} in ({_human(r['bytes'])} out)" if op == "all_gather" else _human(size)
+        note = f"{what}: direct {d if d is None else f'{d:.1f}'}, nccl {c:.1f} us"
+        algo = "direct" if d is not None and d < MARGIN * c else "torch"
+        if r["bytes"] > GRAPH_DECISION_MAX and algo != "torch":
+            algo, note = "torch", note + f" (above {_human(GRAPH_DECISION_MAX)}: NCCL, see top)"
+        dec.append((size, algo, note))
     return dec
 
 
@@ -67,7 +81,9 @@ def render(measurements) -> str:
     for m in measurements:
         lines.append(f"    world {m['world']}: {m['device']}, {m.get('date', '?')} ({m['file']})")
     lines += ["A size uses the decision of the smallest measured size at or above it; tpcomm's",
-              f"algorithm wins only where it was under {MARGIN} x NCCL's time, else \"torch\" (NCCL).",
+              f"algorithm wins only where it was under {MARGIN} x NCCL's time, else \"torch\" (NCCL);",
+              f"above {_human(GRAPH_DECISION_MAX)} always NCCL: the graph timings there ran from an",
+              "L2-resident input and the benchmark's eager 16 MiB run (world 2) lost to NCCL.",
               "Thresholds are in bytes and apply to every dtype (measured in bf16; the kernels move",
               "bytes, so float32/float16 behave alike). World sizes not measured go to NCCL.",
               '"""', "from __future__ import annotations", "", "import torch", ""]
@@ -87,9 +103,9 @@ def render(measurements) -> str:
 
     table("ALL_REDUCE", {m["world"]: _ranges(all_reduce_decisions(m["rows"]))
                          for m in measurements})
-    table("REDUCE_SCATTER", {m["world"]: _ranges(rs_ag_decisions(m["rows"], "reduce_scatter"))
+    table("REDUCE_SCATTER", {m["world"]: _ranges(rs_ag_decisions(m["rows"], "reduce_scatter", m["world"]))
                              for m in measurements if any(r.get("op") for r in m["rows"])})
-    table("ALL_GATHER", {m["world"]: _ranges(rs_ag_decisions(m["rows"], "all_gather"))
+    table("ALL_GATHER", {m["world"]: _ranges(rs_ag_decisions(m["rows"], "all_gather", m["world"]))
                          for m in measurements if any(r.get("op") for r in m["rows"])})
     lines += [
         "",
@@ -100,9 +116,21 @@ def render(measurements) -> str:
         '    return "torch"',
         "",
         "",
-        "def select_cuda(op: str, nbytes: int, dtype: torch.dtype, world_size: int) -> str:",
+        "# Eager calls (outside CUDA-graph capture) are host-bound: the Communicator, the backend",
+        "# and the Triton launch cost more host time per call than NCCL's eager path. tpcomm bench,",
+        "# world 2, eager, 2026-11-22 (benchmarks/results/gpu-h200x2-2026-11-22.md): tpcomm 53.8 /",
+        "# 56.5 / 52.9 / 54.6 / 60.6 / 78.2 / 80.0 us against NCCL 33.8 / 27.9 / 25.4 / 35.1 / 29.5 /",
+        "# 42.1 / 50.1 us at 2K / 8K / 32K / 128K / 512K / 2M / 8M. So graph=False answers NCCL at",
+        "# every size; the tables above are for graph replays (decode), where the GPU time counts.",
+        "",
+        "",
+        "def select_cuda(op: str, nbytes: int, dtype: torch.dtype, world_size: int,",
+        "                graph: bool = True) -> str:",
         '    """The GPU algorithm for one call; ``"torch"`` (NCCL) wherever ours was not measured',
-        '    faster."""',
+        '    faster. ``graph``: whether the call is being captured into a CUDA graph (the',
+        '    default, True, is what the tables were measured for)."""',
+        "    if not graph:",
+        '        return "torch"',
         '    tables = {"all_reduce": ALL_REDUCE, "reduce_scatter": REDUCE_SCATTER,',
         '              "all_gather": ALL_GATHER}[op]',
         "    table = tables.get(world_size)",

@@ -29,3 +29,10 @@ def test_tables_are_sorted_and_end_unbounded():
         bounds = [b for b, _ in table]
         assert bounds[-1] is None
         assert bounds[:-1] == sorted(bounds[:-1])
+
+
+def test_eager_calls_go_to_nccl():
+    # measured: eager tpcomm calls are host-bound and slower than NCCL's eager path
+    for world in (2, 4):
+        for nbytes in SIZES:
+            assert select_cuda("all_reduce", nbytes, torch.bfloat16, world, graph=False) == "torch"

@@ -173,6 +173,7 @@ class P2PCollectives:
         # 16-byte vectors per thread in one tile, per kernel (tile = num_warps * 32 * vecs
         # vectors); more vectors per tile keep more bytes in flight per block
         self.vecs = {"one_shot_push": 1, "two_shot": 1, "ring": 1, "direct": 1}
+        self._kw_cache: dict = {}
         self._closed = False
         self._is_cuda = self.device.type == "cuda"
         self._last_stream = None
@@ -267,10 +268,15 @@ class P2PCollectives:
 
     # ---------------------------------------------------------------- helpers
     def _kw(self, dtype: torch.dtype, algorithm: str = "direct") -> dict:
-        itype, canon = DTYPES[dtype]
-        item = dtype.itemsize
-        return dict(grid=self.layout.grid, num_warps=self.num_warps, itype=itype, canon=canon,
-                    block=self.num_warps * 32 * (16 // item) * self.vecs.get(algorithm, 1))
+        """Launch options of one kernel (cached: this runs on every call's host path)."""
+        key = (dtype, algorithm, self.vecs.get(algorithm, 1))
+        kw = self._kw_cache.get(key)
+        if kw is None:
+            itype, canon = DTYPES[dtype]
+            kw = dict(grid=self.layout.grid, num_warps=self.num_warps, itype=itype, canon=canon,
+                      block=self.num_warps * 32 * (16 // dtype.itemsize) * key[2])
+            self._kw_cache[key] = kw
+        return kw
 
     def _user_offset(self, t: torch.Tensor) -> int | None:
         """Offset of ``t`` in this rank's user region, or None if it does not lie inside."""
@@ -290,7 +296,10 @@ class P2PCollectives:
     def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
         """out = sum over ranks of inp (1-D views, same numel; out may alias inp)."""
         self._begin()
-        inp, out = inp.view(-1), out.view(-1)
+        if inp.dim() != 1:
+            inp = inp.view(-1)
+        if out.dim() != 1:
+            out = out.view(-1)
         n = inp.numel()
         if n == 0:
             return
@@ -364,7 +373,8 @@ class P2PCollectives:
         k_ring.all_reduce_ring(
             inp, out, n, _split(n, self.world), self._next_push, self._my_push, L.push_buf,
             4 * L.ring_max(inp.element_size()), self._counters[FAM_PUSH], self._err_dev,
-            self._err_host, self.rank, self.world, self.timeout_ns, **self._kw(inp.dtype, "ring"))
+            self._err_host, self.rank, self.world, self.timeout_ns,
+            **self._kw(inp.dtype, "ring"))
 
     def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct") -> None:
         """inp is [world, c] (rows may be strided), out is [c]: out = sum of row ``rank``."""
