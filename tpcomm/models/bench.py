@@ -10,6 +10,9 @@ the maximum over ranks. tokens/s = batch / TPOT.
 Prefill, per prompt length and backend: the prompt to its first token (argmax included),
 eager, ``reps`` timed runs after one untimed; TTFT is the median, the maximum over ranks.
 
+With ``rounds`` > 1 every measurement is repeated in interleaved order (A, B, A, B, ...) and
+the median round is reported: on a shared machine a burst of load then hits every backend alike.
+
 Every backend runs the same weights on the same prompts, so greedy tokens must agree; where
 they do not (possible in bfloat16 once reduction orders differ), the prefill logits are
 compared instead (see ``compare``).
@@ -60,6 +63,7 @@ class ModelBenchConfig:
     graph: bool
     fused: bool
     breakdown: bool             # profile a few eager decode steps: GEMM / attention / comm
+    rounds: int                 # interleaved repetitions of every measurement (median)
     seed: int
     threads: int | None
     progress: bool
@@ -233,28 +237,45 @@ def rank_main(rank: int, world: int, config: ModelBenchConfig) -> dict:
 
 
 def _measure(model, comms: dict, config: ModelBenchConfig, device, rank: int) -> dict:
-    progress = _Progress(len(comms) * (len(config.batches) + len(config.prompt_lens)),
+    """Every (phase, size) for every backend, ``rounds`` times in interleaved order (backend
+    A, B, A, B, ...), so that a burst of load from elsewhere hits every backend alike; a row's
+    time is the median of its rounds. Tokens and logits are checked in every round."""
+    progress = _Progress(config.rounds * len(comms) * (len(config.batches) +
+                                                       len(config.prompt_lens)),
                          config.progress and rank == 0)
     rows, checks = [], []
     base = config.comms[0]
     for what, sizes, fn in (("decode", config.batches, _decode),
                             ("prefill", config.prompt_lens, _prefill)):
         for size in sizes:
-            tokens, logits = {}, {}
-            for name, comm in comms.items():
-                model.set_comm(comm)
-                row, tokens[name], logits[name] = fn(model, name, size, config, device)
-                rows.append(row)
-                progress.step(f"{what} {'batch' if what == 'decode' else 'prompt'} {size}, "
-                              f"{name}: {row['ms']:.3f} ms, {row['tokens_per_s']:.1f} tok/s")
-            for other in config.comms[1:]:
-                checks.append({"phase": what, "size": size,
-                               **compare(tokens, logits, base, other, config.dtype)})
+            per_comm = {name: [] for name in comms}
+            for rnd in range(config.rounds):
+                tokens, logits = {}, {}
+                for name, comm in comms.items():
+                    model.set_comm(comm)
+                    row, tokens[name], logits[name] = fn(model, name, size, config, device)
+                    per_comm[name].append(row)
+                    progress.step(f"{what} {'batch' if what == 'decode' else 'prompt'} {size}, "
+                                  f"{name}, round {rnd + 1}: {row['ms']:.3f} ms, "
+                                  f"{row['tokens_per_s']:.1f} tok/s")
+                for other in config.comms[1:]:
+                    check = compare(tokens, logits, base, other, config.dtype)
+                    if rnd == 0 or not check["ok"]:   # keep the first, and any failure
+                        checks.append({"phase": what, "size": size, "round": rnd, **check})
+            rows += [_median_row(rs) for rs in per_comm.values()]
     model.set_comm(comms[base])
     result = {"rows": rows, "checks": checks, "meta": None}
     if rank == 0:
         result["meta"] = _meta(model, comms, config, device)
     return result
+
+
+def _median_row(rounds: list[dict]) -> dict:
+    """The row of the median round (by time), with every round's time kept."""
+    ordered = sorted(rounds, key=lambda r: r["ms"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row["rounds_ms"] = [r["ms"] for r in rounds]
+    return row
 
 
 def _meta(model, comms, config: ModelBenchConfig, device) -> dict:

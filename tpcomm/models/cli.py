@@ -103,6 +103,9 @@ def add_model_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             f"on cpu, {d_gpu['prompt_lens']} on cuda)")
     sizes.add_argument("--ttft-batch", type=_positive, default=1, help="sequences per prefill")
     sizes.add_argument("--reps", type=_positive, default=3, help="timed prefills (median)")
+    sizes.add_argument("--rounds", type=_positive, default=1,
+                       help="repeat every measurement this many times, backends interleaved, "
+                            "and report the median round (use 3-5 on a shared machine)")
     sizes.add_argument("--timeout", type=float, default=3600.0,
                        help="seconds the whole run may take when it starts its own ranks")
     out = p.add_argument_group("output")
@@ -165,7 +168,7 @@ def config_from_args(args) -> ModelBenchConfig:
         decode_tokens=args.decode_tokens or d["decode_tokens"], warmup_steps=args.warmup_steps,
         prompt_lens=prompt_lens, ttft_batch=args.ttft_batch, reps=args.reps,
         graph=device == "cuda" and not args.no_graph, fused=not args.no_fused,
-        breakdown=args.breakdown, seed=args.seed,
+        breakdown=args.breakdown, rounds=args.rounds, seed=args.seed,
         threads=args.threads, progress=not args.no_progress,
         command=shlex.join(["tpcomm", *getattr(args, "argv", ["bench", "model"])]),
         timeout_s=args.timeout)

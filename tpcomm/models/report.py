@@ -53,12 +53,13 @@ def _title(meta: dict, phase: str) -> str:
         return ("decode step breakdown, measured on rank 0 with torch.profiler over 5 eager "
                 "steps (see tpcomm/models/breakdown.py for what each column counts)")
     c = meta["config"]
+    rounds = f", median of {c['rounds']} interleaved rounds" if c.get("rounds", 1) > 1 else ""
     if phase == "decode":
         how = "CUDA graph" if meta["graph"] else "eager"
         return (f"decode: TPOT = median time per step ({c['decode_tokens']} timed steps, {how}), "
-                f"context {c['context']} tokens; tok/s = batch / TPOT")
+                f"context {c['context']} tokens{rounds}; tok/s = batch / TPOT")
     return (f"prefill: TTFT = prompt to first token (batch {c['ttft_batch']}, eager, median of "
-            f"{c['reps']}); tok/s = prompt tokens / TTFT")
+            f"{c['reps']}{rounds}); tok/s = prompt tokens / TTFT")
 
 
 def _header_lines(meta: dict) -> list[str]:
