@@ -97,7 +97,8 @@ def _worker(rank, world, dtype_name, sizes):
         timer = _time_graph if nbytes <= GRAPH_MAX else _time_eager
         row["mode"] = "graph" if nbytes <= GRAPH_MAX else "eager"
         variants = {
-            "one_shot_push": nbytes <= back.layout.one_shot_push_max(dtype.itemsize) * dtype.itemsize,
+            "one_shot_push": nbytes <= (back.layout.one_shot_push_max(dtype.itemsize)
+                                        * dtype.itemsize),
             "one_shot_pull": nbytes <= (8 << 20),
             "two_shot": True,
             "ring": True,

@@ -1,6 +1,7 @@
 """Write tpcomm/cuda/select_table.py from scripts/gpu_timing.py measurements.
 
-    python scripts/make_select_table.py timing-w2.json timing-w4.json [-o tpcomm/cuda/select_table.py]
+    python scripts/make_select_table.py timing-w2.json timing-w4.json \
+        [-o tpcomm/cuda/select_table.py]
 
 Rule, per world size and measured size s (sorted): the fastest of tpcomm's algorithms wins if it
 is under 0.97 x NCCL's time there (a 3 % margin against noise), else "torch". A size n uses the
@@ -64,7 +65,8 @@ def rs_ag_decisions(rows, op, world):
     for r in sorted((r for r in rows if r.get("op") == op), key=lambda r: r["bytes"]):
         d, c = r.get("direct"), r.get("nccl")
         size = r["bytes"] // world if op == "all_gather" else r["bytes"]
-        what = f"{_human(size)} in ({_human(r['bytes'])} out)" if op == "all_gather" else _human(size)
+        what = (f"{_human(size)} in ({_human(r['bytes'])} out)" if op == "all_gather"
+                else _human(size))
         note = f"{what}: direct {d if d is None else f'{d:.1f}'}, nccl {c:.1f} us"
         algo = "direct" if d is not None and d < MARGIN * c else "torch"
         if r["bytes"] > GRAPH_DECISION_MAX and algo != "torch":
@@ -103,7 +105,8 @@ def render(measurements) -> str:
 
     table("ALL_REDUCE", {m["world"]: _ranges(all_reduce_decisions(m["rows"]))
                          for m in measurements})
-    table("REDUCE_SCATTER", {m["world"]: _ranges(rs_ag_decisions(m["rows"], "reduce_scatter", m["world"]))
+    table("REDUCE_SCATTER", {m["world"]: _ranges(rs_ag_decisions(m["rows"], "reduce_scatter",
+                                                                 m["world"]))
                              for m in measurements if any(r.get("op") for r in m["rows"])})
     table("ALL_GATHER", {m["world"]: _ranges(rs_ag_decisions(m["rows"], "all_gather", m["world"]))
                          for m in measurements if any(r.get("op") for r in m["rows"])})

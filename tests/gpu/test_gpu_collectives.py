@@ -157,7 +157,8 @@ def _rs_ag(rank, world):
                 ag.fill_(float("nan"))
                 comm.all_gather(xg, out=ag.view(world * m, cols))
                 torch.cuda.synchronize()
-                ok_rs = torch.equal(_bits(rs.view(m, cols)), _bits(rs_ref)) and _guards_ok(whole, m * cols, 1)
+                ok_rs = (torch.equal(_bits(rs.view(m, cols)), _bits(rs_ref))
+                         and _guards_ok(whole, m * cols, 1))
                 ok_ag = (torch.equal(_bits(ag.view(world * m, cols)), _bits(ag_ref))
                          and _guards_ok(gwhole, world * m * cols, 2)
                          and _same_on_all_ranks(ag, world))
@@ -258,7 +259,8 @@ def _two_groups(rank, world):
         members = list(range(world))
     a = tpcomm.Communicator(mine)
     b = tpcomm.Communicator()
-    assert a.backend_name == "p2p" and b.backend_name == "p2p", (a.disabled_reason, b.disabled_reason)
+    assert a.backend_name == "p2p" and b.backend_name == "p2p", (a.disabled_reason,
+                                                                  b.disabled_reason)
     sa, sb = torch.cuda.Stream(), torch.cuda.Stream()
     failures = []
     for it in range(20):
@@ -272,7 +274,8 @@ def _two_groups(rank, world):
             yb = b.all_reduce(xb, algorithm=ALGORITHMS[(it + 1) % 3])
         torch.cuda.synchronize()
         wa = sum(exact(n, r, torch.float64, it, device=dev) for r in members).to(torch.bfloat16)
-        wb = sum(exact(n, r, torch.float64, it + 50, device=dev) for r in range(world)).to(torch.float32)
+        wb = sum(exact(n, r, torch.float64, it + 50, device=dev)
+                 for r in range(world)).to(torch.float32)
         if not (torch.equal(ya, wa) and torch.equal(yb, wb)):
             failures.append(f"iteration {it} n={n}")
     a.close()

@@ -376,7 +376,8 @@ class P2PCollectives:
             self._err_host, self.rank, self.world, self.timeout_ns,
             **self._kw(inp.dtype, "ring"))
 
-    def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct") -> None:
+    def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor,
+                       algorithm: str = "direct") -> None:
         """inp is [world, c] (rows may be strided), out is [c]: out = sum of row ``rank``."""
         self._begin()
         c = out.numel()
@@ -399,7 +400,8 @@ class P2PCollectives:
                     L.rs_slot // item, self._counters[FAM_PUSH], self._err_dev, self._err_host,
                     self.rank, self.timeout_ns, **self._kw(out.dtype))
 
-    def all_gather(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct") -> None:
+    def all_gather(self, inp: torch.Tensor, out: torch.Tensor,
+                   algorithm: str = "direct") -> None:
         """inp is [c], out is [world, c] (rows may be strided): out[p] = inp of rank p."""
         self._begin()
         c = inp.numel()

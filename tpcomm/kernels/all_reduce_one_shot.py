@@ -47,7 +47,8 @@ def _all_reduce_one_shot_push_kernel(
         for q in tl.static_range(R):
             push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, m, ITYPE)
         mine = my_recv_addr + buf_off
-        acc, dead, late = poll_sum(mine, slot_stride, offs, m, t0, timeout_ns, dead, DTYPE, ITYPE, R)
+        acc, dead, late = poll_sum(mine, slot_stride, offs, m, t0, timeout_ns, dead, DTYPE,
+                                   ITYPE, R)
         if late >= 0:
             record_error(err_ptr, err_host, 1, 0, rank, late, epoch)
         tl.store(out_ptr + offs, acc.to(DTYPE), mask=m)
