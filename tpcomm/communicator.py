@@ -78,6 +78,7 @@ class Communicator:
         if self.max_bytes < 4096:
             raise ValueError(f"max_bytes must be at least 4096, got {max_bytes}")
         self.device = self._pick_device(device)
+        self._is_cuda = self.device.type == "cuda"
         self._debug = settings.debug
         self._lock = threading.Lock()
         self._closed = False
@@ -373,7 +374,9 @@ class Communicator:
             self._debug_check(name, x)
         forced = algorithm
         if algorithm == "auto":
-            algorithm = select_algorithm(op, nbytes, x.dtype, self.world_size, self._topology)
+            graph = self._is_cuda and torch.cuda.is_current_stream_capturing()
+            algorithm = select_algorithm(op, nbytes, x.dtype, self.world_size, self._topology,
+                                         graph)
         elif algorithm != "torch" and x.dtype not in FAST_DTYPES:
             raise ValueError(f"{name}: algorithm={algorithm!r} needs float32/float16/bfloat16, "
                              f"got {x.dtype}")

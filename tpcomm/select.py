@@ -19,6 +19,8 @@ import dataclasses
 
 import torch
 
+from .cuda.select_table import select_cuda
+
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # dtypes torch.distributed reduces but tpcomm's own paths do not: routed to the fallback
 FALLBACK_DTYPES = (torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -59,8 +61,12 @@ TWO_LEVEL_MAX_BYTES = 2 << 20
 
 
 def select_algorithm(op: str, nbytes: int, dtype: torch.dtype, world_size: int,
-                     topology: Topology = Topology()) -> str:
-    """The algorithm tpcomm uses for one call; ``"torch"`` means torch.distributed."""
+                     topology: Topology = Topology(), graph: bool = True) -> str:
+    """The algorithm tpcomm uses for one call; ``"torch"`` means torch.distributed.
+
+    ``graph``: the call is being captured into a CUDA graph (GPU only). Eager GPU calls are
+    bound by host time, where NCCL's path is cheaper than ours (see cuda/select_table.py).
+    """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     if world_size == 1:
@@ -77,8 +83,7 @@ def select_algorithm(op: str, nbytes: int, dtype: torch.dtype, world_size: int,
             return "one_shot"
         return "two_shot"
     if topology.device_type == "cuda":
-        from .cuda.select_table import select_cuda
-        return select_cuda(op, nbytes, dtype, world_size)
+        return select_cuda(op, nbytes, dtype, world_size, graph)
     return "torch"
 
 

@@ -142,3 +142,12 @@ def test_two_shot_split_covers_everything():
             assert b[0] == 0 and b[-1] == n and len(b) == world + 1
             assert all(b[i] <= b[i + 1] for i in range(world))
             assert all(x % 16 == 0 or x == n for x in b), "slice starts stay 64-byte aligned"
+
+
+def test_select_cuda_eager_goes_to_nccl_graph_uses_the_table():
+    gpu = Topology("cuda")
+    assert select_algorithm("all_reduce", 2048, torch.bfloat16, 4, gpu, graph=True) == "one_shot"
+    assert select_algorithm("all_reduce", 2048, torch.bfloat16, 4, gpu, graph=False) == "torch"
+    assert select_algorithm("all_reduce", 2048, torch.bfloat16, 4, gpu) == "one_shot"
+    # the CPU backend has no graphs: the flag changes nothing there
+    assert select_algorithm("all_reduce", 2048, torch.float32, 2, CPU, graph=False) == "one_shot"
