@@ -75,7 +75,8 @@ class Generator:
         self.pos.copy_(saved_pos)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # capture on the warm-up stream: a Communicator sees one stream for its captured calls
+        with torch.cuda.graph(graph, stream=stream):
             self._graph_out = self._step(self.max_seq)
         self._graph = graph
 
