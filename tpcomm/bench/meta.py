@@ -41,6 +41,25 @@ def nccl_version() -> str:
     return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
+def tpcomm_version() -> str:
+    """The package version, and the git commit when running from a checkout (a results file
+    must say which code it measured)."""
+    from .. import __version__
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.isdir(os.path.join(root, ".git")):
+        return __version__
+
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                              timeout=20, check=True).stdout.strip()
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__} (git {rev}{', with uncommitted changes' if dirty else ''})"
+
+
 def _nvidia_driver() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -61,14 +80,13 @@ def _gpus() -> str:
 
 def system_info(device: torch.device, threads_per_rank: int) -> dict:
     """Hardware, versions and date, as a JSON-ready dict."""
-    from .. import __version__
     cores = os.cpu_count() or 1
     cpu = f"{cpu_model()}, {cores} cores ({usable_cores()} usable)"
     if device.type == "cuda":
         hardware = f"{_gpus()}; host CPU {cpu}"
     else:
         hardware = f"{cpu}; {threads_per_rank} torch thread(s) per rank"
-    versions = {"torch": torch.__version__, "tpcomm": __version__,
+    versions = {"torch": torch.__version__, "tpcomm": tpcomm_version(),
                 "python": platform.python_version()}
     if device.type == "cuda":
         versions["triton"] = _package_version("triton") or "not installed"
