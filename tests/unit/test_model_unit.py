@@ -225,8 +225,8 @@ def test_bench_defaults_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (("--comm", "nccl"), "choose distinct backends among tpcomm, gloo"),
-    (("--comm", "tpcomm,tpcomm"), "distinct"),
+    (("--comm", "nccl"), "nccl is not a backend on cpu; choose among tpcomm, gloo"),
+    (("--comm", "tpcomm,tpcomm"), "name each backend once"),
     (("--model", "tiny", "--checkpoint", "/nonexistent"), "not both"),
     (("--checkpoint", "/nonexistent"), "no config.json"),
 ])

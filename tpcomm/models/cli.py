@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from ..cli import UsageError
 from ..launch import RankFailed, under_torchrun
 from .bench import DTYPES, ModelBenchConfig, run
 from .comm import COMM_CHOICES
@@ -31,11 +32,6 @@ DEFAULTS = {
     "cuda": {"model": "llama3_70b", "dtype": "bfloat16", "batch": "1,8,32,64", "context": 1024,
              "decode_tokens": 64, "prompt_lens": "1024,4096"},
 }
-
-
-def _usage_error():
-    from ..cli import UsageError
-    return UsageError
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -129,7 +125,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args) -> ModelBenchConfig:
     """Check the arguments and resolve the defaults; UsageError says what is wrong."""
-    UsageError = _usage_error()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA GPU")
@@ -147,9 +142,11 @@ def config_from_args(args) -> ModelBenchConfig:
             raise UsageError(f"-n {world} ranks need {world} GPUs; {gpus} visible")
     comms = tuple(c.strip() for c in (args.comm or ",".join(COMM_CHOICES[device])).split(","))
     bad = [c for c in comms if c not in COMM_CHOICES[device]]
-    if bad or not comms or len(set(comms)) != len(comms):
-        raise UsageError(f"--comm {args.comm!r}: choose distinct backends among "
-                         f"{', '.join(COMM_CHOICES[device])} on {device}")
+    if bad or not comms:
+        raise UsageError(f"--comm {args.comm!r}: {bad[0] if bad else 'nothing'} is not a backend "
+                         f"on {device}; choose among {', '.join(COMM_CHOICES[device])}")
+    if len(set(comms)) != len(comms):
+        raise UsageError(f"--comm {args.comm!r}: name each backend once")
     if args.checkpoint and args.model:
         raise UsageError("give --model or --checkpoint, not both")
     if args.checkpoint and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
@@ -216,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = ["bench", "model", *argv]
     try:
         return run_model_bench(args)
-    except _usage_error() as e:
+    except UsageError as e:
         p.error(str(e))
 
 
