@@ -7,9 +7,11 @@ import torch
 
 
 def exact(numel: int, rank: int, dtype: torch.dtype, salt: int = 0, device="cpu") -> torch.Tensor:
-    """Rank ``rank``'s input: integers in [-3, 3]."""
+    """Rank ``rank``'s input: integers in [-8, 8], different for every rank below 17 (so an
+    all_gather can tell the ranks apart); sums over up to 32 ranks stay exact even in bfloat16
+    (whose integers are exact up to 256)."""
     i = torch.arange(numel, device=device, dtype=torch.int64)
-    return ((i * 3 + rank * 5 + salt) % 7 - 3).to(dtype)
+    return ((i * 3 + rank * 5 + salt) % 17 - 8).to(dtype)
 
 
 def expected_all_reduce(numel: int, world: int, dtype: torch.dtype, salt: int = 0,

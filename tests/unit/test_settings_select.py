@@ -151,3 +151,12 @@ def test_select_cuda_eager_goes_to_nccl_graph_uses_the_table():
     assert select_algorithm("all_reduce", 2048, torch.bfloat16, 4, gpu) == "one_shot"
     # the CPU backend has no graphs: the flag changes nothing there
     assert select_algorithm("all_reduce", 2048, torch.float32, 2, CPU, graph=False) == "one_shot"
+
+
+def test_exact_inputs_tell_ranks_apart_and_sum_exactly():
+    from tpcomm.testing import exact, expected_all_reduce
+    rows = [exact(64, r, torch.float32).tolist() for r in range(16)]
+    assert len({tuple(r) for r in rows}) == 16
+    for dtype in (torch.bfloat16, torch.float16):
+        ref = sum(exact(500, r, torch.float64) for r in range(32))
+        assert torch.equal(expected_all_reduce(500, 32, dtype).double(), ref)
