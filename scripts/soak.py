@@ -39,11 +39,23 @@ def check(op, out, numel, rank, world, dtype, salt, device) -> bool:
     return torch.equal(out, expected(op, numel, rank, world, dtype, salt, device))
 
 
+def out_of_time(args, t_start, device) -> bool:
+    """Collective: every rank stops at the same call once any rank is past --seconds."""
+    if not args.seconds:
+        return False
+    late = torch.tensor([time.time() - t_start > args.seconds], dtype=torch.int32, device=device)
+    dist.all_reduce(late, op=dist.ReduceOp.MAX)
+    return bool(late.item())
+
+
 def run_eager(comm, args, rank, world, device):
     algos = args.algorithm.split(",")
     ops = args.op.split(",")
     counts, wrong = {}, 0
+    t_start = time.time()
     for i, op, numel, dtype, algo in plan(args.seed, args.ops, args.max_numel, ops, algos):
+        if i % 1000 == 999 and out_of_time(args, t_start, device):
+            break
         if op != "all_reduce":
             algo = "auto"
         x = op_input(op, numel, rank, world, dtype, i, device)
@@ -80,7 +92,11 @@ def run_graph(comm, args, rank, world, device):
     with torch.cuda.graph(g):
         step()
     wrong, replays = 0, max(1, args.ops // batch)
+    t_start = time.time()
     for rep in range(replays):
+        if rep % 50 == 49 and out_of_time(args, t_start, device):
+            replays = rep
+            break
         for k, x in enumerate(xs):
             x.copy_(exact(x.numel(), rank, x.dtype, rep * batch + k, device))
             outs[k].fill_(float("nan"))
@@ -126,6 +142,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--seconds", type=float, default=0,
+                   help="stop early, on every rank at the same call, after this many seconds")
     args = p.parse_args(argv)
     if args.graph and args.device != "cuda":
         p.error("--graph needs --device cuda")
