@@ -28,7 +28,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAM
   git log -1 --format='commit %H %s' 2>/dev/null; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-step pytest-gpu 190 python3 -m pytest -q -rs tests/gpu/test_hierarchical_gpu.py \
+step pytest-gpu 190 python3 -m pytest -v --tb=short -rs tests/gpu/test_hierarchical_gpu.py \
   tests/gpu/test_model_gpu.py tests/gpu/test_gpu_collectives.py
 step bench-graph 75 python3 -m tpcomm bench --device cuda -n "$NGPU" --backends tpcomm,nccl,symm_mem \
   --graph -b 2K -e 128M -f 2 --iters 20 --reps 5 --no-progress \
