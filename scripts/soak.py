@@ -89,8 +89,10 @@ def run_graph(comm, args, rank, world, device):
         step()  # warm-up outside capture (compiles kernels)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=s):  # one stream for the Communicator's calls
         step()
+    if args.progress and rank == 0:
+        print(f"  captured {batch} all-reduces ({algo}), sizes {sizes}", file=sys.stderr, flush=True)
     wrong, replays = 0, max(1, args.ops // batch)
     t_start = time.time()
     for rep in range(replays):

@@ -91,6 +91,7 @@ class Communicator:
         self._topology = Topology(device_type=self.device.type, nnodes=self._layout.nnodes)
         self._two_level = None                    # HierarchicalAllReduce when nnodes > 1
         self._recorder = flight_recorder.FlightRecorder()
+        self._decisions: dict = {}  # (op, nbytes, dtype, requested, graph) -> algorithm
         self._setup(settings)
         flight_recorder.register(self)
 
@@ -336,6 +337,8 @@ class Communicator:
                              f"strides {x.stride()}; call .contiguous() first")
 
     def _out(self, op: str, x: torch.Tensor, out, shape) -> torch.Tensor:
+        if out is x:  # in place: x was checked already
+            return out
         shape = torch.Size(shape)
         if out is None:
             return torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -361,35 +364,56 @@ class Communicator:
 
     def _run(self, op: str, x: torch.Tensor, out: torch.Tensor, algorithm: str,
              op_name: str | None = None) -> torch.Tensor:
-        with self._exclusive(op_name or op):
-            return self._run_locked(op, x, out, algorithm, op_name or op)
+        # the hot path of every call: an eager GPU call is bound by host time, so no context
+        # manager here and the algorithm decision is cached per (op, size, dtype, graph)
+        name = op_name or op
+        if not self._lock.acquire(blocking=False):
+            raise TpcommError(f"{name}: this Communicator is already running a collective in "
+                              f"another thread; use one Communicator per thread")
+        try:
+            return self._run_locked(op, x, out, algorithm, name)
+        finally:
+            self._lock.release()
 
-    def _run_locked(self, op, x, out, algorithm, name):
-        if self._backend is not None and self._backend.broken:
-            raise CommunicatorBrokenError(f"{name}: Communicator is broken by an earlier error: "
-                                          f"{self._backend.broken}")
+    def _decide(self, op: str, nbytes: int, dtype: torch.dtype, algorithm: str, name: str,
+                graph: bool) -> str:
+        """The algorithm that runs this call (the pure part of the decision, cached)."""
         check_algorithm(op, algorithm, self.device.type)
+        if algorithm == "auto":
+            algorithm = select_algorithm(op, nbytes, dtype, self.world_size, self._topology,
+                                         graph)
+        elif algorithm != "torch" and dtype not in FAST_DTYPES:
+            raise ValueError(f"{name}: algorithm={algorithm!r} needs float32/float16/bfloat16, "
+                             f"got {dtype}")
+        elif algorithm == "two_level" and self._two_level is None:
+            raise ValueError(f"{name}: algorithm='two_level' needs a group that spans nodes; "
+                             f"this one is on {self._topology.nnodes} node")
+        if algorithm == "two_level" and self._two_level is not None:
+            return algorithm
+        if self._backend is None and algorithm not in ("local", "torch"):
+            return "torch"
+        return algorithm
+
+    def _run_locked(self, op, x, out, requested, name):
+        backend = self._backend
+        if backend is not None and backend.broken:
+            raise CommunicatorBrokenError(f"{name}: Communicator is broken by an earlier error: "
+                                          f"{backend.broken}")
         nbytes = x.numel() * x.element_size()
         if self._debug and self.world_size > 1:
             self._debug_check(name, x)
-        forced = algorithm
-        if algorithm == "auto":
-            graph = self._is_cuda and torch.cuda.is_current_stream_capturing()
-            algorithm = select_algorithm(op, nbytes, x.dtype, self.world_size, self._topology,
-                                         graph)
-        elif algorithm != "torch" and x.dtype not in FAST_DTYPES:
-            raise ValueError(f"{name}: algorithm={algorithm!r} needs float32/float16/bfloat16, "
-                             f"got {x.dtype}")
-        if algorithm == "two_level" and self._two_level is None and forced == "two_level":
-            raise ValueError(f"{name}: algorithm='two_level' needs a group that spans nodes; "
-                             f"this one is on {self._topology.nnodes} node")
-        if self._backend is None and algorithm not in ("local", "torch") and not (
-                algorithm == "two_level" and self._two_level is not None):
-            algorithm = "torch"
+        graph = self._is_cuda and torch.cuda.is_current_stream_capturing()
+        key = (op, nbytes, x.dtype, requested, graph)
+        algorithm = self._decisions.get(key)
+        if algorithm is None:
+            algorithm = self._decide(op, nbytes, x.dtype, requested, name, graph)
+            if len(self._decisions) > 4096:
+                self._decisions.clear()
+            self._decisions[key] = algorithm
         rec = self._recorder.start(name, algorithm, nbytes, x.dtype)
         t0 = time.perf_counter()
         try:
-            self._dispatch(op, x, out, algorithm, forced)
+            self._dispatch(op, x, out, algorithm, requested)
         except BaseException as e:
             self._recorder.finish(rec, e)
             if self._backend is not None and self._backend.broken:

@@ -28,8 +28,7 @@ class FlightRecorder:
         self._n = 0
 
     def start(self, op: str, algorithm: str, nbytes: int, dtype) -> list:
-        rec = [self._n, op, algorithm, nbytes, str(dtype).removeprefix("torch."), RUNNING,
-               time.time(), None, ""]
+        rec = [self._n, op, algorithm, nbytes, dtype, RUNNING, time.time(), None, ""]
         self._ring[self._n % self.capacity] = rec
         self._n += 1
         return rec
@@ -50,7 +49,8 @@ class FlightRecorder:
         for i in range(max(0, n - cap), n):
             r = self._ring[i % cap]
             out.append({"call": r[0], "op": r[1], "algorithm": r[2], "bytes": r[3],
-                        "dtype": r[4], "state": r[5], "start": r[6], "end": r[7], "error": r[8]})
+                        "dtype": str(r[4]).removeprefix("torch."), "state": r[5],
+                        "start": r[6], "end": r[7], "error": r[8]})
         return out
 
     def render(self, title: str) -> str:

@@ -334,7 +334,11 @@ class HierarchicalAllReduce:
         xf, of = x.view(-1), out.view(-1)
         if xf.numel() == 0:
             return "two_level", 0
-        if algorithm == "torch" or self.world_size == 1:
+        if (algorithm == "torch" or self.world_size == 1
+                or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+            # inside CUDA-graph capture the pipelined two-level all-reduce hung on its first GPU
+            # run (4 x H200 as 2 emulated nodes, 2026-11-22; not yet debugged): a captured call
+            # is one flat NCCL all-reduce, which graphs are known to replay
             reference.all_reduce(xf, of, self.group)
             return "torch", 1
         if self.transport is None:          # one node: the intra-node all-reduce is all of it

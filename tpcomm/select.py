@@ -51,12 +51,16 @@ CPU_TWO_SHOT_MIN_BYTES = 512 << 10
 CPU_TWO_SHOT_MIN_WORLD = 3
 
 
-# Groups that span nodes, all_reduce: tpcomm's two-level algorithm (tpcomm.hierarchical) up to
-# this size, flat torch.distributed (NCCL) above. From the cost model (`tpcomm plan`, fitted on the
-# H200 tables of BASELINES.md; network assumed: one 400 Gb/s NIC per GPU, 5 us per hop), 8 GPUs
-# per node on 2-16 nodes: two-level 1.18-1.85x faster up to 1 MiB, 1.07-1.33x at 2 MiB, NCCL
-# faster from 4 MiB (4-16 nodes) or 16 MiB (2 nodes). A prediction, not a measurement: re-check
-# with `python -m tpcomm.hierarchical_bench` on the GPU machine.
+# Groups that span nodes, all_reduce: tpcomm's two-level algorithm (tpcomm.hierarchical) from
+# TWO_LEVEL_MIN_BYTES up to TWO_LEVEL_MAX_BYTES, flat torch.distributed (NCCL) elsewhere.
+# Lower bound, measured: 4 x H200 as 2 emulated nodes x 2 (NCCL over loopback sockets between
+# them), bf16, eager, 2026-11-22 (benchmarks/results/gpu-h200x4-2026-11-22-session.md): flat /
+# two-level = 0.23, 0.30, 0.48 at 4 KiB, 16 KiB, 64 KiB (three calls and their host time cost
+# more than one), 1.20 at 256 KiB, 1.35 at 1 MiB, 1.70 at 4 MiB, 1.87 at 64 MiB.
+# Upper bound, predicted: the cost model (`tpcomm plan`, fitted on the H200 tables of
+# BASELINES.md; one 400 Gb/s NIC per GPU, 5 us per hop), 8 GPUs per node on 2-16 nodes, has NCCL
+# ahead from 4 MiB (4-16 nodes) or 16 MiB (2 nodes); the socket emulation cannot say otherwise.
+TWO_LEVEL_MIN_BYTES = 256 << 10
 TWO_LEVEL_MAX_BYTES = 2 << 20
 
 
@@ -72,8 +76,8 @@ def select_algorithm(op: str, nbytes: int, dtype: torch.dtype, world_size: int,
     if world_size == 1:
         return "local"
     if topology.nnodes > 1 and dtype in FAST_DTYPES:
-        return ("two_level" if op == "all_reduce" and nbytes <= TWO_LEVEL_MAX_BYTES
-                else "torch")
+        return ("two_level" if op == "all_reduce"
+                and TWO_LEVEL_MIN_BYTES <= nbytes <= TWO_LEVEL_MAX_BYTES else "torch")
     if dtype not in FAST_DTYPES or topology.nnodes > 1 or not topology.p2p:
         return "torch"
     if topology.device_type == "cpu":

@@ -138,11 +138,11 @@ def _emulated_nodes(rank, world):
         report["disagree"] = "built"
     except TopologyError as e:
         report["disagree"] = str(e)
-    # --- the Communicator of a group that spans nodes: all_reduce up to TWO_LEVEL_MAX_BYTES
+    # --- the Communicator of a group that spans nodes: all_reduce from TWO_LEVEL_MIN_BYTES to _MAX_BYTES
     # through the two-level algorithm, the rest through torch.distributed
     with tpcomm.Communicator() as comm:
         assert comm.backend_name == "two_level", comm.disabled_reason
-        for n in (7, 2049, (3 << 20) // 4 + 1):
+        for n in (7, (256 << 10) // 4 + 1, (2 << 20) // 4 - 3, (3 << 20) // 4 + 1):
             x = exact_input(n, rank, torch.float32)
             ref = x.clone()
             dist.all_reduce(ref)
@@ -175,7 +175,7 @@ def test_emulated_multinode_layouts_match_flat_gloo():
         assert "disagree on the ranks per node" in r["disagree"], r["disagree"]
     for r in (0, 2):
         assert "different numbers of torch.distributed groups" in reports[r]["counts"]
-    assert [r["communicator"] for r in reports] == [(2, 1)] * 4
+    assert [r["communicator"] for r in reports] == [(2, 2)] * 4
 
 
 def test_transport_not_built_is_said_plainly():

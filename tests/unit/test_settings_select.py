@@ -84,7 +84,8 @@ def test_select_falls_back_where_tpcomm_cannot():
     assert select_algorithm("all_reduce", 64, torch.float64, 2, CPU) == "torch"
     assert select_algorithm("all_reduce", 64, torch.int32, 2, CPU) == "torch"
     two = Topology("cpu", nnodes=2)
-    assert select_algorithm("all_reduce", 64, torch.float32, 4, two) == "two_level"
+    assert select_algorithm("all_reduce", 64, torch.float32, 4, two) == "torch"
+    assert select_algorithm("all_reduce", select.TWO_LEVEL_MIN_BYTES, torch.float32, 4, two) == "two_level"
     assert select_algorithm("all_reduce", select.TWO_LEVEL_MAX_BYTES + 2, torch.float32, 4, two) == "torch"
     assert select_algorithm("reduce_scatter", 64, torch.float32, 4, two) == "torch"
     assert select_algorithm("all_reduce", 64, torch.float64, 4, two) == "torch"
