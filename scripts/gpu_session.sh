@@ -34,7 +34,7 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
   git log -1 --format='commit %H %s' 2>/dev/null; } > "$LOGS/env.txt" 2>&1
 cat "$LOGS/env.txt"
 
-want tests && step tests 230 python3 -m pytest -v --tb=short -rs \
+want tests && step tests 200 python3 -m pytest -v --tb=short -rs \
   tests/gpu/test_hierarchical_gpu.py::test_two_level_in_a_cuda_graph \
   "tests/gpu/test_gpu_collectives.py" tests/gpu/test_model_gpu.py -k "graph or 4 or model or stalled"
 want bench-graph && step bench-graph 75 python3 -m tpcomm bench --device cuda -n "$NGPU" \
