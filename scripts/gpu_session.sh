@@ -34,26 +34,26 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
   git log -1 --format='commit %H %s' 2>/dev/null; } > "$LOGS/env.txt" 2>&1
 cat "$LOGS/env.txt"
 
-want tests && step tests 200 python3 -m pytest -v --tb=short -rs \
+want tests && step tests 180 python3 -m pytest -v --tb=short -rs \
   tests/gpu/test_hierarchical_gpu.py::test_two_level_in_a_cuda_graph \
   "tests/gpu/test_gpu_collectives.py" tests/gpu/test_model_gpu.py -k "graph or 4 or model or stalled"
 want bench-graph && step bench-graph 75 python3 -m tpcomm bench --device cuda -n "$NGPU" \
   --backends tpcomm,nccl,symm_mem --graph -b 2K -e 128M -f 2 --iters 20 --reps 5 --no-progress \
   --json "$OUT/bench-graph.json" --markdown "$OUT/bench-graph.md"
-want bench-eager && step bench-eager 40 python3 -m tpcomm bench --device cuda -n "$NGPU" \
+want bench-eager && step bench-eager 35 python3 -m tpcomm bench --device cuda -n "$NGPU" \
   --backends tpcomm,nccl -b 2K -e 8M -f 4 --iters 20 --reps 5 --no-progress \
   --json "$OUT/bench-eager.json" --markdown "$OUT/bench-eager.md"
-want model && step model 80 python3 -m tpcomm bench model --device cuda -n "$NGPU" \
+want model && step model 75 python3 -m tpcomm bench model --device cuda -n "$NGPU" \
   --model llama3_70b --comm tpcomm,nccl --batch 1,8 --context 1024 --prompt-lens 1024 \
   --breakdown --no-progress --json "$OUT/model.json" --markdown "$OUT/model.md"
 want hierarchical && step hierarchical 45 python3 -m tpcomm.hierarchical_bench --nproc 4 \
   --ranks-per-node 2 -b 4K -e 64M -f 4 --markdown "$OUT/hierarchical.md"
 if want soak; then
   for algo in one_shot two_shot ring; do
-    step "soak-graph-$algo" 30 python3 scripts/soak.py --device cuda -n "$NGPU" --op all_reduce \
-      --algorithm "$algo" --graph --ops 100000 --seconds 14 --progress
+    step "soak-graph-$algo" 26 python3 scripts/soak.py --device cuda -n "$NGPU" --op all_reduce \
+      --algorithm "$algo" --graph --ops 100000 --seconds 12 --progress
   done
-  step soak-eager 35 python3 scripts/soak.py --device cuda -n "$NGPU" --ops 300000 --seconds 22 \
+  step soak-eager 30 python3 scripts/soak.py --device cuda -n "$NGPU" --ops 300000 --seconds 18 \
     --algorithm one_shot,two_shot,ring --progress
 fi
 echo "== done in $(( $(date +%s) - T0 ))s"; cat "$LOGS/steps.txt"
