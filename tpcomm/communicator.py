@@ -375,10 +375,11 @@ class Communicator:
         finally:
             self._lock.release()
 
-    def _decide(self, op: str, nbytes: int, dtype: torch.dtype, algorithm: str, name: str,
-                graph: bool) -> str:
-        """The algorithm that runs this call (the pure part of the decision, cached)."""
-        check_algorithm(op, algorithm, self.device.type)
+    def _decide(self, op: str, nbytes: int, dtype: torch.dtype, requested: str, name: str,
+                graph: bool) -> tuple[str, str]:
+        """The algorithm that runs this call and, for torch.distributed, why (cached)."""
+        check_algorithm(op, requested, self.device.type)
+        algorithm = requested
         if algorithm == "auto":
             algorithm = select_algorithm(op, nbytes, dtype, self.world_size, self._topology,
                                          graph)
@@ -389,10 +390,19 @@ class Communicator:
             raise ValueError(f"{name}: algorithm='two_level' needs a group that spans nodes; "
                              f"this one is on {self._topology.nnodes} node")
         if algorithm == "two_level" and self._two_level is not None:
-            return algorithm
+            return algorithm, ""
         if self._backend is None and algorithm not in ("local", "torch"):
-            return "torch"
-        return algorithm
+            algorithm = "torch"
+        if algorithm != "torch":
+            return algorithm, ""
+        if self._backend is None and self._two_level is None:
+            reason = self.disabled_reason or "no fast path"
+        elif requested == "torch":
+            return algorithm, "algorithm='torch' was asked for"  # asked for: not logged
+        else:
+            reason = fallback_reason(op, dtype, self.world_size, self._topology, graph)
+        _log_fallback_once(reason)
+        return algorithm, reason
 
     def _run_locked(self, op, x, out, requested, name):
         backend = self._backend
@@ -404,16 +414,17 @@ class Communicator:
             self._debug_check(name, x)
         graph = self._is_cuda and torch.cuda.is_current_stream_capturing()
         key = (op, nbytes, x.dtype, requested, graph)
-        algorithm = self._decisions.get(key)
-        if algorithm is None:
-            algorithm = self._decide(op, nbytes, x.dtype, requested, name, graph)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self._decide(op, nbytes, x.dtype, requested, name, graph)
             if len(self._decisions) > 4096:
                 self._decisions.clear()
-            self._decisions[key] = algorithm
+            self._decisions[key] = decision
+        algorithm, reason = decision
         rec = self._recorder.start(name, algorithm, nbytes, x.dtype)
         t0 = time.perf_counter()
         try:
-            self._dispatch(op, x, out, algorithm, requested)
+            self._dispatch(op, x, out, algorithm, reason)
         except BaseException as e:
             self._recorder.finish(rec, e)
             if self._backend is not None and self._backend.broken:
@@ -426,23 +437,15 @@ class Communicator:
         st[2] += time.perf_counter() - t0
         return out
 
-    def _dispatch(self, op, x, out, algorithm, forced) -> None:
-        if algorithm == "two_level":
+    def _dispatch(self, op, x, out, algorithm, reason) -> None:
+        if algorithm == "torch":
+            self._fallbacks[reason] += 1
+            getattr(reference, op)(x, out, self.group)
+        elif algorithm == "two_level":
             self._two_level.all_reduce(x, out=out)
         elif algorithm == "local":
             if out.data_ptr() != x.data_ptr():
                 out.copy_(x.view(out.shape))
-        elif algorithm == "torch":
-            if self._backend is None and self._two_level is None:
-                reason = self.disabled_reason or "no fast path"
-            elif forced == "torch":
-                reason = "algorithm='torch' was asked for"
-            else:
-                reason = fallback_reason(op, x.dtype, self.world_size, self._topology)
-            self._fallbacks[reason] += 1
-            if forced != "torch":
-                _log_fallback_once(reason)
-            getattr(reference, op)(x, out, self.group)
         else:
             self._run_backend(op, x, out, algorithm)
 

@@ -91,7 +91,8 @@ def select_algorithm(op: str, nbytes: int, dtype: torch.dtype, world_size: int,
     return "torch"
 
 
-def fallback_reason(op: str, dtype: torch.dtype, world_size: int, topology: Topology) -> str:
+def fallback_reason(op: str, dtype: torch.dtype, world_size: int, topology: Topology,
+                    graph: bool = True) -> str:
     """Why :func:`select_algorithm` sent a call to torch.distributed (for the log and stats)."""
     if dtype not in FAST_DTYPES:
         return f"dtype {str(dtype).removeprefix('torch.')} has no tpcomm kernel"
@@ -99,6 +100,9 @@ def fallback_reason(op: str, dtype: torch.dtype, world_size: int, topology: Topo
         return f"the group spans {topology.nnodes} nodes"
     if not topology.p2p:
         return "no peer-to-peer access between the ranks"
+    if topology.device_type == "cuda" and not graph:
+        return ("eager GPU calls go to NCCL, whose host path is cheaper; tpcomm's kernels run "
+                "in CUDA graphs")
     return f"torch.distributed is faster for this {op} size"
 
 

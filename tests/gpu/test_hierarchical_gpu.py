@@ -137,38 +137,38 @@ def test_two_nodes_of_one_gpu_match_flat_nccl():
 
 
 def _graph(rank, world):
-    """A two-level all-reduce captured in a CUDA graph (a flat NCCL all-reduce there, since the
-    pipelined two-level path hung in capture on its first GPU run) replays with new inputs."""
+    """Capturing a two-level all-reduce raises on every rank, at once, instead of hanging (its
+    capture hung on the first GPU run, 2026-11-22); the object stays usable eagerly."""
+    from tpcomm.errors import TpcommError
     from tpcomm.hierarchical import HierarchicalAllReduce
     dev = _init_emulated(rank, 2)
     ar = HierarchicalAllReduce(chunk_bytes=1 << 20)
-    n = (4 << 20) // 2 + 3                       # bf16, 4 chunks and a padded tail
-    x = torch.empty(n, dtype=torch.bfloat16, device=dev)
+    n = (4 << 20) // 2 + 3
+    x = exact(n, rank, torch.bfloat16, 0, device=dev)
     out = torch.empty_like(x)
-    x.copy_(exact(n, rank, torch.bfloat16, 0, device=dev))
-    ar.all_reduce(x, out=out)                    # warm-up outside the graph: buffers, NCCL
+    ar.all_reduce(x, out=out)
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ar.all_reduce(x, out=out)
     failures = []
-    for salt in (1, 2, 3):
-        x.copy_(exact(n, rank, torch.bfloat16, salt, device=dev))
-        out.fill_(float("nan"))
-        graph.replay()
-        ref = x.clone()
-        dist.all_reduce(ref)
-        torch.cuda.synchronize()
-        if not torch.equal(_bits(out), _bits(ref)):
-            failures.append(f"replay {salt}: wrong")
-    if "torch" not in ar.stats()["paths"]:
-        failures.append(f"captured call did not take the flat path: {ar.stats()['paths']}")
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            ar.all_reduce(x, out=out)
+        failures.append("capture did not raise")
+    except TpcommError as e:
+        if "CUDA graph" not in str(e):
+            failures.append(f"unclear error: {e}")
+    ref = x.clone()
+    dist.all_reduce(ref)
+    ar.all_reduce(x, out=out)
+    torch.cuda.synchronize()
+    if not torch.equal(_bits(out), _bits(ref)):
+        failures.append("eager call after the refused capture: wrong")
     ar.close()
     dist.destroy_process_group()
     return failures
 
 
 @_needs(4)
-def test_two_level_in_a_cuda_graph():
+def test_two_level_capture_is_refused_not_hung():
     for rank, failures in enumerate(spawn(_graph, 4, env=ENV, timeout_s=300)):
         assert not failures, f"rank {rank}: {failures}"
