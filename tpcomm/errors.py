@@ -18,17 +18,21 @@ class PeerTimeoutError(TpcommError):
         self.op, self.seq, self.rank, self.peers = op, seq, rank, list(peers)
         self.timeout_s, self.algorithm, self.nbytes = timeout_s, algorithm, nbytes
         what = f"{op}" + (f" ({algorithm}, {nbytes} bytes)" if algorithm else "")
-        msg = (f"tpcomm {what} #{seq}: rank {rank} waited {timeout_s:g} s for peer(s) "
-               f"{self.peers} that did not arrive")
-        if detail:
-            msg += f" ({detail})"
-        msg += ("; the Communicator is now broken: close it and create a new one "
-                "(raise timeout_s / TPCOMM_TIMEOUT_S if the peer is only slow)")
-        super().__init__(msg)
+        super().__init__(f"tpcomm {what} #{seq}: {self._describe(detail)}; the Communicator is "
+                         f"now broken: close it and create a new one")
+
+    def _describe(self, detail: str) -> str:
+        msg = (f"rank {self.rank} waited {self.timeout_s:g} s for peer(s) {self.peers} that did "
+               f"not arrive")
+        msg += f" ({detail})" if detail else ""
+        return msg + " (raise timeout_s / TPCOMM_TIMEOUT_S if the peer is only slow)"
 
 
 class PeerDiedError(PeerTimeoutError):
-    """A peer process exited while this rank was waiting for it."""
+    """A peer exited, closed its Communicator or aborted while this rank needed it."""
+
+    def _describe(self, detail: str) -> str:
+        return f"rank {self.rank} cannot complete: {detail or f'peer(s) {self.peers} gone'}"
 
 
 class CommunicatorBrokenError(TpcommError):

@@ -60,6 +60,9 @@ def test_stalled_peer_raises_within_timeout():
         assert "broken" in later
     assert any(results[r][0] == "PeerTimeoutError" and results[r][1] >= TIMEOUT_S - 0.1
                for r in (0, 1))
+    # the straggler arrives after the others gave up: it must not return data as if all were well
+    kind, waited, (msg, *_rest) = results[2]
+    assert kind == "PeerDiedError" and "aborted" in msg, results[2]
     assert not _segments()
 
 

@@ -45,8 +45,9 @@ STATE_RUNNING, STATE_CLOSED, STATE_ABORTED = 0, 1, 2
 OPS = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3}
 ALGORITHMS = {"one_shot": 1, "two_shot": 2, "direct": 3}
 DTYPES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-_NAMES = {v: k for d in (OPS, ALGORITHMS) for k, v in d.items()}
-_NAMES_DTYPE = {v: str(k).removeprefix("torch.") for k, v in DTYPES.items()}
+_OP_NAMES = {v: k for k, v in OPS.items()}
+_ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
+_DTYPE_NAMES = {v: str(k).removeprefix("torch.") for k, v in DTYPES.items()}
 
 # Largest round of one op: bigger calls go in chunks of this size. A 1 MiB round fits the
 # 1 MiB L2 of a core of the 2-core CI machine (AMD EPYC), so the reduction reads the slots from
@@ -154,6 +155,12 @@ class ShmCollectives:
                     late = [q for q in self._peers if pads[q][word] < seq]
                     self._fail(PeerTimeoutError(op, seq, self.rank, late, self.timeout_s,
                                                 f"phase {phase}", algorithm, nbytes))
+        # a peer that gave up on an op (timeout, dead rank) may still have posted this one:
+        # return nothing from a Communicator that is broken anywhere
+        for p in self._peers:
+            if pads[p][W_STATE] == STATE_ABORTED:
+                self._fail(PeerDiedError(op, seq, self.rank, [p], self.timeout_s,
+                                         f"peer {p} aborted after an error", algorithm, nbytes))
 
     def _check_peer(self, p: int, op: str, seq: int, algorithm: str, nbytes: int) -> None:
         pad = self._pads[p]
@@ -199,8 +206,8 @@ class ShmCollectives:
             theirs = tuple(self._pads[p][m:m + 5])
             if theirs != mine:
                 def fmt(t):
-                    return (f"{_NAMES.get(t[1], t[1])}/{_NAMES.get(t[2], t[2])} "
-                            f"{_NAMES_DTYPE.get(t[3], t[3])} numel={t[4]} (seq {t[0]})")
+                    return (f"{_OP_NAMES.get(t[1], t[1])}/{_ALGORITHM_NAMES.get(t[2], t[2])} "
+                            f"{_DTYPE_NAMES.get(t[3], t[3])} numel={t[4]} (seq {t[0]})")
                 err = MismatchError(
                     f"tpcomm {op} #{seq}: rank {self.rank} called {fmt(mine)} but rank {p} "
                     f"called {fmt(theirs)}; every rank must call the same collective with the "
