@@ -150,6 +150,8 @@ class Communicator:
             slot = min(-(-self.max_bytes // 64) * 64, SHM_CHUNK_BYTES)
             buf = ShmSymmetricBuffer(self._info, 2 * slot, self.timeout_s)
             return ShmCollectives(buf, self.timeout_s)
+        if get_settings().nccl_p2p_disable:
+            raise TpcommError("NCCL_P2P_DISABLE=1: no peer-to-peer access between the GPUs")
         from .cuda.backend import make_cuda_backend
         return make_cuda_backend(self._info, self.device, self.max_bytes, self.timeout_s)
 

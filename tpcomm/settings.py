@@ -1,4 +1,4 @@
-"""The one place that reads ``TPCOMM_*`` environment variables.
+"""The one place that reads ``TPCOMM_*`` environment variables (and NCCL_P2P_DISABLE).
 
 Every switch is read once into a frozen :class:`Settings`; the rest of the package asks
 :func:`get_settings` and never touches ``os.environ`` itself. The algorithm is never an
@@ -99,6 +99,9 @@ class Settings:
     # TPCOMM_LOCAL_WORLD_SIZE: ranks per node, to emulate several nodes on one host; default
     # from torchrun's LOCAL_WORLD_SIZE.
     local_world_size: int | None = None
+    # NCCL_P2P_DISABLE=1 (NCCL's own switch, honoured here too): no peer-to-peer access on the
+    # GPU, so the GPU fast path is vetoed and every GPU call goes to torch.distributed.
+    nccl_p2p_disable: bool = False
 
 
 def _read() -> Settings:
@@ -109,6 +112,7 @@ def _read() -> Settings:
         timeout_s=_float("TPCOMM_TIMEOUT_S", 60.0),
         max_bytes=_size("TPCOMM_MAX_BYTES", 32 << 20),
         local_world_size=_int_or_none("TPCOMM_LOCAL_WORLD_SIZE"),
+        nccl_p2p_disable=_bool("NCCL_P2P_DISABLE", False),
     )
 
 

@@ -35,8 +35,10 @@ def test_settings_defaults_and_env(env):
     env.setenv("TPCOMM_DISABLE", "1")
     env.setenv("TPCOMM_TIMEOUT_S", "2.5")
     env.setenv("TPCOMM_MAX_BYTES", "1M")
+    env.setenv("NCCL_P2P_DISABLE", "1")
     s = reload_settings()
     assert (s.disable, s.timeout_s, s.max_bytes) == (True, 2.5, 1 << 20)
+    assert s.nccl_p2p_disable
 
 
 @pytest.mark.parametrize("name,value", [("TPCOMM_DISABLE", "maybe"), ("TPCOMM_TIMEOUT_S", "0"),
