@@ -25,6 +25,7 @@ from .group import GroupInfo, GroupStore
 from .select import (FALLBACK_DTYPES, FAST_DTYPES, Topology, check_algorithm, fallback_reason,
                      select_algorithm)
 from .settings import get_settings
+from .topology import layout_of
 
 log = logging.getLogger("tpcomm")
 _logged_reasons: set[str] = set()
@@ -86,12 +87,11 @@ class Communicator:
         self.disabled_reason: str | None = None
         self._stats = collections.defaultdict(lambda: [0, 0, 0.0])  # (op, algo) -> calls, bytes, s
         self._fallbacks: collections.Counter = collections.Counter()
-        from .topology import layout_of
         self._layout = layout_of(self._info)      # from the launch; not collective
         self._topology = Topology(device_type=self.device.type, nnodes=self._layout.nnodes)
         self._two_level = None                    # HierarchicalAllReduce when nnodes > 1
         self._recorder = flight_recorder.FlightRecorder()
-        self._decisions: dict = {}  # (op, nbytes, dtype, requested, graph) -> algorithm
+        self._decisions: dict = {}  # (op, nbytes, dtype, requested, graph) -> (algorithm, why)
         self._setup(settings)
         flight_recorder.register(self)
 
@@ -157,7 +157,8 @@ class Communicator:
 
     @property
     def backend_name(self) -> str:
-        """'shm', 'p2p' (GPU), 'local' (world 1) or 'torch' (everything falls back)."""
+        """'shm', 'p2p' (GPU), 'two_level' (a group that spans nodes), 'local' (world 1) or
+        'torch' (everything falls back)."""
         if self.world_size == 1:
             return "local"
         if self._two_level is not None:
