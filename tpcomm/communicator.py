@@ -10,7 +10,6 @@ Shape letters in the docstrings: R = world size, m = rows per rank.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import threading
 import time
@@ -235,8 +234,9 @@ class Communicator:
         place), RMS-normalize the sum and scale by ``weight``.
 
         x, residual: [..., H] of one dtype; weight: [H]. ``x`` is reduced in place. Returns
-        (normed, residual); see ``tpcomm.reference.add_rms_norm`` for the exact arithmetic. The
-        GPU backend does it in one kernel; elsewhere it is an all-reduce then the epilogue.
+        (normed, residual); see ``tpcomm.reference.add_rms_norm`` for the exact arithmetic.
+        Today this is the all-reduce (tpcomm's path) followed by the epilogue as torch ops; a
+        fused single-kernel GPU version is not built yet.
         """
         self._check_tensor("all_reduce_add_rms_norm", x)
         for name, t in (("residual", residual), ("weight", weight)):
@@ -249,10 +249,6 @@ class Communicator:
         if x.dim() == 0 or weight.shape != (x.shape[-1],):
             raise ValueError(f"all_reduce_add_rms_norm: weight must be [{x.shape[-1] if x.dim() else '?'}], "
                              f"got {tuple(weight.shape)}")
-        fused = getattr(self._backend, "all_reduce_add_rms_norm", None)
-        if fused is not None and algorithm == "auto" and x.dtype in FAST_DTYPES:
-            with self._exclusive("all_reduce_add_rms_norm"):
-                return fused(x, residual, weight, eps)
         self._run("all_reduce", x, x, algorithm, op_name="all_reduce_add_rms_norm")
         return reference.add_rms_norm(x, residual, weight, eps)
 
@@ -353,17 +349,6 @@ class Communicator:
         if not out.is_contiguous():
             raise ValueError(f"{op}: out must be contiguous, got strides {out.stride()}")
         return out
-
-    @contextlib.contextmanager
-    def _exclusive(self, name: str):
-        """At most one collective in flight per Communicator: a second thread is refused."""
-        if not self._lock.acquire(blocking=False):
-            raise TpcommError(f"{name}: this Communicator is already running a collective in "
-                              f"another thread; use one Communicator per thread")
-        try:
-            yield
-        finally:
-            self._lock.release()
 
     def _run(self, op: str, x: torch.Tensor, out: torch.Tensor, algorithm: str,
              op_name: str | None = None) -> torch.Tensor:
