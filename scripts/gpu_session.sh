@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Everything that needs the 4 x H200 machine, in one command of under 10 minutes: the GPU
-# tests, the collective benchmark (graph and eager), the end-to-end model benchmark, the
-# emulated 2 x 2 two-level benchmark and the GPU soak. Each step has its own time limit, so a
-# slow step cannot starve the others. Results go to $OUT (markdown/JSON), every log into
-# $OUT/logs.tgz (the device tool brings back at most 8 files).
+# Everything that needs the 4 x H200 machine: the GPU tests, the collective benchmark (graph and
+# eager), the end-to-end model benchmark, the emulated 2 x 2 two-level benchmark and the GPU
+# soak. Each step has its own time limit, so a slow step cannot starve the others. Results go to
+# $OUT (markdown/JSON), every log into $OUT/logs.tgz (the device tool brings back at most 8
+# files). A device call is limited to 10 minutes: run the tests (up to 7 min) in one call and
+# the other steps (about 6 min) in another.
 #
-#   OUT=/tmp/out bash scripts/gpu_session.sh                 # every step
-#   OUT=/tmp/out bash scripts/gpu_session.sh tests soak      # some steps: tests bench-graph
-#                                                            # bench-eager model hierarchical soak
+#   OUT=/tmp/out bash scripts/gpu_session.sh tests
+#   OUT=/tmp/out bash scripts/gpu_session.sh bench-graph bench-eager model hierarchical soak
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-session-out}
