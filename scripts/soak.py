@@ -112,14 +112,8 @@ def run_graph(comm, args, rank, world, device):
 
 def worker(rank, world, args):
     import tpcomm
-    device = torch.device("cpu")
-    if args.device == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo")
+    from tpcomm.launch import init_rank
+    device = init_rank(args.device, rank)
     t0 = time.time()
     with tpcomm.Communicator(device=device, timeout_s=args.timeout_s) as comm:
         runner = run_graph if args.graph else run_eager

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from tpcomm.launch import spawn
+from tpcomm.launch import init_rank, spawn
 from tpcomm.testing import exact
 
 
 def init_gloo(threads: int = 1) -> None:
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo")
+    init_rank("cpu", 0, threads)
 
 
 def exact_input(numel: int, rank: int, dtype: torch.dtype, salt: int = 0) -> torch.Tensor:

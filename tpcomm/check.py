@@ -77,16 +77,10 @@ def _selftest(rank: int, world: int, device_type: str) -> list[tuple[str, str, i
     import torch.distributed as dist
 
     import tpcomm
+    from .launch import init_rank
     from .select import ALGORITHMS
     from .testing import expected, op_input
-    if device_type == "cuda":
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        torch.set_num_threads(1)
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    device = init_rank(device_type, rank)
     results = []
     with tpcomm.Communicator(device=device, max_bytes=64 << 10, timeout_s=30) as comm:
         for op, algos in ALGORITHMS[device_type].items():

@@ -67,19 +67,12 @@ def _maybe_graph(call, iters, use_graph, device):
 
 def run_rank(rank: int, world: int, args) -> list[dict] | None:
     from .hierarchical import HierarchicalAllReduce
+    from .launch import init_rank
     from .testing import exact
     if args.emulate and args.ranks_per_node:
         # one NCCL "host" per emulated node, so NCCL crosses them over its network transport
         os.environ.setdefault("NCCL_HOSTID", f"tpcomm-fakenode{rank // args.ranks_per_node}")
-    if args.device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo")
+    device = init_rank(args.device, rank)
     dtype = DTYPES[args.dtype]
     ar = HierarchicalAllReduce(device=device, local_world_size=args.ranks_per_node,
                                chunk_bytes=args.chunk_bytes)

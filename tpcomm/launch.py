@@ -96,3 +96,21 @@ def spawn(fn, world: int, *args, env: dict | None = None, timeout_s: float = 300
         first = min(bad)
         raise RankFailed(f"rank {first} failed: {bad[first][1]}", dict(enumerate(ordered)))
     return [v for _, v in ordered]
+
+
+def init_rank(device_type: str, rank: int, threads: int = 1):
+    """Join the default process group as this rank; return the rank's device.
+
+    CUDA: the GPU of LOCAL_RANK (``rank`` when unset), NCCL initialized eagerly on it. CPU: gloo,
+    with ``threads`` torch threads (ranks sharing a machine should not fight for its cores).
+    """
+    import torch
+    import torch.distributed as dist
+    if device_type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        return device
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..launch import spawn, under_torchrun
+from ..launch import init_rank, spawn, under_torchrun
 from .breakdown import decode_breakdown
 from .comm import make_comm
 from .generate import Generator
@@ -210,17 +210,9 @@ def compare(tokens: dict, logits: dict, base: str, other: str, dtype: str) -> di
 
 def rank_main(rank: int, world: int, config: ModelBenchConfig) -> dict:
     os.environ.update(NO_MULTICAST_ENV)
-    if config.device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        threads = config.threads or max(1, (os.cpu_count() or 1) // local_world)
-        torch.set_num_threads(threads)
-        dist.init_process_group("gloo")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    threads = config.threads or max(1, (os.cpu_count() or 1) // local_world)
+    device = init_rank(config.device, rank, threads)
     comms = {}
     try:
         for name in config.comms:
