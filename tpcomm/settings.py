@@ -102,6 +102,13 @@ class Settings:
     # NCCL_P2P_DISABLE=1 (NCCL's own switch, honoured here too): no peer-to-peer access on the
     # GPU, so the GPU fast path is vetoed and every GPU call goes to torch.distributed.
     nccl_p2p_disable: bool = False
+    # TPCOMM_P2P_CHECK=0: skip the data-moving P2P check at GPU Communicator start (every pair
+    # writes and reads back through the peer mapping). The check can only veto the fast path,
+    # never enable one; 0 also ignores a cached failure (to retry after fixing the machine).
+    p2p_check: bool = True
+    # TPCOMM_CACHE_DIR: where per-machine verdicts are kept (the P2P check's), so a machine
+    # whose P2P is known broken falls back at once instead of probing again at every start.
+    cache_dir: str = "~/.cache/tpcomm"
 
 
 def _read() -> Settings:
@@ -113,6 +120,8 @@ def _read() -> Settings:
         max_bytes=_size("TPCOMM_MAX_BYTES", 32 << 20),
         local_world_size=_int_or_none("TPCOMM_LOCAL_WORLD_SIZE"),
         nccl_p2p_disable=_bool("NCCL_P2P_DISABLE", False),
+        p2p_check=_bool("TPCOMM_P2P_CHECK", True),
+        cache_dir=os.path.expanduser(os.environ.get("TPCOMM_CACHE_DIR") or "~/.cache/tpcomm"),
     )
 
 
