@@ -11,6 +11,8 @@ over NVLink peer memory; CPU: POSIX shared memory), with torch.distributed as th
 from .communicator import Communicator
 from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
                      PeerDiedError, PeerTimeoutError, TpcommError)
+from .overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
+                      overlap_chunks)
 from .select import Topology, select_algorithm
 from .settings import Settings, get_settings
 
@@ -19,5 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Communicator", "CommunicatorBrokenError", "CommunicatorClosedError", "MismatchError",
     "PeerDiedError", "PeerTimeoutError", "TpcommError", "Topology", "select_algorithm",
-    "Settings", "get_settings", "__version__",
+    "Settings", "get_settings", "__version__", "matmul_all_reduce", "matmul_reduce_scatter",
+    "all_gather_matmul", "overlap_chunks",
 ]

@@ -5,7 +5,10 @@ weight, no communication) followed by a row-parallel linear (input split, partia
 every rank, one all-reduce). The all-reduce lives in exactly one place:
 :meth:`RowParallelLinear.forward` / :meth:`RowParallelLinear.forward_add_rms_norm`. The
 overlapped GEMM + collective ops will replace the "matmul, then ``comm.all_reduce``" there and
-nowhere else.
+nowhere else: with ``overlap`` (default "auto") a large-M forward runs
+:func:`tpcomm.overlap.matmul_all_reduce` (chunked GEMM, each chunk's all-reduce overlapping the
+next chunk's GEMM), and :meth:`ColumnParallelLinear.forward_all_gather` is the
+sequence-parallel input path (:func:`tpcomm.overlap.all_gather_matmul`).
 
 Shape letters: W = world (TP) size, r = this rank, ``*_local`` = this rank's share.
 
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .overlap import all_gather_matmul, matmul_all_reduce, overlap_chunks
 from .reference import add_rms_norm
 
 
@@ -71,12 +75,15 @@ class ColumnParallelLinear(nn.Module):
     each part is split on its own, and this rank's weight is the concatenation of its share of
     every part (``[q_local; k_local; v_local]``). ``row_ranges`` gives the [start, stop) rows of
     each part explicitly (replicated KV heads); by default each part is split evenly.
+
+    ``comm`` (optional) is only needed by :meth:`forward_all_gather`.
     """
 
     def __init__(self, in_features: int, out_features: int | Sequence[int], *, rank: int,
                  world: int, row_ranges: Sequence[tuple[int, int]] | None = None,
-                 dtype=None, device=None):
+                 dtype=None, device=None, comm=None):
         super().__init__()
+        self.comm = comm
         parts = [out_features] if isinstance(out_features, int) else list(out_features)
         if row_ranges is None:
             row_ranges = [shard_range(p, world, rank, "output size") for p in parts]
@@ -91,6 +98,23 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
+    def forward_all_gather(self, x_shard: torch.Tensor, comm=None, *,
+                           chunks: int | None = None) -> torch.Tensor:
+        """Sequence-parallel input: y_local = all_gather(x_shard) @ W[rows of this rank]^T.
+
+        x_shard: [m, ..., in_features], this rank's m rows of dim 0 (rank p holds rows
+        [p*m, (p+1)*m) of the full input); returns [W*m, ..., out_local]. The gather of
+        chunk i overlaps the GEMM of chunk i-1 (:func:`tpcomm.overlap.all_gather_matmul`,
+        ``chunks`` as there; ``comm`` defaults to the one given at construction).
+        """
+        comm = comm if comm is not None else self.comm
+        if comm is None:
+            raise ValueError("ColumnParallelLinear.forward_all_gather needs a comm (pass "
+                             "comm= here or to the constructor)")
+        x2 = x_shard.reshape(-1, self.in_features)
+        y = all_gather_matmul(x2, self.weight.t(), comm, chunks=chunks)
+        return y.view(-1, *x_shard.shape[1:-1], self.out_local)
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, parts={self.parts}, rows={self.row_ranges}"
 
@@ -100,11 +124,22 @@ class RowParallelLinear(nn.Module):
 
     x_local: [..., in_local] (the output of a column-parallel layer); y: [..., out_features],
     the same on every rank.
+
+    ``overlap``: "auto" (default) runs :func:`tpcomm.overlap.matmul_all_reduce` when
+    :func:`tpcomm.overlap.overlap_chunks` picks more than one chunk for the call's shape (large
+    M on CUDA; never on the CPU or at world 1), else matmul then one all-reduce; "off" always
+    the latter; an int forces that many chunks.
     """
 
     def __init__(self, in_features: int, out_features: int, comm, *, rank: int, world: int,
-                 dtype=None, device=None):
+                 dtype=None, device=None, overlap: str | int = "auto"):
         super().__init__()
+        if overlap not in ("auto", "off") and (isinstance(overlap, bool)
+                                                or not isinstance(overlap, int) or overlap < 1):
+            raise ValueError(f"RowParallelLinear: overlap must be 'auto', 'off' or a positive "
+                             f"int, got {overlap!r}")
+        self.overlap = overlap
+        self.world = world
         self.in_features, self.out_features = in_features, out_features
         self.col_range = shard_range(in_features, world, rank, "input size")
         self.comm = comm
@@ -112,8 +147,27 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_local, dtype=dtype,
                                                device=device), requires_grad=False)
 
+    def _chunks(self, x_local: torch.Tensor) -> int:
+        """Row chunks of the overlapped path for this input (1: matmul, then all-reduce)."""
+        if self.overlap == "off":
+            return 1
+        if self.overlap != "auto":
+            return self.overlap
+        rows = x_local.numel() // max(x_local.shape[-1], 1)
+        return overlap_chunks("all_reduce", rows, self.weight.shape[1], self.out_features,
+                              getattr(self.comm, "world_size", self.world), x_local.dtype,
+                              x_local.device.type)
+
+    def _overlapped(self, x_local: torch.Tensor, chunks: int) -> torch.Tensor:
+        y = matmul_all_reduce(x_local.reshape(-1, x_local.shape[-1]), self.weight.t(),
+                              self.comm, chunks=chunks)
+        return y.view(*x_local.shape[:-1], self.out_features)
+
     def forward(self, x_local: torch.Tensor) -> torch.Tensor:
-        """matmul, then all-reduce (in place)."""
+        """matmul, then all-reduce (in place); chunked and overlapped per ``overlap``."""
+        chunks = self._chunks(x_local)
+        if chunks > 1:
+            return self._overlapped(x_local, chunks)
         return self.comm.all_reduce_(F.linear(x_local, self.weight))
 
     def forward_add_rms_norm(self, x_local: torch.Tensor, residual: torch.Tensor,
@@ -122,8 +176,12 @@ class RowParallelLinear(nn.Module):
         """matmul, all-reduce, ``residual += y`` (in place), RMSNorm of the new residual.
 
         Returns (normed, residual). ``fused``: one ``comm.all_reduce_add_rms_norm``; otherwise
-        an all-reduce followed by a separate add and norm (the same arithmetic).
+        an all-reduce followed by a separate add and norm (the same arithmetic). When
+        ``overlap`` picks several chunks: the overlapped matmul + all-reduce, then the epilogue.
         """
+        chunks = self._chunks(x_local)
+        if chunks > 1:
+            return add_rms_norm(self._overlapped(x_local, chunks), residual, norm_weight, eps)
         y = F.linear(x_local, self.weight)
         if fused:
             return self.comm.all_reduce_add_rms_norm(y, residual, norm_weight, eps)
