@@ -29,6 +29,7 @@ from .topology import layout_of
 log = logging.getLogger("tpcomm")
 _logged_reasons: set[str] = set()
 _OP_CODES = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3}
+FUSED_NORM = "one_shot_push_fused"   # stats name of the fused all-reduce + add + RMSNorm
 _DTYPE_CODES = {d: i for i, d in enumerate(FAST_DTYPES + FALLBACK_DTYPES)}
 
 
@@ -235,8 +236,13 @@ class Communicator:
 
         x, residual: [..., H] of one dtype; weight: [H]. ``x`` is reduced in place. Returns
         (normed, residual); see ``tpcomm.reference.add_rms_norm`` for the exact arithmetic.
-        Today this is the all-reduce (tpcomm's path) followed by the epilogue as torch ops; a
-        fused single-kernel GPU version is not built yet.
+
+        Routing: where the all-reduce of x would run on tpcomm's GPU kernels (calls captured in
+        a CUDA graph, or a kernel algorithm forced) and H <= 16384, one fused kernel does all
+        three steps (``kernels/all_reduce_add_rms_norm.py``; stats name it
+        ``one_shot_push_fused``): x and residual come out bitwise equal to the unfused path,
+        normed within one rounding of it. Elsewhere (CPU, NCCL, gloo) it is the all-reduce
+        followed by the epilogue as torch ops.
         """
         self._check_tensor("all_reduce_add_rms_norm", x)
         for name, t in (("residual", residual), ("weight", weight)):
@@ -249,7 +255,10 @@ class Communicator:
         if x.dim() == 0 or weight.shape != (x.shape[-1],):
             raise ValueError(f"all_reduce_add_rms_norm: weight must be [{x.shape[-1] if x.dim() else '?'}], "
                              f"got {tuple(weight.shape)}")
-        self._run("all_reduce", x, x, algorithm, op_name="all_reduce_add_rms_norm")
+        normed = self._run("all_reduce", x, x, algorithm, op_name="all_reduce_add_rms_norm",
+                           epilogue=(residual, weight, eps))
+        if normed is not None:
+            return normed, residual
         return reference.add_rms_norm(x, residual, weight, eps)
 
     def empty(self, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -351,15 +360,17 @@ class Communicator:
         return out
 
     def _run(self, op: str, x: torch.Tensor, out: torch.Tensor, algorithm: str,
-             op_name: str | None = None) -> torch.Tensor:
+             op_name: str | None = None, epilogue: tuple | None = None):
         # the hot path of every call: an eager GPU call is bound by host time, so no context
-        # manager here and the algorithm decision is cached per (op, size, dtype, graph)
+        # manager here and the algorithm decision is cached per (op, size, dtype, graph).
+        # ``epilogue`` = (residual, weight, eps): all_reduce_add_rms_norm; then the return value
+        # is ``normed`` when the fused kernel ran, else None (the caller adds and normalizes).
         name = op_name or op
         if not self._lock.acquire(blocking=False):
             raise TpcommError(f"{name}: this Communicator is already running a collective in "
                               f"another thread; use one Communicator per thread")
         try:
-            return self._run_locked(op, x, out, algorithm, name)
+            return self._run_locked(op, x, out, algorithm, name, epilogue)
         finally:
             self._lock.release()
 
@@ -392,7 +403,7 @@ class Communicator:
         _log_fallback_once(reason)
         return algorithm, reason
 
-    def _run_locked(self, op, x, out, requested, name):
+    def _run_locked(self, op, x, out, requested, name, epilogue=None):
         backend = self._backend
         if backend is not None and backend.broken:
             raise CommunicatorBrokenError(f"{name}: Communicator is broken by an earlier error: "
@@ -409,10 +420,20 @@ class Communicator:
                 self._decisions.clear()
             self._decisions[key] = decision
         algorithm, reason = decision
+        result = out
+        if epilogue is not None:
+            result = None
+            if self._should_fuse_norm(algorithm, x, epilogue):
+                algorithm = FUSED_NORM
         rec = self._recorder.start(name, algorithm, nbytes, x.dtype)
         t0 = time.perf_counter()
         try:
-            self._dispatch(op, x, out, algorithm, reason)
+            if algorithm == FUSED_NORM:
+                residual, weight, eps = epilogue
+                result = torch.empty_like(x)
+                self._backend.all_reduce_add_rms_norm(x, residual, weight, eps, result)
+            else:
+                self._dispatch(op, x, out, algorithm, reason)
         except BaseException as e:
             self._recorder.finish(rec, e)
             if self._backend is not None and self._backend.broken:
@@ -423,7 +444,17 @@ class Communicator:
         st[0] += 1
         st[1] += nbytes
         st[2] += time.perf_counter() - t0
-        return out
+        return result
+
+    def _should_fuse_norm(self, algorithm: str, x: torch.Tensor, epilogue: tuple) -> bool:
+        """The fused all-reduce + add + RMSNorm kernel takes the call: the all-reduce would
+        run on the GPU kernels, x is float16/bfloat16/float32 and a row fits one block."""
+        fn = getattr(self._backend, "all_reduce_add_rms_norm", None)
+        if fn is None or algorithm in ("torch", "two_level", "local") or x.dim() == 0:
+            return False
+        if not epilogue[1].is_contiguous():
+            return False
+        return x.shape[-1] <= self._backend.fused_norm_max_hidden()
 
     def _dispatch(self, op, x, out, algorithm, reason) -> None:
         if algorithm == "torch":

@@ -45,11 +45,13 @@ import logging
 import socket
 
 import torch
+import triton
 import triton.language as tl
 
 from ..errors import CommunicatorBrokenError, PeerTimeoutError, TpcommError
 from ..group import GroupInfo, GroupStore
-from ..kernels import (all_gather as k_all_gather, all_reduce_one_shot as k_one_shot,
+from ..kernels import (all_gather as k_all_gather, all_reduce_add_rms_norm as k_add_norm,
+                       all_reduce_one_shot as k_one_shot,
                        all_reduce_ring as k_ring, all_reduce_two_shot as k_two_shot,
                        barrier as k_barrier, reduce_scatter as k_reduce_scatter)
 
@@ -375,6 +377,41 @@ class P2PCollectives:
             4 * L.ring_max(inp.element_size()), self._counters[FAM_PUSH], self._err_dev,
             self._err_host, self.rank, self.world, self.timeout_ns,
             **self._kw(inp.dtype, "ring"))
+
+    def fused_norm_max_hidden(self) -> int:
+        """Largest hidden size :meth:`all_reduce_add_rms_norm` takes (one row per block)."""
+        return k_add_norm.MAX_H
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor,
+                                weight: torch.Tensor, eps: float, normed: torch.Tensor) -> None:
+        """One kernel per round: x = all_reduce(x); residual += x; normed = rms_norm(residual)
+        * weight (``kernels/all_reduce_add_rms_norm.py``). x, residual, normed: [..., H]
+        contiguous, weight [H]; rounds of whole rows that fit a push slot."""
+        self._begin()
+        hidden = x.shape[-1]
+        rows = x.numel() // hidden if hidden else 0
+        if rows == 0:
+            return
+        L = self.layout
+        item = x.element_size()
+        slot = L.push_buf // self.world // item
+        per_round = max(1, slot // hidden)
+        if hidden > slot:
+            raise ValueError(f"all_reduce_add_rms_norm: a row of {hidden} elements does not fit "
+                             f"the push slot of {slot}")
+        x2, r2, n2 = x.view(rows, hidden), residual.view(rows, hidden), normed.view(rows, hidden)
+        kw = self._kw(x.dtype, "one_shot_push")
+        # a whole row per block: more warps for wide rows (8192 -> 16 warps, 16 values each)
+        warps = min(32, max(self.num_warps, triton.next_power_of_2(hidden) // 512))
+        with self._dev():
+            for lo in range(0, rows, per_round):
+                hi = min(rows, lo + per_round)
+                k_add_norm.all_reduce_add_rms_norm_one_shot_push(
+                    x2[lo:hi], r2[lo:hi], weight, n2[lo:hi], hi - lo, hidden, float(eps),
+                    self._push_addrs, self._my_push, L.push_buf, slot,
+                    self._counters[FAM_PUSH], self._err_dev, self._err_host, self.rank,
+                    self.timeout_ns, grid=kw["grid"], num_warps=warps,
+                    itype=kw["itype"], canon=kw["canon"])
 
     def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor,
                        algorithm: str = "direct") -> None:

@@ -1,0 +1,93 @@
+"""All-reduce + residual add + RMSNorm in one kernel: the end of a TP sublayer.
+
+Problem: a row-parallel linear leaves a partial sum on every rank; the model then needs
+``residual += all_reduce(x)`` and ``normed = rms_norm(residual) * weight``. Done apart, that is
+an all-reduce kernel and two more passes over the activations (add, norm), each a launch.
+
+Algorithm (``_all_reduce_add_rms_norm_one_shot_push_kernel``): the one-shot push all-reduce of
+``all_reduce_one_shot.py`` with rows as tiles. Block ``b`` owns rows ``b, b+G, b+2G, ...``; for
+each row it stores its slice of ``x`` into slot ``rank`` of every rank's receive region
+(``_lamport.py``: the data carries its own arrival flag), polls its own region until all R slots
+hold the row, sums them in rank order 0..R-1 in float32, and then, with the whole row in
+registers::
+
+    y        = round(sum)                      -> x (in place: x ends up all-reduced)
+    residual = round(float(y) + float(residual)) -> residual (in place)
+    normed   = round(residual * rsqrt(mean(residual^2) + eps) * weight)   (float32 inside)
+
+which is the arithmetic of ``tpcomm.reference.add_rms_norm`` after a rounded all-reduce: x and
+residual come out bitwise equal to the unfused path; normed may differ from torch's in the last
+bit (another summation order for the mean, another rsqrt). Every rank runs the same arithmetic
+on the same bits, so every rank gets bitwise the same three results.
+
+Receive regions and counters are the push family's (the same epoch counters as the one-shot
+push kernel, so the grid G must be the same fixed grid), and every wait is bounded as in
+``barrier.py``. A row must fit in one block's registers: ``BLOCK_H`` is the next power of two of
+H (the launcher refuses H > MAX_H; the Communicator routes those to the unfused path).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._lamport import clear_slots, poll_sum, push, sanitize
+from .barrier import OP_ADD_RMS_NORM, is_dead, now_ns, record_error
+
+# Largest hidden size handled by one block (16384 bf16 = 32 KiB per row, 64 float32 values per
+# thread at 8 warps): above it registers spill and the unfused path is as fast.
+MAX_H = 16384
+
+
+@triton.jit
+def _all_reduce_add_rms_norm_one_shot_push_kernel(
+        x_ptr, res_ptr, w_ptr, normed_ptr, rows, H, eps,
+        recv_addrs, my_recv_addr, buf_stride, slot_stride,
+        counter_ptr, err_ptr, err_host, rank, timeout_ns,
+        R: tl.constexpr, BLOCK_H: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
+        ITEM: tl.constexpr):
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    epoch = tl.load(counter_ptr + pid) + 1
+    buf_off = (epoch % 2) * buf_stride
+    dead = is_dead(err_ptr)
+    t0 = now_ns()
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK_H)
+    cm = cols < H
+    w = tl.load(w_ptr + cols, mask=cm, other=0).to(tl.float32)
+    mine = my_recv_addr + buf_off
+    for row in range(pid, rows, G):
+        offs = row * H + cols
+        bits = sanitize(tl.load(x_ptr + offs, mask=cm), ITYPE, CANON)
+        for q in tl.static_range(R):
+            push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, cm, ITYPE)
+        acc, dead, late = poll_sum(mine, slot_stride, offs, cm, t0, timeout_ns, dead, DTYPE,
+                                   ITYPE, R)
+        if late >= 0:
+            record_error(err_ptr, err_host, OP_ADD_RMS_NORM, 0, rank, late, epoch)
+        y = acc.to(DTYPE)
+        tl.store(x_ptr + offs, y, mask=cm)
+        res = (y.to(tl.float32) + tl.load(res_ptr + offs, mask=cm, other=0).to(tl.float32))
+        res = res.to(DTYPE)
+        tl.store(res_ptr + offs, res, mask=cm)
+        rf = res.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(rf * rf, 0) / H + eps)
+        tl.store(normed_ptr + offs, (rf * inv * w).to(DTYPE), mask=cm)
+        clear_slots(mine, slot_stride, offs, cm, ITYPE, R)
+    tl.store(counter_ptr + pid, epoch)
+
+
+def all_reduce_add_rms_norm_one_shot_push(x, residual, weight, normed, rows, hidden, eps,
+                                          recv_addrs, my_recv_addr, buf_stride, slot_stride,
+                                          counters, err_dev, err_host, rank, timeout_ns, *,
+                                          grid, num_warps, itype, canon):
+    """x, residual, normed: ``rows`` x ``hidden`` contiguous; weight: [hidden]. x and residual
+    are updated in place (see the module docstring); ``rows * hidden`` must fit a push slot."""
+    if hidden > MAX_H:
+        raise ValueError(f"fused all_reduce_add_rms_norm handles hidden sizes up to {MAX_H}, "
+                         f"got {hidden}")
+    _all_reduce_add_rms_norm_one_shot_push_kernel[(grid,)](
+        x, residual, weight, normed, rows, hidden, eps, recv_addrs, my_recv_addr, buf_stride,
+        slot_stride, counters, err_dev, err_host, rank, timeout_ns, R=len(recv_addrs),
+        BLOCK_H=triton.next_power_of_2(hidden), ITYPE=itype, CANON=canon,
+        ITEM=x.element_size(), num_warps=num_warps)
