@@ -186,8 +186,9 @@ def mismatch_reason(rows: list[list[int]], slot_words: int) -> str | None:
                             f"{slot_words}) written by rank {src} through the peer mapping"))
         for src in range(world):
             if row[world + src]:
-                bad.append((src == reader, 1, f"rank {reader} loaded {row[world + src]} wrong words "
-                            f"(of {slot_words}) from rank {src}'s buffer through its mapping"))
+                bad.append((src == reader, 1, f"rank {reader} loaded {row[world + src]} wrong "
+                            f"words (of {slot_words}) from rank {src}'s buffer through its "
+                            f"mapping"))
     bad = [b[2] for b in sorted(bad, key=lambda b: b[:2])]
     if not bad:
         return None

@@ -8,8 +8,8 @@ Probe area (the same offset in every rank's data region; int32 words)::
 
     word i of slot w in rank r's area = pattern(w, r, i, nonce)
 
-- :func:`p2p_probe_write` (rank w): for every rank q, slot w of q's area <- pattern(w, q, i, nonce),
-  through w's mapping of q.
+- :func:`p2p_probe_write` (rank w): for every rank q, slot w of q's area <- pattern(w, q, i,
+  nonce), through w's mapping of q.
 - :func:`p2p_probe_read` (rank r): counts[0][w] = words of slot w of r's own area that differ
   from pattern(w, r, ., nonce) (did w's remote stores land here?); counts[1][q] = words of slot q
   of q's area, loaded through r's mapping of q, that differ from pattern(q, q, ., nonce) (do r's
