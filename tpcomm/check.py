@@ -65,12 +65,37 @@ def environment() -> list[tuple[str, str]]:
     matrix = [[i == j or torch.cuda.can_device_access_peer(i, j) for j in range(n)] for i in range(n)]
     rows.append(("peer access", " ".join("".join("1" if v else "0" for v in row) for row in matrix)))
     rows.append(("P2P verdict", "all pairs" if all(map(all, matrix)) else "INCOMPLETE: tpcomm falls back to NCCL"))
+    rows.append(("P2P data check (cached)", _cached_p2p()))
     for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NCCL_P2P_DISABLE"):
         rows.append((k, os.environ.get(k, "(unset)")))
     topo = _run(["nvidia-smi", "topo", "-m"])
     if topo:
         rows.append(("topology", "\n" + topo))
     return rows
+
+
+def _cached_p2p() -> str:
+    """The verdicts of the data-moving P2P check kept for this machine (TPCOMM_CACHE_DIR)."""
+    import socket
+
+    from .cuda.p2p_check import cached_verdicts
+    from .settings import get_settings
+    found = cached_verdicts(get_settings().cache_dir, socket.gethostname())
+    if not found:
+        return "none yet (the check runs when a GPU Communicator starts)"
+    return "; ".join(f"{len(e['key']['gpus'])} GPUs " + (
+        "ok" if e["ok"] else f"FAILED: {e['reason']} (delete {path} to check again)")
+        for path, e in found)
+
+
+def _p2p_line() -> str:
+    from .cuda.p2p_check import last_verdict
+    v = last_verdict()
+    if v is None:
+        return "did not run (the fast path was vetoed before it)"
+    if v.ok and v.source == "probe":
+        return f"ok, moved data through every peer mapping in {v.seconds * 1e3:.1f} ms"
+    return f"{'ok' if v.ok else 'FAILED'} ({v.source}): {v.reason}"
 
 
 def _selftest(rank: int, world: int, device_type: str) -> list[tuple[str, str, int, bool, str]]:
@@ -97,7 +122,8 @@ def _selftest(rank: int, world: int, device_type: str) -> list[tuple[str, str, i
                         results.append((op, algo, n, ok, why))
         backend = comm.backend_name
     dist.destroy_process_group()
-    return [("backend", backend, 0, True, "")] + results
+    p2p = _p2p_line() if device_type == "cuda" else ""
+    return [("backend", backend, 0, True, p2p)] + results
 
 
 def run_check(args) -> int:
@@ -123,6 +149,8 @@ def run_check(args) -> int:
         print(f"FAIL: {e}")
         return 1
     print(f"  backend: {per_rank[0][0][1]}")
+    if per_rank[0][0][4]:
+        print(f"  P2P data check: {per_rank[0][0][4]}")
     summary: dict = {}
     for rank_results in per_rank:
         for op, algo, n, ok, why in rank_results[1:]:
