@@ -23,10 +23,16 @@ vetoes at once, with the file's path in the message. A cached success does not s
 the probe costs milliseconds (two small kernels, three store rounds) once Triton's disk cache
 holds the kernels, and the cache must never enable a path the live check would veto (a driver
 reloaded with other settings keeps its version). So the cache can only veto.
-TPCOMM_P2P_CHECK=0 skips both the probe and the cache.
+TPCOMM_P2P_CHECK=0 skips both the probe and the cache (set it alike on every rank: the check
+is collective).
+
+Bounded: the store rounds wait at most ``timeout_s`` (GroupStore), and the host waits for each
+probe kernel by polling an event for at most ``timeout_s`` (a store through a broken mapping
+must not hang the process); no kernel here waits for a peer.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -168,9 +174,21 @@ def cached_verdicts(cache_dir: str, host: str | None = None) -> list[tuple[str, 
 
 
 # ---------------------------------------------------------------- the probe
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def _sync(device: torch.device, timeout_s: float | None = None) -> None:
+    """Wait for the work queued on ``device``; with ``timeout_s``, poll an event and raise
+    TimeoutError past it (a store through a broken mapping must not hang the host)."""
+    if device.type != "cuda":
+        return
+    if timeout_s is None:
         torch.cuda.synchronize(device)
+        return
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    deadline = time.monotonic() + timeout_s
+    while not done.query():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the kernel did not finish within {timeout_s:g} s")
+        time.sleep(0.0002)
 
 
 def mismatch_reason(rows: list[list[int]], slot_words: int) -> str | None:
@@ -197,7 +215,7 @@ def mismatch_reason(rows: list[list[int]], slot_words: int) -> str | None:
 
 
 def probe(buf, probe_off: int, probe_nbytes: int, store, nonce: int,
-          veto: str | None = None) -> tuple[str | None, str]:
+          veto: str | None = None, timeout_s: float = 60.0) -> tuple[str | None, str]:
     """The collective data check over ``buf``'s probe area (see the module docstring).
 
     ``store`` has ``all_gather(name, value) -> list[bytes]`` over the group; the caller took
@@ -216,7 +234,7 @@ def probe(buf, probe_off: int, probe_nbytes: int, store, nonce: int,
     if not veto:
         try:
             k.p2p_probe_write(addrs, words, rank, nonce)
-            _sync(buf.device)
+            _sync(buf.device, timeout_s)
         except Exception as e:  # noqa: BLE001 - every rank must reach the round below
             mine = (f"error\nrank {rank}: the probe's store kernel failed "
                     f"({type(e).__name__}: {e})")
@@ -227,6 +245,7 @@ def probe(buf, probe_off: int, probe_nbytes: int, store, nonce: int,
     try:
         counts = torch.zeros(2 * world, dtype=torch.int32, device=buf.device)
         k.p2p_probe_read(addrs, words, rank, nonce, counts)
+        _sync(buf.device, timeout_s)
         mine = json.dumps([int(c) for c in counts.cpu()])
     except Exception as e:  # noqa: BLE001
         mine = f"rank {rank}: the probe's load kernel failed ({type(e).__name__}: {e})"
@@ -255,6 +274,14 @@ def verify_p2p(buf, probe_off: int, info, device: torch.device, timeout_s: float
     if store is None:
         from ..group import GroupStore
         store = GroupStore(info, "p2p_check", timeout_s)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        reason, verdict = _verify(buf, probe_off, probe_nbytes, device, timeout_s, store,
+                                  settings.cache_dir, t0)
+    _last = verdict
+    return reason
+
+
+def _verify(buf, probe_off, probe_nbytes, device, timeout_s, store, cache_dir, t0):
     area = buf.local_data()[probe_off:probe_off + probe_nbytes]
     snapshot = area.clone()
     _sync(device)
@@ -265,20 +292,25 @@ def verify_p2p(buf, probe_off: int, info, device: torch.device, timeout_s: float
     for r in rows:
         nonce ^= int(r["nonce"])
     key = cache_key(rows[0]["host"], [r["gpu"] for r in rows], driver_version())
-    path = cache_path(settings.cache_dir, key)
+    path = cache_path(cache_dir, key)
     cached = read_cached(path, key)
     veto = None
     if cached is not None and not cached["ok"]:
         veto = (f"the P2P check failed on this machine before ({cached.get('reason')}; cached "
                 f"{cached.get('checked_at')} in {path}: delete it to check again, {SILENCE})")
     try:
-        reason, kind = probe(buf, probe_off, probe_nbytes, store, nonce, veto)
+        reason, kind = probe(buf, probe_off, probe_nbytes, store, nonce, veto, timeout_s)
     finally:
         area.copy_(snapshot)
-        _sync(device)
+        try:
+            _sync(device, timeout_s)
+            restored = True
+        except TimeoutError:   # queued behind a probe kernel that never finished
+            restored = False
+    if not restored and reason is None:
+        reason, kind = f"rank {buf.rank}: restoring the probe area did not finish", "error"
     if kind == "cache":
-        _last = P2PVerdict(False, "cache", reason, path, time.perf_counter() - t0)
-        return reason
+        return reason, P2PVerdict(False, "cache", reason, path, time.perf_counter() - t0)
     raw = reason
     if reason and kind == "mismatch":
         reason = (f"the P2P check moved data and {reason}: peer access is reported but does "
@@ -287,5 +319,4 @@ def verify_p2p(buf, probe_off: int, info, device: torch.device, timeout_s: float
         reason = f"the P2P check could not run: {reason} ({SILENCE})"
     if buf.rank == 0 and kind == "mismatch" and (cached is None or cached["ok"] != (not reason)):
         write_cached(path, key, raw is None, raw)
-    _last = P2PVerdict(reason is None, "probe", reason, path, time.perf_counter() - t0)
-    return reason
+    return reason, P2PVerdict(reason is None, "probe", reason, path, time.perf_counter() - t0)
