@@ -163,3 +163,34 @@ def test_device_mismatch_names_both_devices():
     comm.device = torch.device("cuda", 0)
     with pytest.raises(ValueError, match=r"on cpu but the communicator is on cuda:0"):
         tpcomm.matmul_all_reduce(torch.ones(4, 3), torch.ones(3, 5), comm)
+
+
+# ---------------------------------------------------------------- the benchmark CLI
+def test_bench_overlap_cli_runs_on_cpu(tmp_path):
+    out = tmp_path / "overlap.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK",
+                        "LOCAL_WORLD_SIZE")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tpcomm", "bench", "overlap", "-n", "2", "--M", "8,13",
+         "--K", "16", "--N", "24", "--chunks", "3", "--iters", "2", "--reps", "2",
+         "--json", str(out), "--markdown", str(tmp_path / "overlap.md")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["world_size"] == 2 and doc["meta"]["benchmark"] == "overlap"
+    ops = {r["op"] for r in doc["rows"]}
+    assert ops == {"matmul_all_reduce", "matmul_reduce_scatter", "all_gather_matmul"}
+    for r in doc["rows"]:
+        assert r["ok"] and r["times_us"]["gemm"] > 0 and r["times_us"]["tpcomm"] > 0
+        assert r["na"]["torch_async_tp"].startswith("n/a")   # CPU: no symm_mem
+        assert r["chunks_auto"] == 1 and r["chunks_forced"] == 3
+        assert "tpcomm_forced" in r["times_us"]
+    assert "matmul_all_reduce" in stdout and "| M |" in (tmp_path / "overlap.md").read_text()

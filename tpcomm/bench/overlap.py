@@ -1,0 +1,446 @@
+"""``tpcomm bench overlap``: a GEMM and its collective, timed as parts, unfused and overlapped.
+
+    tpcomm bench overlap                                # cpu: 2 ranks, small shapes, seconds
+    tpcomm bench overlap --device cuda -n 1 --chunks 4  # one GPU: the cost of chunking alone
+    torchrun --nproc-per-node 4 -m tpcomm bench overlap --json o.json --markdown o.md
+
+For every op (matmul_all_reduce, matmul_reduce_scatter: a [M, K] x [K, N]; all_gather_matmul:
+a_shard [M/R, N] x [N, K], the up projection fed by a sequence-parallel input) and every M, in
+one run: the GEMM alone, the collective alone, GEMM then collective through torch.distributed
+(NCCL / gloo: the baseline, "unfused"), torch's async-TP fused op (torch.ops.symm_mem, CUDA and
+world > 1 only, else "n/a" and why), tpcomm's overlap op with its own chunk count, and with
+--chunks forced. Only this table shows whether overlap happened: overlapped is below
+unfused, and at best near max(GEMM, collective).
+
+Every variant's result is checked against the unfused one before it is timed. Times are per
+call, the median of --reps repetitions of --iters eager calls (CUDA events on the GPU,
+perf_counter after a barrier on the CPU), the slowest rank's. Not under torchrun it starts
+its own ranks. Exit code: 0 when every result was right, 1 when one was not (or a rank
+failed), 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from .. import reference
+from ..cli import UsageError
+from ..launch import RankFailed, init_rank, spawn, under_torchrun
+from ..overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
+                       overlap_chunks)
+
+OPS = ("matmul_all_reduce", "matmul_reduce_scatter", "all_gather_matmul")
+COLLECTIVE = {"matmul_all_reduce": "all_reduce", "matmul_reduce_scatter": "reduce_scatter",
+              "all_gather_matmul": "all_gather"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# relative tolerance of max|got - ref| against max|ref| (different chunk GEMMs may round
+# differently: a few ulps of bf16's 8-bit mantissa)
+TOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
+# Llama-3-70B at TP 4: down projection [M, 28672/4] x [7168, 8192]
+DEFAULTS = {"cpu": {"m": "64,256", "k": 512, "n": 1024, "dtype": "float32"},
+            "cuda": {"m": "128,512,2048,4096,8192", "k": 7168, "n": 8192, "dtype": "bfloat16"}}
+VARIANTS = ("gemm", "collective", "unfused", "torch_async_tp", "tpcomm", "tpcomm_forced")
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                    "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OverlapBenchConfig:
+    device: str
+    world: int
+    dtype: str
+    ms: tuple
+    k: int
+    n: int
+    ops: tuple
+    chunks: int | None
+    iters: int
+    reps: int
+    warmup: int
+    progress: bool
+    command: str
+    timeout_s: float
+
+
+# ---------------------------------------------------------------- arguments
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return vals
+
+
+def _positive(text: str) -> int:
+    val = int(text)
+    if val < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return val
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """``overlap`` under ``tpcomm bench``."""
+    p = subparsers.add_parser(
+        "overlap", help="GEMM + collective: parts, unfused, torch async-TP, tpcomm overlapped",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", "--nranks", type=_positive,
+                   help="ranks to start (default 2 on cpu, every GPU on cuda); under torchrun "
+                        "the world size is torchrun's")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="default: cuda when a GPU is visible, else cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default float32 cpu, bfloat16 cuda")
+    p.add_argument("--M", type=_int_list, dest="ms",
+                   help=f"GEMM rows (tokens), comma-separated (default {DEFAULTS['cpu']['m']} on "
+                        f"cpu, {DEFAULTS['cuda']['m']} on cuda); rounded up to a multiple of R")
+    p.add_argument("--K", type=_positive, dest="k", help="a's columns per rank (default "
+                   f"{DEFAULTS['cpu']['k']} cpu, {DEFAULTS['cuda']['k']} cuda)")
+    p.add_argument("--N", type=_positive, dest="n", help="b's columns (default "
+                   f"{DEFAULTS['cpu']['n']} cpu, {DEFAULTS['cuda']['n']} cuda); "
+                   "all_gather_matmul uses [M/R, N] x [N, K]")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
+    p.add_argument("--chunks", type=_positive,
+                   help="also time tpcomm with this many chunks forced (default 4 at world 1, "
+                        "where the automatic choice is 1)")
+    p.add_argument("--iters", type=_positive, default=10, help="calls per repetition")
+    p.add_argument("--reps", type=_positive, default=5, help="repetitions (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds the whole run may take when it starts its own ranks")
+    p.add_argument("--json", metavar="FILE", help="every figure and the header as JSON")
+    p.add_argument("--markdown", metavar="FILE.md", help="header and tables as a results file")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=main, parser=p)
+    return p
+
+
+def config_from_args(args) -> OverlapBenchConfig:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA GPU")
+    d = DEFAULTS[device]
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if args.nranks is not None and args.nranks != world:
+            raise UsageError(f"-n {args.nranks}, but torchrun started {world} ranks")
+    elif device == "cpu":
+        world = args.nranks or 2
+    else:
+        gpus = torch.cuda.device_count()
+        world = args.nranks or gpus
+        if world > gpus:
+            raise UsageError(f"-n {world} ranks need {world} GPUs; {gpus} visible")
+    ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
+    bad = [o for o in ops if o not in OPS]
+    if bad or not ops:
+        raise UsageError(f"--ops {args.ops!r}: choose among {', '.join(OPS)}")
+    if args.warmup < 0 or not args.timeout > 0:
+        raise UsageError("--warmup must be >= 0 and --timeout > 0")
+    ms = args.ms or _int_list(d["m"])
+    ms = tuple(dict.fromkeys(-(-m // world) * world for m in ms))
+    chunks = args.chunks if args.chunks is not None else (4 if world == 1 else None)
+    return OverlapBenchConfig(
+        device=device, world=world, dtype=args.dtype or d["dtype"], ms=ms,
+        k=args.k or d["k"], n=args.n or d["n"], ops=ops, chunks=chunks, iters=args.iters,
+        reps=args.reps, warmup=args.warmup, progress=not args.no_progress,
+        command=shlex.join(["tpcomm", *getattr(args, "argv", ["bench", "overlap"])]),
+        timeout_s=args.timeout)
+
+
+# ---------------------------------------------------------------- one rank
+def _symm_mem_reason(device, world) -> str | None:
+    """Why torch's async-TP ops cannot run here (None: they can)."""
+    if device.type != "cuda":
+        return "n/a: torch async-TP (symm_mem) needs CUDA"
+    if world == 1:
+        return "n/a: torch async-TP needs world > 1"
+    if not hasattr(torch.ops, "symm_mem") or not hasattr(torch.ops.symm_mem,
+                                                         "fused_matmul_reduce_scatter"):
+        return f"n/a: torch {torch.__version__} has no torch.ops.symm_mem fused ops"
+    try:
+        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+        enable_symm_mem_for_group(dist.group.WORLD.group_name)
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return f"n/a: enable_symm_mem_for_group failed: {type(e).__name__}: {e}"
+    return None
+
+
+def _inputs(op, M, K, N, R, rank, dtype, device):
+    g = torch.Generator().manual_seed(1000 * M + rank)
+    if op == "all_gather_matmul":   # [M/R, N] x [N, K]
+        a = torch.randn(M // R, N, generator=g) / N ** 0.5
+        b = torch.randn(N, K, generator=g)
+    else:
+        a = torch.randn(M, K, generator=g) / K ** 0.5
+        b = torch.randn(K, N, generator=g)
+    return a.to(device, dtype), b.to(device, dtype)
+
+
+def _variants(op, a, b, comm, R, chunks_auto, forced, async_tp_why):
+    """name -> callable returning the op's result, or a string: why it does not run."""
+    coll = COLLECTIVE[op]
+    group_name = dist.group.WORLD.group_name
+    rows_out = a.shape[0] // R if op == "matmul_reduce_scatter" else a.shape[0]
+    if op == "all_gather_matmul":
+        gathered = torch.empty(R * a.shape[0], a.shape[1], dtype=a.dtype, device=a.device)
+        reference.all_gather(a, gathered)
+        gemm_in, coll_in = gathered, a
+    else:
+        gemm_in, coll_in = a, a @ b
+    coll_out = {"all_reduce": lambda: torch.empty_like(coll_in),
+                "reduce_scatter": lambda: torch.empty(rows_out, coll_in.shape[1],
+                                                      dtype=a.dtype, device=a.device),
+                "all_gather": lambda: torch.empty_like(gathered)}[coll]
+
+    if coll == "all_reduce":   # in place on zeros: no copy timed, and the values stay 0
+        zeros = torch.zeros_like(coll_in)
+
+        def collective():
+            return reference.all_reduce(zeros, zeros)
+    else:
+        def collective():
+            return getattr(reference, coll)(coll_in, coll_out())
+
+    def unfused():
+        if op == "all_gather_matmul":
+            g = torch.empty_like(gathered)
+            reference.all_gather(a, g)
+            return g @ b
+        y = a @ b
+        return getattr(reference, coll)(y, y if coll == "all_reduce" else coll_out())
+
+    fused = {"matmul_all_reduce": matmul_all_reduce, "matmul_reduce_scatter":
+             matmul_reduce_scatter, "all_gather_matmul": all_gather_matmul}[op]
+    out = {"gemm": lambda: gemm_in @ b, "collective": collective, "unfused": unfused,
+           "tpcomm": lambda: fused(a, b, comm, chunks=chunks_auto)}
+    if forced is not None:
+        out["tpcomm_forced"] = lambda: fused(a, b, comm, chunks=forced)
+    if op == "matmul_all_reduce":
+        out["torch_async_tp"] = "n/a: torch has no fused matmul + all-reduce"
+    elif async_tp_why:
+        out["torch_async_tp"] = async_tp_why
+    elif op == "matmul_reduce_scatter":
+        out["torch_async_tp"] = lambda: torch.ops.symm_mem.fused_matmul_reduce_scatter(
+            a, b, "sum", 0, group_name)
+    else:
+        out["torch_async_tp"] = lambda: torch.ops.symm_mem.fused_all_gather_matmul(
+            a, [b], 0, group_name, return_A=False)[1][0]
+    return out
+
+
+def _time_us(fn, config, device) -> float:
+    """Median over reps of the time per call, the slowest rank's, in microseconds."""
+    cuda = device.type == "cuda"
+    for _ in range(config.warmup):
+        fn()
+    samples = []
+    for _ in range(config.reps):
+        dist.barrier()
+        if cuda:
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(config.iters):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3 / config.iters)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(config.iters):
+                fn()
+            samples.append((time.perf_counter() - t0) * 1e6 / config.iters)
+    t = torch.tensor([statistics.median(samples)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _mismatch(got: torch.Tensor, ref: torch.Tensor, tol: float, device) -> float:
+    """max|got - ref| / max|ref|, the worst rank's (inf for a shape mismatch or NaN)."""
+    if got.shape != ref.shape:
+        err = float("inf")
+    else:
+        scale = float(ref.float().abs().max()) or 1.0
+        err = float((got.float() - ref.float()).abs().max()) / scale
+        err = float("inf") if err != err else err
+    t = torch.tensor([err], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _row(op, M, config, comm, device, rank, async_tp_why) -> dict:
+    R, K, N = config.world, config.k, config.n
+    dtype = DTYPES[config.dtype]
+    a, b = _inputs(op, M, K, N, R, rank, dtype, device)
+    gk, gn = (N, K) if op == "all_gather_matmul" else (K, N)
+    auto = overlap_chunks(COLLECTIVE[op], M, gk, gn, R, dtype, device.type)
+    fns = _variants(op, a, b, comm, R, auto, config.chunks, async_tp_why)
+    ref = fns["unfused"]()
+    row = {"op": op, "M": M, "K": gk, "N": gn, "world": R, "chunks_auto": auto,
+           "chunks_forced": config.chunks, "times_us": {}, "na": {}, "rel_err": {}, "ok": True}
+    for name in VARIANTS:
+        fn = fns.get(name)
+        if fn is None:
+            continue
+        if isinstance(fn, str):
+            row["na"][name] = fn
+            continue
+        if name not in ("gemm", "collective", "unfused"):
+            try:
+                err = _mismatch(fn(), ref, TOL[config.dtype], device)
+            except Exception as e:  # noqa: BLE001 - async-TP may fail on a setup; say why
+                if name != "torch_async_tp":
+                    raise
+                row["na"][name] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                continue
+            row["rel_err"][name] = err
+            if not err <= TOL[config.dtype]:
+                row["ok"] = False
+                continue
+        row["times_us"][name] = _time_us(fn, config, device)
+    t = row["times_us"]
+    for name in ("tpcomm", "tpcomm_forced", "torch_async_tp"):
+        if name in t and "unfused" in t:
+            row[f"x_unfused_{name}"] = t["unfused"] / t[name]
+    return row
+
+
+def rank_main(rank: int, world: int, config: OverlapBenchConfig) -> dict:
+    os.environ.update(NO_MULTICAST_ENV)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    device = init_rank(config.device, rank, max(1, (os.cpu_count() or 1) // local))
+    from ..communicator import Communicator
+    comm = Communicator(device=device)
+    rows = []
+    try:
+        why = _symm_mem_reason(device, world)
+        for op in config.ops:
+            for M in config.ms:
+                rows.append(_row(op, M, config, comm, device, rank, why))
+                if rank == 0 and config.progress:
+                    r = rows[-1]
+                    print(f"[{op} M={M}] " + ", ".join(f"{k} {v:.1f} us" for k, v in
+                                                       r["times_us"].items()),
+                          file=sys.stderr, flush=True)
+        meta = None
+        if rank == 0:
+            from .meta import system_info
+            meta = system_info(device, torch.get_num_threads())
+            meta.update({"benchmark": "overlap", "command": config.command, "world_size": world,
+                         "dtype": config.dtype, "device": config.device,
+                         "comm_backend": comm.backend_name,
+                         "baseline": f"torch.distributed ({dist.get_backend()})",
+                         "config": dataclasses.asdict(config)})
+        return {"meta": meta, "rows": rows}
+    finally:
+        comm.close()
+        dist.destroy_process_group()
+
+
+def run(config: OverlapBenchConfig) -> dict:
+    if under_torchrun():
+        return rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), config)
+    return spawn(rank_main, config.world, config, timeout_s=config.timeout_s)[0]
+
+
+# ---------------------------------------------------------------- report
+def _table(rows: list[dict], op: str, forced) -> tuple[list, list]:
+    head = ["M", "K", "N", "GEMM (us)", "collective (us)", "unfused (us)",
+            "torch async-TP (us)", "tpcomm (us)", "chunks", "x unfused"]
+    if forced is not None:
+        head += [f"tpcomm {forced} chunks (us)", "x unfused "]
+    body = []
+    for r in (r for r in rows if r["op"] == op):
+        t = r["times_us"]
+
+        def cell(name):
+            if name in t:
+                return f"{t[name]:.1f}"
+            if name in r["na"]:
+                return "n/a"
+            return "WRONG" if name in r["rel_err"] else "-"
+        x = r.get("x_unfused_tpcomm")
+        cells = [str(r["M"]), str(r["K"]), str(r["N"]), cell("gemm"), cell("collective"),
+                 cell("unfused"), cell("torch_async_tp"), cell("tpcomm"), str(r["chunks_auto"]),
+                 f"{x:.2f}" if x else "-"]
+        if forced is not None:
+            xf = r.get("x_unfused_tpcomm_forced")
+            cells += [cell("tpcomm_forced"), f"{xf:.2f}" if xf else "-"]
+        body.append(cells)
+    return head, body
+
+
+def _notes(rows: list[dict], op: str) -> list[str]:
+    """Why a variant did not run (once per reason)."""
+    return list(dict.fromkeys(f"{name}: {why}" for r in rows if r["op"] == op
+                              for name, why in r["na"].items()))
+
+
+def _header(meta: dict) -> list[str]:
+    v = ", ".join(f"{k} {val}" for k, val in meta["versions"].items())
+    return [f"date: {meta['date']}", f"hardware: {meta['hardware']}", f"versions: {v}",
+            f"world {meta['world_size']}, {meta['dtype']}, tpcomm backend "
+            f"{meta['comm_backend']}, baseline {meta['baseline']}",
+            f"command: {meta['command']}"]
+
+
+def format_text(meta: dict, rows: list[dict]) -> str:
+    forced = meta["config"]["chunks"]
+    lines = ["# tpcomm bench overlap"] + [f"# {h}" for h in _header(meta)]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        head, body = _table(rows, op, forced)
+        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+        lines += ["", f"# {op} (times per call, us; x unfused = unfused / tpcomm)",
+                  "  ".join(h.rjust(w) for h, w in zip(head, widths))]
+        lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
+        lines += [f"  {note}" for note in _notes(rows, op)]
+    return "\n".join(lines) + "\n"
+
+
+def format_markdown(meta: dict, rows: list[dict]) -> str:
+    forced = meta["config"]["chunks"]
+    out = ["# tpcomm bench overlap", ""] + [f"- {h}" for h in _header(meta)] + [""]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        head, body = _table(rows, op, forced)
+        out += [f"## {op}", "", "| " + " | ".join(h.strip() for h in head) + " |",
+                "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body] + [""]
+        out += [f"- {note}" for note in _notes(rows, op)] + [""]
+    return "\n".join(out)
+
+
+def main(args) -> int:
+    config = config_from_args(args)
+    try:
+        result = run(config)
+    except RankFailed as e:
+        print(f"tpcomm bench overlap: {e}", file=sys.stderr)
+        return 1
+    rows = result["rows"]
+    if result["meta"] is not None:
+        meta = result["meta"]
+        sys.stdout.write(format_text(meta, rows))
+        sys.stdout.flush()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+                f.write("\n")
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(format_markdown(meta, rows))
+    wrong = [f"{r['op']} M={r['M']}: {n} (rel. error {e:.3g})" for r in rows
+             for n, e in r["rel_err"].items() if not e <= TOL[config.dtype]]
+    if wrong:
+        print(f"tpcomm bench overlap: wrong results: {'; '.join(wrong)}", file=sys.stderr)
+        return 1
+    return 0
