@@ -19,6 +19,21 @@ fitted to measured times (tpcomm.cost_data) by least squares on the *relative* e
 parameter kept >= 0. The network terms are not fitted (no NIC exists on our machines): the NIC's
 bandwidth and latency are inputs, with an assumed efficiency.
 
+tpcomm's own kernels (tpcomm/kernels/*.py) are modelled apart from the NCCL / symm_mem-style
+terms above, because they move and wait differently; each is a + (N-1)·l + link bytes·b + local
+bytes·c, with its own constants (S bytes, bf16):
+
+    tpcomm_one_shot_push  stores S into each of N-1 peers' slots (data carries its flag: one
+                          one-way latency, no barrier); local: polls and sums N·S
+    tpcomm_one_shot_pull  signal-pad barrier, reads N-1 peer buffers; local: S copied in
+    tpcomm_two_shot       pushes slices into the owners' RS slots, then the owner pushes its
+                          reduced slice to every peer: 2(N-1)/N·S on the link, two latencies
+    tpcomm_ring           float32 partials in the reduce-scatter (2x the bf16 bytes), then the
+                          all-gather: 3(N-1)/N·S on the link, 2(N-1) dependent steps
+    shared                (k-1)·r for k > 1 rounds of the push region (tpcomm/cuda/backend.py);
+                          eager calls pay k·e_host (a host-launched round each; per host);
+                          (chunks-1)·p for the chunked two-shot variants (two_shot_v2/v4)
+
 Flat NCCL across nodes (for comparison): a ring over all N·M GPUs, N rings in parallel each
 crossing nodes through its own NIC, so the ring's bus bandwidth is min(NCCL's intra-node one,
 the node's total NIC bandwidth), and 2M of its 2(NM-1) steps pay the NIC latency.
@@ -31,7 +46,7 @@ import re
 
 import torch
 
-from . import cost_data
+from . import cost_data, cost_data_tpcomm
 
 US_PER_BYTE_AT_1GBS = 1e-3          # 1 GB/s = 1e3 bytes per microsecond
 
@@ -191,9 +206,19 @@ class Choice:
     detail: str = ""
 
 
+def _intra_rs_ag_us(ch: float, c: Cluster) -> float:
+    """Reduce-scatter + all-gather of ch bytes inside a node: the faster of symm_mem-style
+    two-shot and tpcomm's two-shot push (NVLink only: tpcomm's terms are fitted on NVLink)."""
+    N, p = c.gpus_per_node, c.params
+    t = 2 * half_two_shot_us(ch, N, p, c.link)
+    if c.link == "nvlink":
+        t = min(t, tpcomm_us("tpcomm_two_shot", ch, N))
+    return t
+
+
 def two_level_us(S: int, c: Cluster, inter: str = "ring") -> Choice:
     """Best pipelined two-level time over power-of-two chunk sizes from 256 KiB to S."""
-    N, Mn, p = c.gpus_per_node, c.nodes, c.params
+    N, Mn = c.gpus_per_node, c.nodes
     cross = nic_ring_us if inter == "ring" else nic_tree_us
     best = None
     chunk = 256 * K
@@ -204,7 +229,7 @@ def two_level_us(S: int, c: Cluster, inter: str = "ring") -> Choice:
     sizes.append(S)
     for ch in sizes:
         k = math.ceil(S / ch)
-        intra = 2 * half_two_shot_us(ch, N, p, c.link) if N > 1 else 0.0
+        intra = _intra_rs_ag_us(ch, c) if N > 1 else 0.0
         x = cross(ch / N, Mn, c.nic, N)
         t = intra + x + (k - 1) * max(intra, x)
         if best is None or t < best.time_us - 1e-9:
@@ -245,6 +270,8 @@ def candidates(S: int, c: Cluster) -> list[Choice]:
         out.append(Choice("one_shot", one_shot_us(S, N, p, c.link)))
         out.append(Choice("two_shot", two_shot_us(S, N, p, c.link)))
         out.append(flat_nccl_us(S, c))
+        if c.link == "nvlink":
+            out += [Choice(a, tpcomm_us(a, S, N)) for a in TPCOMM_ALGORITHMS]
     else:
         out.append(two_level_us(S, c, "ring"))
         out.append(two_level_us(S, c, "tree"))
@@ -393,4 +420,153 @@ def error_table(rows=None, *, leave_one_out: bool = True) -> list[dict]:
             except ValueError:
                 row["loo_error"] = float("nan")
         out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------- tpcomm's kernels
+TPCOMM_ALGORITHMS = ("tpcomm_one_shot_push", "tpcomm_one_shot_pull", "tpcomm_two_shot",
+                     "tpcomm_ring")
+# Bytes one launch round covers (tpcomm/cuda/backend.py, Layout.make with PUSH_ROUND_BYTES =
+# 8 MiB: rs_slot = 8 MiB / N, push_buf = 2 N rs_slot = 16 MiB): two-shot N·rs_slot = 8 MiB;
+# one-shot push push_buf / N = 4 MiB at N = 4 (kept for every N); ring push_buf / (4 + 2 bytes)
+# elements of bf16 = 16/3 MiB. Larger calls run in ceil(S / round) rounds.
+TPCOMM_ROUND_BYTES = {"tpcomm_one_shot_push": 4 * M, "tpcomm_one_shot_pull": 4 * M,
+                      "tpcomm_two_shot": 8 * M, "tpcomm_ring": 16 * M // 3}
+_SHARED = ("chunk_us", "round_us", "eager_round_us[x2]", "eager_round_us[x4]")
+
+
+def _tpcomm_bytes(algorithm: str, S: float, N: int) -> tuple[float, float]:
+    """(bytes a GPU stores over NVLink, bytes it polls / reduces / copies locally)."""
+    if algorithm == "tpcomm_one_shot_push":
+        return (N - 1) * S, N * S
+    if algorithm == "tpcomm_one_shot_pull":
+        return (N - 1) * S, S
+    if algorithm == "tpcomm_two_shot":
+        return 2 * (N - 1) / N * S, S
+    if algorithm == "tpcomm_ring":
+        return 3 * (N - 1) / N * S, S
+    raise ValueError(f"unknown tpcomm algorithm {algorithm!r}")
+
+
+def host_of(config: str) -> str:
+    """'x2' for a file measured on the 2-GPU machine, else 'x4' (the 4-GPU machine)."""
+    return "x2" if "h200x2" in config else "x4"
+
+
+def _tpcomm_features(algorithm: str, N: int, S: float, mode: str = "graph", chunks: int = 1,
+                     host: str = "x4") -> list[float]:
+    """Columns: (a, l, b, c) per algorithm in TPCOMM_ALGORITHMS order, then _SHARED."""
+    i = TPCOMM_ALGORITHMS.index(algorithm)
+    link, local = _tpcomm_bytes(algorithm, S, N)
+    f = [0.0] * (4 * len(TPCOMM_ALGORITHMS))
+    f[4 * i: 4 * i + 4] = [1.0, N - 1, link, local]
+    k = max(1, math.ceil(S / TPCOMM_ROUND_BYTES[algorithm]))
+    eager = mode == "eager"
+    return f + [chunks - 1, 0 if eager else k - 1, k if eager and host == "x2" else 0,
+                k if eager and host == "x4" else 0]
+
+
+def tpcomm_points(rows=None) -> list[tuple]:
+    """(file, gpus, algorithm, mode, nbytes, time_us, variant) of tpcomm's kernels that the fit
+    uses: graph rows, and eager rows from 32 MiB on (as for the baselines)."""
+    rows = cost_data_tpcomm.ROWS if rows is None else rows
+    return [r for r in rows if r[2] in TPCOMM_ALGORITHMS and (r[3] == "graph" or r[4] >= 32 * M)]
+
+
+def _chunks(variant: str) -> int:
+    return int(variant.rsplit("_v", 1)[1]) if "_v" in (variant or "") else 1
+
+
+def fit_tpcomm(rows=None) -> list[float]:
+    """Every tpcomm constant, by non-negative least squares on the relative error."""
+    pts = tpcomm_points(rows)
+    if not pts:
+        raise ValueError("no tpcomm measurements to fit")
+    return _fit_linear([(_tpcomm_features(r[2], r[1], r[4], r[3], _chunks(r[6]), host_of(r[0])),
+                         r[5]) for r in pts])
+
+
+# Fitted by fit_tpcomm() to tpcomm/cost_data_tpcomm.py, i.e. benchmarks/results/
+# timing-h200x2-w2-2026-11-22.json, timing-h200x4-w2-2026-11-22.json,
+# timing-h200x4-w4-2026-11-22.json, gpu-h200x2-2026-11-22.json, gpu-h200x4-2026-11-22.json and
+# gpu-h200x4-2026-11-22-graph-final.json (test_cost_model checks that a refit gives these).
+# (a us, l us per peer, b us per link byte, c us per local byte); GB/s = 1e-3 / b.
+TPCOMM_H200 = {
+    "tpcomm_one_shot_push": (2.58, 0.858, 2.73e-06, 4.36e-07),
+    "tpcomm_one_shot_pull": (5.01, 0.593, 3.13e-06, 1.41e-07),
+    "tpcomm_two_shot": (3.15, 1.39, 3.32e-06, 0.0),
+    "tpcomm_ring": (2.08, 2.69, 1.27e-06, 2.43e-06),
+    "shared": (0.566, 8.52, 9.49, 25.0),        # _SHARED, in us
+}
+
+
+def tpcomm_vector(table: dict = TPCOMM_H200) -> list[float]:
+    return [v for a in TPCOMM_ALGORITHMS for v in table[a]] + list(table["shared"])
+
+
+def tpcomm_table(x: list[float]) -> dict:
+    n = len(TPCOMM_ALGORITHMS)
+    out = {a: tuple(x[4 * i: 4 * i + 4]) for i, a in enumerate(TPCOMM_ALGORITHMS)}
+    out["shared"] = tuple(x[4 * n:])
+    return out
+
+
+def tpcomm_us(algorithm: str, S: float, N: int, x: list[float] | None = None,
+              mode: str = "graph", chunks: int = 1, host: str = "x4") -> float:
+    """Predicted time of one of tpcomm's kernels (graph replays unless ``mode="eager"``)."""
+    x = tpcomm_vector() if x is None else x
+    f = _tpcomm_features(algorithm, N, S, mode, chunks, host)
+    return sum(a * b for a, b in zip(f, x))
+
+
+def describe_tpcomm(x: list[float] | None = None) -> str:
+    t = tpcomm_table(tpcomm_vector() if x is None else x)
+    gbs = lambda b: US_PER_BYTE_AT_1GBS / b if b > 0 else float("inf")  # noqa: E731
+    lines = [f"{a}: {v[0]:.2f} us + {v[1]:.2f} us per peer, link {gbs(v[2]):.0f} GB/s, local "
+             f"{gbs(v[3]):.0f} GB/s" for a, v in t.items() if a != "shared"]
+    lines.append("shared: " + ", ".join(f"{n} {v:.2f}" for n, v in zip(_SHARED, t["shared"])))
+    return "\n".join(lines)
+
+
+def _tp_pred(r: tuple, x: list[float]) -> float:
+    return tpcomm_us(r[2], r[4], r[1], x, r[3], _chunks(r[6]), host_of(r[0]))
+
+
+def tpcomm_error_table(rows=None, *, held_out: bool = True) -> list[dict]:
+    """tpcomm's measurements with the prediction and error; ``held_out`` adds ``loso_error``
+    (every row of that size left out of the fit) and ``world_error`` (fitted on the other world
+    size only)."""
+    pts = tpcomm_points(rows)
+    x = fit_tpcomm(rows) if rows is not None else tpcomm_vector()
+    loso, world = {}, {}
+    if held_out:
+        for S in sorted({r[4] for r in pts}):
+            loso[S] = fit_tpcomm([r for r in pts if r[4] != S])
+        for g in sorted({r[1] for r in pts}):
+            world[g] = fit_tpcomm([r for r in pts if r[1] != g])
+    out = []
+    for r in pts:
+        pred = _tp_pred(r, x)
+        row = {"config": r[0], "gpus": r[1], "algorithm": r[2] + (f"[{r[6][-2:]}]" if r[6] else
+                                                                   ""),
+               "mode": r[3], "nbytes": r[4], "measured_us": r[5], "predicted_us": pred,
+               "error": (pred - r[5]) / r[5]}
+        if held_out:
+            row["loso_error"] = (_tp_pred(r, loso[r[4]]) - r[5]) / r[5]
+            row["world_error"] = (_tp_pred(r, world[r[1]]) - r[5]) / r[5]
+        out.append(row)
+    return out
+
+
+def crosscheck_table(p: Params | None = None) -> list[dict]:
+    """NCCL and torch symm_mem rows measured next to tpcomm's (tpcomm/cost_data_tpcomm.py),
+    predicted by the baseline terms fitted to BASELINES.md: not fitted, a check on them."""
+    p = h200() if p is None else p
+    out = []
+    for f, g, a, mode, n, t, _v in cost_data_tpcomm.ROWS:
+        if a not in ("nccl", "one_shot", "two_shot") or (mode == "eager" and n < 32 * M):
+            continue
+        pred = predict_intra(a, n, g, p)
+        out.append({"config": f, "gpus": g, "algorithm": a, "mode": mode, "nbytes": n,
+                    "measured_us": t, "predicted_us": pred, "error": (pred - t) / t})
     return out

@@ -2,7 +2,8 @@
 topology you describe, and how well the model fits the measurements it was fitted to.
 
     tpcomm plan --nodes 8 --gpus-per-node 8 --gpu h200 --nic 8x400Gb/s
-    tpcomm plan --gpus-per-node 4 --measured          # predictions next to the measurements
+    tpcomm plan --gpus-per-node 4 --measured    # predictions next to the measurements
+                                                # (BASELINES.md and tpcomm's own kernels)
     tpcomm plan --gpus-per-node 4 --measured --fit benchmarks/results/gpu-h200x4.json
 """
 from __future__ import annotations
@@ -142,7 +143,7 @@ def format_plan(cluster: cost_model.Cluster, rows: list[dict], gpu: str) -> str:
                      "measured)")
     lines.append("# predicted microseconds per all-reduce (CUDA graph); [chunk]: the two-level "
                  "pipeline's chunk, none: one chunk")
-    width = 17
+    width = max([17] + [len(n) + 2 for n in names])
     head = f"{'size':>8}  {'pick':<15} {'time':>9} {'chunk':>6}" + "".join(
         f"{n:>{width}}" for n in names)
     lines.append("#" + head[1:])
@@ -181,6 +182,42 @@ def format_fit(params: cost_model.Params, table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _worst(rows: list[dict], key: str) -> str:
+    big = [r for r in rows if r["nbytes"] >= 64 << 10 and key in r]
+    if not big:
+        return "-"
+    w = max(big, key=lambda r: abs(r[key]))
+    return (f"{100 * abs(w[key]):.1f}% ({w['config']}, {w['gpus']} GPUs {w['algorithm']} "
+            f"{_fmt_size(w['nbytes'])})")
+
+
+def format_tpcomm_fit(table: list[dict], cross: list[dict]) -> str:
+    """tpcomm's own kernels: prediction next to every measurement; then the NCCL / symm_mem
+    rows of the same runs against the baseline terms (not fitted to them)."""
+    lines = ["# tpcomm kernels: fitted to tpcomm/cost_data_tpcomm.py (from benchmarks/"
+             "results/timing-h200x*.json, gpu-h200x*.json)",
+             *("#   " + s for s in cost_model.describe_tpcomm().splitlines()),
+             "# loso: that size left out of the fit; world: fitted on the other world size only",
+             f"# {'config':<38} {'gpus':>4} {'algorithm':<24} {'mode':<5} {'size':>6} "
+             f"{'measured':>9} {'predicted':>9} {'error':>7} {'loso':>7} {'world':>7}"]
+    for r in table:
+        lines.append(f"  {r['config']:<38} {r['gpus']:>4} {r['algorithm']:<24} {r['mode']:<5} "
+                     f"{_fmt_size(r['nbytes']):>6} {r['measured_us']:>9.2f} "
+                     f"{r['predicted_us']:>9.2f} {100 * r['error']:>+6.1f}% "
+                     f"{100 * r.get('loso_error', math.nan):>+6.1f}% "
+                     f"{100 * r.get('world_error', math.nan):>+6.1f}%")
+    lines.append(f"# tpcomm, sizes >= 64K: largest |error| {_worst(table, 'error')}; "
+                 f"largest |loso| {_worst(table, 'loso_error')}; largest |world| "
+                 f"{_worst(table, 'world_error')} (target: 25%)")
+    lines.append("# cross-check, not fitted: NCCL / symm_mem rows of the same runs, predicted by "
+                 "the terms fitted to BASELINES.md")
+    for fam in ("nccl", "one_shot", "two_shot"):
+        rows = [r for r in cross if r["algorithm"] == fam]
+        lines.append(f"#   {fam}: {len(rows)} rows, largest |error| >= 64K "
+                     f"{_worst(rows, 'error')}")
+    return "\n".join(lines)
+
+
 def run_plan(args) -> int:
     try:
         sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -205,10 +242,14 @@ def run_plan(args) -> int:
                "plan": rows}
         if table is not None:
             doc["fit"] = table
+            doc["tpcomm_fit"] = cost_model.tpcomm_error_table()
+            doc["crosscheck"] = cost_model.crosscheck_table()
         print(json.dumps(doc, indent=1))
         return 0
     print(format_plan(cluster, rows, args.gpu))
     if table is not None:
         print()
         print(format_fit(params, table))
+        print()
+        print(format_tpcomm_fit(cost_model.tpcomm_error_table(), cost_model.crosscheck_table()))
     return 0

@@ -72,7 +72,8 @@ def test_picks_match_the_measured_fastest_within_5_percent():
             measured = {a: t for a, t in measured.items() if t is not None}
             if len(measured) < 3:
                 continue
-            pick = cost_model.plan(n, cost_model.Cluster(1, gpus, p)).algorithm
+            cands = cost_model.candidates(n, cost_model.Cluster(1, gpus, p))
+            pick = [c for c in cands if c.algorithm in measured][0].algorithm
             assert measured[pick] <= 1.05 * min(measured.values()), (gpus, n, pick, measured)
 
 
@@ -161,3 +162,63 @@ def test_plan_is_a_tpcomm_subcommand(capsys):
     with pytest.raises(SystemExit) as e:        # a usage error: message and exit code 2
         main(["plan", "--nodes", "2"])
     assert e.value.code == 2 and "needs --nic" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- tpcomm's kernels
+def test_tpcomm_fit_is_within_25_percent_of_every_recorded_point_from_64k():
+    """Every tpcomm kernel row of benchmarks/results (tpcomm/cost_data_tpcomm.py), 2 and 4 GPUs,
+    graph and eager >= 32 MiB, predicted by the constants kept in the code."""
+    table = cost_model.tpcomm_error_table(held_out=False)
+    big = [r for r in table if r["nbytes"] >= 64 * K]
+    assert len(big) >= 150 and {r["gpus"] for r in big} == {2, 4}
+    assert {r["algorithm"].split("[")[0] for r in big} == set(cost_model.TPCOMM_ALGORITHMS)
+    worst = max(big, key=lambda r: abs(r["error"]))
+    assert abs(worst["error"]) <= TARGET, worst
+
+
+def test_tpcomm_constants_in_the_code_are_the_fit():
+    fitted, kept = cost_model.fit_tpcomm(), cost_model.tpcomm_vector()
+    for f, k in zip(fitted, kept):
+        assert f == pytest.approx(k, rel=0.01, abs=1e-9)
+
+
+def test_tpcomm_held_out_size_error_is_reported_and_bounded():
+    """Leave-one-size-out: honest number, 30% at the largest push size (extrapolation)."""
+    big = [r for r in cost_model.tpcomm_error_table() if r["nbytes"] >= 64 * K]
+    assert max(abs(r["loso_error"]) for r in big) <= 0.35
+    assert sorted(abs(r["loso_error"]) for r in big)[int(0.9 * len(big))] <= TARGET
+
+
+def test_tpcomm_check_has_teeth():
+    x = cost_model.tpcomm_vector()
+    i = 4 * cost_model.TPCOMM_ALGORITHMS.index("tpcomm_two_shot") + 2
+    wrong = list(x)
+    wrong[i] /= 2                       # two-shot link twice as fast as fitted
+    errs = [abs(cost_model._tp_pred(r, wrong) - r[5]) / r[5]
+            for r in cost_model.tpcomm_points() if r[2] == "tpcomm_two_shot" and r[4] >= 8 * M]
+    assert max(errs) > TARGET
+
+
+def test_tpcomm_store_bandwidth_is_below_the_link():
+    """The push kernels reach 150-370 GB/s of stores, under NV18's 478 GB/s (BASELINES.md)."""
+    t = cost_model.tpcomm_table(cost_model.tpcomm_vector())
+    for a in ("tpcomm_one_shot_push", "tpcomm_two_shot", "tpcomm_one_shot_pull"):
+        assert 150 < cost_model.US_PER_BYTE_AT_1GBS / t[a][2] <= 478, a
+
+
+def test_planner_picks_one_shot_for_tiny_and_two_level_for_multinode_large():
+    p = cost_model.h200()
+    one = cost_model.Cluster(1, 4, p)
+    assert cost_model.plan(2 * K, one).algorithm == "tpcomm_one_shot_push"
+    assert cost_model.plan(4 * M, one).algorithm in ("tpcomm_two_shot", "two_shot")
+    c = cost_model.Cluster(8, 8, p, cost_model.parse_nic("8x400Gb/s"))
+    big = cost_model.plan(1 * M, c)
+    assert big.algorithm.startswith("two_level")
+    big = cost_model.plan(256 * M, c)
+    assert big.chunk_bytes is None or big.chunk_bytes < 256 * M
+
+
+def test_plan_cli_prints_tpcomm_rows(capsys):
+    out = _plan(["--gpus-per-node", "4", "--measured", "--sizes", "64K"], capsys)
+    assert "timing-h200x4-w4-2026-11-22.json" in out and "tpcomm_one_shot_push" in out
+    assert "largest |loso|" in out and "cross-check" in out
