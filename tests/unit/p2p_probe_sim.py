@@ -28,7 +28,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from gpu_protocol_sim import SimBuffer, run_ranks  # noqa: E402 - also makes triton thread-safe
+from gpu_protocol_sim import (SimBuffer, check_all_reduce, make_group,  # noqa: E402
+                              run_ranks)  # (importing it also makes the interpreter thread-safe)
 from tpcomm.cuda import p2p_check  # noqa: E402
 from tpcomm.kernels import p2p_probe  # noqa: E402
 
@@ -150,10 +151,30 @@ def check_broken(world, bad_rank, bad_peer, wrong_target, shift=0):
     print(f"world {world}: cached failure vetoes without probing", flush=True)
 
 
+def check_as_wired(world):
+    """As make_cuda_backend runs it: on the user region of a backend's buffer, right after
+    set-up; the push and pull kernels work afterwards (the sentinel fill is intact)."""
+    backs, tensors = make_group(world, 16 << 10, 2)
+    layout = backs[0].layout
+    before = [t.clone() for t in tensors]
+    store = ThreadStore(world)
+    out = [None] * world
+    nbytes = min(layout.user, p2p_check.PROBE_BYTES)
+    errs = run_ranks([lambda r=r: out.__setitem__(r, p2p_check.verify_p2p(
+        backs[r].buf, layout.user_off, None, torch.device("cpu"), 30.0, probe_nbytes=nbytes,
+        store=store.bind(r))) for r in range(world)])
+    assert not any(errs) and out == [None] * world, (errs, out)
+    assert all(torch.equal(a, b) for a, b in zip(before, tensors))
+    for salt, algo in enumerate(("one_shot_push", "one_shot_pull", "two_shot")):
+        check_all_reduce(backs, algo, 300, torch.float32, salt)
+    print(f"world {world}: as wired into make_cuda_backend, collectives ok after", flush=True)
+
+
 def main():
     check_kernels_direct(3)
     check_healthy(2)
     check_healthy(4)
+    check_as_wired(2)
     check_broken(3, bad_rank=1, bad_peer=2, wrong_target=0)
     check_broken(2, bad_rank=0, bad_peer=1, wrong_target=0)   # a "peer" mapping to itself
     check_broken(3, bad_rank=2, bad_peer=0, wrong_target=0, shift=64)   # the right GPU, off
