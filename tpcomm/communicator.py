@@ -10,6 +10,7 @@ Shape letters in the docstrings: R = world size, m = rows per rank.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -286,9 +287,11 @@ class Communicator:
         ops = {}
         for (op, algo), (calls, nbytes, secs) in sorted(self._stats.items()):
             ops.setdefault(op, {})[algo] = {"calls": calls, "bytes": nbytes, "seconds": secs}
+        p2p = getattr(self._backend, "p2p_check", None)
         return {"backend": self.backend_name, "world_size": self.world_size, "rank": self.rank,
                 "disabled_reason": self.disabled_reason, "ops": ops,
-                "fallbacks": dict(self._fallbacks)}
+                "fallbacks": dict(self._fallbacks),
+                "p2p_check": dataclasses.asdict(p2p) if p2p is not None else None}
 
     def dump(self) -> str:
         """The flight recorder: the last calls of this Communicator with their state and

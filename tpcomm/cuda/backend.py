@@ -557,7 +557,16 @@ def make_cuda_backend(info: GroupInfo, device: torch.device, max_bytes: int,
     buf = TorchSymmetricBuffer(info, layout.data_bytes, layout.pad_bytes, device, timeout_s,
                                data_fill=0xFF)
     try:
-        return P2PCollectives(buf, layout, timeout_s, max_bytes)
+        # data through every peer mapping before anything relies on it (the user region is
+        # unused at set-up and restored byte for byte); a failure vetoes the fast path
+        from .p2p_check import PROBE_BYTES, last_verdict, verify_p2p
+        why = verify_p2p(buf, layout.user_off, info, device, timeout_s,
+                         probe_nbytes=min(layout.user, PROBE_BYTES))
+        if why:
+            raise TpcommError(why)
+        backend = P2PCollectives(buf, layout, timeout_s, max_bytes)
+        backend.p2p_check = last_verdict()  # ok, source (probe / cache / skipped), reason, s
+        return backend
     except BaseException:
         buf.close()
         raise

@@ -16,5 +16,11 @@ So ``all_reduce_one_shot.py`` holds ``_all_reduce_one_shot_push_kernel`` and
 by the ops. None of these modules touches a process group, an environment variable or the
 Communicator: they take addresses, sizes and ranks, and launch.
 
+Kernels that take ``rank`` do not specialize on it (``do_not_specialize``): Triton would
+otherwise compile a binary of its own for rank 1 (its ``== 1`` specialization). With one binary
+for every rank, ranks share the compile cache, and ranks emulated in one process never load a
+new module while a peer's kernel spins (a module load waits for the running kernels, so that
+would stall until the timeout).
+
 Importing this package does not import Triton; importing one of its modules does.
 """

@@ -14,7 +14,7 @@ from ._lamport import poll_one, push, sanitize, typed
 from .barrier import is_dead, now_ns, record_error
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])
 def _all_gather_push_kernel(
         inp_ptr, out_ptr, c, out_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
         counter_ptr, err_ptr, err_host, rank, timeout_ns,

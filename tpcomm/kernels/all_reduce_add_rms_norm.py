@@ -38,7 +38,7 @@ from .barrier import OP_ADD_RMS_NORM, is_dead, now_ns, record_error
 MAX_H = 16384
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])
 def _all_reduce_add_rms_norm_one_shot_push_kernel(
         x_ptr, res_ptr, w_ptr, normed_ptr, rows, H, eps,
         recv_addrs, my_recv_addr, buf_stride, slot_stride,

@@ -27,7 +27,7 @@ from ._lamport import clear_slots, poll_sum, push, sanitize, typed
 from .barrier import NPHASE, blockwise_barrier, is_dead, now_ns, record_error
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])
 def _all_reduce_one_shot_push_kernel(
         inp_ptr, out_ptr, n, recv_addrs, my_recv_addr, buf_stride, slot_stride,
         counter_ptr, err_ptr, err_host, rank, timeout_ns,
@@ -56,7 +56,7 @@ def _all_reduce_one_shot_push_kernel(
     tl.store(counter_ptr + pid, epoch)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])
 def _all_reduce_one_shot_pull_kernel(
         inp_ptr, out_ptr, n, src_addrs, my_src_addr, slot_bytes, pad_addrs, my_pad_addr,
         counter_ptr, err_ptr, err_host, rank, timeout_ns,

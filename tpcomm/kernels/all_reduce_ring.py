@@ -28,7 +28,7 @@ from ._lamport import poll_one, push, sanitize, typed
 from .barrier import is_dead, now_ns, record_error
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])
 def _all_reduce_ring_push_kernel(
         inp_ptr, out_ptr, n, sl, next_addr, my_recv_addr, buf_stride, ag_off,
         counter_ptr, err_ptr, err_host, rank, timeout_ns,

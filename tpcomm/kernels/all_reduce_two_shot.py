@@ -28,7 +28,7 @@ from ._lamport import clear_slots, poll_one, poll_sum, push, sanitize, typed
 from .barrier import is_dead, now_ns, record_error
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])
 def _all_reduce_two_shot_push_kernel(
         inp_ptr, out_ptr, n, sl, recv_addrs, my_recv_addr, buf_stride, rs_slot_stride, ag_off,
         counter_ptr, err_ptr, err_host, rank, timeout_ns,

@@ -154,7 +154,7 @@ def blockwise_barrier(pad_addrs, my_pad_addr, slot, epoch, rank, err_ptr, err_ho
     return dead
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])
 def _barrier_kernel(pad_addrs, my_pad_addr, counter_ptr, err_ptr, err_host, rank, timeout_ns,
                     SLOT: tl.constexpr, R: tl.constexpr, RP: tl.constexpr):
     epoch = tl.load(counter_ptr) + 1

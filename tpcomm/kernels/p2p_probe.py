@@ -49,7 +49,7 @@ def pattern(writer, reader, idx, nonce):
     return x.to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])
 def _p2p_probe_write_kernel(probe_addrs, slot_words, rank, nonce, R: tl.constexpr,
                             BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -59,7 +59,7 @@ def _p2p_probe_write_kernel(probe_addrs, slot_words, rank, nonce, R: tl.constexp
         tl.store(dst, pattern(offs * 0 + rank, q, offs, nonce), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])
 def _p2p_probe_read_kernel(probe_addrs, my_probe_addr, slot_words, rank, nonce, counts_ptr,
                            R: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -15,7 +15,7 @@ from ._lamport import clear_slots, poll_sum, push, sanitize
 from .barrier import is_dead, now_ns, record_error
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])
 def _reduce_scatter_push_kernel(
         inp_ptr, out_ptr, c, in_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
         counter_ptr, err_ptr, err_host, rank, timeout_ns,
