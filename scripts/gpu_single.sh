@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# What ONE GPU can check (device kind nvidia-h200), in one device call:
+#   emulated  R ranks as streams of one GPU: every kernel (incl. the fused add + RMSNorm), exact
+#             sums, bitwise across ranks, CUDA-graph soak with changed inputs, a stalled rank
+#   gputests  tests/gpu (the multi-GPU ones skip, visibly; the world-1 ones run)
+#   overlap   tpcomm bench overlap at world 1: GEMM alone against the chunked GEMM
+#   check     tpcomm check
+# Usage: OUT=/tmp/out bash scripts/gpu_single.sh [step ...]   (default: every step)
+# Logs go to $OUT/<step>.log; JSON where a step writes one. Multicast stays off.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
+OUT=${OUT:-/tmp/tpcomm-gpu-single}
+mkdir -p "$OUT"
+STEPS=${*:-"emulated gputests overlap check"}
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', \
+triton.__version__, 'nccl', torch.cuda.nccl.version(), 'cuda', torch.version.cuda)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "== $name rc=$rc $((SECONDS - t0))s"
+}
+for s in $STEPS; do
+  case $s in
+    emulated) step emulated 480 python3 scripts/gpu_emulated_ranks.py --json "$OUT/emulated.json" ;;
+    gputests) step gputests 120 python3 -m pytest -q -rs -p no:cacheprovider --timeout 200 tests/gpu ;;
+    overlap) step overlap 240 python3 -m tpcomm bench overlap --device cuda -n 1 --chunks 4 --json "$OUT/overlap.json" \
+               --markdown "$OUT/overlap.md" ;;
+    check) step check 60 python3 -m tpcomm check ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
