@@ -82,6 +82,7 @@ class Communicator:
         self.device = self._pick_device(device)
         self._is_cuda = self.device.type == "cuda"
         self._debug = settings.debug
+        self._fused_norm = settings.fused_norm
         self._lock = threading.Lock()
         self._closed = False
         self._backend = None
@@ -238,12 +239,12 @@ class Communicator:
         x, residual: [..., H] of one dtype; weight: [H]. ``x`` is reduced in place. Returns
         (normed, residual); see ``tpcomm.reference.add_rms_norm`` for the exact arithmetic.
 
-        Routing: where the all-reduce of x would run on tpcomm's GPU kernels (calls captured in
-        a CUDA graph, or a kernel algorithm forced) and H <= 16384, one fused kernel does all
-        three steps (``kernels/all_reduce_add_rms_norm.py``; stats name it
-        ``one_shot_push_fused``): x and residual come out bitwise equal to the unfused path,
-        normed within one rounding of it. Elsewhere (CPU, NCCL, gloo) it is the all-reduce
-        followed by the epilogue as torch ops.
+        Routing: with TPCOMM_FUSED_NORM=1 (experimental, off by default), where the
+        all-reduce of x would run on tpcomm's GPU kernels (calls captured in a CUDA graph, or a
+        kernel algorithm forced) and H <= 16384, one fused kernel does all three steps
+        (``kernels/all_reduce_add_rms_norm.py``; stats name it ``one_shot_push_fused``): x and
+        residual come out bitwise equal to the unfused path, normed within one rounding of it.
+        Otherwise it is the all-reduce (tpcomm's path) followed by the epilogue as torch ops.
         """
         self._check_tensor("all_reduce_add_rms_norm", x)
         for name, t in (("residual", residual), ("weight", weight)):
@@ -453,7 +454,7 @@ class Communicator:
         """The fused all-reduce + add + RMSNorm kernel takes the call: the all-reduce would
         run on the GPU kernels, x is float16/bfloat16/float32 and a row fits one block."""
         fn = getattr(self._backend, "all_reduce_add_rms_norm", None)
-        if fn is None or algorithm in ("torch", "two_level", "local") or x.dim() == 0:
+        if not self._fused_norm or fn is None or algorithm in ("torch", "two_level", "local") or x.dim() == 0:
             return False
         if not epilogue[1].is_contiguous():
             return False

@@ -109,6 +109,11 @@ class Settings:
     # TPCOMM_CACHE_DIR: where per-machine verdicts are kept (the P2P check's), so a machine
     # whose P2P is known broken falls back at once instead of probing again at every start.
     cache_dir: str = "~/.cache/tpcomm"
+    # TPCOMM_FUSED_NORM=1: let all_reduce_add_rms_norm run as one fused kernel where the
+    # all-reduce would run on the GPU kernels. Off by default until it has passed on several
+    # GPUs: on one GPU with emulated ranks it timed out when a call needed two rounds
+    # (benchmarks/results/gpu-h200x1-emulated-2026-12-02.md).
+    fused_norm: bool = False
 
 
 def _read() -> Settings:
@@ -121,6 +126,7 @@ def _read() -> Settings:
         local_world_size=_int_or_none("TPCOMM_LOCAL_WORLD_SIZE"),
         nccl_p2p_disable=_bool("NCCL_P2P_DISABLE", False),
         p2p_check=_bool("TPCOMM_P2P_CHECK", True),
+        fused_norm=_bool("TPCOMM_FUSED_NORM", False),
         cache_dir=os.path.expanduser(os.environ.get("TPCOMM_CACHE_DIR") or "~/.cache/tpcomm"),
     )
 

@@ -175,6 +175,7 @@ class P2PCollectives:
         # 16-byte vectors per thread in one tile, per kernel (tile = num_warps * 32 * vecs
         # vectors); more vectors per tile keep more bytes in flight per block
         self.vecs = {"one_shot_push": 1, "two_shot": 1, "ring": 1, "direct": 1}
+        self.fused_norm_warps: int | None = None   # None: from the hidden size
         self._kw_cache: dict = {}
         self._closed = False
         self._is_cuda = self.device.type == "cuda"
@@ -402,7 +403,8 @@ class P2PCollectives:
         x2, r2, n2 = x.view(rows, hidden), residual.view(rows, hidden), normed.view(rows, hidden)
         kw = self._kw(x.dtype, "one_shot_push")
         # a whole row per block: more warps for wide rows (8192 -> 16 warps, 16 values each)
-        warps = min(32, max(self.num_warps, triton.next_power_of_2(hidden) // 512))
+        warps = self.fused_norm_warps or min(32, max(self.num_warps,
+                                                     triton.next_power_of_2(hidden) // 512))
         with self._dev():
             for lo in range(0, rows, per_round):
                 hi = min(rows, lo + per_round)

@@ -1,0 +1,375 @@
+"""tpcomm's GPU kernels with R emulated ranks on ONE GPU: correctness, graphs, soak, fused norm.
+
+Each emulated rank is a :class:`tpcomm.cuda.backend.P2PCollectives` over its own buffer on the
+same GPU (``tpcomm.memory.emulated``) and launches on its own CUDA stream, so the R ranks'
+kernels run at the same time and talk through the same push/poll/flag protocol they use over
+NVLink. What this shows: the kernels compile for the GPU, give exact sums and bitwise-equal
+results across ranks on the GPU's memory model, survive CUDA-graph capture and replays with
+changed inputs, and a stalled rank raises instead of hanging. What it does not show: NVLink,
+separate processes, or speed against NCCL (all ranks share one GPU's SMs and memory).
+
+    python scripts/gpu_emulated_ranks.py [--worlds 2,4] [--soak-ops 100000] [--json FILE]
+
+Exit status 1 on any wrong element.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+# every kernel loaded when CUDA starts: a lazy module load waits for the running kernels, and an
+# emulated rank's kernel spins until the next rank's kernel (launched after it) runs
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from tpcomm.errors import PeerTimeoutError  # noqa: E402
+from tpcomm.memory.emulated import make_emulated_group  # noqa: E402
+from tpcomm.reference import add_rms_norm  # noqa: E402
+from tpcomm.testing import exact  # noqa: E402
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ALGOS = ("one_shot_push", "one_shot_pull", "two_shot", "ring")
+GRID = 16          # blocks per rank: 4 ranks x 16 blocks stay resident on 132 SMs
+DEV = torch.device("cuda", 0)
+
+
+class Ranks:
+    """R emulated ranks: backends and one stream each; ``run`` launches fn(r) on rank r's
+    stream for every r, then (outside capture) joins the streams to the current one."""
+
+    def __init__(self, world, max_bytes, timeout_s=20.0):
+        self.world = world
+        self.backs, self.tensors = make_emulated_group(world, max_bytes, GRID, device=DEV,
+                                                       timeout_s=timeout_s)
+        self.streams = [torch.cuda.Stream(DEV) for _ in range(world)]
+
+    def run(self, fn):
+        main = torch.cuda.current_stream(DEV)
+        start = torch.cuda.Event()
+        start.record(main)
+        for r, s in enumerate(self.streams):
+            s.wait_event(start)
+            with torch.cuda.stream(s):
+                fn(r)
+        for s in self.streams:
+            ev = torch.cuda.Event()
+            ev.record(s)
+            main.wait_event(ev)
+
+    def check(self):
+        torch.cuda.synchronize(DEV)
+        for b in self.backs:
+            b.check(sync=True)
+
+
+def _want_sum(numel, world, dtype, salt, offset=0):
+    return sum(exact(numel + offset, r, torch.float64, salt, device=DEV)[offset:]
+               for r in range(world)).to(dtype)
+
+
+def correctness(g: Ranks, failures: list, tally: dict):
+    world = g.world
+    salt = 1000 * world
+    sizes = [1, 7, 16, 300, 2048 + 5, 5000, 65536 + 37, (3 << 20) + 11]
+    for dtype in DTYPES:
+        for algo in ALGOS:
+            for numel in sizes:
+                salt += 1
+                off = salt % 3
+                ins = [exact(numel + off, r, dtype, salt, device=DEV)[off:] for r in range(world)]
+                outs = [torch.full((numel + off + 8,), 77.0, dtype=dtype, device=DEV)
+                        for _ in range(world)]
+                views = [o[off:off + numel] for o in outs]
+                g.run(lambda r: g.backs[r].all_reduce(ins[r], views[r], algo))
+                g.check()
+                want = _want_sum(numel, world, dtype, salt, off)
+                for r in range(world):
+                    ok = (torch.equal(views[r], want) and bool(torch.all(outs[r][:off] == 77))
+                          and bool(torch.all(outs[r][off + numel:] == 77)))
+                    tally["checked"] += 1
+                    if not ok:
+                        failures.append(f"all_reduce {algo} {dtype} n={numel} rank {r}")
+        for c in (1, 33, 4096 + 3, 300_001):
+            salt += 1
+            ins = [exact(world * c, r, dtype, salt, device=DEV).view(world, c)
+                   for r in range(world)]
+            outs = [torch.full((c,), 5.0, dtype=dtype, device=DEV) for _ in range(world)]
+            g.run(lambda r: g.backs[r].reduce_scatter(ins[r], outs[r]))
+            gin = [exact(c, r, dtype, salt + 1, device=DEV) for r in range(world)]
+            gout = [torch.full((world, c), 5.0, dtype=dtype, device=DEV) for _ in range(world)]
+            g.run(lambda r: g.backs[r].all_gather(gin[r], gout[r]))
+            g.check()
+            full = _want_sum(world * c, world, dtype, salt).view(world, c)
+            for r in range(world):
+                tally["checked"] += 2
+                if not torch.equal(outs[r], full[r]):
+                    failures.append(f"reduce_scatter {dtype} c={c} rank {r}")
+                if not torch.equal(gout[r], torch.stack(gin)):
+                    failures.append(f"all_gather {dtype} c={c} rank {r}")
+    return salt
+
+
+FUSED_SHAPES = ((1, 8192), (8, 8192), (64, 8192), (3, 4097), (5, 99), (700, 4096))
+
+
+def fused_suite(world, failures, tally):
+    """The fused kernel on a fresh group per dtype: every shape, then every shape again."""
+    salt = 50_000
+    for dtype in DTYPES:
+        g = Ranks(world, 8 << 20, timeout_s=5.0)
+        try:
+            for _ in range(2):
+                for rows, hidden in FUSED_SHAPES:
+                    salt += 1
+                    fused_norm(g, rows, hidden, dtype, salt, failures, tally)
+        except PeerTimeoutError as e:
+            failures.append(f"fused suite {dtype} world {world}: {str(e)[:200]}")
+
+
+def fused_after_other_ops(g: Ranks, failures, tally):
+    """One fused call on a group that already ran every other kernel (the last use of ``g``:
+    a timeout breaks it)."""
+    try:
+        fused_norm(g, 1, 8192, torch.bfloat16, 77, failures, tally)
+        tally[f"fused_after_other_ops_w{g.world}"] = "ok"
+    except PeerTimeoutError as e:
+        tally[f"fused_after_other_ops_w{g.world}"] = f"timed out: {str(e)[:160]}"
+        failures.append(f"fused add_rms_norm after the other kernels on one group: {e}")
+
+
+def fused_norm(g: Ranks, rows, hidden, dtype, salt, failures, tally):
+    world = g.world
+    xs = [exact(rows * hidden, r, dtype, salt, device=DEV).view(rows, hidden)
+          for r in range(world)]
+    res0 = exact(rows * hidden, 7, dtype, salt + 1, device=DEV).view(rows, hidden)
+    w = (exact(hidden, 3, torch.float32, salt, device=DEV) / 8).to(dtype)
+    ress = [res0.clone() for _ in range(world)]
+    normed = [torch.full((rows, hidden), 9.0, dtype=dtype, device=DEV) for _ in range(world)]
+    g.run(lambda r: g.backs[r].all_reduce_add_rms_norm(xs[r], ress[r], w, 1e-6, normed[r]))
+    g.check()
+    want_x = _want_sum(rows * hidden, world, dtype, salt).view(rows, hidden)
+    want_n, want_r = add_rms_norm(want_x.clone(), res0.clone(), w, 1e-6)
+    tol = 2e-5 if dtype == torch.float32 else 1.6e-2
+    for r in range(world):
+        tally["checked"] += 1
+        err = (normed[r].float() - want_n.float()).abs().max().item()
+        scale = want_n.float().abs().max().item() + 1e-6
+        if not (torch.equal(xs[r], want_x) and torch.equal(ress[r], want_r)
+                and err <= tol * scale and torch.equal(normed[r], normed[0])):
+            failures.append(f"fused add_rms_norm {dtype} {rows}x{hidden} rank {r} "
+                            f"(normed max err {err:.3g} of {scale:.3g})")
+    tally["fused_norm_max_rel_err"] = max(tally.get("fused_norm_max_rel_err", 0.0), err / scale)
+
+
+def graph_soak(g: Ranks, algo, ops_target, failures, tally, seed):
+    """Capture a graph of 50 all-reduces of random sizes at odd offsets of one flat tensor per
+    rank, replay it with new inputs until ``ops_target`` calls ran, check every output of
+    every replay (exact sums, bitwise)."""
+    world = g.world
+    rng = random.Random(seed)
+    per_graph = 50
+    sizes = [rng.choice([rng.randint(1, 4096), rng.randint(4096, 1 << 18)])
+             for _ in range(per_graph)]
+    offs = [0]
+    for n in sizes:
+        offs.append(offs[-1] + n + rng.randint(0, 7))
+    total = offs[-1]
+    dtype = torch.bfloat16
+    in_flat = [torch.empty(total, dtype=dtype, device=DEV) for _ in range(world)]
+    out_flat = [torch.empty(total, dtype=dtype, device=DEV) for _ in range(world)]
+    ins = [[t[o:o + n] for o, n in zip(offs, sizes)] for t in in_flat]
+    outs = [[t[o:o + n] for o, n in zip(offs, sizes)] for t in out_flat]
+    covered = torch.zeros(total, dtype=torch.bool, device=DEV)
+    for o, n in zip(offs, sizes):
+        covered[o:o + n] = True
+
+    def body():
+        for i in range(per_graph):
+            g.run(lambda r: g.backs[r].all_reduce(ins[r][i], outs[r][i], algo))
+
+    def fill(salt):
+        for r in range(world):
+            in_flat[r].copy_(exact(total, r, dtype, salt, device=DEV))
+            out_flat[r].fill_(3.0)
+
+    fill(seed)
+    body()          # warm up (compiles every size) outside the capture
+    g.check()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    replays = max(1, ops_target // per_graph)
+    wrong = 0
+    for k in range(replays):
+        salt = seed + 7 * (k + 1)
+        fill(salt)
+        graph.replay()
+        want = torch.where(covered, _want_sum(total, world, dtype, salt),
+                           torch.full((total,), 3.0, dtype=dtype, device=DEV))
+        for r in range(world):
+            if not torch.equal(out_flat[r], want):
+                bad = (out_flat[r] != want).nonzero()[:1].item()
+                wrong += 1
+                if len(failures) < 50:
+                    failures.append(f"graph soak {algo} replay {k} rank {r} first bad "
+                                    f"element {bad}")
+        if k % 50 == 49:
+            g.check()
+    g.check()
+    tally[f"soak_graph_{algo}_w{world}"] = {"ops": replays * per_graph,
+                                            "replays_with_a_wrong_rank": wrong}
+
+
+def p2p_probe_case(world, failures, tally):
+    """The data-moving P2P probe kernels (``kernels/p2p_probe.py``) on the GPU: a healthy
+    mapping reads back no wrong word; a table whose entry for rank 1 points at rank 0's area
+    (a mapping that does not reach the peer) is caught and names rank 1."""
+    from tpcomm.kernels import p2p_probe
+    nbytes = 64 << 10
+    areas = [torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=DEV) for _ in range(world)]
+    addrs = tuple(a.data_ptr() for a in areas)
+    words = p2p_probe.slot_words(nbytes, world)
+    result = {}
+    broken = (addrs[0], addrs[0]) + addrs[2:]   # rank 0's entry for rank 1 is its own area
+    for label, table in (("healthy", addrs), ("broken", broken)):
+        for a in areas:
+            a.fill_(0xFF)
+        nonce = 12345 if label == "healthy" else 777
+        for r in range(world):
+            p2p_probe.p2p_probe_write(addrs if r != 0 else table, words, r, nonce)
+        torch.cuda.synchronize(DEV)
+        counts = [torch.empty(2 * world, dtype=torch.int32, device=DEV) for _ in range(world)]
+        for r in range(world):
+            p2p_probe.p2p_probe_read(addrs if r != 0 else table, words, r, nonce, counts[r])
+        torch.cuda.synchronize(DEV)
+        result[label] = [c.view(2, world).tolist() for c in counts]
+    healthy_ok = all(v == 0 for c in result["healthy"] for row in c for v in row)
+    broken_seen = any(v for c in result["broken"] for row in c for v in row)
+    if not healthy_ok:
+        failures.append(f"p2p probe: healthy mapping read wrong words {result['healthy']}")
+    if not broken_seen:
+        failures.append(f"p2p probe: a broken mapping went unnoticed {result['broken']}")
+    tally["p2p_probe"] = result
+
+
+def timeout_case(world, failures, tally):
+    g = Ranks(world, 1 << 20, timeout_s=0.5)
+    x = exact(4096, 0, torch.bfloat16, device=DEV)
+    t0 = time.perf_counter()
+    with torch.cuda.stream(g.streams[0]):
+        g.backs[0].all_reduce(x, x.clone(), "one_shot_push")     # the peers never come
+    try:
+        g.backs[0].check(sync=True)
+        failures.append("stalled peer: no PeerTimeoutError")
+    except PeerTimeoutError as e:
+        tally["timeout"] = {"raised_after_s": round(time.perf_counter() - t0, 3),
+                            "timeout_s": 0.5, "message": str(e)[:200]}
+
+
+def fused_timing(g: Ranks, tally):
+    """Indicative only (all ranks on one GPU): fused kernel vs all-reduce + torch add + norm,
+    graph replays of 100 calls, microseconds per call."""
+    world = g.world
+    res = {}
+    for rows in (1, 8, 64):
+        hidden, dtype = 8192, torch.bfloat16
+        xs = [exact(rows * hidden, r, dtype, 5, device=DEV).view(rows, hidden)
+              for r in range(world)]
+        ress = [exact(rows * hidden, 7, dtype, 6, device=DEV).view(rows, hidden)
+                for _ in range(world)]
+        w = torch.ones(hidden, dtype=dtype, device=DEV)
+        normed = [torch.empty_like(xs[0]) for _ in range(world)]
+
+        def fused():
+            g.run(lambda r: g.backs[r].all_reduce_add_rms_norm(xs[r], ress[r], w, 1e-6,
+                                                               normed[r]))
+
+        def unfused():
+            def one(r):
+                g.backs[r].all_reduce(xs[r], xs[r], "one_shot_push")
+                add_rms_norm(xs[r], ress[r], w, 1e-6)
+            g.run(one)
+
+        for name, fn in (("fused", fused), ("unfused", unfused)):
+            fn()
+            torch.cuda.synchronize(DEV)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(100):
+                    fn()
+            graph.replay()
+            torch.cuda.synchronize(DEV)
+            times = []
+            for _ in range(5):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                graph.replay()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) * 1000 / 100)
+            res[f"{name}_rows{rows}_us"] = round(sorted(times)[2], 2)
+        g.check()
+    tally[f"fused_norm_timing_w{world}_emulated"] = res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worlds", default="2,4")
+    ap.add_argument("--soak-ops", type=int, default=100_000, help="graph soak ops per algorithm")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    failures: list[str] = []
+    tally: dict = {"checked": 0, "device": torch.cuda.get_device_name(DEV),
+                   "torch": torch.__version__}
+    import triton
+    tally["triton"] = triton.__version__
+    t_start = time.perf_counter()
+    for world in [int(w) for w in args.worlds.split(",")]:
+        g = Ranks(world, 8 << 20, timeout_s=5.0)
+        t0 = time.perf_counter()
+        try:
+            correctness(g, failures, tally)
+        except PeerTimeoutError as e:
+            failures.append(f"correctness world {world}: {str(e)[:200]}")
+            continue
+        print(f"world {world}: correctness {time.perf_counter() - t0:.1f}s, "
+              f"{len(failures)} failures so far", flush=True)
+        if world == max(int(w) for w in args.worlds.split(",")):
+            for i, algo in enumerate(ALGOS):
+                t0 = time.perf_counter()
+                graph_soak(g, algo, args.soak_ops, failures, tally, seed=10_000 * (i + 1))
+                print(f"world {world}: graph soak {algo}: "
+                      f"{tally[f'soak_graph_{algo}_w{world}']} in "
+                      f"{time.perf_counter() - t0:.1f}s", flush=True)
+            fused_timing(Ranks(world, 8 << 20, timeout_s=5.0), tally)
+            print(json.dumps(tally[f"fused_norm_timing_w{world}_emulated"]), flush=True)
+        t0 = time.perf_counter()
+        fused_suite(world, failures, tally)
+        print(f"world {world}: fused suite {time.perf_counter() - t0:.1f}s, "
+              f"{len(failures)} failures so far", flush=True)
+        fused_after_other_ops(g, failures, tally)
+        print(f"world {world}: fused after other ops: "
+              f"{tally[f'fused_after_other_ops_w{world}']}", flush=True)
+    p2p_probe_case(4, failures, tally)
+    timeout_case(2, failures, tally)
+    tally["failures"] = failures
+    tally["seconds"] = round(time.perf_counter() - t_start, 1)
+    print(json.dumps({k: v for k, v in tally.items() if k != "failures"}, indent=1))
+    print(f"{len(failures)} failures", *failures[:20], sep="\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(tally, f, indent=1)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
