@@ -37,6 +37,7 @@ from ..cli import UsageError
 from ..launch import RankFailed, init_rank, spawn, under_torchrun
 from ..overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
                        overlap_chunks)
+from .args import resolve_device, resolve_world
 
 OPS = ("matmul_all_reduce", "matmul_reduce_scatter", "all_gather_matmul")
 COLLECTIVE = {"matmul_all_reduce": "all_reduce", "matmul_reduce_scatter": "reduce_scatter",
@@ -126,21 +127,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> OverlapBenchConfig:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but torch sees no CUDA GPU")
+    device = resolve_device(args.device)
     d = DEFAULTS[device]
-    if under_torchrun():
-        world = int(os.environ["WORLD_SIZE"])
-        if args.nranks is not None and args.nranks != world:
-            raise UsageError(f"-n {args.nranks}, but torchrun started {world} ranks")
-    elif device == "cpu":
-        world = args.nranks or 2
-    else:
-        gpus = torch.cuda.device_count()
-        world = args.nranks or gpus
-        if world > gpus:
-            raise UsageError(f"-n {world} ranks need {world} GPUs; {gpus} visible")
+    world = resolve_world(args.nranks, device)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
     bad = [o for o in ops if o not in OPS]
     if bad or not ops:

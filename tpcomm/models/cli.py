@@ -18,10 +18,9 @@ import os
 import shlex
 import sys
 
-import torch
-
+from ..bench.args import resolve_device, resolve_world
 from ..cli import UsageError
-from ..launch import RankFailed, under_torchrun
+from ..launch import RankFailed
 from .bench import DTYPES, ModelBenchConfig, run
 from .comm import COMM_CHOICES
 from .llama import CONFIGS
@@ -125,21 +124,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args) -> ModelBenchConfig:
     """Check the arguments and resolve the defaults; UsageError says what is wrong."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but torch sees no CUDA GPU")
+    device = resolve_device(args.device)
     d = DEFAULTS[device]
-    if under_torchrun():
-        world = int(os.environ["WORLD_SIZE"])
-        if args.nranks is not None and args.nranks != world:
-            raise UsageError(f"-n {args.nranks}, but torchrun started {world} ranks")
-    elif device == "cpu":
-        world = args.nranks or 2
-    else:
-        gpus = torch.cuda.device_count()
-        world = args.nranks or gpus
-        if world > gpus:
-            raise UsageError(f"-n {world} ranks need {world} GPUs; {gpus} visible")
+    world = resolve_world(args.nranks, device)
     comms = tuple(c.strip() for c in (args.comm or ",".join(COMM_CHOICES[device])).split(","))
     bad = [c for c in comms if c not in COMM_CHOICES[device]]
     if bad or not comms:
