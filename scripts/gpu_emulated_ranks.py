@@ -170,11 +170,12 @@ def fused_norm(g: Ranks, rows, hidden, dtype, salt, failures, tally):
     tally["fused_norm_max_rel_err"] = max(tally.get("fused_norm_max_rel_err", 0.0), err / scale)
 
 
-def graph_soak(g: Ranks, algo, ops_target, failures, tally, seed):
-    """Capture a graph of 50 all-reduces of random sizes at odd offsets of one flat tensor per
-    rank, replay it with new inputs until ``ops_target`` calls ran, check every output of
-    every replay (exact sums, bitwise)."""
+def soak(g: Ranks, algo, ops_target, failures, tally, seed, graph_mode=True):
+    """50 all-reduces of random sizes at odd offsets of one flat tensor per rank, captured in a
+    graph and replayed (``graph_mode``) or launched eagerly, with new inputs every time, until
+    ``ops_target`` calls ran; every output of every round checked (exact sums, bitwise)."""
     world = g.world
+    mode = "graph" if graph_mode else "eager"
     rng = random.Random(seed)
     per_graph = 50
     sizes = [rng.choice([rng.randint(1, 4096), rng.randint(4096, 1 << 18)])
@@ -204,15 +205,17 @@ def graph_soak(g: Ranks, algo, ops_target, failures, tally, seed):
     fill(seed)
     body()          # warm up (compiles every size) outside the capture
     g.check()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
+    if graph_mode:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+    run = graph.replay if graph_mode else body
     replays = max(1, ops_target // per_graph)
     wrong = 0
     for k in range(replays):
         salt = seed + 7 * (k + 1)
         fill(salt)
-        graph.replay()
+        run()
         want = torch.where(covered, _want_sum(total, world, dtype, salt),
                            torch.full((total,), 3.0, dtype=dtype, device=DEV))
         for r in range(world):
@@ -220,13 +223,13 @@ def graph_soak(g: Ranks, algo, ops_target, failures, tally, seed):
                 bad = (out_flat[r] != want).nonzero()[:1].item()
                 wrong += 1
                 if len(failures) < 50:
-                    failures.append(f"graph soak {algo} replay {k} rank {r} first bad "
+                    failures.append(f"{mode} soak {algo} round {k} rank {r} first bad "
                                     f"element {bad}")
         if k % 50 == 49:
             g.check()
     g.check()
-    tally[f"soak_graph_{algo}_w{world}"] = {"ops": replays * per_graph,
-                                            "replays_with_a_wrong_rank": wrong}
+    tally[f"soak_{mode}_{algo}_w{world}"] = {"ops": replays * per_graph,
+                                             "rounds_with_a_wrong_rank": wrong}
 
 
 def p2p_probe_case(world, failures, tally):
@@ -325,6 +328,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worlds", default="2,4")
     ap.add_argument("--soak-ops", type=int, default=100_000, help="graph soak ops per algorithm")
+    ap.add_argument("--eager-soak-ops", type=int, default=100_000,
+                    help="eager soak ops per algorithm")
     ap.add_argument("--json")
     args = ap.parse_args()
     failures: list[str] = []
@@ -344,12 +349,14 @@ def main():
         print(f"world {world}: correctness {time.perf_counter() - t0:.1f}s, "
               f"{len(failures)} failures so far", flush=True)
         if world == max(int(w) for w in args.worlds.split(",")):
-            for i, algo in enumerate(ALGOS):
-                t0 = time.perf_counter()
-                graph_soak(g, algo, args.soak_ops, failures, tally, seed=10_000 * (i + 1))
-                print(f"world {world}: graph soak {algo}: "
-                      f"{tally[f'soak_graph_{algo}_w{world}']} in "
-                      f"{time.perf_counter() - t0:.1f}s", flush=True)
+            for mode, ops in (("graph", args.soak_ops), ("eager", args.eager_soak_ops)):
+                for i, algo in enumerate(ALGOS):
+                    t0 = time.perf_counter()
+                    soak(g, algo, ops, failures, tally, seed=10_000 * (i + 1),
+                         graph_mode=mode == "graph")
+                    print(f"world {world}: {mode} soak {algo}: "
+                          f"{tally[f'soak_{mode}_{algo}_w{world}']} in "
+                          f"{time.perf_counter() - t0:.1f}s", flush=True)
             fused_timing(Ranks(world, 8 << 20, timeout_s=5.0), tally)
             print(json.dumps(tally[f"fused_norm_timing_w{world}_emulated"]), flush=True)
         t0 = time.perf_counter()

@@ -22,7 +22,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .barrier import _bit_or, lowest_bit, now_ns
+from .barrier import _bit_or, is_dead, lowest_bit, now_ns
+
+
+@triton.jit
+def prologue(counter_ptr, err_ptr, buf_stride):
+    """The first lines of every kernel with per-block epochs: (pid, G, epoch, buf_off, dead,
+    t0): this block's epoch (its counter + 1; the kernel stores it back at its end), the offset
+    of the region of that epoch (regions alternate, ``buf_stride`` bytes apart), whether this
+    rank already recorded an error, and the start of the wait bound."""
+    pid = tl.program_id(0)
+    epoch = tl.load(counter_ptr + pid) + 1
+    return pid, tl.num_programs(0), epoch, (epoch % 2) * buf_stride, is_dead(err_ptr), now_ns()
 
 
 @triton.jit

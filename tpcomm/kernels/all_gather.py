@@ -10,8 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._lamport import poll_one, push, sanitize, typed
-from .barrier import is_dead, now_ns, record_error
+from ._lamport import poll_one, prologue, push, sanitize, typed
+from .barrier import record_error
 
 
 @triton.jit(do_not_specialize=["rank"])
@@ -20,12 +20,7 @@ def _all_gather_push_kernel(
         counter_ptr, err_ptr, err_host, rank, timeout_ns,
         R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
         ITEM: tl.constexpr):
-    pid = tl.program_id(0)
-    G = tl.num_programs(0)
-    epoch = tl.load(counter_ptr + pid) + 1
-    buf_off = (epoch % 2) * buf_stride
-    dead = is_dead(err_ptr)
-    t0 = now_ns()
+    pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     for start in range(pid * BLOCK, c, G * BLOCK):
         offs = start + tl.arange(0, BLOCK)

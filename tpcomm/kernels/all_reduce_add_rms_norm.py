@@ -30,8 +30,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._lamport import clear_slots, poll_sum, push, sanitize
-from .barrier import is_dead, now_ns, record_error
+from ._lamport import clear_slots, poll_sum, prologue, push, sanitize
+from .barrier import record_error
 
 # Largest hidden size handled by one block (16384 bf16 = 32 KiB per row, 64 float32 values per
 # thread at 8 warps): above it registers spill and the unfused path is as fast.
@@ -46,12 +46,7 @@ def _all_reduce_add_rms_norm_one_shot_push_kernel(
         counter_ptr, err_ptr, err_host, rank, timeout_ns,
         R: tl.constexpr, BLOCK_H: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
         ITEM: tl.constexpr):
-    pid = tl.program_id(0)
-    G = tl.num_programs(0)
-    epoch = tl.load(counter_ptr + pid) + 1
-    buf_off = (epoch % 2) * buf_stride
-    dead = is_dead(err_ptr)
-    t0 = now_ns()
+    pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_H)
     cm = cols < H

@@ -23,8 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._lamport import clear_slots, poll_sum, push, sanitize, typed
-from .barrier import NPHASE, blockwise_barrier, is_dead, now_ns, record_error
+from ._lamport import clear_slots, poll_sum, prologue, push, sanitize, typed
+from .barrier import NPHASE, blockwise_barrier, record_error
 
 
 @triton.jit(do_not_specialize=["rank"])
@@ -33,12 +33,7 @@ def _all_reduce_one_shot_push_kernel(
         counter_ptr, err_ptr, err_host, rank, timeout_ns,
         R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
         ITEM: tl.constexpr):
-    pid = tl.program_id(0)
-    G = tl.num_programs(0)
-    epoch = tl.load(counter_ptr + pid) + 1
-    buf_off = (epoch % 2) * buf_stride
-    dead = is_dead(err_ptr)
-    t0 = now_ns()
+    pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     for start in range(pid * BLOCK, n, G * BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -65,12 +60,7 @@ def _all_reduce_one_shot_pull_kernel(
     MODE 1: zero-copy, inp is at the same offset of every rank's buffer (src_addrs), out apart.
     MODE 2: zero-copy in place: results go to the staging slot (my_src_addr), then to out
     after the closing barrier."""
-    pid = tl.program_id(0)
-    G = tl.num_programs(0)
-    epoch = tl.load(counter_ptr + pid) + 1
-    slot_off = (epoch % 2) * slot_bytes
-    dead = is_dead(err_ptr)
-    t0 = now_ns()
+    pid, G, epoch, slot_off, dead, t0 = prologue(counter_ptr, err_ptr, slot_bytes)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     if MODE == 0:
         stage = typed(my_src_addr + slot_off, DTYPE)

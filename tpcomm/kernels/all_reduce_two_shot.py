@@ -24,8 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._lamport import clear_slots, poll_one, poll_sum, push, sanitize, typed
-from .barrier import is_dead, now_ns, record_error
+from ._lamport import clear_slots, poll_one, poll_sum, prologue, push, sanitize, typed
+from .barrier import record_error
 
 
 @triton.jit(do_not_specialize=["rank"])
@@ -34,12 +34,7 @@ def _all_reduce_two_shot_push_kernel(
         counter_ptr, err_ptr, err_host, rank, timeout_ns,
         R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
         ITEM: tl.constexpr):
-    pid = tl.program_id(0)
-    G = tl.num_programs(0)
-    epoch = tl.load(counter_ptr + pid) + 1
-    buf_off = (epoch % 2) * buf_stride
-    dead = is_dead(err_ptr)
-    t0 = now_ns()
+    pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     ntiles = tl.cdiv(sl, BLOCK)
     # a. scatter my input: slice q goes to RS slot `rank` of rank q
