@@ -103,3 +103,41 @@ def test_needs_initialized_torch_distributed(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     with pytest.raises(tpcomm.TpcommError, match="init_process_group"):
         tpcomm.Communicator()
+
+
+class _FusedNormBackend:
+    """Stands in for the GPU backend: records the fused call instead of launching a kernel."""
+    broken = None
+
+    def __init__(self):
+        self.calls = []
+
+    def fused_norm_max_hidden(self):
+        return 16384
+
+    def all_reduce_add_rms_norm(self, x, residual, weight, eps, normed):
+        self.calls.append(tuple(x.shape))
+        normed.fill_(7.0)
+
+
+def test_fused_norm_routing_is_opt_in_and_limited_to_gpu_kernel_algorithms(comm):
+    x = torch.ones(2, 8)
+    w = torch.ones(8)
+    epi = (torch.zeros(2, 8), w, 1e-6)
+    saved = comm._backend, comm._fused_norm
+    try:
+        comm._backend = _FusedNormBackend()
+        comm._fused_norm = False                  # TPCOMM_FUSED_NORM unset: never fused
+        assert not comm._should_fuse_norm("one_shot", x, epi)
+        comm._fused_norm = True
+        assert comm._should_fuse_norm("one_shot", x, epi)
+        assert comm._should_fuse_norm("two_shot", x, epi)
+        for algo in ("torch", "two_level", "local"):   # NCCL / gloo, across nodes, world 1
+            assert not comm._should_fuse_norm(algo, x, epi)
+        assert not comm._should_fuse_norm("one_shot", torch.ones(2, 16385),
+                                          (torch.zeros(2, 16385), torch.ones(16385), 1e-6))
+        assert not comm._should_fuse_norm("one_shot", x, (epi[0], torch.ones(16)[::2], 1e-6))
+        comm._backend = object()                  # a backend without the fused kernel (CPU)
+        assert not comm._should_fuse_norm("one_shot", x, epi)
+    finally:
+        comm._backend, comm._fused_norm = saved
