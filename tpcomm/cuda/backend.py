@@ -53,7 +53,8 @@ from ..group import GroupInfo, GroupStore
 from ..kernels import (all_gather as k_all_gather, all_reduce_add_rms_norm as k_add_norm,
                        all_reduce_one_shot as k_one_shot,
                        all_reduce_ring as k_ring, all_reduce_two_shot as k_two_shot,
-                       barrier as k_barrier, reduce_scatter as k_reduce_scatter)
+                       barrier as k_barrier, matmul_reduce_scatter_fused as k_matmul_rs,
+                       reduce_scatter as k_reduce_scatter)
 
 log = logging.getLogger("tpcomm")
 
@@ -438,6 +439,51 @@ class P2PCollectives:
                     i, o, o.numel(), inp.stride(0), self._push_addrs, self._my_push, L.push_buf,
                     L.rs_slot // item, self._counters[FAM_PUSH], self._err_dev, self._err_host,
                     self.rank, self.timeout_ns, **self._kw(out.dtype))
+
+    def matmul_reduce_scatter(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                              **gemm) -> None:
+        """out = rows ``rank`` of sum over ranks of ``a @ b``: a [M, K], b [K, N] (any
+        strides), out [M/world, N] contiguous, one dtype. Per round of ``rows`` rows of every
+        owner's block (``rows * N`` fits a push slot) the GEMM pushes its tiles to their owners
+        and the receive kernel sums them (``kernels/matmul_reduce_scatter_fused.py``). The
+        round's rows of ``a`` are read in place (row and owner-block strides), not copied.
+        ``gemm``: tile options of the GEMM launcher (block_m, block_n, block_k, num_warps...)."""
+        self._begin()
+        R = self.world
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+            raise ValueError(f"matmul_reduce_scatter needs a [M, K] and b [K, N], got "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+        M, K = a.shape
+        N = b.shape[1]
+        if M % R:
+            raise ValueError(f"matmul_reduce_scatter: M = {M} rows do not split over {R} ranks")
+        m = M // R
+        if tuple(out.shape) != (m, N) or not out.is_contiguous():
+            raise ValueError(f"matmul_reduce_scatter needs a contiguous out of shape {(m, N)}, "
+                             f"got {tuple(out.shape)} with strides {out.stride()}")
+        if not (a.dtype == b.dtype == out.dtype):
+            raise ValueError(f"matmul_reduce_scatter needs one dtype, got {a.dtype}, {b.dtype}, "
+                             f"{out.dtype}")
+        if m == 0 or N == 0:
+            return
+        L = self.layout
+        slot = L.push_buf // R // out.element_size()
+        if N > slot:
+            raise ValueError(f"matmul_reduce_scatter: a row of {N} elements does not fit the "
+                             f"push slot of {slot}")
+        per_round = slot // N
+        kw = self._kw(out.dtype)
+        with self._dev():
+            for lo in range(0, m, per_round):
+                hi = min(m, lo + per_round)
+                k_matmul_rs.matmul_reduce_scatter_push(
+                    a[lo:], b, hi - lo, N, K, a.stride(0), a.stride(1), m * a.stride(0),
+                    self._push_addrs, self._counters[FAM_PUSH], L.push_buf, slot, self.rank,
+                    itype=kw["itype"], canon=kw["canon"], **gemm)
+                k_matmul_rs.reduce_scatter_receive(
+                    out[lo:hi], (hi - lo) * N, self._my_push, L.push_buf, slot,
+                    self._counters[FAM_PUSH], self._err_dev, self._err_host, R, self.rank,
+                    self.timeout_ns, **kw)
 
     def all_gather(self, inp: torch.Tensor, out: torch.Tensor,
                    algorithm: str = "direct") -> None:

@@ -1,0 +1,103 @@
+"""The fused GEMM + reduce-scatter (``kernels/matmul_reduce_scatter_fused.py``) on the CPU, through
+Triton's interpreter, with ranks as threads (the harness of gpu_protocol_sim.py).
+
+Checks the routing of every tile to its owner's slot (tiles that straddle two owners, odd
+M / N / K, strided a and b), the rounds, the epoch the GEMM borrows from the push family, and
+that the receive regions are left clean: every push region holds the sentinel afterwards, and
+plain all-reduces through the same backends stay exact. Inputs are small integers, so every
+sum is exact in float32 and bf16 and the result must equal torch's bitwise. Says nothing about
+speed, the GPU memory model or the GPU compile of ``tl.dot``.
+
+    TRITON_INTERPRET=1 python tests/unit/fused_gemm_sim.py
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+
+import torch  # noqa: E402
+
+from gpu_protocol_sim import check_all_reduce, make_group, run_ranks  # noqa: E402
+from tpcomm.testing import exact  # noqa: E402
+
+TILE = dict(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)
+
+
+def small(shape, seed, dtype):
+    """Integers in [-2, 2] (K <= 64: |a @ b| <= 256, exact in float32 and bf16)."""
+    n = shape[0] * shape[1]
+    return (torch.remainder(exact(n, seed, torch.float32, seed * 7), 5) - 2).view(shape).to(dtype)
+
+
+def regions_clean(backs, tensors):
+    L = backs[0].layout
+    pad = backs[0].buf.signal_pad_nbytes
+    for r, t in enumerate(tensors):
+        push = t[pad + L.push_off:pad + L.push_off + 2 * L.push_buf]
+        assert bool((push == 0xFF).all()), f"rank {r}: push regions not all sentinel"
+
+
+def check_matmul_rs(backs, tensors, m, n, k, dtype, seed, *, strided=False):
+    world = len(backs)
+    M = world * m
+    if strided:   # a: rows of a wider matrix; b: a transposed view (column-major)
+        a_s = [small((M, k + 5), seed + p, dtype)[:, 2:2 + k] for p in range(world)]
+        b = small((n, k), seed + 50, dtype).t()
+    else:
+        a_s = [small((M, k), seed + p, dtype) for p in range(world)]
+        b = small((k, n), seed + 50, dtype)
+    outs = [torch.full((m, n), 77.0, dtype=dtype) for _ in range(world)]
+    errs = run_ranks([lambda r=r: backs[r].matmul_reduce_scatter(a_s[r], b, outs[r], **TILE)
+                      for r in range(world)])
+    assert not any(errs), errs
+    full = sum(a.double() @ b.double() for a in a_s).to(dtype)
+    for r in range(world):
+        assert torch.equal(outs[r], full[r * m:(r + 1) * m]), ("matmul_rs", world, m, n, k, r)
+    regions_clean(backs, tensors)
+
+
+def check_timeout():
+    """Rank 0 alone: its receive kernel gives up and the error names this op and rank 1."""
+    from tpcomm.errors import PeerTimeoutError
+    backs, _ = make_group(2, 4096, 2, timeout_s=0.5)
+    a, b = small((6, 8), 1, torch.float32), small((8, 5), 2, torch.float32)
+    out = torch.empty(3, 5)
+    try:
+        backs[0].matmul_reduce_scatter(a, b, out, **TILE)
+        backs[0].check()
+    except PeerTimeoutError as e:
+        assert e.peers == [1] and e.algorithm == "fused" and "matmul_reduce_scatter" in str(e), e
+        print("timeout ok:", str(e)[:120])
+        return
+    raise AssertionError("no PeerTimeoutError after a stalled peer")
+
+
+def main():
+    t0 = time.time()
+    for world in (2, 3):
+        # max_bytes 4096: push slots of 1024 (world 2) / 640 (world 3) float32 elements, so
+        # m = 37 rows of N = 37 go in 2 / 3 rounds of 27 / 17 rows (tiles straddle owners)
+        backs, tensors = make_group(world, 4096, 3)
+        slot = backs[0].layout.push_buf // world // 4
+        rounds = -(-37 // (slot // 37))
+        check_matmul_rs(backs, tensors, 37, 37, 40, torch.float32, 1)
+        check_matmul_rs(backs, tensors, 5, 19, 16, torch.float32, 2, strided=True)
+        check_matmul_rs(backs, tensors, 1, 3, 7, torch.float32, 3)
+        check_all_reduce(backs, "one_shot_push", 300, torch.float32, 11)
+        check_all_reduce(backs, "two_shot", 517, torch.float32, 12)
+        check_matmul_rs(backs, tensors, 21, 33, 64, torch.bfloat16, 4)
+        check_all_reduce(backs, "one_shot_push", 301, torch.bfloat16, 13)
+        regions_clean(backs, tensors)
+        print(f"world {world}: ok ({rounds} rounds of the 37-row case, {time.time() - t0:.1f} s)",
+              flush=True)
+    check_timeout()
+    print("ALL OK")
+
+
+if __name__ == "__main__":
+    main()
