@@ -264,6 +264,69 @@ def p2p_probe_case(world, failures, tally):
     tally["p2p_probe"] = result
 
 
+def fused_gemm_case(world, failures, tally):
+    """The fused GEMM + reduce-scatter (``kernels/matmul_reduce_scatter_fused.py``): fp32 with
+    small-integer inputs, odd shapes and several rounds; bf16 at a prefill-like shape; then an
+    all-reduce on the same group (regions left clean); all bitwise. Timing against torch.mm +
+    the reduce-scatter kernel: indicative only."""
+    g = Ranks(world, 8 << 20, timeout_s=5.0)
+    gen = torch.Generator(device=DEV).manual_seed(world)
+    res = {}
+    for dtype, (M, K, N) in ((torch.float32, (world * 37, 96, 300)),
+                             (torch.float32, (world * 700, 64, 1536)),
+                             (torch.bfloat16, (world * 512, 1024, 2048))):
+        a = [torch.randint(-2, 3, (M, K), generator=gen, device=DEV).to(dtype)
+             for _ in range(world)]
+        b = torch.randint(-2, 3, (K, N), generator=gen, device=DEV).to(dtype)
+        outs = [torch.full((M // world, N), 5.0, dtype=dtype, device=DEV) for _ in range(world)]
+        g.run(lambda r: g.backs[r].matmul_reduce_scatter(a[r], b, outs[r]))
+        g.check()
+        # each rank's product is an exact integer, rounded once to the dtype (as the GEMM's
+        # epilogue and an unfused GEMM both do), then summed exactly: bitwise comparable
+        full = sum((x.double() @ b.double()).to(dtype).double() for x in a)
+        full = full.to(dtype).view(world, M // world, N)
+        bad = [r for r in range(world) if not torch.equal(outs[r], full[r])]
+        tally["checked"] += world
+        if bad:
+            failures.append(f"fused matmul_reduce_scatter {dtype} {(M, K, N)} ranks {bad}")
+        res[f"{dtype}_{M}x{K}x{N}"] = f"wrong on ranks {bad}" if bad else "ok"
+    x = [exact(5000, r, torch.bfloat16, 3, device=DEV) for r in range(world)]
+    g.run(lambda r: g.backs[r].all_reduce(x[r], x[r], "one_shot_push"))
+    g.check()
+    if not all(torch.equal(v, _want_sum(5000, world, torch.bfloat16, 3)) for v in x):
+        failures.append("all_reduce after the fused matmul_reduce_scatter")
+    # indicative timing at M = 4096 rows in all, K = 1792, N = 8192 (a TP-4 down projection of
+    # Llama-70B with a quarter of the rows): every rank's GEMM shares this one GPU
+    M, K, N = 4096, 1792, 8192
+    a = [torch.randn(M, K, generator=gen, device=DEV).to(torch.bfloat16) for _ in range(world)]
+    b = torch.randn(K, N, generator=gen, device=DEV).to(torch.bfloat16)
+    outs = [torch.empty(M // world, N, dtype=torch.bfloat16, device=DEV) for _ in range(world)]
+    ys = [torch.empty(M, N, dtype=torch.bfloat16, device=DEV) for _ in range(world)]
+
+    def fused(r):
+        g.backs[r].matmul_reduce_scatter(a[r], b, outs[r])
+
+    def unfused(r):
+        torch.mm(a[r], b, out=ys[r])
+        g.backs[r].reduce_scatter(ys[r].view(world, -1), outs[r].view(-1))
+
+    for name, fn in (("fused", fused), ("unfused", unfused)):
+        g.run(fn)
+        g.check()
+        times = []
+        for _ in range(5):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(5):
+                g.run(fn)
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) * 1000 / 5)
+        res[f"{name}_{M}x{K}x{N}_us"] = round(sorted(times)[2], 1)
+    g.check()
+    tally[f"fused_matmul_rs_w{world}"] = res
+
+
 def timeout_case(world, failures, tally):
     g = Ranks(world, 1 << 20, timeout_s=0.5)
     x = exact(4096, 0, torch.bfloat16, device=DEV)
@@ -366,6 +429,14 @@ def main():
         fused_after_other_ops(g, failures, tally)
         print(f"world {world}: fused after other ops: "
               f"{tally[f'fused_after_other_ops_w{world}']}", flush=True)
+    for world in (2, 4):
+        try:
+            fused_gemm_case(world, failures, tally)
+        except Exception as e:  # noqa: BLE001 - a compile error too: record it, go on
+            failures.append(f"fused matmul_reduce_scatter world {world}: "
+                            f"{type(e).__name__}: {str(e)[:300]}")
+        print(f"fused matmul_reduce_scatter w{world}: {tally.get(f'fused_matmul_rs_w{world}')}",
+              flush=True)
     p2p_probe_case(4, failures, tally)
     timeout_case(2, failures, tally)
     tally["failures"] = failures

@@ -32,8 +32,8 @@ step() {
 }
 for s in $STEPS; do
   case $s in
-    emulated) step emulated 480 python3 scripts/gpu_emulated_ranks.py --json "$OUT/emulated.json" ;;
-    gputests) step gputests 120 python3 -m pytest -q -rs -p no:cacheprovider --timeout 200 tests/gpu ;;
+    emulated) step emulated 300 python3 scripts/gpu_emulated_ranks.py --json "$OUT/emulated.json" ;;
+    gputests) step gputests 200 python3 -m pytest -q -rs -p no:cacheprovider --timeout 200 tests/gpu ;;
     overlap) step overlap 240 python3 -m tpcomm bench overlap --device cuda -n 1 --chunks 4 --json "$OUT/overlap.json" \
                --markdown "$OUT/overlap.md" ;;
     check) step check 60 python3 -m tpcomm check ;;
