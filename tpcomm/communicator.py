@@ -263,6 +263,43 @@ class Communicator:
             return normed, residual
         return reference.add_rms_norm(x, residual, weight, eps)
 
+    def matmul_reduce_scatter_fused(self, a: torch.Tensor, b: torch.Tensor,
+                                    out: torch.Tensor) -> bool:
+        """The fused GEMM + reduce-scatter kernel (its epilogue sends each tile to the rank
+        that owns its rows): a [M, K], b [K, N], out [M/R, N], one float dtype. Returns False,
+        doing nothing, where that kernel cannot run (no GPU backend: CPU, world 1, fallback;
+        other dtypes): the caller then takes the unfused path (``tpcomm.matmul_reduce_scatter``
+        does, and logs why once). Opt-in through ``matmul_reduce_scatter(..., method="fused")``
+        until it has been measured on several GPUs."""
+        self._check_tensor("matmul_reduce_scatter", a)
+        fn = getattr(self._backend, "matmul_reduce_scatter", None)
+        if fn is None or a.dtype not in FAST_DTYPES:
+            why = ("matmul_reduce_scatter(method='fused') needs the GPU backend and float32/"
+                   f"float16/bfloat16; here: backend {self.backend_name}, {a.dtype}")
+            _log_fallback_once(why)
+            self._fallbacks[why] += 1
+            return False
+        if not self._lock.acquire(blocking=False):
+            raise TpcommError("matmul_reduce_scatter: this Communicator is already running a "
+                              "collective in another thread; use one Communicator per thread")
+        try:
+            nbytes = out.numel() * out.element_size() * self.world_size
+            rec = self._recorder.start("matmul_reduce_scatter", "fused", nbytes, a.dtype)
+            t0 = time.perf_counter()
+            try:
+                fn(a, b, out)
+            except BaseException as e:
+                self._recorder.finish(rec, e)
+                raise
+            self._recorder.finish(rec)
+            st = self._stats[("matmul_reduce_scatter", "fused")]
+            st[0] += 1
+            st[1] += nbytes
+            st[2] += time.perf_counter() - t0
+            return True
+        finally:
+            self._lock.release()
+
     def empty(self, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """An uninitialized tensor that lives in this rank's symmetric buffer (GPU backend):
         an all_reduce of it reads it where it is, skipping the copy into the buffer (zero-copy).

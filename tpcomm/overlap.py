@@ -261,7 +261,7 @@ def matmul_all_reduce(a: torch.Tensor, b: torch.Tensor, comm, *, chunks: int | N
 
 
 def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, comm, *,
-                          chunks: int | None = None) -> torch.Tensor:
+                          chunks: int | None = None, method: str = "pipeline") -> torch.Tensor:
     """reduce_scatter(a @ b): rank r gets rows [r*m, (r+1)*m) of the sum over ranks of a @ b.
 
     Problem: a row-parallel linear with a sequence-parallel output reduce-scatters its [M, N]
@@ -275,6 +275,11 @@ def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, comm, *,
 
     Routing: chunk count from :func:`overlap_chunks` or ``chunks``; each reduce-scatter through
     ``comm.reduce_scatter`` (torch.distributed on ``comm.group`` when ``comm`` has none).
+    ``method="fused"`` (opt-in, experimental): one Triton GEMM whose epilogue stores each tile
+    into the owner rank's symmetric buffer, then a receive kernel that sums
+    (``kernels/matmul_reduce_scatter_fused.py``); where that cannot run (CPU, NCCL fallback,
+    world 1) the pipeline runs instead, logged once. It passed with emulated ranks on one GPU;
+    it is not chosen automatically before it has been measured on several GPUs.
 
     Example::
 
@@ -292,6 +297,11 @@ def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, comm, *,
                          f"world size {R}")
     m = M // R
     out = torch.empty(m, N, dtype=a.dtype, device=a.device)
+    if method not in ("pipeline", "fused"):
+        raise ValueError(f"{op}: method must be 'pipeline' or 'fused', got {method!r}")
+    fused = getattr(comm, "matmul_reduce_scatter_fused", None)
+    if method == "fused" and fused is not None and b.dtype == a.dtype and fused(a, b, out):
+        return out
     c = _num_chunks("reduce_scatter", chunks, m, M, K, N, R, a)
     if c == 1:
         _reduce_scatter(comm, torch.mm(a, b), out)

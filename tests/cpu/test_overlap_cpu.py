@@ -70,6 +70,8 @@ def _check_ops(comm, rank, world, salt):
             got = tpcomm.matmul_reduce_scatter(a, b, comm, chunks=c)
             assert got.shape == (m, N) and torch.equal(got, ref), ("reduce_scatter", m, c)
             checked += 1
+        # the fused kernel needs the GPU backend: on the CPU the pipeline runs, logged once
+        assert torch.equal(tpcomm.matmul_reduce_scatter(a, b, comm, method="fused"), ref)
         a_shard = _mat(m, K, rank, salt + 4)
         ref, ref_g = _ref_all_gather(a_shard, b, world)
         for c in CHUNKS:
@@ -105,6 +107,7 @@ def _ranks(rank, world):
     with tpcomm.Communicator() as comm:
         checked += _check_ops(comm, rank, world, 0)
         checked += _layers(comm, rank, world)
+        assert any("method='fused'" in why for why in comm.stats()["fallbacks"])
     checked += _check_ops(TorchDistComm(), rank, world, 20)   # the models' gloo backend
     dist.destroy_process_group()
     return checked
@@ -147,6 +150,9 @@ def _fake_comm(world=2):
      r"chunks must be a positive int"),
     (lambda c: tpcomm.matmul_reduce_scatter(torch.ones(5, 3), torch.ones(3, 5), c),
      r"matmul_reduce_scatter: a's rows M=5 \(a \(5, 3\)\) must be divisible by the world size 2"),
+    (lambda c: tpcomm.matmul_reduce_scatter(torch.ones(4, 3), torch.ones(3, 5), c,
+                                            method="flux"),
+     r"matmul_reduce_scatter: method must be 'pipeline' or 'fused', got 'flux'"),
     (lambda c: tpcomm.all_gather_matmul(torch.ones(4, 3), torch.ones(4, 5), c),
      r"all_gather_matmul: a_shard \(4, 3\) and b \(4, 5\) do not multiply"),
     (lambda c: tpcomm.all_gather_matmul(torch.ones(4, 3, dtype=torch.int64),

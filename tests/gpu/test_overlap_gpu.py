@@ -118,6 +118,13 @@ def _matrix(rank, world):
                         failures.append(f"{op} {dtype} rows={rows} chunks={c}: ok={ok} "
                                         f"same={same}")
                     checked += 1
+                if op == "reduce_scatter":   # the fused GEMM + reduce-scatter kernel
+                    got = tpcomm.matmul_reduce_scatter(a, b, comm, method="fused")
+                    if not _close(got, ref, dtype):
+                        failures.append(f"fused reduce_scatter {dtype} rows={rows}")
+                    checked += 1
+    if "fused" not in comm.stats()["ops"].get("matmul_reduce_scatter", {}):
+        failures.append("method='fused' never ran the fused kernel")
     # a prefill shape where the automatic choice pipelines (Llama-70B TP down projection)
     a, b = _inputs(4096, 7168, 8192, rank, torch.bfloat16, dev, 99)
     auto = tpcomm.overlap_chunks("all_reduce", 4096, 7168, 8192, world)
@@ -136,7 +143,7 @@ def _matrix(rank, world):
 def test_overlap_ops_match_unfused_nccl(world):
     for rank, (checked, failures) in enumerate(spawn(_matrix, world, env=ENV, timeout_s=420)):
         assert not failures, f"rank {rank}: {failures[:10]}"
-        assert checked == 2 * 3 * 3 * len(CHUNKS)
+        assert checked == 2 * 3 * 3 * len(CHUNKS) + 2 * 3   # + the fused reduce-scatters
 
 
 def _graph(rank, world):
