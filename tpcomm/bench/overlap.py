@@ -49,7 +49,8 @@ TOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
 # Llama-3-70B at TP 4: down projection [M, 28672/4] x [7168, 8192]
 DEFAULTS = {"cpu": {"m": "64,256", "k": 512, "n": 1024, "dtype": "float32"},
             "cuda": {"m": "128,512,2048,4096,8192", "k": 7168, "n": 8192, "dtype": "bfloat16"}}
-VARIANTS = ("gemm", "collective", "unfused", "torch_async_tp", "tpcomm", "tpcomm_forced")
+VARIANTS = ("gemm", "collective", "unfused", "torch_async_tp", "tpcomm", "tpcomm_forced",
+            "tpcomm_fused")
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                     "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -215,6 +216,10 @@ def _variants(op, a, b, comm, R, chunks_auto, forced, async_tp_why):
            "tpcomm": lambda: fused(a, b, comm, chunks=chunks_auto)}
     if forced is not None:
         out["tpcomm_forced"] = lambda: fused(a, b, comm, chunks=forced)
+    if op == "matmul_reduce_scatter":   # the fused GEMM-epilogue kernel (opt-in)
+        out["tpcomm_fused"] = (
+            (lambda: fused(a, b, comm, method="fused")) if comm.backend_name == "p2p" else
+            f"n/a: the fused kernel needs the GPU backend (here {comm.backend_name})")
     if op == "matmul_all_reduce":
         out["torch_async_tp"] = "n/a: torch has no fused matmul + all-reduce"
     elif async_tp_why:
@@ -299,7 +304,7 @@ def _row(op, M, config, comm, device, rank, async_tp_why) -> dict:
                 continue
         row["times_us"][name] = _time_us(fn, config, device)
     t = row["times_us"]
-    for name in ("tpcomm", "tpcomm_forced", "torch_async_tp"):
+    for name in ("tpcomm", "tpcomm_forced", "torch_async_tp", "tpcomm_fused"):
         if name in t and "unfused" in t:
             row[f"x_unfused_{name}"] = t["unfused"] / t[name]
     return row
@@ -349,6 +354,8 @@ def _table(rows: list[dict], op: str, forced) -> tuple[list, list]:
             "torch async-TP (us)", "tpcomm (us)", "chunks", "x unfused"]
     if forced is not None:
         head += [f"tpcomm {forced} chunks (us)", "x unfused "]
+    if op == "matmul_reduce_scatter":
+        head += ["tpcomm fused kernel (us)", "x unfused  "]
     body = []
     for r in (r for r in rows if r["op"] == op):
         t = r["times_us"]
@@ -366,6 +373,9 @@ def _table(rows: list[dict], op: str, forced) -> tuple[list, list]:
         if forced is not None:
             xf = r.get("x_unfused_tpcomm_forced")
             cells += [cell("tpcomm_forced"), f"{xf:.2f}" if xf else "-"]
+        if op == "matmul_reduce_scatter":
+            xf = r.get("x_unfused_tpcomm_fused")
+            cells += [cell("tpcomm_fused"), f"{xf:.2f}" if xf else "-"]
         body.append(cells)
     return head, body
 
