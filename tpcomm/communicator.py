@@ -16,7 +16,6 @@ import threading
 import time
 
 import torch
-import torch.distributed as dist
 
 from . import flight_recorder, reference
 from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
@@ -279,23 +278,15 @@ class Communicator:
             _log_fallback_once(why)
             self._fallbacks[why] += 1
             return False
+        if self._backend.broken:
+            raise CommunicatorBrokenError(f"matmul_reduce_scatter: Communicator is broken by an "
+                                          f"earlier error: {self._backend.broken}")
         if not self._lock.acquire(blocking=False):
             raise TpcommError("matmul_reduce_scatter: this Communicator is already running a "
                               "collective in another thread; use one Communicator per thread")
         try:
             nbytes = out.numel() * out.element_size() * self.world_size
-            rec = self._recorder.start("matmul_reduce_scatter", "fused", nbytes, a.dtype)
-            t0 = time.perf_counter()
-            try:
-                fn(a, b, out)
-            except BaseException as e:
-                self._recorder.finish(rec, e)
-                raise
-            self._recorder.finish(rec)
-            st = self._stats[("matmul_reduce_scatter", "fused")]
-            st[0] += 1
-            st[1] += nbytes
-            st[2] += time.perf_counter() - t0
+            self._timed("matmul_reduce_scatter", "fused", nbytes, a.dtype, fn, a, b, out)
             return True
         finally:
             self._lock.release()
@@ -486,6 +477,25 @@ class Communicator:
         st[1] += nbytes
         st[2] += time.perf_counter() - t0
         return result
+
+    def _timed(self, name: str, algorithm: str, nbytes: int, dtype, fn, *args) -> None:
+        """Run ``fn(*args)`` with the flight recorder and stats bookkeeping of one call (what
+        :meth:`_run_locked` does inline, to keep the per-call host time of the collectives
+        down)."""
+        rec = self._recorder.start(name, algorithm, nbytes, dtype)
+        t0 = time.perf_counter()
+        try:
+            fn(*args)
+        except BaseException as e:
+            self._recorder.finish(rec, e)
+            if self._backend is not None and self._backend.broken:
+                log.error("%s\n%s", e, self.dump())
+            raise
+        self._recorder.finish(rec)
+        st = self._stats[(name, algorithm)]
+        st[0] += 1
+        st[1] += nbytes
+        st[2] += time.perf_counter() - t0
 
     def _should_fuse_norm(self, algorithm: str, x: torch.Tensor, epilogue: tuple) -> bool:
         """The fused all-reduce + add + RMSNorm kernel takes the call: the all-reduce would
