@@ -31,6 +31,7 @@ forces it. ``comm`` is a :class:`tpcomm.Communicator` or anything with its inter
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -178,7 +179,7 @@ class _Pipe:
             self.side.wait_event(ev)
 
     def side_ctx(self):
-        return torch.cuda.stream(self.side) if self.cuda else _NULL
+        return torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext()
 
     def side_event(self):
         if not self.cuda:
@@ -194,17 +195,6 @@ class _Pipe:
     def join(self) -> None:
         if self.cuda:
             self.compute.wait_stream(self.side)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL = _Null()
 
 
 # ---------------------------------------------------------------- ops
