@@ -9,7 +9,7 @@ named, and every rank reaches the same verdict; a cached failure vetoes without 
 
     TRITON_INTERPRET=1 python tests/unit/p2p_probe_sim.py
 
-Run by tests/unit/test_p2p_probe_interpreted.py (skipped without triton).
+Run by tests/unit/test_gpu_protocol_interpreted.py (skipped without triton).
 """
 from __future__ import annotations
 

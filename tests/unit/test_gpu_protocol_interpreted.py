@@ -1,6 +1,14 @@
-"""The GPU kernels' protocol on the CPU, through Triton's interpreter (see gpu_protocol_sim.py).
+"""The GPU kernels' protocols on the CPU, through Triton's interpreter: each script runs several
+"ranks" as threads over CPU tensors (``tpcomm.memory.emulated``) and prints ALL OK.
 
-Skipped where Triton is not installed (the CPU CI machine): it needs no GPU, only triton.
+- gpu_protocol_sim.py: every collective kernel (indexing, push/poll/clear, epoch rotation,
+  chunking, the fused all-reduce + add + RMSNorm, the timeout path);
+- p2p_probe_sim.py: the data-moving P2P check (a healthy mapping passes, a mapping that does not
+  reach the peer is found and names the writing rank);
+- fused_gemm_sim.py: the fused GEMM + reduce-scatter (exact for worlds 2 and 3, rounds, regions
+  left clean, timeout).
+
+Skipped where Triton is not installed: they need no GPU, only triton.
 """
 import importlib.util
 import os
@@ -14,8 +22,13 @@ HERE = os.path.dirname(__file__)
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                     reason="needs triton (pip install --no-deps triton) to interpret the kernels")
-def test_gpu_kernels_protocol_under_the_triton_interpreter():
+@pytest.mark.parametrize("script, args, timeout_s", [
+    ("gpu_protocol_sim.py", ["quick"], 900),
+    ("p2p_probe_sim.py", [], 300),
+    ("fused_gemm_sim.py", [], 600),
+])
+def test_kernels_under_the_triton_interpreter(script, args, timeout_s):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    p = subprocess.run([sys.executable, os.path.join(HERE, "gpu_protocol_sim.py"), "quick"],
-                       env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run([sys.executable, os.path.join(HERE, script), *args], env=env,
+                       capture_output=True, text=True, timeout=timeout_s)
     assert p.returncode == 0 and "ALL OK" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]

@@ -1,5 +1,5 @@
 """The P2P check's orchestration and verdict cache, no devices: the probe kernels are replaced by
-a stand-in (the real ones run under the interpreter in test_p2p_probe_interpreted.py)."""
+a stand-in (the real ones run under the interpreter in test_gpu_protocol_interpreted.py)."""
 import json
 import logging
 import os
