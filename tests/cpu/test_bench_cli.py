@@ -78,3 +78,18 @@ def test_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert doc["meta"]["world_size"] == 2 and doc["wrong"] == 0
     assert proc.stdout.count("# summary") == 1   # rank 0 reports, the others stay quiet
+
+
+def test_all_reduce_add_rms_norm_rows(tmp_path):
+    """The fused sublayer end as its own rows: whole [size / H, H] rows, x checked as the
+    all-reduce it contains, and a wrong backend still caught."""
+    proc, doc = _bench(["--op", "all_reduce_add_rms_norm", "--hidden", "256", "-n", "2",
+                        "-b", "1K", "-e", "16K", "-f", "4", "--iters", "3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert doc["meta"]["op"] == "all_reduce_add_rms_norm" and doc["meta"]["hidden"] == 256
+    # float32 rows of 256 elements are 1 KiB: 1K, 4K, 16K
+    assert sorted({r["nbytes"] for r in doc["rows"]}) == [1024, 4096, 16384]
+    assert doc["wrong"] == 0 and {r["backend"] for r in doc["rows"]} == {"tpcomm", "gloo"}
+    proc, doc = _bench(["--op", "all_reduce_add_rms_norm", "--hidden", "256", "-n", "2",
+                        "--backends", "tpcomm,_broken", "-b", "1K", "-e", "1K"], tmp_path)
+    assert proc.returncode == 1 and doc["wrong"] > 0

@@ -13,6 +13,12 @@
 
 all_reduce runs in place on every backend but ``symm_mem_one_shot`` (whose op has no in-place
 form): ``comm.all_reduce_(x)``, ``dist.all_reduce(x)``, ``two_shot_all_reduce_(buf)``.
+
+``all_reduce_add_rms_norm`` (tpcomm, gloo, nccl): the end of a TP sublayer on [size / H, H]
+rows (H = ``Context.hidden``): ``comm.all_reduce_add_rms_norm`` against
+``tpcomm.reference.all_reduce_add_rms_norm`` (all-reduce, then add and norm as torch ops). x is
+reduced in place, so the check of x is the all-reduce's; the norm's arithmetic is checked by the
+tests (``tests/gpu/test_fused_norm_gpu.py``, the interpreter and emulated-rank runs).
 """
 from __future__ import annotations
 
@@ -34,6 +40,20 @@ class Context:
     world: int
     device: torch.device
     algorithm: str      # tpcomm's --algorithm ("auto" unless forced)
+    hidden: int = 8192  # H of all_reduce_add_rms_norm's rows (Llama-3-70B)
+
+
+NORM_OP = "all_reduce_add_rms_norm"
+IN_PLACE = ("all_reduce", NORM_OP)
+NORM_EPS = 1e-5
+
+
+def _norm_call(inp: torch.Tensor, hidden: int, fn) -> Callable[[], object]:
+    """A call of ``fn(x, residual, weight)`` over ``inp`` as [numel / H, H] rows."""
+    x = inp.view(-1, hidden)
+    residual = torch.zeros_like(x)
+    weight = torch.ones(hidden, dtype=inp.dtype, device=inp.device)
+    return lambda: fn(x, residual, weight)
 
 
 class BenchBackend:
@@ -52,7 +72,7 @@ class BenchBackend:
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(input, output) for one call; the same tensor twice for an in-place all_reduce."""
         inp = torch.empty(numel_in, dtype=dtype, device=self.ctx.device)
-        if op == "all_reduce":
+        if op in IN_PLACE:
             return inp, inp
         return inp, torch.empty(numel_out, dtype=dtype, device=self.ctx.device)
 
@@ -87,6 +107,9 @@ class TpcommBackend(BenchBackend):
         comm, algorithm = self.comm, self.ctx.algorithm
         if op == "all_reduce":
             return lambda: comm.all_reduce_(inp, algorithm=algorithm)
+        if op == NORM_OP:
+            return _norm_call(inp, self.ctx.hidden, lambda x, r, w: comm.all_reduce_add_rms_norm(
+                x, r, w, NORM_EPS, algorithm=algorithm))
         fn = getattr(comm, op)
         return lambda: fn(inp, out=out, algorithm=algorithm)
 
@@ -118,6 +141,8 @@ class TorchBackend(BenchBackend):
 
     def make_call(self, op, inp, out):
         fn, group = getattr(reference, op), dist.group.WORLD
+        if op == NORM_OP:
+            return _norm_call(inp, self.ctx.hidden, lambda x, r, w: fn(x, r, w, NORM_EPS, group))
         return lambda: fn(inp, out, group)
 
 
@@ -180,7 +205,7 @@ class SymmMemBackend(BenchBackend):
 class Spec:
     make: Callable[[Context], BenchBackend]
     devices: tuple[str, ...]
-    ops: tuple[str, ...] = ("all_reduce", "reduce_scatter", "all_gather")
+    ops: tuple[str, ...] = ("all_reduce", "reduce_scatter", "all_gather", NORM_OP)
 
 
 BACKENDS = {

@@ -26,7 +26,7 @@ from ..launch import RankFailed, under_torchrun
 from ..select import OPS, check_algorithm
 from ..settings import parse_size
 from . import plot, report, runner
-from .backends import DEFAULTS, PUBLIC, resolve_backends
+from .backends import DEFAULTS, NORM_OP, PUBLIC, resolve_backends
 
 DEFAULT_MAX_BYTES = {"cpu": "16M", "cuda": "128M"}
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
@@ -61,7 +61,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--backends", help=f"comma-separated, the first is the one under test and "
                    f"the others its baselines; known: {', '.join(PUBLIC)} (default: "
                    f"{DEFAULTS['cpu']} on cpu, {DEFAULTS['cuda']} on cuda)")
-    p.add_argument("--op", choices=OPS, default="all_reduce")
+    p.add_argument("--op", choices=OPS + (NORM_OP,), default="all_reduce",
+                   help=f"{NORM_OP}: all-reduce + residual add + RMSNorm on [size / H, H] rows")
+    p.add_argument("--hidden", type=_positive_int, default=8192,
+                   help=f"H of {NORM_OP} (default 8192, Llama-3-70B); sizes round to whole rows")
     p.add_argument("--dtype", choices=tuple(runner.DTYPES),
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--algorithm", default="auto",
@@ -171,7 +174,8 @@ def config_from_args(args) -> runner.BenchConfig:
             if "tpcomm" not in backends:
                 raise ValueError("--algorithm applies to the tpcomm backend, which is not in "
                                  "--backends")
-            check_algorithm(args.op, args.algorithm, device)
+            check_algorithm("all_reduce" if args.op == NORM_OP else args.op, args.algorithm,
+                            device)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.plot:
@@ -183,13 +187,14 @@ def config_from_args(args) -> runner.BenchConfig:
     sizes = sweep_sizes(_parse("-b", args.minbytes),
                         _parse("-e", args.maxbytes or DEFAULT_MAX_BYTES[device]),
                         args.stepfactor, step)
-    unit = runner.DTYPES[dtype].itemsize * (1 if args.op == "all_reduce" else world)
+    unit = runner.DTYPES[dtype].itemsize * {"all_reduce": 1, NORM_OP: args.hidden}.get(args.op,
+                                                                                    world)
     return runner.BenchConfig(
         op=args.op, dtype=dtype, device=device, world=world, backends=tuple(backends),
         sizes=tuple(align_sizes(sizes, unit)), iters=args.iters, warmup=args.warmup,
         reps=args.reps, algorithm=args.algorithm, graph=args.graph,
         progress=not args.no_progress, command=shlex.join(["tpcomm", *args.argv]),
-        timeout_s=args.timeout)
+        timeout_s=args.timeout, hidden=args.hidden)
 
 
 # ---------------------------------------------------------------- run

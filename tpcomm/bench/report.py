@@ -34,7 +34,7 @@ class Row:
 
 def bus_factor(op: str, world: int) -> float:
     """busbw / algbw: the share of the buffer each rank must send (nccl-tests' PERFORMANCE.md)."""
-    if op == "all_reduce":
+    if op in ("all_reduce", "all_reduce_add_rms_norm"):
         return 2 * (world - 1) / world
     if op in ("reduce_scatter", "all_gather"):
         return (world - 1) / world

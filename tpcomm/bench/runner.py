@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from ..launch import spawn, under_torchrun
 from . import meta as meta_mod
-from .backends import BenchBackend, Context, make_backend
+from .backends import IN_PLACE, NORM_OP, BenchBackend, Context, make_backend
 from .progress import Progress
 from .report import Row, human_size
 
@@ -63,6 +63,7 @@ class BenchConfig:
     progress: bool
     command: str
     timeout_s: float
+    hidden: int = 8192          # H of all_reduce_add_rms_norm's rows
 
 
 class Measured(NamedTuple):
@@ -102,7 +103,7 @@ def rank_main(rank: int, world: int, config: BenchConfig) -> dict:
 
 
 def _sweep(rank: int, world: int, device: torch.device, config: BenchConfig) -> dict:
-    ctx = Context(rank, world, device, config.algorithm)
+    ctx = Context(rank, world, device, config.algorithm, config.hidden)
     progress = Progress(len(config.sizes) * len(config.backends), config.progress and rank == 0)
     backends: list[BenchBackend] = []
     measured: dict[tuple[str, int], Measured] = {}
@@ -133,6 +134,8 @@ def _sweep(rank: int, world: int, device: torch.device, config: BenchConfig) -> 
 
 def _meta(device, world, config, descriptions) -> dict:
     info = meta_mod.system_info(device, torch.get_num_threads())
+    if config.op == NORM_OP:
+        info.update(hidden=config.hidden)
     info.update(op=config.op, dtype=config.dtype, world_size=world, device=config.device,
                 command=config.command, backends=descriptions,
                 timing={"iters": config.iters, "warmup": config.warmup, "reps": config.reps,
@@ -157,7 +160,7 @@ def _timing_method(config: BenchConfig) -> str:
 def counts(op: str, nbytes: int, itemsize: int, world: int) -> tuple[int, int]:
     """(input numel, output numel) of one call whose whole buffer is ``nbytes``."""
     total = nbytes // itemsize
-    if op == "all_reduce":
+    if op in IN_PLACE:
         return total, total
     if op == "reduce_scatter":
         return total, total // world
@@ -202,7 +205,7 @@ def _pattern(start: int, stop: int, rank: int, device) -> torch.Tensor:
 def _expected(op: str, ctx: Context, numel_in: int) -> torch.Tensor:
     """This rank's correct output (int64), computed locally."""
     ranks = range(ctx.world)
-    if op == "all_reduce":
+    if op in IN_PLACE:   # all_reduce_add_rms_norm: x itself is reduced in place
         return sum(_pattern(0, numel_in, r, ctx.device) for r in ranks)
     if op == "reduce_scatter":
         c = numel_in // ctx.world
