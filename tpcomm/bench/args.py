@@ -1,12 +1,34 @@
-"""Argument resolution shared by the sub-benchmarks (``tpcomm bench model``, ``... overlap``)."""
+"""Argument types and resolution shared by the sub-benchmarks (``tpcomm bench model``,
+``tpcomm bench overlap``)."""
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
 
 from ..cli import UsageError
 from ..launch import under_torchrun
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type: "1,8,32" -> (1, 8, 32), every value >= 1, at least one."""
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return vals
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    val = int(text)
+    if val < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return val
 
 
 def resolve_device(device: str | None) -> str:

@@ -37,7 +37,7 @@ from ..cli import UsageError
 from ..launch import RankFailed, init_rank, spawn, under_torchrun
 from ..overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
                        overlap_chunks)
-from .args import resolve_device, resolve_world
+from .args import int_list, positive_int, resolve_device, resolve_world
 
 OPS = ("matmul_all_reduce", "matmul_reduce_scatter", "all_gather_matmul")
 COLLECTIVE = {"matmul_all_reduce": "all_reduce", "matmul_reduce_scatter": "reduce_scatter",
@@ -74,22 +74,6 @@ class OverlapBenchConfig:
 
 
 # ---------------------------------------------------------------- arguments
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return vals
-
-
-def _positive(text: str) -> int:
-    val = int(text)
-    if val < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return val
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -97,26 +81,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "overlap", help="GEMM + collective: parts, unfused, torch async-TP, tpcomm overlapped",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-n", "--nranks", type=_positive,
+    p.add_argument("-n", "--nranks", type=positive_int,
                    help="ranks to start (default 2 on cpu, every GPU on cuda); under torchrun "
                         "the world size is torchrun's")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default float32 cpu, bfloat16 cuda")
-    p.add_argument("--M", type=_int_list, dest="ms",
+    p.add_argument("--M", type=int_list, dest="ms",
                    help=f"GEMM rows (tokens), comma-separated (default {DEFAULTS['cpu']['m']} on "
                         f"cpu, {DEFAULTS['cuda']['m']} on cuda); rounded up to a multiple of R")
-    p.add_argument("--K", type=_positive, dest="k", help="a's columns per rank (default "
+    p.add_argument("--K", type=positive_int, dest="k", help="a's columns per rank (default "
                    f"{DEFAULTS['cpu']['k']} cpu, {DEFAULTS['cuda']['k']} cuda)")
-    p.add_argument("--N", type=_positive, dest="n", help="b's columns (default "
+    p.add_argument("--N", type=positive_int, dest="n", help="b's columns (default "
                    f"{DEFAULTS['cpu']['n']} cpu, {DEFAULTS['cuda']['n']} cuda); "
                    "all_gather_matmul uses [M/R, N] x [N, K]")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
-    p.add_argument("--chunks", type=_positive,
+    p.add_argument("--chunks", type=positive_int,
                    help="also time tpcomm with this many chunks forced (default 4 at world 1, "
                         "where the automatic choice is 1)")
-    p.add_argument("--iters", type=_positive, default=10, help="calls per repetition")
-    p.add_argument("--reps", type=_positive, default=5, help="repetitions (median reported)")
+    p.add_argument("--iters", type=positive_int, default=10, help="calls per repetition")
+    p.add_argument("--reps", type=positive_int, default=5, help="repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds the whole run may take when it starts its own ranks")
@@ -137,7 +121,7 @@ def config_from_args(args) -> OverlapBenchConfig:
         raise UsageError(f"--ops {args.ops!r}: choose among {', '.join(OPS)}")
     if args.warmup < 0 or not args.timeout > 0:
         raise UsageError("--warmup must be >= 0 and --timeout > 0")
-    ms = args.ms or _int_list(d["m"])
+    ms = args.ms or int_list(d["m"])
     ms = tuple(dict.fromkeys(-(-m // world) * world for m in ms))
     chunks = args.chunks if args.chunks is not None else (4 if world == 1 else None)
     return OverlapBenchConfig(

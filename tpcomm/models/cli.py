@@ -18,7 +18,7 @@ import os
 import shlex
 import sys
 
-from ..bench.args import resolve_device, resolve_world
+from ..bench.args import int_list, positive_int, resolve_device, resolve_world
 from ..cli import UsageError
 from ..launch import RankFailed
 from .bench import DTYPES, ModelBenchConfig, run
@@ -33,21 +33,6 @@ DEFAULTS = {
 }
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return vals
-
-
-def _positive(text: str) -> int:
-    val = int(text)
-    if val < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return val
 
 
 def add_model_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -67,14 +52,14 @@ def add_model_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="end sublayers with all-reduce, add, norm instead of the fused "
                            "all_reduce_add_rms_norm")
     where = p.add_argument_group("ranks and backends")
-    where.add_argument("-n", "--nranks", type=_positive,
+    where.add_argument("-n", "--nranks", type=positive_int,
                        help="TP ranks to start (default 2 on cpu, every GPU on cuda); under "
                             "torchrun the world size is torchrun's")
     where.add_argument("--device", choices=("cpu", "cuda"),
                        help="default: cuda when a GPU is visible, else cpu")
     where.add_argument("--comm", help="comma-separated backends, the first under test: "
                                       "tpcomm,nccl on cuda, tpcomm,gloo on cpu (the default)")
-    where.add_argument("--threads", type=_positive,
+    where.add_argument("--threads", type=positive_int,
                        help="cpu: torch threads per rank (default cores / ranks)")
     where.add_argument("--no-graph", action="store_true",
                        help="cuda: decode eagerly instead of replaying a CUDA graph")
@@ -82,23 +67,23 @@ def add_model_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="also profile a few eager decode steps per batch and backend: ms "
                             "in GEMMs, attention, communication, other (rank 0)")
     sizes = p.add_argument_group("workload")
-    sizes.add_argument("--batch", type=_int_list,
+    sizes.add_argument("--batch", type=int_list,
                        help=f"decode batch sizes (default {d_cpu['batch']} on cpu, "
                             f"{d_gpu['batch']} on cuda)")
-    sizes.add_argument("--context", type=_positive,
+    sizes.add_argument("--context", type=positive_int,
                        help=f"tokens in the KV cache before decoding (default {d_cpu['context']} "
                             f"on cpu, {d_gpu['context']} on cuda)")
-    sizes.add_argument("--decode-tokens", type=_positive,
+    sizes.add_argument("--decode-tokens", type=positive_int,
                        help=f"timed decode steps (default {d_cpu['decode_tokens']} on cpu, "
                             f"{d_gpu['decode_tokens']} on cuda)")
-    sizes.add_argument("--warmup-steps", type=_positive, default=3,
+    sizes.add_argument("--warmup-steps", type=positive_int, default=3,
                        help="untimed decode steps first (the first captures the graph)")
-    sizes.add_argument("--prompt-lens", type=lambda s: _int_list(s) if s.strip() else (),
+    sizes.add_argument("--prompt-lens", type=lambda s: int_list(s) if s.strip() else (),
                        help=f"TTFT prompt lengths, '' for none (default {d_cpu['prompt_lens']} "
                             f"on cpu, {d_gpu['prompt_lens']} on cuda)")
-    sizes.add_argument("--ttft-batch", type=_positive, default=1, help="sequences per prefill")
-    sizes.add_argument("--reps", type=_positive, default=3, help="timed prefills (median)")
-    sizes.add_argument("--rounds", type=_positive, default=1,
+    sizes.add_argument("--ttft-batch", type=positive_int, default=1, help="sequences per prefill")
+    sizes.add_argument("--reps", type=positive_int, default=3, help="timed prefills (median)")
+    sizes.add_argument("--rounds", type=positive_int, default=1,
                        help="repeat every measurement this many times, backends interleaved, "
                             "and report the median round (use 3-5 on a shared machine)")
     sizes.add_argument("--timeout", type=float, default=3600.0,
@@ -141,13 +126,13 @@ def config_from_args(args) -> ModelBenchConfig:
     if args.plot:
         from ..bench.plot import require_matplotlib
         require_matplotlib()
-    prompt_lens = _int_list(d["prompt_lens"]) if args.prompt_lens is None else args.prompt_lens
+    prompt_lens = int_list(d["prompt_lens"]) if args.prompt_lens is None else args.prompt_lens
     if not args.timeout > 0:
         raise UsageError(f"--timeout must be > 0, got {args.timeout}")
     return ModelBenchConfig(
         model=args.model or (None if args.checkpoint else d["model"]),
         checkpoint=args.checkpoint, device=device, dtype=args.dtype or d["dtype"], world=world,
-        comms=comms, batches=args.batch or _int_list(d["batch"]),
+        comms=comms, batches=args.batch or int_list(d["batch"]),
         context=args.context or d["context"],
         decode_tokens=args.decode_tokens or d["decode_tokens"], warmup_steps=args.warmup_steps,
         prompt_lens=prompt_lens, ttft_batch=args.ttft_batch, reps=args.reps,
