@@ -26,17 +26,11 @@ from ..launch import RankFailed, under_torchrun
 from ..select import OPS, check_algorithm
 from ..settings import parse_size
 from . import plot, report, runner
+from .args import positive_int
 from .backends import DEFAULTS, NORM_OP, PUBLIC, resolve_backends
 
 DEFAULT_MAX_BYTES = {"cpu": "16M", "cuda": "128M"}
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
-
-
-def _positive_int(text: str) -> int:
-    val = int(text)
-    if val < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return val
 
 
 def _count(text: str) -> int:
@@ -53,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog="Sizes take K, M, G suffixes (powers of 1024) and round down to whole elements "
                "(per rank for\nreduce_scatter and all_gather); the size of a reduce_scatter is "
                "its input, of an all_gather its\noutput, as in nccl-tests.")
-    p.add_argument("-n", "--nranks", type=_positive_int,
+    p.add_argument("-n", "--nranks", type=positive_int,
                    help="ranks to start (default: 2 on cpu, the number of GPUs on cuda); "
                         "under torchrun the world size is torchrun's")
     p.add_argument("--device", choices=("cpu", "cuda"),
@@ -63,7 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    f"{DEFAULTS['cpu']} on cpu, {DEFAULTS['cuda']} on cuda)")
     p.add_argument("--op", choices=OPS + (NORM_OP,), default="all_reduce",
                    help=f"{NORM_OP}: all-reduce + residual add + RMSNorm on [size / H, H] rows")
-    p.add_argument("--hidden", type=_positive_int, default=8192,
+    p.add_argument("--hidden", type=positive_int, default=8192,
                    help=f"H of {NORM_OP} (default 8192, Llama-3-70B); sizes round to whole rows")
     p.add_argument("--dtype", choices=tuple(runner.DTYPES),
                    help="default: float32 on cpu, bfloat16 on cuda")
@@ -77,8 +71,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     step.add_argument("-f", "--stepfactor", type=int, help="multiply the size by this (default 2)")
     step.add_argument("-i", "--stepbytes", help="add this many bytes instead")
     timing = p.add_argument_group("timing")
-    timing.add_argument("--iters", type=_positive_int, default=20, help="calls per repetition (default 20)")
-    timing.add_argument("--reps", type=_positive_int, default=5,
+    timing.add_argument("--iters", type=positive_int, default=20, help="calls per repetition (default 20)")
+    timing.add_argument("--reps", type=positive_int, default=5,
                         help="repetitions; their median is reported (default 5)")
     timing.add_argument("--warmup", type=_count, default=5, help="untimed calls first (default 5)")
     timing.add_argument("--graph", action="store_true",
