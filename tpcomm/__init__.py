@@ -14,13 +14,13 @@ from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchE
 from .overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
                       overlap_chunks)
 from .select import Topology, select_algorithm
-from .settings import Settings, get_settings
+from .settings import Settings, SettingsError, get_settings
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Communicator", "CommunicatorBrokenError", "CommunicatorClosedError", "MismatchError",
     "PeerDiedError", "PeerTimeoutError", "TpcommError", "Topology", "select_algorithm",
-    "Settings", "get_settings", "__version__", "matmul_all_reduce", "matmul_reduce_scatter",
+    "Settings", "SettingsError", "get_settings", "__version__", "matmul_all_reduce", "matmul_reduce_scatter",
     "all_gather_matmul", "overlap_chunks",
 ]

@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from .launch import OVERSUBSCRIBE_FLAG, check_cpu_ranks
+
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 SIZES = [1, 7, 4096, 65537]   # elements: odd, tiny, a round size, more than one 64 KiB round
 
@@ -25,6 +27,8 @@ def add_parser(subparsers) -> None:
                    help="default: cuda when GPUs are present, else cpu")
     p.add_argument("-n", "--nranks", type=int, default=None,
                    help="ranks for the self-test (default: 2 on cpu, every GPU on cuda)")
+    p.add_argument(OVERSUBSCRIBE_FLAG, action="store_true",
+                   help="cpu: start -n ranks even where they outnumber the usable cores")
     p.add_argument("--no-selftest", action="store_true", help="only report the environment")
     p.set_defaults(func=run_check, parser=p)
 
@@ -126,17 +130,36 @@ def _selftest(rank: int, world: int, device_type: str) -> list[tuple[str, str, i
     return [("backend", backend, 0, True, p2p)] + results
 
 
+def _world(args, device_type: str) -> int:
+    """Ranks of the self-test; UsageError for more than the GPUs, or than the cores on cpu."""
+    from .cli import UsageError
+    if args.nranks is not None and args.nranks < 1:
+        raise UsageError(f"-n must be at least 1, got {args.nranks}")
+    if device_type == "cuda":
+        gpus = torch.cuda.device_count()
+        if (args.nranks or 0) > gpus:
+            raise UsageError(f"-n {args.nranks} ranks need {args.nranks} GPUs; {gpus} visible")
+        return args.nranks or gpus
+    world = args.nranks or 2
+    if not args.oversubscribe:
+        try:
+            check_cpu_ranks(world)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return world
+
+
 def run_check(args) -> int:
+    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    world = _world(args, device_type)
     print("== tpcomm check: environment")
     for k, v in environment():
         print(f"  {k:<34} {v}")
     if args.no_selftest:
         return 0
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    world = args.nranks or (torch.cuda.device_count() if device_type == "cuda" else 2)
     if world < 2:
         print("== self-test skipped: it needs at least 2 ranks")
         return 0

@@ -5,6 +5,8 @@
         --markdown benchmarks/results/gpu-h200x4-hierarchical-2x2.md
     # a real cluster: one process per GPU from torchrun, nodes from LOCAL_WORLD_SIZE
     torchrun --nnodes 2 --nproc-per-node 8 ... -m tpcomm.hierarchical_bench -b 4K -e 256M
+    # CPU: 2 ranks as 2 nodes x 1, 4K .. 16M (about 20 s)
+    python -m tpcomm.hierarchical_bench --device cpu
 
 Each size is checked first (exact-sum inputs, two-level against flat, bitwise), then timed:
 ``--iters`` calls per repetition, the median of ``--reps`` repetitions per rank, the maximum over
@@ -67,8 +69,8 @@ def _maybe_graph(call, iters, use_graph, device):
 
 def run_rank(rank: int, world: int, args) -> list[dict] | None:
     from .hierarchical import HierarchicalAllReduce
+    from .bench.progress import Progress
     from .launch import init_rank
-    from .testing import exact
     if args.emulate and args.ranks_per_node:
         # one NCCL "host" per emulated node, so NCCL crosses them over its network transport
         os.environ.setdefault("NCCL_HOSTID", f"tpcomm-fakenode{rank // args.ranks_per_node}")
@@ -78,36 +80,50 @@ def run_rank(rank: int, world: int, args) -> list[dict] | None:
                                chunk_bytes=args.chunk_bytes)
     measure = _timer(device)
     rows = []
-    for nbytes in _sizes(args.minbytes, args.maxbytes, args.stepfactor):
-        n = max(1, nbytes // dtype.itemsize)
-        x = exact(n, rank, dtype, 0, device=device)
-        ref = x.clone()
-        dist.all_reduce(ref)
-        got = ar.all_reduce(x)
-        wrong = torch.tensor([int((got != ref).sum())], device=device)
-        dist.all_reduce(wrong)
-        out = torch.empty_like(x)
-        calls = {"two_level": lambda: ar.all_reduce(x, out=out),
-                 "flat": lambda: (out.copy_(x), dist.all_reduce(out))}
-        times = {}
-        for name, call in calls.items():
-            try:
-                run = _maybe_graph(call, args.iters, args.graph, device)
-            except Exception as e:  # a capture that fails is reported, the run goes on eagerly
-                if rank == 0:
-                    print(f"# {name} {nbytes} B: CUDA graph capture failed ({e}); eager",
-                          file=sys.stderr)
-                run = _maybe_graph(call, args.iters, False, device)
-            run(args.warmup)
-            per_rep = [measure(run, args.iters) for _ in range(args.reps)]
-            t = torch.tensor([statistics.median(per_rep)], dtype=torch.float64, device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            times[name] = float(t)
-        rows.append({"nbytes": n * dtype.itemsize, "count": n, "wrong": int(wrong), **times})
+    sizes = _sizes(args.minbytes, args.maxbytes, args.stepfactor)
+    progress = Progress(2 * len(sizes), rank == 0 and not args.no_progress)
+    try:
+        for nbytes in sizes:
+            rows.append(_measure_size(nbytes, ar, args, dtype, device, rank, measure, progress))
+    finally:
+        progress.close()
     info = repr(ar)
     ar.close()
     dist.destroy_process_group()
     return (rows, info) if rank == 0 else None
+
+
+def _measure_size(nbytes, ar, args, dtype, device, rank, measure, progress) -> dict:
+    """One row: check the size (two-level against flat, bitwise), then time both."""
+    from .bench.report import human_size
+    from .testing import exact
+    n = max(1, nbytes // dtype.itemsize)
+    x = exact(n, rank, dtype, 0, device=device)
+    ref = x.clone()
+    dist.all_reduce(ref)
+    got = ar.all_reduce(x)
+    wrong = torch.tensor([int((got != ref).sum())], device=device)
+    dist.all_reduce(wrong)
+    out = torch.empty_like(x)
+    calls = {"two_level": lambda: ar.all_reduce(x, out=out),
+             "flat": lambda: (out.copy_(x), dist.all_reduce(out))}
+    times = {}
+    for name, call in calls.items():
+        progress.show(f"{human_size(nbytes)} {name}")
+        try:
+            run = _maybe_graph(call, args.iters, args.graph, device)
+        except Exception as e:  # a capture that fails is reported, the run goes on eagerly
+            if rank == 0:
+                print(f"# {name} {nbytes} B: CUDA graph capture failed ({e}); eager",
+                      file=sys.stderr)
+            run = _maybe_graph(call, args.iters, False, device)
+        run(args.warmup)
+        per_rep = [measure(run, args.iters) for _ in range(args.reps)]
+        t = torch.tensor([statistics.median(per_rep)], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times[name] = float(t)
+        progress.advance()
+    return {"nbytes": n * dtype.itemsize, "count": n, "wrong": int(wrong), **times}
 
 
 def _bw(nbytes, us, world):
@@ -151,33 +167,84 @@ def header(args, world, info) -> list[str]:
             "command: " + " ".join(["python -m tpcomm.hierarchical_bench", *args.argv])]
 
 
-def main(argv=None) -> int:
-    from .settings import parse_size
-    argv = sys.argv[1:] if argv is None else argv
+# Default sweep per device: the GPU one is the recorded table's; on a CPU, 4K-256M over 4
+# ranks took five minutes, 4K-16M over 2 ranks takes about 20 s.
+DEFAULTS = {"cuda": {"nproc": 4, "maxbytes": "256M", "dtype": "bfloat16"},
+            "cpu": {"nproc": 2, "maxbytes": "16M", "dtype": "float32"}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench.args import add_oversubscribe, positive_int
     p = argparse.ArgumentParser(prog="python -m tpcomm.hierarchical_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nproc", type=int, default=4, help="ranks to spawn when not under torchrun")
-    p.add_argument("--ranks-per-node", type=int, default=None,
-                   help="emulated ranks per node (default: TPCOMM_LOCAL_WORLD_SIZE / torchrun)")
+    p.add_argument("--nproc", type=positive_int, default=None,
+                   help="ranks to spawn when not under torchrun (default 4 on cuda, 2 on cpu)")
+    add_oversubscribe(p)
+    p.add_argument("--ranks-per-node", type=positive_int, default=None,
+                   help="emulated ranks per node (default: TPCOMM_LOCAL_WORLD_SIZE / torchrun; "
+                        "spawned ranks: half of them, i.e. 2 emulated nodes)")
     p.add_argument("--device", choices=("cuda", "cpu"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default bfloat16 on cuda, float32 on cpu")
     p.add_argument("-b", "--minbytes", default="4K")
-    p.add_argument("-e", "--maxbytes", default="256M")
+    p.add_argument("-e", "--maxbytes", default=None, help="default 256M on cuda, 16M on cpu")
     p.add_argument("-f", "--stepfactor", type=int, default=4)
     p.add_argument("--chunk-bytes", default=None, help="pipeline chunk (default: the model's)")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--iters", type=positive_int, default=20)
+    p.add_argument("--reps", type=positive_int, default=5)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--graph", action="store_true", help="replay CUDA graphs of the calls")
     p.add_argument("--markdown", metavar="FILE.md")
-    args = p.parse_args(argv)
-    args.argv = argv
-    args.minbytes, args.maxbytes = parse_size(args.minbytes), parse_size(args.maxbytes)
-    args.chunk_bytes = parse_size(args.chunk_bytes) if args.chunk_bytes else None
-    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    from .launch import spawn, under_torchrun
-    if under_torchrun():
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run, parser=p)
+    return p
+
+
+def _resolve(args) -> None:
+    """Defaults and checks, before any rank starts (UsageError says what is wrong)."""
+    from .bench.args import check_output_path
+    from .cli import UsageError
+    from .launch import check_cpu_ranks, under_torchrun
+    from .settings import parse_size
+    d = DEFAULTS[args.device]
+    try:
+        args.minbytes = parse_size(args.minbytes)
+        args.maxbytes = parse_size(args.maxbytes or d["maxbytes"])
+        args.chunk_bytes = parse_size(args.chunk_bytes) if args.chunk_bytes else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not 1 <= args.minbytes <= args.maxbytes:
+        raise UsageError(f"-b {args.minbytes} must be at least 1 and at most -e {args.maxbytes}")
+    if args.stepfactor < 2:
+        raise UsageError(f"-f must be at least 2, got {args.stepfactor}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    check_output_path("--markdown", args.markdown)
+    args.dtype = args.dtype or d["dtype"]
+    args.torchrun = under_torchrun()
+    if args.torchrun:
+        return
+    args.nproc = args.nproc or d["nproc"]
+    if args.device == "cuda" and args.nproc > torch.cuda.device_count():
+        raise UsageError(f"--nproc {args.nproc} ranks need {args.nproc} GPUs; "
+                         f"{torch.cuda.device_count()} visible")
+    if args.device == "cpu" and not args.oversubscribe:
+        try:
+            check_cpu_ranks(args.nproc, "--nproc")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.ranks_per_node is None and args.nproc % 2 == 0:
+        args.ranks_per_node = args.nproc // 2   # spawned ranks share a host: emulate 2 nodes
+
+
+def run(args) -> int:
+    _resolve(args)
+    from .launch import spawn
+    # what the ranks get: the arguments, without the parser and this function (not picklable)
+    args = argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                 if k not in ("parser", "func")})
+    if args.torchrun:
         args.emulate, args.env = False, {}
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         res = run_rank(rank, world, args)
@@ -200,6 +267,14 @@ def main(argv=None) -> int:
             f.write(f"# {head[0]}\n\n" + "\n".join(f"- {h}" for h in head[1:]) + "\n\n"
                     + format_table(rows, world, args.dtype, markdown=True) + "\n")
     return 1 if any(r["wrong"] for r in rows) else 0
+
+
+def main(argv=None) -> int:
+    from .cli import execute
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return execute(args, prog="python -m tpcomm.hierarchical_bench")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,34 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask), which is what its ranks share."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# Flag of every command that starts CPU ranks (bench, bench model, bench overlap, check,
+# hierarchical_bench) to start more of them than there are cores.
+OVERSUBSCRIBE_FLAG = "--oversubscribe"
+
+
+def check_cpu_ranks(world: int, what: str = "-n") -> None:
+    """Refuse (ValueError) to start more CPU ranks than this process has usable cores.
+
+    Ranks that share a core wait for each other at every collective, so such a run crawls while
+    it loads the machine, and every rank holds a Python interpreter with torch (about 150 MB;
+    99 ranks took 15 GB on a 2-core machine). Commands pass ``--oversubscribe`` to skip this.
+    """
+    cores = usable_cores()
+    if world > cores:
+        raise ValueError(f"{what} {world} would start {world} ranks on {cores} usable core(s): "
+                         f"ranks that share a core wait for each other and each takes about "
+                         f"150 MB; use {what} {cores} or fewer, or add {OVERSUBSCRIBE_FLAG} to "
+                         f"start them anyway")
+
+
 def _entry(fn, rank, world, port, env, args, q):
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",

@@ -41,9 +41,12 @@ def add_plan_parser(subparsers):
                    help="also print the model's predictions next to every measurement it was "
                         "fitted to, with the error")
     p.add_argument("--fit", metavar="FILE.json", action="append", default=[],
-                   help="refit on `tpcomm bench --json` results (GPU all_reduce rows; they "
-                        "replace the built-in rows of the same GPU count and algorithm)")
+                   help="refit on `tpcomm bench --json` results: all_reduce rows of runs on "
+                        "--gpu GPUs (others are dropped, and said so); they replace the "
+                        "built-in rows of the same GPU count and algorithm")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on stderr while --measured refits (a few seconds)")
     p.set_defaults(func=run_plan, parser=p)
     return p
 
@@ -71,17 +74,44 @@ _BACKEND_TO_ALGORITHM = {"nccl": "nccl", "symm_mem_one_shot": "one_shot",
                          "symm_mem_two_shot": "two_shot"}
 
 
-def rows_from_bench_json(doc: dict) -> list[tuple]:
-    """(gpus, algorithm, mode, nbytes, time_us) rows of a ``tpcomm bench --json`` document:
-    GPU all_reduce rows without wrong elements; tpcomm's own one_shot/two_shot rows take the
-    place of torch symm_mem's where both are there."""
+def _run_device(meta: dict, gpu: str) -> str | None:
+    """Why a ``tpcomm bench --json`` run is not of the GPU ``gpu`` the model is fitted for
+    (None: it is). The GPU is read from the header's hardware line ("4 x NVIDIA H200 ...")."""
+    device, hardware = meta.get("device"), meta.get("hardware") or ""
+    if device != "cuda":
+        return f"it ran on {device or 'an unnamed device'} ({hardware.split(';')[0] or '?'})"
+    gpus = hardware.split(";")[0]
+    if gpu.upper() not in gpus.upper():
+        return f"it ran on {gpus or 'GPUs it does not name'}"
+    return None
+
+
+def rows_from_bench_json(doc: dict, gpu: str = "h200") -> tuple[list[tuple], list[str]]:
+    """(gpus, algorithm, mode, nbytes, time_us) rows of a ``tpcomm bench --json`` document,
+    and what was dropped, as phrases.
+
+    Only a run on ``gpu`` GPUs counts (the model is of that GPU: CPU or other-GPU rows would
+    change its predictions and picks); of it, all_reduce rows without wrong elements of the
+    backends the model has terms for (nccl, symm_mem, tpcomm's one_shot / two_shot); tpcomm's
+    own one_shot/two_shot rows take the place of torch symm_mem's where both are there."""
     meta = doc.get("meta", {})
     gpus = int(meta.get("world_size", 0))
     if not gpus:
         raise ValueError("bench JSON without meta.world_size")
+    all_rows = doc.get("rows", [])
+    why = _run_device(meta, gpu)
+    if why is not None:
+        return [], [f"all {len(all_rows)} rows: {why}, the model is of {gpu.upper()} GPUs"]
     rows, own = [], set()
-    for r in doc.get("rows", []):
-        if r.get("op") != "all_reduce" or r.get("wrong", 0) or r.get("time_us", 0) <= 0:
+    dropped = {"wrong elements": 0, "not all_reduce": 0,
+               "a backend or algorithm without terms in the model": 0,
+               "torch symm_mem where tpcomm's own kernel was measured": 0}
+    for r in all_rows:
+        if r.get("op") != "all_reduce":
+            dropped["not all_reduce"] += 1
+            continue
+        if r.get("wrong", 0) or r.get("time_us", 0) <= 0:
+            dropped["wrong elements"] += 1
             continue
         backend, algo = r.get("backend"), r.get("algo", "-")
         if backend == "tpcomm" and algo in ("one_shot", "two_shot"):
@@ -90,23 +120,33 @@ def rows_from_bench_json(doc: dict) -> list[tuple]:
         elif backend in _BACKEND_TO_ALGORITHM:
             name = _BACKEND_TO_ALGORITHM[backend]
         else:
+            dropped["a backend or algorithm without terms in the model"] += 1
             continue
         rows.append((gpus, name, r.get("mode", "eager"), int(r["nbytes"]), float(r["time_us"]),
                      backend))
-    return [r[:5] for r in rows if not (r[1] in own and r[5] != "tpcomm")]
+    kept = [r[:5] for r in rows if not (r[1] in own and r[5] != "tpcomm")]
+    dropped["torch symm_mem where tpcomm's own kernel was measured"] = len(rows) - len(kept)
+    return kept, [f"{n} row(s): {what}" for what, n in dropped.items() if n]
 
 
-def merged_rows(paths: list[str]) -> tuple[list[tuple], str]:
-    """Built-in rows, with those of every (gpus, algorithm) that a file covers replaced."""
+def merged_rows(paths: list[str], gpu: str = "h200") -> tuple[list[tuple], str, list[str]]:
+    """Built-in rows, with those of every (gpus, algorithm) that a file covers replaced; and
+    one line per file that lost rows, saying which and why. ValueError when no file gives a
+    row the model can use."""
     if not paths:
-        return list(cost_data.H200_ALLREDUCE), cost_data.SOURCE
-    new = []
+        return list(cost_data.H200_ALLREDUCE), cost_data.SOURCE, []
+    new, notes = [], []
     for path in paths:
         with open(path) as f:
-            new += rows_from_bench_json(json.load(f))
+            rows, dropped = rows_from_bench_json(json.load(f), gpu)
+        new += rows
+        if dropped:
+            notes.append(f"--fit {path}: {len(rows)} row(s) used; dropped " + "; ".join(dropped))
+    if not new:
+        raise ValueError("--fit: no row to fit: " + " / ".join(notes))
     covered = {(r[0], r[1]) for r in new}
     kept = [r for r in cost_data.H200_ALLREDUCE if (r[0], r[1]) not in covered]
-    return kept + new, f"{', '.join(paths)} + {cost_data.SOURCE} (rows not covered)"
+    return kept + new, f"{', '.join(paths)} + {cost_data.SOURCE} (rows not covered)", notes
 
 
 # ---------------------------------------------------------------------------- output
@@ -218,15 +258,36 @@ def format_tpcomm_fit(table: list[dict], cross: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _measured_tables(rows_in, show_progress: bool) -> tuple[list, list, list]:
+    """The fit tables of --measured (a few seconds: every row is also left out and refitted),
+    with a progress bar on a terminal."""
+    from .bench.progress import Progress
+    steps = (("baseline rows, each left out", lambda: cost_model.error_table(rows_in)),
+             ("tpcomm kernels, each size left out", cost_model.tpcomm_error_table),
+             ("cross-check", cost_model.crosscheck_table))
+    progress = Progress(len(steps), show_progress)
+    out = []
+    try:
+        for label, fn in steps:
+            progress.show(f"fitting: {label}")
+            out.append(fn())
+            progress.advance()
+    finally:
+        progress.close()
+    return tuple(out)
+
+
 def run_plan(args) -> int:
     try:
         sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+        if not sizes:
+            raise ValueError(f"--sizes {args.sizes!r}: give at least one size (e.g. 4K,1M)")
         nic = (cost_model.parse_nic(args.nic, args.nic_efficiency) if args.nic else None)
         if args.nodes > 1 and nic is None:
             raise ValueError("--nodes > 1 needs --nic (e.g. --nic 8x400Gb/s)")
         if not 0 < args.nic_efficiency <= 1:
             raise ValueError("--nic-efficiency must be in (0, 1]")
-        rows_in, source = merged_rows(args.fit)
+        rows_in, source, notes = merged_rows(args.fit, args.gpu)
     except (ValueError, OSError) as e:
         raise _usage_error(str(e)) from None
     if args.fit:
@@ -235,21 +296,22 @@ def run_plan(args) -> int:
         params = cost_model.GPUS[args.gpu]()
     cluster = cost_model.Cluster(args.nodes, args.gpus_per_node, params, nic, args.link)
     rows = plan_rows(cluster, sizes)
-    table = cost_model.error_table(rows_in if args.fit else None) if args.measured else None
+    tables = (_measured_tables(rows_in if args.fit else None, not args.no_progress)
+              if args.measured else None)
     if args.json:
         doc = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "gpu": args.gpu,
                "link": args.link, "nic": str(nic) if nic else None, "source": params.source,
                "plan": rows}
-        if table is not None:
-            doc["fit"] = table
-            doc["tpcomm_fit"] = cost_model.tpcomm_error_table()
-            doc["crosscheck"] = cost_model.crosscheck_table()
+        if args.fit:
+            doc["fit_dropped"] = notes
+        if tables is not None:
+            doc["fit"], doc["tpcomm_fit"], doc["crosscheck"] = tables
         print(json.dumps(doc, indent=1))
         return 0
-    print(format_plan(cluster, rows, args.gpu))
-    if table is not None:
+    print("\n".join([format_plan(cluster, rows, args.gpu)] + [f"# {n}" for n in notes]))
+    if tables is not None:
         print()
-        print(format_fit(params, table))
+        print(format_fit(params, tables[0]))
         print()
-        print(format_tpcomm_fit(cost_model.tpcomm_error_table(), cost_model.crosscheck_table()))
+        print(format_tpcomm_fit(tables[1], tables[2]))
     return 0

@@ -8,10 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+# The smallest TPCOMM_MAX_BYTES (and Communicator max_bytes) accepted: one 4 KiB page.
+MIN_MAX_BYTES = 4096
+
+
+class SettingsError(ValueError):
+    """A TPCOMM_* variable (or NCCL_P2P_DISABLE) with a value tpcomm cannot use. The message is
+    one line: the variable, its value and the values accepted (the CLI prints just that)."""
+
+
+def _bad(name: str, raw: str, expected: str) -> SettingsError:
+    return SettingsError(f"{name}={raw!r}: expected {expected}")
 
 
 def _bool(name: str, default: bool) -> bool:
@@ -23,7 +35,7 @@ def _bool(name: str, default: bool) -> bool:
         return True
     if val in _FALSE:
         return False
-    raise ValueError(f"{name}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
+    raise _bad(name, raw, "one of 1/0, true/false, yes/no, on/off")
 
 
 def _float(name: str, default: float) -> float:
@@ -33,9 +45,9 @@ def _float(name: str, default: float) -> float:
     try:
         val = float(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected a number of seconds") from None
-    if not val > 0:
-        raise ValueError(f"{name}={raw!r}: must be > 0")
+        val = math.nan
+    if not 0 < val < math.inf:
+        raise _bad(name, raw, "a number of seconds > 0, such as 60 or 2.5")
     return val
 
 
@@ -56,14 +68,18 @@ def parse_size(text: str) -> int:
     return val
 
 
-def _size(name: str, default: int) -> int:
+def _size(name: str, default: int, minimum: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
-        return parse_size(raw)
-    except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
+        val = parse_size(raw)
+    except ValueError:
+        val = -1
+    if val < minimum:
+        raise _bad(name, raw, f"a size of at least {minimum // 1024}K in bytes, with K, M or G "
+                              f"for powers of 1024, such as 64M or 1G")
+    return val
 
 
 def _int_or_none(name: str) -> int | None:
@@ -73,9 +89,9 @@ def _int_or_none(name: str) -> int | None:
     try:
         val = int(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected a positive integer") from None
+        val = 0
     if val <= 0:
-        raise ValueError(f"{name}={raw!r}: expected a positive integer")
+        raise _bad(name, raw, "a positive integer (ranks per node)")
     return val
 
 
@@ -122,7 +138,7 @@ def _read() -> Settings:
         debug=_bool("TPCOMM_DEBUG", False),
         quiet=_bool("TPCOMM_QUIET", False),
         timeout_s=_float("TPCOMM_TIMEOUT_S", 60.0),
-        max_bytes=_size("TPCOMM_MAX_BYTES", 32 << 20),
+        max_bytes=_size("TPCOMM_MAX_BYTES", 32 << 20, MIN_MAX_BYTES),
         local_world_size=_int_or_none("TPCOMM_LOCAL_WORLD_SIZE"),
         nccl_p2p_disable=_bool("NCCL_P2P_DISABLE", False),
         p2p_check=_bool("TPCOMM_P2P_CHECK", True),
@@ -133,7 +149,8 @@ def _read() -> Settings:
 
 @functools.lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The settings of this process, read from the environment on first use."""
+    """The settings of this process, read from the environment on first use; a value that
+    cannot be used raises :class:`SettingsError` (a ValueError) naming the variable."""
     return _read()
 
 

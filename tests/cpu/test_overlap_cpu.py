@@ -198,5 +198,10 @@ def test_bench_overlap_cli_runs_on_cpu(tmp_path):
         assert r["ok"] and r["times_us"]["gemm"] > 0 and r["times_us"]["tpcomm"] > 0
         assert r["na"]["torch_async_tp"].startswith("n/a")   # CPU: no symm_mem
         assert r["chunks_auto"] == 1 and r["chunks_forced"] == 3
-        assert "tpcomm_forced" in r["times_us"]
+        assert "tpcomm_forced" in r["times_us"] and r["times_us"]["tpcomm_collective"] > 0
+        # one chunk is tpcomm unfused itself; chunks on the CPU run in sequence: no ratio
+        assert r["times_us"]["tpcomm"] == r["times_us"]["tpcomm_unfused"]
+        assert r["speedup"] == {"tpcomm": "no overlap (1 chunk)",
+                                "tpcomm_forced": "no overlap (cpu)"}
     assert "matmul_all_reduce" in stdout and "| M |" in (tmp_path / "overlap.md").read_text()
+    assert "no overlap (1 chunk)" in stdout and "x gloo unfused" in stdout

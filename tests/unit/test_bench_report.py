@@ -149,7 +149,8 @@ def test_cpu_defaults():
 
 
 def test_sizes_follow_op_and_world():
-    c = _config(["--device", "cpu", "-n", "4", "--op", "all_gather", "-b", "4", "-e", "64"])
+    c = _config(["--device", "cpu", "-n", "4", "--oversubscribe", "--op", "all_gather", "-b", "4",
+                 "-e", "64"])
     assert c.sizes == (16, 32, 64)   # one float32 per rank at least
 
 

@@ -142,17 +142,60 @@ def test_refit_from_bench_json(tmp_path, capsys):
                   "mode": "graph", "nbytes": n, "time_us": 1.0, "wrong": 0},
                  {"backend": "nccl", "op": "all_reduce", "algo": "-", "mode": "graph",
                   "nbytes": n, "time_us": 2 * t, "wrong": 3}]
-    doc = {"meta": {"world_size": 4}, "rows": rows}
-    got = plan_cli.rows_from_bench_json(doc)
+    doc = {"meta": {"world_size": 4, "device": "cuda", "hardware": H200_HARDWARE}, "rows": rows}
+    got, dropped = plan_cli.rows_from_bench_json(doc)
     assert {r[1] for r in got} == {"two_shot"} and all(r[4] > 5 for r in got)
+    assert dropped == ["3 row(s): wrong elements",
+                       "3 row(s): torch symm_mem where tpcomm's own kernel was measured"]
     path = tmp_path / "gpu-h200x4.json"
     path.write_text(json.dumps(doc))
-    merged, source = plan_cli.merged_rows([str(path)])
+    merged, source, notes = plan_cli.merged_rows([str(path)])
     assert not [r for r in merged if r[:2] == (4, "two_shot") and r[4] < 5]
     assert [r for r in merged if r[:2] == (4, "one_shot")]          # kept from the baseline
     assert str(path) in source
     out = _plan(["--gpus-per-node", "4", "--measured", "--fit", str(path)], capsys)
     assert str(path) in out
+
+
+H200_HARDWARE = ("4 x NVIDIA H200 (143155 MiB), driver 580.159.04, CUDA 13.0; host CPU "
+                 "Intel(R) Xeon(R) Platinum 8480+, 224 cores (224 usable)")
+
+
+def _bench_doc(device, hardware, nbytes=(64 * K, 1 * M, 16 * M)):
+    rows = [{"backend": "tpcomm", "op": "all_reduce", "algo": "two_shot", "mode": "graph",
+             "nbytes": n, "time_us": 3.0 + n / 50e3, "wrong": 0} for n in nbytes]
+    return {"meta": {"world_size": 4, "device": device, "hardware": hardware}, "rows": rows}
+
+
+def test_fit_takes_only_rows_of_the_gpu_it_models(tmp_path, capsys):
+    """CPU rows (`tpcomm bench` on a CPU names its algorithms one_shot / two_shot too) and rows
+    of another GPU are dropped, and the output says so; the H200 predictions do not move."""
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps(_bench_doc("cpu", "AMD EPYC, 2 cores (2 usable); 1 torch "
+                                                "thread(s) per rank")))
+    h100 = tmp_path / "h100.json"
+    h100.write_text(json.dumps(_bench_doc("cuda", "4 x NVIDIA H100 80GB HBM3 (81559 MiB)")))
+    h200 = tmp_path / "h200.json"
+    h200.write_text(json.dumps(_bench_doc("cuda", H200_HARDWARE)))
+    plain = _plan(["--gpus-per-node", "4", "--sizes", "1M", "--json"], capsys)
+    mixed = json.loads(_plan(["--gpus-per-node", "4", "--sizes", "1M", "--json", "--fit",
+                              str(h200), "--fit", str(cpu), "--fit", str(h100)], capsys))
+    alone = json.loads(_plan(["--gpus-per-node", "4", "--sizes", "1M", "--json", "--fit",
+                              str(h200)], capsys))
+    assert mixed["plan"] == alone["plan"] != json.loads(plain)["plan"]
+    assert mixed["fit_dropped"] == [
+        f"--fit {cpu}: 0 row(s) used; dropped all 3 rows: it ran on cpu (AMD EPYC, 2 cores "
+        f"(2 usable)), the model is of H200 GPUs",
+        f"--fit {h100}: 0 row(s) used; dropped all 3 rows: it ran on 4 x NVIDIA H100 80GB HBM3 "
+        f"(81559 MiB), the model is of H200 GPUs"]
+    out = _plan(["--gpus-per-node", "4", "--sizes", "1M", "--fit", str(h200), "--fit", str(cpu)],
+                capsys)
+    assert f"# --fit {cpu}: 0 row(s) used; dropped all 3 rows: it ran on cpu" in out
+    # nothing left to fit: an error, not the built-in fit under another name
+    from tpcomm.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--fit", str(cpu)])
+    assert e.value.code == 2 and "--fit: no row to fit" in capsys.readouterr().err
 
 
 def test_plan_is_a_tpcomm_subcommand(capsys):

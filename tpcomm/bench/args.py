@@ -1,5 +1,5 @@
-"""Argument types and resolution shared by the sub-benchmarks (``tpcomm bench model``,
-``tpcomm bench overlap``)."""
+"""Argument types and resolution shared by the benchmarks (``tpcomm bench``, ``tpcomm bench
+model``, ``tpcomm bench overlap``): every check here runs before any rank starts."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import os
 import torch
 
 from ..cli import UsageError
-from ..launch import under_torchrun
+from ..launch import OVERSUBSCRIBE_FLAG, check_cpu_ranks, under_torchrun
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -39,17 +39,48 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def resolve_world(nranks: int | None, device: str) -> int:
-    """Ranks of the run: torchrun's world, else -n (default 2 on cpu, every GPU on cuda)."""
+def add_oversubscribe(p: argparse.ArgumentParser) -> None:
+    """The flag that lets -n exceed the usable cores (see :func:`tpcomm.launch.check_cpu_ranks`)."""
+    p.add_argument(OVERSUBSCRIBE_FLAG, action="store_true",
+                   help="cpu: start -n ranks even where they outnumber the usable cores (slow, "
+                        "and about 150 MB per rank)")
+
+
+def resolve_world(nranks: int | None, device: str, oversubscribe: bool = False) -> int:
+    """Ranks of the run: torchrun's world, else -n (default 2 on cpu, every GPU on cuda).
+
+    Ranks this command would start on the CPU may not outnumber the usable cores unless
+    ``oversubscribe`` (UsageError saying how to override)."""
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if nranks is not None and nranks != world:
             raise UsageError(f"-n {nranks}, but torchrun started {world} ranks")
         return world
     if device == "cpu":
-        return nranks or 2
+        world = nranks or 2
+        if not oversubscribe:
+            try:
+                check_cpu_ranks(world)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        return world
     gpus = torch.cuda.device_count()
     world = nranks or gpus
     if world > gpus:
         raise UsageError(f"-n {world} ranks need {world} GPUs; {gpus} visible")
     return world
+
+
+def check_output_path(flag: str, path: str | None) -> None:
+    """An output file (--json, --markdown, --plot) that can be written, checked before the run:
+    its directory exists and is writable, and the path is not a directory (UsageError)."""
+    if path is None:
+        return
+    if path == "" or os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r}: expected a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path)
+                                                    and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path}: not writable")

@@ -231,6 +231,9 @@ def resolve_backends(text: str, device: str, op: str) -> list[str]:
     names: list[str] = []
     for raw in text.split(","):
         name = raw.strip()
+        if not name:
+            raise ValueError(f"--backends {text!r}: an empty name; give comma-separated names "
+                             f"from {', '.join(PUBLIC)}")
         if name not in BACKENDS and name not in ALIASES:
             raise ValueError(f"unknown backend {name!r}; choose from {', '.join(PUBLIC)}")
         for n in ALIASES.get(name, (name,)):

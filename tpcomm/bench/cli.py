@@ -22,11 +22,11 @@ import sys
 import torch
 
 from ..cli import UsageError
-from ..launch import RankFailed, under_torchrun
+from ..launch import RankFailed
 from ..select import OPS, check_algorithm
 from ..settings import parse_size
 from . import plot, report, runner
-from .args import positive_int
+from .args import add_oversubscribe, check_output_path, positive_int, resolve_world
 from .backends import DEFAULTS, NORM_OP, PUBLIC, resolve_backends
 
 DEFAULT_MAX_BYTES = {"cpu": "16M", "cuda": "128M"}
@@ -50,6 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-n", "--nranks", type=positive_int,
                    help="ranks to start (default: 2 on cpu, the number of GPUs on cuda); "
                         "under torchrun the world size is torchrun's")
+    add_oversubscribe(p)
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--backends", help=f"comma-separated, the first is the one under test and "
@@ -144,26 +145,16 @@ def _device(args) -> str:
     return device
 
 
-def _world(args, device: str) -> int:
-    if under_torchrun():
-        world = int(os.environ["WORLD_SIZE"])
-        if args.nranks is not None and args.nranks != world:
-            raise UsageError(f"-n {args.nranks}, but torchrun started {world} ranks")
-        return world
-    if device == "cpu":
-        return args.nranks or 2
-    gpus = torch.cuda.device_count()
-    if args.nranks is not None and args.nranks > gpus:
-        raise UsageError(f"-n {args.nranks} ranks need {args.nranks} GPUs; {gpus} visible")
-    return args.nranks or gpus
-
-
 def config_from_args(args) -> runner.BenchConfig:
     """Check the arguments and resolve every default; UsageError says what is wrong."""
     device = _device(args)
-    world = _world(args, device)
+    world = resolve_world(args.nranks, device, args.oversubscribe)
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown),
+                       ("--plot", args.plot)):
+        check_output_path(flag, path)
     try:
-        backends = resolve_backends(args.backends or DEFAULTS[device], device, args.op)
+        backends = resolve_backends(DEFAULTS[device] if args.backends is None else args.backends,
+                                    device, args.op)
         if args.algorithm != "auto":
             if "tpcomm" not in backends:
                 raise ValueError("--algorithm applies to the tpcomm backend, which is not in "

@@ -9,6 +9,8 @@ import subprocess
 
 import torch
 
+from ..launch import usable_cores
+
 
 def cpu_model() -> str:
     try:
@@ -19,14 +21,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask), which is what its ranks share."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _package_version(name: str) -> str | None:

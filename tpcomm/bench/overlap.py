@@ -6,11 +6,21 @@
 
 For every op (matmul_all_reduce, matmul_reduce_scatter: a [M, K] x [K, N]; all_gather_matmul:
 a_shard [M/R, N] x [N, K], the up projection fed by a sequence-parallel input) and every M, in
-one run: the GEMM alone, the collective alone, GEMM then collective through torch.distributed
-(NCCL / gloo: the baseline, "unfused"), torch's async-TP fused op (torch.ops.symm_mem, CUDA and
-world > 1 only, else "n/a" and why), tpcomm's overlap op with its own chunk count, and with
---chunks forced. Only this table shows whether overlap happened: overlapped is below
-unfused, and at best near max(GEMM, collective).
+one run, each overlapped variant next to the same engine unfused:
+
+- torch.distributed (NCCL / gloo): the collective alone, GEMM then collective ("unfused"), and
+  torch's async-TP fused op (torch.ops.symm_mem, CUDA and world > 1 only, else "n/a" and why),
+  with its speed-up over that unfused;
+- tpcomm: its collective alone, GEMM then its collective (one chunk: "unfused"), its overlap op
+  with its own chunk count, with --chunks forced, and the fused GEMM-epilogue kernel
+  (matmul_reduce_scatter on the GPU backend), each with its speed-up over tpcomm unfused.
+  Where no overlap can happen the speed-up cell says so: "no overlap (1 chunk)" (the op ran
+  as GEMM then one collective, which is tpcomm unfused itself) or "no overlap (cpu)" (chunks run
+  one after the other on the CPU: no streams).
+
+Only this table shows whether overlap happened: overlapped is below unfused, and at best near
+max(GEMM, collective). Comparing tpcomm overlapped with torch.distributed unfused would mix the
+gain of overlap with that of the engine, so no column does.
 
 Every variant's result is checked against the unfused one before it is timed. Times are per
 call, the median of --reps repetitions of --iters eager calls (CUDA events on the GPU,
@@ -37,7 +47,8 @@ from ..cli import UsageError
 from ..launch import RankFailed, init_rank, spawn, under_torchrun
 from ..overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
                        overlap_chunks)
-from .args import int_list, positive_int, resolve_device, resolve_world
+from .args import (add_oversubscribe, check_output_path, int_list, positive_int,
+                   resolve_device, resolve_world)
 
 OPS = ("matmul_all_reduce", "matmul_reduce_scatter", "all_gather_matmul")
 COLLECTIVE = {"matmul_all_reduce": "all_reduce", "matmul_reduce_scatter": "reduce_scatter",
@@ -49,8 +60,13 @@ TOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
 # Llama-3-70B at TP 4: down projection [M, 28672/4] x [7168, 8192]
 DEFAULTS = {"cpu": {"m": "64,256", "k": 512, "n": 1024, "dtype": "float32"},
             "cuda": {"m": "128,512,2048,4096,8192", "k": 7168, "n": 8192, "dtype": "bfloat16"}}
-VARIANTS = ("gemm", "collective", "unfused", "torch_async_tp", "tpcomm", "tpcomm_forced",
-            "tpcomm_fused")
+VARIANTS = ("gemm", "collective", "unfused", "torch_async_tp", "tpcomm_collective",
+            "tpcomm_unfused", "tpcomm", "tpcomm_forced", "tpcomm_fused")
+# the parts and baselines: timed as they are, not checked against the reference
+PARTS = ("gemm", "collective", "unfused", "tpcomm_collective")
+# overlapped variant -> the same engine unfused, its baseline
+BASELINE = {"torch_async_tp": "unfused", "tpcomm": "tpcomm_unfused",
+            "tpcomm_forced": "tpcomm_unfused", "tpcomm_fused": "tpcomm_unfused"}
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                     "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -84,6 +100,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-n", "--nranks", type=positive_int,
                    help="ranks to start (default 2 on cpu, every GPU on cuda); under torchrun "
                         "the world size is torchrun's")
+    add_oversubscribe(p)
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default float32 cpu, bfloat16 cuda")
@@ -114,7 +131,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def config_from_args(args) -> OverlapBenchConfig:
     device = resolve_device(args.device)
     d = DEFAULTS[device]
-    world = resolve_world(args.nranks, device)
+    world = resolve_world(args.nranks, device, args.oversubscribe)
+    check_output_path("--json", args.json)
+    check_output_path("--markdown", args.markdown)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
     bad = [o for o in ops if o not in OPS]
     if bad or not ops:
@@ -182,9 +201,15 @@ def _variants(op, a, b, comm, R, chunks_auto, forced, async_tp_why):
 
         def collective():
             return reference.all_reduce(zeros, zeros)
+
+        def tpcomm_collective():
+            return comm.all_reduce_(zeros)
     else:
         def collective():
             return getattr(reference, coll)(coll_in, coll_out())
+
+        def tpcomm_collective():
+            return getattr(comm, coll)(coll_in)
 
     def unfused():
         if op == "all_gather_matmul":
@@ -197,6 +222,8 @@ def _variants(op, a, b, comm, R, chunks_auto, forced, async_tp_why):
     fused = {"matmul_all_reduce": matmul_all_reduce, "matmul_reduce_scatter":
              matmul_reduce_scatter, "all_gather_matmul": all_gather_matmul}[op]
     out = {"gemm": lambda: gemm_in @ b, "collective": collective, "unfused": unfused,
+           "tpcomm_collective": tpcomm_collective,
+           "tpcomm_unfused": lambda: fused(a, b, comm, chunks=1),   # GEMM, then one collective
            "tpcomm": lambda: fused(a, b, comm, chunks=chunks_auto)}
     if forced is not None:
         out["tpcomm_forced"] = lambda: fused(a, b, comm, chunks=forced)
@@ -266,7 +293,8 @@ def _row(op, M, config, comm, device, rank, async_tp_why) -> dict:
     fns = _variants(op, a, b, comm, R, auto, config.chunks, async_tp_why)
     ref = fns["unfused"]()
     row = {"op": op, "M": M, "K": gk, "N": gn, "world": R, "chunks_auto": auto,
-           "chunks_forced": config.chunks, "times_us": {}, "na": {}, "rel_err": {}, "ok": True}
+           "chunks_forced": config.chunks, "times_us": {}, "na": {}, "rel_err": {}, "ok": True,
+           "speedup": {}}
     for name in VARIANTS:
         fn = fns.get(name)
         if fn is None:
@@ -274,7 +302,11 @@ def _row(op, M, config, comm, device, rank, async_tp_why) -> dict:
         if isinstance(fn, str):
             row["na"][name] = fn
             continue
-        if name not in ("gemm", "collective", "unfused"):
+        if name == "tpcomm" and auto == 1:   # one chunk: the very call of tpcomm_unfused
+            if "tpcomm_unfused" in row["times_us"]:
+                row["times_us"][name] = row["times_us"]["tpcomm_unfused"]
+            continue
+        if name not in PARTS:
             try:
                 err = _mismatch(fn(), ref, TOL[config.dtype], device)
             except Exception as e:  # noqa: BLE001 - async-TP may fail on a setup; say why
@@ -287,11 +319,26 @@ def _row(op, M, config, comm, device, rank, async_tp_why) -> dict:
                 row["ok"] = False
                 continue
         row["times_us"][name] = _time_us(fn, config, device)
-    t = row["times_us"]
-    for name in ("tpcomm", "tpcomm_forced", "torch_async_tp", "tpcomm_fused"):
-        if name in t and "unfused" in t:
-            row[f"x_unfused_{name}"] = t["unfused"] / t[name]
+    row["speedup"] = speedups(row, device.type)
     return row
+
+
+def speedups(row: dict, device_type: str) -> dict:
+    """Overlapped variant -> time of the same engine unfused / its time (``BASELINE``), or why
+    no overlap happened: "no overlap (1 chunk)" where it ran as GEMM then one collective,
+    "no overlap (cpu)" where its chunks ran one after the other (no streams on the CPU)."""
+    t, out = row["times_us"], {}
+    for name, base in BASELINE.items():
+        if name not in t or base not in t:
+            continue
+        chunks = {"tpcomm": row["chunks_auto"], "tpcomm_forced": row["chunks_forced"]}.get(name)
+        if chunks == 1:
+            out[name] = "no overlap (1 chunk)"
+        elif chunks is not None and device_type != "cuda":
+            out[name] = "no overlap (cpu)"
+        else:
+            out[name] = t[base] / t[name]
+    return out
 
 
 def rank_main(rank: int, world: int, config: OverlapBenchConfig) -> dict:
@@ -308,8 +355,8 @@ def rank_main(rank: int, world: int, config: OverlapBenchConfig) -> dict:
                 rows.append(_row(op, M, config, comm, device, rank, why))
                 if rank == 0 and config.progress:
                     r = rows[-1]
-                    print(f"[{op} M={M}] " + ", ".join(f"{k} {v:.1f} us" for k, v in
-                                                       r["times_us"].items()),
+                    print(f"[{len(rows)}/{len(config.ops) * len(config.ms)} {op} M={M}] "
+                          + ", ".join(f"{k} {v:.1f} us" for k, v in r["times_us"].items()),
                           file=sys.stderr, flush=True)
         meta = None
         if rank == 0:
@@ -319,6 +366,7 @@ def rank_main(rank: int, world: int, config: OverlapBenchConfig) -> dict:
                          "dtype": config.dtype, "device": config.device,
                          "comm_backend": comm.backend_name,
                          "baseline": f"torch.distributed ({dist.get_backend()})",
+                         "base": dist.get_backend(),
                          "config": dataclasses.asdict(config)})
         return {"meta": meta, "rows": rows}
     finally:
@@ -333,13 +381,16 @@ def run(config: OverlapBenchConfig) -> dict:
 
 
 # ---------------------------------------------------------------- report
-def _table(rows: list[dict], op: str, forced) -> tuple[list, list]:
-    head = ["M", "K", "N", "GEMM (us)", "collective (us)", "unfused (us)",
-            "torch async-TP (us)", "tpcomm (us)", "chunks", "x unfused"]
+def _table(rows: list[dict], op: str, forced, base: str) -> tuple[list, list]:
+    """Header and cells of one op's table; every "x" column is a speed-up over the same engine
+    unfused (torch.distributed's for async-TP, tpcomm's for tpcomm's variants)."""
+    head = ["M", "K", "N", "GEMM (us)", f"{base} collective (us)", f"{base} unfused (us)",
+            "torch async-TP (us)", f"x {base} unfused", "tpcomm collective (us)",
+            "tpcomm unfused (us)", "tpcomm (us)", "chunks", "x tpcomm unfused"]
     if forced is not None:
-        head += [f"tpcomm {forced} chunks (us)", "x unfused "]
+        head += [f"tpcomm {forced} chunks (us)", "x tpcomm unfused "]
     if op == "matmul_reduce_scatter":
-        head += ["tpcomm fused kernel (us)", "x unfused  "]
+        head += ["tpcomm fused kernel (us)", "x tpcomm unfused  "]
     body = []
     for r in (r for r in rows if r["op"] == op):
         t = r["times_us"]
@@ -350,16 +401,18 @@ def _table(rows: list[dict], op: str, forced) -> tuple[list, list]:
             if name in r["na"]:
                 return "n/a"
             return "WRONG" if name in r["rel_err"] else "-"
-        x = r.get("x_unfused_tpcomm")
+
+        def ratio(name):
+            x = r["speedup"].get(name)
+            return x if isinstance(x, str) else f"{x:.2f}" if x else "-"
         cells = [str(r["M"]), str(r["K"]), str(r["N"]), cell("gemm"), cell("collective"),
-                 cell("unfused"), cell("torch_async_tp"), cell("tpcomm"), str(r["chunks_auto"]),
-                 f"{x:.2f}" if x else "-"]
+                 cell("unfused"), cell("torch_async_tp"), ratio("torch_async_tp"),
+                 cell("tpcomm_collective"), cell("tpcomm_unfused"), cell("tpcomm"),
+                 str(r["chunks_auto"]), ratio("tpcomm")]
         if forced is not None:
-            xf = r.get("x_unfused_tpcomm_forced")
-            cells += [cell("tpcomm_forced"), f"{xf:.2f}" if xf else "-"]
+            cells += [cell("tpcomm_forced"), ratio("tpcomm_forced")]
         if op == "matmul_reduce_scatter":
-            xf = r.get("x_unfused_tpcomm_fused")
-            cells += [cell("tpcomm_fused"), f"{xf:.2f}" if xf else "-"]
+            cells += [cell("tpcomm_fused"), ratio("tpcomm_fused")]
         body.append(cells)
     return head, body
 
@@ -382,9 +435,10 @@ def format_text(meta: dict, rows: list[dict]) -> str:
     forced = meta["config"]["chunks"]
     lines = ["# tpcomm bench overlap"] + [f"# {h}" for h in _header(meta)]
     for op in dict.fromkeys(r["op"] for r in rows):
-        head, body = _table(rows, op, forced)
+        head, body = _table(rows, op, forced, meta.get("base", "torch"))
         widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-        lines += ["", f"# {op} (times per call, us; x unfused = unfused / tpcomm)",
+        lines += ["", f"# {op} (times per call, us; x E unfused = time of engine E unfused / "
+                      f"time of the overlapped variant)",
                   "  ".join(h.rjust(w) for h, w in zip(head, widths))]
         lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
         lines += [f"  {note}" for note in _notes(rows, op)]
@@ -395,7 +449,7 @@ def format_markdown(meta: dict, rows: list[dict]) -> str:
     forced = meta["config"]["chunks"]
     out = ["# tpcomm bench overlap", ""] + [f"- {h}" for h in _header(meta)] + [""]
     for op in dict.fromkeys(r["op"] for r in rows):
-        head, body = _table(rows, op, forced)
+        head, body = _table(rows, op, forced, meta.get("base", "torch"))
         out += [f"## {op}", "", "| " + " | ".join(h.strip() for h in head) + " |",
                 "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body] + [""]
         out += [f"- {note}" for note in _notes(rows, op)] + [""]

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..launch import spawn, under_torchrun
+from ..launch import spawn, under_torchrun, usable_cores
 from . import meta as meta_mod
 from .backends import IN_PLACE, NORM_OP, BenchBackend, Context, make_backend
 from .progress import Progress
@@ -94,7 +94,7 @@ def rank_main(rank: int, world: int, config: BenchConfig) -> dict:
         dist.init_process_group("cpu:gloo,cuda:nccl")
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, meta_mod.usable_cores() // local_world))
+        torch.set_num_threads(max(1, usable_cores() // local_world))
         dist.init_process_group("gloo")
     try:
         return _sweep(rank, world, device, config)

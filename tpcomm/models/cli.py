@@ -18,8 +18,9 @@ import os
 import shlex
 import sys
 
-from ..bench.args import int_list, positive_int, resolve_device, resolve_world
-from ..cli import UsageError
+from ..bench.args import (add_oversubscribe, check_output_path, int_list, positive_int,
+                          resolve_device, resolve_world)
+from ..cli import UsageError, execute
 from ..launch import RankFailed
 from .bench import DTYPES, ModelBenchConfig, run
 from .comm import COMM_CHOICES
@@ -55,6 +56,7 @@ def add_model_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     where.add_argument("-n", "--nranks", type=positive_int,
                        help="TP ranks to start (default 2 on cpu, every GPU on cuda); under "
                             "torchrun the world size is torchrun's")
+    add_oversubscribe(where)
     where.add_argument("--device", choices=("cpu", "cuda"),
                        help="default: cuda when a GPU is visible, else cpu")
     where.add_argument("--comm", help="comma-separated backends, the first under test: "
@@ -111,12 +113,16 @@ def config_from_args(args) -> ModelBenchConfig:
     """Check the arguments and resolve the defaults; UsageError says what is wrong."""
     device = resolve_device(args.device)
     d = DEFAULTS[device]
-    world = resolve_world(args.nranks, device)
-    comms = tuple(c.strip() for c in (args.comm or ",".join(COMM_CHOICES[device])).split(","))
+    world = resolve_world(args.nranks, device, args.oversubscribe)
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown),
+                       ("--plot", args.plot)):
+        check_output_path(flag, path)
+    text = ",".join(COMM_CHOICES[device]) if args.comm is None else args.comm
+    comms = tuple(c.strip() for c in text.split(","))
     bad = [c for c in comms if c not in COMM_CHOICES[device]]
-    if bad or not comms:
-        raise UsageError(f"--comm {args.comm!r}: {bad[0] if bad else 'nothing'} is not a backend "
-                         f"on {device}; choose among {', '.join(COMM_CHOICES[device])}")
+    if bad:
+        raise UsageError(f"--comm {args.comm!r}: {bad[0]!r} is not a backend on {device}; "
+                         f"choose among {', '.join(COMM_CHOICES[device])}")
     if len(set(comms)) != len(comms):
         raise UsageError(f"--comm {args.comm!r}: name each backend once")
     if args.checkpoint and args.model:
@@ -180,13 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m tpcomm.models.cli``: the same as ``tpcomm bench model``."""
     p = argparse.ArgumentParser(prog="tpcomm bench model", description=__doc__.split("\n\n")[0])
     add_model_bench_args(p)
+    p.set_defaults(func=run_model_bench, parser=p)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.argv = ["bench", "model", *argv]
-    try:
-        return run_model_bench(args)
-    except UsageError as e:
-        p.error(str(e))
+    return execute(args, prog="tpcomm bench model")
 
 
 if __name__ == "__main__":
