@@ -40,7 +40,7 @@ def tpcomm_version() -> str:
     must say which code it measured)."""
     from .. import __version__
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if not os.path.isdir(os.path.join(root, ".git")):
+    if not os.path.exists(os.path.join(root, ".git")):   # a file in a git worktree
         return __version__
 
     def git(*args):
