@@ -1,9 +1,9 @@
 """Measured all-reduce times the cost model is fitted to (tpcomm.cost_model).
 
-Source: /work/shared/BASELINES.md, "Baselines measured on our 4 x H200 test machine
-(2026-11-22)": 4 NVIDIA H200, all pairs NV18 through NVSwitch, driver 580.159.04,
-torch 2.11.0+cu130, NCCL 2.28.9, NVLS off. bf16, sum, microseconds per call. Produced by
-../shared/probes/ (torchrun).
+Source: benchmarks/results/baselines-h200x4-2026-11-22.md (the baselines measured on the
+4 x H200 test machine, 2026-11-22): 4 NVIDIA H200, all pairs NV18 through NVSwitch, driver
+580.159.04, torch 2.11.0+cu130, NCCL 2.28.9, NVLS off. bf16, sum, microseconds per call.
+Produced by torchrun probe scripts (not kept in this repository).
 
 The torch symm_mem one_shot / two_shot kernels stand in for tpcomm's own until tpcomm's GPU
 measurements exist (benchmarks/results/gpu-h200x*.md, refit with ``tpcomm plan --fit FILE.json``).
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 K, M = 1 << 10, 1 << 20
 
-SOURCE = ("/work/shared/BASELINES.md: 4 x H200 (NV18, NVSwitch), NCCL 2.28.9, torch 2.11, "
-          "2026-11-22, bf16 sum")
+SOURCE = ("benchmarks/results/baselines-h200x4-2026-11-22.md: 4 x H200 (NV18, NVSwitch), "
+          "NCCL 2.28.9, torch 2.11, 2026-11-22, bf16 sum")
 
 H200_ALLREDUCE = [
     # 4 GPUs
@@ -50,6 +50,7 @@ H200_ALLREDUCE = [
 ]
 
 # Emulated 2 nodes x 2 H200 on one host, NCCL over loopback sockets (NCCL_HOSTID per "node",
-# NCCL_SOCKET_IFNAME=lo): flat NCCL all-reduce, fp32 (BASELINES.md, probes/probe_emul.py A).
+# NCCL_SOCKET_IFNAME=lo): flat NCCL all-reduce, fp32 (baselines-h200x4-2026-11-22.md, "Facts for
+# planning tests").
 # Not fitted: a check that the network terms behave for a slow "NIC" (about 2.7 GB/s).
 H200_EMULATED_SOCKETS = [(2, 2, 1 * M, 1200.0), (2, 2, 64 * M, 24000.0)]

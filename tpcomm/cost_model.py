@@ -387,7 +387,7 @@ _fitted: Params | None = None
 
 
 def h200() -> Params:
-    """The constants fitted to BASELINES.md (computed once per process)."""
+    """The constants fitted to the H200 baselines (cost_data; computed once per process)."""
     global _fitted
     if _fitted is None:
         _fitted = fit()
@@ -560,7 +560,7 @@ def tpcomm_error_table(rows=None, *, held_out: bool = True) -> list[dict]:
 
 def crosscheck_table(p: Params | None = None) -> list[dict]:
     """NCCL and torch symm_mem rows measured next to tpcomm's (tpcomm/cost_data_tpcomm.py),
-    predicted by the baseline terms fitted to BASELINES.md: not fitted, a check on them."""
+    predicted by the baseline terms fitted to the H200 baselines: not fitted, a check on them."""
     p = h200() if p is None else p
     out = []
     for f, g, a, mode, n, t, _v in cost_data_tpcomm.ROWS:

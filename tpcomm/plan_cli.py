@@ -3,7 +3,7 @@ topology you describe, and how well the model fits the measurements it was fitte
 
     tpcomm plan --nodes 8 --gpus-per-node 8 --gpu h200 --nic 8x400Gb/s
     tpcomm plan --gpus-per-node 4 --measured    # predictions next to the measurements
-                                                # (BASELINES.md and tpcomm's own kernels)
+                                                # (the H200 baselines and tpcomm's kernels)
     tpcomm plan --gpus-per-node 4 --measured --fit benchmarks/results/gpu-h200x4.json
 """
 from __future__ import annotations
@@ -250,7 +250,7 @@ def format_tpcomm_fit(table: list[dict], cross: list[dict]) -> str:
                  f"largest |loso| {_worst(table, 'loso_error')}; largest |world| "
                  f"{_worst(table, 'world_error')} (target: 25%)")
     lines.append("# cross-check, not fitted: NCCL / symm_mem rows of the same runs, predicted by "
-                 "the terms fitted to BASELINES.md")
+                 "the terms fitted to benchmarks/results/baselines-h200x4-2026-11-22.md")
     for fam in ("nccl", "one_shot", "two_shot"):
         rows = [r for r in cross if r["algorithm"] == fam]
         lines.append(f"#   {fam}: {len(rows)} rows, largest |error| >= 64K "

@@ -58,8 +58,9 @@ CPU_TWO_SHOT_MIN_WORLD = 3
 # two-level = 0.23, 0.30, 0.48 at 4 KiB, 16 KiB, 64 KiB (three calls and their host time cost
 # more than one), 1.20 at 256 KiB, 1.35 at 1 MiB, 1.70 at 4 MiB, 1.87 at 64 MiB.
 # Upper bound, predicted: the cost model (`tpcomm plan`, fitted on the H200 tables of
-# BASELINES.md; one 400 Gb/s NIC per GPU, 5 us per hop), 8 GPUs per node on 2-16 nodes, has NCCL
-# ahead from 4 MiB (4-16 nodes) or 16 MiB (2 nodes); the socket emulation cannot say otherwise.
+# benchmarks/results/baselines-h200x4-2026-11-22.md; one 400 Gb/s NIC per GPU, 5 us per hop),
+# 8 GPUs per node on 2-16 nodes, has NCCL ahead from 4 MiB (4-16 nodes) or 16 MiB (2 nodes);
+# the socket emulation cannot say otherwise.
 TWO_LEVEL_MIN_BYTES = 256 << 10
 TWO_LEVEL_MAX_BYTES = 2 << 20
 

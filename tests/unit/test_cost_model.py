@@ -1,5 +1,6 @@
 """Unit tests of the cost model and `tpcomm plan`: the fit against the measured table
-(tpcomm.cost_data, from BASELINES.md), held-out errors, physical bounds, and the picks."""
+(tpcomm.cost_data, from benchmarks/results/baselines-h200x4-2026-11-22.md), held-out errors,
+physical bounds, and the picks."""
 import argparse
 import dataclasses
 import json
@@ -13,7 +14,7 @@ TARGET = 0.25          # issue 7: within 25% for sizes >= 64 KiB
 
 
 def _measured(gpus, algorithm, nbytes):
-    """The measured time of a row of BASELINES.md (graph first, else eager)."""
+    """The measured time of a row of baselines-h200x4-2026-11-22.md (graph first, else eager)."""
     rows = [r for r in cost_data.H200_ALLREDUCE if r[:2] == (gpus, algorithm) and r[3] == nbytes]
     rows.sort(key=lambda r: r[2] != "graph")
     return rows[0][4] if rows else None
@@ -52,10 +53,10 @@ def test_the_25_percent_check_has_teeth():
 def test_fitted_constants_are_physical():
     p = cost_model.h200()
     nvlink_gbs = cost_model.US_PER_BYTE_AT_1GBS / p.b_nv
-    # NV18: 18 links x 26.6 GB/s = 478 GB/s each way per GPU (BASELINES.md) is the ceiling
+    # NV18: 18 links x 26.6 GB/s = 478 GB/s each way per GPU (the H200 baselines) is the ceiling
     assert 250 < nvlink_gbs <= 478
     for a, c in (p.one_shot, p.two_shot):
-        assert 3 < a < 15 and c >= 0          # one-shot floor near 3-5 us + launch (BASELINES.md)
+        assert 3 < a < 15 and c >= 0          # one-shot floor near 3-5 us + launch (baselines)
     ll, simple = p.nccl["LL"], p.nccl["Simple"]
     assert ll[0] < simple[0] and ll[2] > simple[2]   # LL: lower latency, lower bandwidth
     assert 250 < cost_model.US_PER_BYTE_AT_1GBS / simple[2] <= 478
@@ -243,7 +244,7 @@ def test_tpcomm_check_has_teeth():
 
 
 def test_tpcomm_store_bandwidth_is_below_the_link():
-    """The push kernels reach 150-370 GB/s of stores, under NV18's 478 GB/s (BASELINES.md)."""
+    """The push kernels reach 150-370 GB/s of stores, under NV18's 478 GB/s (H200 baselines)."""
     t = cost_model.tpcomm_table(cost_model.tpcomm_vector())
     for a in ("tpcomm_one_shot_push", "tpcomm_two_shot", "tpcomm_one_shot_pull"):
         assert 150 < cost_model.US_PER_BYTE_AT_1GBS / t[a][2] <= 478, a
