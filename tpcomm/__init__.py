@@ -21,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Communicator", "CommunicatorBrokenError", "CommunicatorClosedError", "MismatchError",
     "PeerDiedError", "PeerTimeoutError", "TpcommError", "Topology", "select_algorithm",
-    "Settings", "SettingsError", "get_settings", "__version__", "matmul_all_reduce", "matmul_reduce_scatter",
-    "all_gather_matmul", "overlap_chunks",
+    "Settings", "get_settings", "__version__", "matmul_all_reduce", "matmul_reduce_scatter",
+    "all_gather_matmul", "overlap_chunks", "SettingsError",
 ]

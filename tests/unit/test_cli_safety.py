@@ -63,7 +63,8 @@ def test_more_ranks_than_cores_is_refused_and_says_how_to_override(name, capsys)
     flag = "--nproc" if name == "hierarchical_bench" else "-n"
     code, err = _run(name, [flag, TOO_MANY], capsys)
     assert code == 2 and len(err) == 1, err
-    assert f"{flag} {TOO_MANY} would start {TOO_MANY} ranks on {usable_cores()} usable core" in err[0]
+    cores = usable_cores()
+    assert f"{flag} {TOO_MANY} would start {TOO_MANY} ranks on {cores} usable core" in err[0]
     assert "add --oversubscribe to start them anyway" in err[0]
 
 
@@ -89,7 +90,9 @@ def test_output_paths_are_checked_before_the_run(name, flags, tmp_path, capsys):
 
 
 def _prog(name):
-    return "python -m tpcomm.hierarchical_bench" if name == "hierarchical_bench" else f"tpcomm {name}"
+    if name == "hierarchical_bench":
+        return "python -m tpcomm.hierarchical_bench"
+    return f"tpcomm {name}"
 
 
 @pytest.mark.parametrize("argv,msg", [

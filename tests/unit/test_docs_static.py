@@ -42,7 +42,8 @@ def test_undefined_names_finds_what_a_reader_would_miss():
 
 
 # ---------------------------------------------------------------- files cited, machine paths
-REPO_PATH = re.compile(r"(?<![\w/.-])((?:benchmarks|docs|tpcomm|tests|scripts|\.ci)/[\w./*-]*[\w*/])")
+REPO_PATH = re.compile(
+    r"(?<![\w/.-])((?:benchmarks|docs|tpcomm|tests|scripts|\.ci)/[\w./*-]*[\w*/])")
 RESULT_NAME = re.compile(r"`([\w.-]*20\d\d-\d\d-\d\d[\w.-]*\.(?:md|json|png|txt))`")
 
 

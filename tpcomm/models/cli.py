@@ -121,8 +121,8 @@ def config_from_args(args) -> ModelBenchConfig:
     comms = tuple(c.strip() for c in text.split(","))
     bad = [c for c in comms if c not in COMM_CHOICES[device]]
     if bad:
-        raise UsageError(f"--comm {args.comm!r}: {bad[0]!r} is not a backend on {device}; "
-                         f"choose among {', '.join(COMM_CHOICES[device])}")
+        raise UsageError(f"--comm {args.comm!r}: {bad[0] or repr(bad[0])} is not a backend on "
+                         f"{device}; choose among {', '.join(COMM_CHOICES[device])}")
     if len(set(comms)) != len(comms):
         raise UsageError(f"--comm {args.comm!r}: name each backend once")
     if args.checkpoint and args.model:
