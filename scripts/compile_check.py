@@ -4,8 +4,13 @@
 
 Installs a stand-in Triton driver that reports an sm_90 target, "warms up" (compiles without
 launching) each kernel for each dtype and for aligned and unaligned sizes, and prints per kernel:
-16-byte global accesses in the PTX, registers and spills from the cubin. Needs only `triton`
+16-byte global accesses in the PTX, registers and spills from the cubin. For the GEMM core of
+the fused kernels (``kernels/_gemm.py``): per tile config, whether the loop got warp-group MMA
+(wgmma), TMA loads (cp.async.bulk.tensor) or cp.async, warp specialization (warps > num_warps),
+registers, spills and shared memory (Hopper allows 227 KiB a block). Needs only `triton`
 (pip install --no-deps triton==3.6.0) and a CPU torch.
+
+    python scripts/compile_check.py [-v] [--gemm-only]
 """
 from __future__ import annotations
 
@@ -41,21 +46,22 @@ class _Sm90Driver:
         return torch.device("cpu")
 
 
-def _report(name, k, verbose):
-    ptx = k.asm["ptx"]
-    v4 = len(re.findall(r"(ld|st)\.[a-z.]*v4", ptx))
-    scalar16 = len(re.findall(r"(ld|st)\.global[a-z.]*\.b16", ptx))
-    regs = spill = "?"
+def _cubin_usage(k):
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
         out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
                              text=True).stdout
-        m = re.search(r"REG:(\d+)", out)
-        regs = m.group(1) if m else "?"
-        m = re.search(r"STACK:(\d+)", out)
-        spill = m.group(1) if m else "?"
+    regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return regs.group(1) if regs else "?", stack.group(1) if stack else "?"
+
+
+def _report(name, k, verbose):
+    ptx = k.asm["ptx"]
+    v4 = len(re.findall(r"(ld|st)\.[a-z.]*v4", ptx))
+    scalar16 = len(re.findall(r"(ld|st)\.global[a-z.]*\.b16", ptx))
+    regs, spill = _cubin_usage(k)
     print(f"  {name:58s} v4 accesses {v4:4d}  b16 accesses {scalar16:4d}  regs {regs:>4}  "
           f"stack {spill}")
     if verbose:
@@ -64,9 +70,56 @@ def _report(name, k, verbose):
                 print("     ", line.strip())
 
 
+def _gemm_report(name, k):
+    ptx = k.asm["ptx"]
+    regs, stack = _cubin_usage(k)
+    print(f"  {name:50s} wgmma {len(re.findall('wgmma.mma_async', ptx)):3d}  "
+          f"tma {len(re.findall('cp.async.bulk.tensor', ptx)):3d}  "
+          f"cp.async {len(re.findall(r'cp.async.c[ag]', ptx)):3d}  "
+          f"warps {k.metadata.num_warps:2d}  "
+          f"regs {regs:>4}  stack {stack:>4}  smem {k.metadata.shared // 1024:3d} KiB")
+
+
+def gemm_section():
+    """The GEMM core (plain and push kernels) for a few configs, bf16 / fp16 / fp32 (ieee and
+    tf32), aligned and not (N odd, K odd: pointer loads for that operand)."""
+    from tpcomm.kernels import _gemm, matmul_reduce_scatter_fused as fused
+    G = _gemm.GemmConfig
+    configs = (G(), G(num_stages=4), G(block_m=256, block_n=128), G(block_n=128, num_stages=4),
+               G(flatten=False), G(tma="device"), G(tma="off"),
+               G(num_warps=4, warp_specialize=True, flatten=False),
+               G(block_m=256, block_n=128, num_warps=4, warp_specialize=True, flatten=False))
+    cnt = torch.zeros(8, dtype=torch.int64)
+    for dtype, itype, canon in ((torch.bfloat16, tl.int16, 0x7FC0),
+                                (torch.float16, tl.int16, 0x7E00),
+                                (torch.float32, tl.int32, 0x7FC00000)):
+        for n, k, bt in ((8192, 7168, False), (8192, 7168, True), (8191, 7000, False),
+                         (8192, 7001, True)):
+            a = torch.empty(1024, k, dtype=dtype)
+            b = torch.empty(n, k, dtype=dtype).t() if bt else torch.empty(k, n, dtype=dtype)
+            c = torch.empty(1024, n, dtype=dtype)
+            print(f"GEMM core {dtype} [1024, {k}] x [{k}, {n}]{' (b = w.t())' if bt else ''}:")
+            aligned = n == 8192 and k == 7168
+            precisions = ("ieee", "tf32") if dtype == torch.float32 else (None,)
+            for cfg in (configs if aligned and dtype == torch.bfloat16 else (None,)):
+                for prec in precisions:
+                    p = _gemm.plan(a, b, cfg, num_sms=132, input_precision=prec)
+                    label = f"{p.config.name()} {p.modes}" + (f" {prec}" if prec else "")
+                    try:
+                        _gemm_report("plain " + label, _gemm.matmul(p, c, warmup=True))
+                        _gemm_report("push  " + label, fused.matmul_reduce_scatter_push(
+                            p, 0, 1024, 1024, (1 << 40,), cnt, 1 << 24, 1 << 23, 0, itype=itype,
+                            canon=canon, warmup=True))
+                    except Exception as e:  # noqa: BLE001 - report and go on
+                        print(f"  {label}: FAILED {type(e).__name__}: {str(e)[-200:]}")
+
+
 def main():
     verbose = "-v" in sys.argv
     driver.set_active(_Sm90Driver())
+    gemm_section()
+    if "--gemm-only" in sys.argv:
+        return
     from tpcomm.kernels import (all_gather, all_reduce_one_shot, all_reduce_ring,
                                 all_reduce_two_shot, barrier, reduce_scatter)
     R = 4

@@ -447,7 +447,8 @@ class P2PCollectives:
         owner's block (``rows * N`` fits a push slot) the GEMM pushes its tiles to their owners
         and the receive kernel sums them (``kernels/matmul_reduce_scatter_fused.py``). The
         round's rows of ``a`` are read in place (row and owner-block strides), not copied.
-        ``gemm``: tile options of the GEMM launcher (block_m, block_n, block_k, num_warps...)."""
+        ``gemm``: a ``config`` (``kernels/_gemm.GemmConfig``) and/or fields of it that replace
+        the tile table's choice (block_m, block_n, block_k, num_warps, num_stages, tma...)."""
         self._begin()
         R = self.world
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
@@ -474,12 +475,12 @@ class P2PCollectives:
         per_round = slot // N
         kw = self._kw(out.dtype)
         with self._dev():
+            plan = k_matmul_rs.plan(a, b, R * min(m, per_round), **gemm)
             for lo in range(0, m, per_round):
                 hi = min(m, lo + per_round)
                 k_matmul_rs.matmul_reduce_scatter_push(
-                    a[lo:], b, hi - lo, N, K, a.stride(0), a.stride(1), m * a.stride(0),
-                    self._push_addrs, self._counters[FAM_PUSH], L.push_buf, slot, self.rank,
-                    itype=kw["itype"], canon=kw["canon"], **gemm)
+                    plan, lo, hi - lo, m, self._push_addrs, self._counters[FAM_PUSH],
+                    L.push_buf, slot, self.rank, itype=kw["itype"], canon=kw["canon"])
                 k_matmul_rs.reduce_scatter_receive(
                     out[lo:hi], (hi - lo) * N, self._my_push, L.push_buf, slot,
                     self._counters[FAM_PUSH], self._err_dev, self._err_host, R, self.rank,

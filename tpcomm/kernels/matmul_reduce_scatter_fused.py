@@ -8,24 +8,29 @@ reduce-scatter reads it back and sends it; nothing is sent before the last tile 
 Algorithm, per round of rows (``rows`` rows of every owner's block, so that ``rows * N``
 elements fit one push slot; the caller loops over rounds):
 
-- ``_matmul_reduce_scatter_push_kernel``: a tiled matmul (fp32 accumulator, ``tl.dot``, masks
-  for any M, N, K). Its epilogue does not store to a local C: it rounds each tile to the output
-  dtype, takes its bits (``_lamport.sanitize``: never the sentinel) and stores them straight
-  into slot ``rank`` of the receive region of the rank that owns those rows. The stores of the
-  early tiles travel over NVLink while the later tiles are computed; the GEMM never waits.
+- ``_matmul_reduce_scatter_push_kernel``: the GEMM core of ``_gemm.py`` (persistent grid,
+  A and B through TMA descriptors where TMA can express them, else pointers; wgmma through
+  ``tl.dot``; software-pipelined or warp-specialized per the tile table). Its epilogue does not
+  store to a local C: it rounds each tile to the output dtype, takes its bits
+  (``_lamport.sanitize``: never the sentinel) and stores them straight into slot ``rank`` of
+  the receive region of the rank that owns those rows. The stores of the early tiles travel
+  over NVLink while the later tiles are computed; the GEMM never waits. Tiles go out in order
+  of local row tile first, owner second (``_gemm.tile_coords``): every owner gets its first
+  rows first, which is where its receive kernel's blocks start polling.
 - ``_reduce_scatter_receive_kernel``: on every rank, the receive half of
   ``reduce_scatter.py``: poll the R slots (``_lamport.poll_sum``: slot order 0..R-1, float32
   sum, one rounding, so the result is bitwise that of GEMM then reduce-scatter), store ``out``,
   store the sentinel back (``clear_slots``) and advance the per-block epoch counters.
 
-Routing (row ``i`` of the round's [R * rows, N] product, ``d = i // rows`` its owner)::
+Routing (tile (d, t): rows ``t*BLOCK_M ..`` of owner d's ``rows`` rows of this round)::
 
-    source row  a[d*m + lo + (i - d*rows)]      (a pointer per row: no copy of a round's rows)
-    target      recv_addrs[d] + region(E) + rank * slot_stride * ITEM
-    element     (i - d*rows) * N + col           (== the receiver's out[lo:hi] layout)
+    source rows  a[d*m + lo + t*BLOCK_M ..]       (one TMA box or pointer block of a, in place:
+                                                 no copy of a round's rows)
+    target       recv_addrs[d] + region(E) + rank * slot_stride * ITEM
+    element      local_row * N + col              (== the receiver's out[lo:hi] layout)
 
-A tile of BLOCK_M rows may straddle owners: the epilogue stores it once per owner that it
-touches, each store masked to that owner's rows.
+A tile never straddles two owners: each owner's rows are tiled on their own (at most R partial
+tiles per round), so a tile is one box of a and one masked push.
 
 Epoch and region. The receive kernel is a push-family kernel like the others: the fixed grid G,
 per-block counters read at its start (epoch E = counter + 1) and written back at its end. The
@@ -44,61 +49,60 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import _gemm
+from ._gemm import device_descs, halves, mainloop, pick, tile_coords, tile_count
 from ._lamport import clear_slots, poll_sum, prologue, push, sanitize
-from .barrier import INTERPRET, record_error
-
-# GPU tile of the GEMM: 128 x 128 with 64-deep K steps in 16-bit dtypes (3 stages of
-# (128*64 + 64*128) * 2 B = 96 KiB of shared memory); 32-deep in float32 (same bytes).
-BLOCK_M, BLOCK_N = 128, 128
-GEMM_WARPS, GEMM_STAGES = 8, 3
+from .barrier import record_error
 
 
-# ``rows`` changes between rounds (the last one is short): one binary for all of them
-@triton.jit(do_not_specialize=["rank", "rows"])
-def _matmul_reduce_scatter_push_kernel(
-        a_ptr, b_ptr, rows, N, K, stride_am, stride_ak, stride_ad, stride_bk, stride_bn,
-        recv_addrs, counter_ptr, buf_stride, slot_stride, rank,
-        R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        ITYPE: tl.constexpr, CANON: tl.constexpr, ITEM: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr):
-    """Rows ``i`` in [0, R * rows): row ``i - d*rows`` of owner d's block, at
-    ``a_ptr + d * stride_ad + (i - d*rows) * stride_am`` (elements)."""
-    DTYPE: tl.constexpr = a_ptr.dtype.element_ty
-    epoch = tl.load(counter_ptr) + 1          # the receive kernel's epoch; not stored here
-    buf_off = (epoch % 2) * buf_stride
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    total = R * rows
-    ri = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cj = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    row_ok = ri < total
-    col_ok = cj < N
-    owner = ri // rows
-    local = ri - owner * rows
-    a_row = owner.to(tl.int64) * stride_ad + local.to(tl.int64) * stride_am
-    a_ptrs = a_ptr + a_row[:, None] + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + cj.to(tl.int64)[None, :] * stride_bn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k in range(0, K, BLOCK_K):
-        k_ok = (k + rk) < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if INTERPRET:   # triton 3.6's interpreter multiplies bf16 as their uint16 bits
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+@triton.jit
+def _push_tile(acc, dst, r0, c0, rows, N, DTYPE: tl.constexpr, ITYPE: tl.constexpr,
+               CANON: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows r0.. and columns c0.. of the owner's [rows, N] block, rounded to DTYPE, as bits
+    (never the sentinel), into the slot at ``dst``."""
     bits = sanitize(acc.to(DTYPE), ITYPE, CANON)
-    offs = local[:, None] * N + cj[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    first = (pid_m * BLOCK_M) // rows                                # owners this tile
-    last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, total) - 1) // rows  # touches: first..last
-    for d in tl.static_range(R):
-        if (d >= first) & (d <= last):
-            dst = recv_addrs[d] + buf_off + rank * slot_stride * ITEM
-            push(dst, offs, bits, mask & (owner == d)[:, None], ITYPE)
+    ri = r0 + tl.arange(0, BLOCK_M)
+    cj = c0 + tl.arange(0, BLOCK_N)
+    push(dst, ri[:, None] * N + cj[None, :], bits, (ri < rows)[:, None] & (cj < N)[None, :],
+         ITYPE)
+
+
+# ``lo`` and ``rows`` change between rounds (the last one is short): one binary for all of them
+@triton.jit(do_not_specialize=["lo", "rows", "rank"])
+def _matmul_reduce_scatter_push_kernel(
+        a, b, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+        lo, m, rows, recv_addrs, counter_ptr, buf_stride, slot_stride, rank,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, A_DESC: tl.constexpr,
+        B_DESC: tl.constexpr, B_T: tl.constexpr, EVEN_K: tl.constexpr,
+        WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
+        DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        R: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr, ITEM: tl.constexpr):
+    """Owner d's rows ``a[d*m + lo : d*m + lo + rows]`` times b, pushed to owner d's slot
+    ``rank``; persistent over the R * cdiv(rows, BLOCK_M) * cdiv(N, BLOCK_N) tiles."""
+    a, b = device_descs(a, b, M, N, K, stride_am, stride_bk, stride_bn, BLOCK_M, BLOCK_N,
+                        BLOCK_K, A_DESC, B_DESC, B_T)
+    epoch = tl.load(counter_ptr) + 1          # the receive kernel's epoch; not stored here
+    slot_off = (epoch % 2) * buf_stride + rank * slot_stride * ITEM
+    pid = tl.program_id(0)
+    tiles = tile_count(rows, N, R, BLOCK_M, BLOCK_N)
+    tile_c = pid - NUM_SMS   # the epilogue's own counter (as in Triton's persistent tutorial)
+    for tile in tl.range(pid, tiles, NUM_SMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
+        d, r0, c0 = tile_coords(tile, rows, N, R, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = mainloop(a, b, d * m + lo + r0, rows - r0, c0, N, K, stride_am, stride_ak,
+                       stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, A_DESC, B_DESC, B_T,
+                       EVEN_K, INPUT_PRECISION)
+        tile_c += NUM_SMS
+        d, r0, c0 = tile_coords(tile_c, rows, N, R, BLOCK_M, BLOCK_N, GROUP_M)
+        dst = pick(recv_addrs, d, R) + slot_off
+        if EPI_SPLIT:
+            left, right = halves(acc, BLOCK_M, BLOCK_N)
+            _push_tile(left, dst, r0, c0, rows, N, DTYPE, ITYPE, CANON, BLOCK_M, BLOCK_N // 2)
+            _push_tile(right, dst, r0, c0 + BLOCK_N // 2, rows, N, DTYPE, ITYPE, CANON,
+                       BLOCK_M, BLOCK_N // 2)
+        else:
+            _push_tile(acc, dst, r0, c0, rows, N, DTYPE, ITYPE, CANON, BLOCK_M, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["rank"])
@@ -121,27 +125,26 @@ def _reduce_scatter_receive_kernel(
     tl.store(counter_ptr + pid, epoch)
 
 
-def matmul_reduce_scatter_push(a, b, rows, n, k, stride_am, stride_ak, stride_ad, recv_addrs,
-                               counters, buf_stride, slot_stride, rank, *, itype, canon,
-                               block_m=BLOCK_M, block_n=BLOCK_N, block_k=None,
-                               num_warps=GEMM_WARPS, num_stages=GEMM_STAGES,
-                               input_precision=None):
-    """The GEMM of one round: ``a`` is the round's first row of owner 0 (rows of owner d are
-    ``stride_ad`` elements further), ``b`` [K, N] any strides; pushes R * rows x N results.
-    ``input_precision``: ``tl.dot``'s; default "ieee" for float32 (torch's default matmul),
-    the hardware default for 16-bit dtypes."""
+def plan(a, b, rows_per_launch, **gemm) -> _gemm.Plan:
+    """The GEMM core's plan for ``a`` [M, K] x ``b`` [K, N] (once per op, see ``_gemm.plan``):
+    the tile table's config for launches of ``rows_per_launch`` rows, ``gemm`` overriding its
+    fields (block_m, block_n, block_k, num_warps, num_stages, tma, ...)."""
+    config = gemm.pop("config", None)
+    return _gemm.plan(a, b, config, rows_hint=rows_per_launch, **gemm)
+
+
+def matmul_reduce_scatter_push(p: _gemm.Plan, lo, rows, m, recv_addrs, counters, buf_stride,
+                               slot_stride, rank, *, itype, canon, warmup=False):
+    """The GEMM of one round: rows ``lo..lo+rows`` of every owner's block of ``m`` rows of the
+    planned ``a``, times b, pushed as R * rows x N results into slot ``rank`` of each owner's
+    receive region. ``warmup``: compile only."""
     R = len(recv_addrs)
-    if block_k is None:
-        block_k = 64 if a.element_size() <= 2 else 32
-    if input_precision is None and a.element_size() == 4:
-        input_precision = "ieee"
-    grid = (triton.cdiv(R * rows, block_m), triton.cdiv(n, block_n))
-    _matmul_reduce_scatter_push_kernel[grid](
-        a, b, rows, n, k, stride_am, stride_ak, stride_ad, b.stride(0), b.stride(1),
-        recv_addrs, counters, buf_stride, slot_stride, rank, R=R, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, ITYPE=itype, CANON=canon, ITEM=a.element_size(),
-        INPUT_PRECISION=input_precision, num_warps=num_warps,
-        num_stages=num_stages)
+    grid = p.grid(_gemm.num_tiles(rows, p.n, R, p.config))
+    fn = (_matmul_reduce_scatter_push_kernel.warmup if warmup else
+          _matmul_reduce_scatter_push_kernel[grid])
+    kw = dict(grid=grid) if warmup else {}
+    return fn(*p.args, lo, m, rows, tuple(recv_addrs), counters, buf_stride, slot_stride, rank,
+              R=R, ITYPE=itype, CANON=canon, ITEM=p.item, **p.meta, **kw)
 
 
 def reduce_scatter_receive(out, c, my_recv_addr, buf_stride, slot_stride, counters, err_dev,
