@@ -6,7 +6,7 @@ Installs a stand-in Triton driver that reports an sm_90 target, "warms up" (comp
 launching) each kernel for each dtype and for aligned and unaligned sizes, and prints per kernel:
 16-byte global accesses in the PTX, registers and spills from the cubin. For the GEMM core of
 the fused kernels (``kernels/_gemm.py``): per tile config, whether the loop got warp-group MMA
-(wgmma), TMA loads (cp.async.bulk.tensor) or cp.async, warp specialization (warps > num_warps),
+(wgmma), TMA loads (cp.async.bulk.tensor) or cp.async, warps,
 registers, spills and shared memory (Hopper allows 227 KiB a block). Needs only `triton`
 (pip install --no-deps triton==3.6.0) and a CPU torch.
 
@@ -86,9 +86,7 @@ def gemm_section():
     from tpcomm.kernels import _gemm, matmul_reduce_scatter_fused as fused
     G = _gemm.GemmConfig
     configs = (G(), G(num_stages=4), G(block_m=256, block_n=128), G(block_n=128, num_stages=4),
-               G(flatten=False), G(tma="device"), G(tma="off"),
-               G(num_warps=4, warp_specialize=True, flatten=False),
-               G(block_m=256, block_n=128, num_warps=4, warp_specialize=True, flatten=False))
+               G(flatten=False), G(flatten=False, num_stages=4), G(tma="device"), G(tma="off"))
     cnt = torch.zeros(8, dtype=torch.int64)
     for dtype, itype, canon in ((torch.bfloat16, tl.int16, 0x7FC0),
                                 (torch.float16, tl.int16, 0x7E00),

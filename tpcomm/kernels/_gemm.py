@@ -57,7 +57,7 @@ class GemmConfig:
     num_warps: int = 8
     num_stages: int = 3
     tma: str = "host"               # "host" | "device" (tl.make_tensor_descriptor) | "off"
-    warp_specialize: bool = False   # tl.range(warp_specialize=): Triton 3.6's Hopper autoWS
+    warp_specialize: bool = False   # tl.range(warp_specialize=): refused (check_config: hangs)
     flatten: bool = True            # tl.range(flatten=): one pipelined loop over tiles x K
     epilogue_split: bool = False    # the epilogue in two [BLOCK_M, BLOCK_N / 2] halves
     num_sms: int | None = None      # programs of the persistent grid (None: the device's SMs)
@@ -72,9 +72,18 @@ class GemmConfig:
 
 # Measured tile table: (dtype, M bucket, N, K) -> config. M is the rows of one launch (a round
 # of the fused op: R * rows, 1024 for N = 8192 in bf16 with the default 32 MiB buffer); the
-# bucket is the next power of two, clamped to [64, 16384]. Filled from
-# scripts/gpu_gemm_sweep.py (one H200); a shape not in it takes DEFAULTS[dtype].
-CONFIGS: dict[tuple[torch.dtype, int, int, int], GemmConfig] = {}
+# bucket is the next power of two, clamped to [64, 16384]. A shape not in it takes
+# DEFAULTS[dtype]. From scripts/gpu_gemm_sweep.py on one H200, 2026-12-02 (torch 2.11, Triton
+# 3.6; benchmarks/results/gemm-sweep-h200x1-2026-12-02.md), us per call against torch.mm's
+# 170.9 / 676.0 / 2838.1 in the same run; every config there is within 1.03x of cuBLAS:
+CONFIGS: dict[tuple[torch.dtype, int, int, int], GemmConfig] = {
+    # M = 1024 (a round of the fused op): the plain loop, 165.0 us (flattened: 169.9)
+    (torch.bfloat16, 1024, 8192, 7168): GemmConfig(flatten=False),
+    # M = 4096: the default, 694.9 us (plain loop 701.7, group 16 698.4)
+    (torch.bfloat16, 4096, 8192, 7168): GemmConfig(),
+    # M = 16384: plain loop, 4 stages, 2774.8 us (group 16: 2788.7, default 2803.3)
+    (torch.bfloat16, 16384, 8192, 7168): GemmConfig(flatten=False, num_stages=4),
+}
 # Without a measurement (registers and shared memory from scripts/compile_check.py, sm_90a):
 # 16-bit: inductor's first persistent-TMA config for Hopper, 128x256x64, 3 stages, 8 warps
 # (3 x 48 KiB operand stages + the epilogue's scratch = 176 KiB of 227; 179 registers);
@@ -100,17 +109,24 @@ def pick_config(dtype: torch.dtype, m: int, n: int, k: int, aligned: bool = True
     return CONFIGS.get((dtype, m_bucket(m), n, k), DEFAULTS[dtype])
 
 
-def check_config(cfg: GemmConfig, capability: tuple | None) -> None:
-    """Refuse what Triton 3.6 cannot do (checked by compiling for sm_90a): its Hopper warp
-    specialization (``warp_specialize`` on the tile loop) applies only with num_warps 4 (then
-    1 producer + 2 consumer warp groups: 12 warps), not with flatten (the loop is fused away
-    first: 4 warps, 1 KB of spills per thread), and its pass aborts on the split epilogue."""
+# Why ``warp_specialize`` is refused: on one H200 (torch 2.11, Triton 3.6, 2026-12-02) the first
+# launch of GemmConfig(num_warps=4, warp_specialize=True, flatten=False) never returned (no
+# output for 9 minutes, the process had to be killed; benchmarks/results/
+# gemm-sweep-h200x1-2026-12-02.md), while every other config ran in about a second.
+WARP_SPECIALIZE_HANG = ("warp_specialize=True is refused: its first launch hung the process "
+                        "on an H200 with Triton 3.6 (no output for 9 minutes; benchmarks/"
+                        "results/gemm-sweep-h200x1-2026-12-02.md); use the software-pipelined "
+                        "loop (warp_specialize=False)")
+
+
+def check_config(cfg: GemmConfig) -> None:
+    """Refuse what cannot run: Triton 3.6's warp specialization (``WARP_SPECIALIZE_HANG``,
+    on every device and under the interpreter alike: a refused config costs an error, a hang
+    the whole process), a TMA mode that does not exist."""
     if cfg.tma not in TMA_MODES:
         raise ValueError(f"GemmConfig.tma must be one of {sorted(TMA_MODES)}, got {cfg.tma!r}")
-    if cfg.warp_specialize and capability is not None and capability[0] == 9 and (
-            cfg.num_warps != 4 or cfg.flatten or cfg.epilogue_split):
-        raise ValueError(f"warp_specialize on Hopper (Triton 3.6) needs num_warps=4, "
-                         f"flatten=False, epilogue_split=False; got {cfg}")
+    if cfg.warp_specialize:
+        raise ValueError(f"{WARP_SPECIALIZE_HANG}; got {cfg}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,7 +205,7 @@ def plan(a: torch.Tensor, b: torch.Tensor, config: GemmConfig | None = None, *,
     cfg = config or pick_config(a.dtype, rows_hint or M, N, K, aligned)
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
-    check_config(cfg, torch.cuda.get_device_capability(a.device) if a.is_cuda else None)
+    check_config(cfg)
     mode = TMA_MODES[cfg.tma]
     a_arg, a_mode = _operand_a(a, mode, cfg)
     b_arg, b_mode, b_t = _operand_b(b, mode, cfg)
