@@ -10,7 +10,7 @@ the fused kernels (``kernels/_gemm.py``): per tile config, whether the loop got 
 registers, spills and shared memory (Hopper allows 227 KiB a block). Needs only `triton`
 (pip install --no-deps triton==3.6.0) and a CPU torch.
 
-    python scripts/compile_check.py [-v] [--gemm-only]
+    python scripts/compile_check.py [-v] [--gemm-only] [--quick]
 """
 from __future__ import annotations
 
@@ -80,22 +80,30 @@ def _gemm_report(name, k):
           f"regs {regs:>4}  stack {stack:>4}  smem {k.metadata.shared // 1024:3d} KiB")
 
 
-def gemm_section():
-    """The GEMM core (plain and push kernels) for a few configs, bf16 / fp16 / fp32 (ieee and
-    tf32), aligned and not (N odd, K odd: pointer loads for that operand)."""
-    from tpcomm.kernels import _gemm, matmul_reduce_scatter_fused as fused
+def gemm_section(quick=False):
+    """The GEMM core (plain, fused reduce-scatter, fused all-gather + GEMM) for a few configs,
+    bf16 / fp16 / fp32 (ieee and tf32), aligned and not (N odd, K odd: pointer loads for that
+    operand); the fused kernels at world 4 (R unrolled loops)."""
+    from tpcomm.kernels import _gemm, all_gather_matmul_fused as ag, matmul_reduce_scatter_fused as rs
     G = _gemm.GemmConfig
     configs = (G(), G(num_stages=4), G(block_m=256, block_n=128), G(block_n=128, num_stages=4),
                G(flatten=False), G(flatten=False, num_stages=4), G(tma="device"), G(tma="off"))
-    cnt = torch.zeros(8, dtype=torch.int64)
+    if quick:
+        configs = configs[:1] + configs[4:5]
+    cnt = torch.zeros(256, dtype=torch.int64)
+    err = torch.zeros(1, dtype=torch.int64)
+    R, addrs = 4, tuple((1 << 40) + i * (1 << 30) for i in range(4))
     for dtype, itype, canon in ((torch.bfloat16, tl.int16, 0x7FC0),
                                 (torch.float16, tl.int16, 0x7E00),
                                 (torch.float32, tl.int32, 0x7FC00000)):
+        if quick and dtype != torch.bfloat16:
+            continue
         for n, k, bt in ((8192, 7168, False), (8192, 7168, True), (8191, 7000, False),
                          (8192, 7001, True)):
             a = torch.empty(1024, k, dtype=dtype)
             b = torch.empty(n, k, dtype=dtype).t() if bt else torch.empty(k, n, dtype=dtype)
             c = torch.empty(1024, n, dtype=dtype)
+            cg = torch.empty(R * 1024, n, dtype=dtype)
             print(f"GEMM core {dtype} [1024, {k}] x [{k}, {n}]{' (b = w.t())' if bt else ''}:")
             aligned = n == 8192 and k == 7168
             precisions = ("ieee", "tf32") if dtype == torch.float32 else (None,)
@@ -105,17 +113,35 @@ def gemm_section():
                     label = f"{p.config.name()} {p.modes}" + (f" {prec}" if prec else "")
                     try:
                         _gemm_report("plain " + label, _gemm.matmul(p, c, warmup=True))
-                        _gemm_report("push  " + label, fused.matmul_reduce_scatter_push(
-                            p, 0, 1024, 1024, (1 << 40,), cnt, 1 << 24, 1 << 23, 0, itype=itype,
-                            canon=canon, warmup=True))
+                        _gemm_report("rs w4 " + label, rs.matmul_reduce_scatter(
+                            p, c, 0, 256, 256, addrs, addrs[1], 1 << 24, 1 << 22, cnt, err,
+                            1 << 41, 1, 10**9, itype=itype, canon=canon, warmup=True))
+                        _gemm_report("rs w1 " + label, rs.matmul_reduce_scatter(
+                            p, c, 0, 1024, 1024, addrs[:1], addrs[0], 1 << 24, 1 << 23, cnt,
+                            err, 1 << 41, 0, 10**9, itype=itype, canon=canon, warmup=True))
+                        _gemm_report("ag w4 " + label, ag.all_gather_matmul(
+                            p, cg, 0, 256, 1024, R, addrs[1], 256, 1 << 42, 1 << 24, cnt, err,
+                            1 << 41, 1, 10**9, warmup=True))
+                        _gemm_report("ag w1 " + label, ag.all_gather_matmul(
+                            p, c, 0, 1024, 1024, 1, addrs[0], 0, 1 << 42, 1 << 24, cnt, err,
+                            1 << 41, 0, 10**9, warmup=True))
                     except Exception as e:  # noqa: BLE001 - report and go on
-                        print(f"  {label}: FAILED {type(e).__name__}: {str(e)[-200:]}")
+                        print(f"  {label}: FAILED {type(e).__name__}: {str(e)[-300:]}")
+            try:
+                _report("ag push w4", ag.all_gather_push(
+                    a, 0, 256, addrs, tuple(x + 8 for x in addrs), cnt, 1 << 24, 256, 1,
+                    block_m=128, warmup=True), False)
+                _report("ag clear w4", ag.clear_received(
+                    256, k, R, addrs[1], 256, cnt, 1 << 24, grid=132, num_warps=8,
+                    itype=itype, block=8 * 32 * (16 // a.element_size()), warmup=True), False)
+            except Exception as e:  # noqa: BLE001
+                print(f"  ag push / clear: FAILED {type(e).__name__}: {str(e)[-300:]}")
 
 
 def main():
     verbose = "-v" in sys.argv
     driver.set_active(_Sm90Driver())
-    gemm_section()
+    gemm_section(quick="--quick" in sys.argv)
     if "--gemm-only" in sys.argv:
         return
     from tpcomm.kernels import (all_gather, all_reduce_one_shot, all_reduce_ring,

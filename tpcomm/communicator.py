@@ -265,28 +265,54 @@ class Communicator:
     def matmul_reduce_scatter_fused(self, a: torch.Tensor, b: torch.Tensor,
                                     out: torch.Tensor) -> bool:
         """The fused GEMM + reduce-scatter kernel (its epilogue sends each tile to the rank
-        that owns its rows): a [M, K], b [K, N], out [M/R, N], one float dtype. Returns False,
-        doing nothing, where that kernel cannot run (no GPU backend: CPU, world 1, fallback;
-        other dtypes): the caller then takes the unfused path (``tpcomm.matmul_reduce_scatter``
-        does, and logs why once). Opt-in through ``matmul_reduce_scatter(..., method="fused")``
-        until it has been measured on several GPUs."""
-        self._check_tensor("matmul_reduce_scatter", a)
-        fn = getattr(self._backend, "matmul_reduce_scatter", None)
+        that owns its rows, and receives this rank's): a [M, K], b [K, N], out [M/R, N], one
+        float dtype. Returns False, doing nothing, where that kernel cannot run (no GPU backend:
+        CPU, world 1, fallback; other dtypes): the caller then takes the unfused path
+        (``tpcomm.matmul_reduce_scatter`` does, and logs why once). Opt-in through
+        ``matmul_reduce_scatter(..., method="fused")`` until it has been measured on several
+        GPUs."""
+        return self._fused_gemm("matmul_reduce_scatter", a, b, out,
+                                out.numel() * out.element_size() * self.world_size)
+
+    def all_gather_matmul_fused(self, a_shard: torch.Tensor, b: torch.Tensor,
+                                out: torch.Tensor) -> bool:
+        """The fused all-gather + GEMM (each rank pushes its shard; the GEMM's tiles wait for
+        the row tiles they read, own shard first): a_shard [m, K], b [K, N], out [R*m, N].
+        Returns False, doing nothing, where it cannot run (as
+        :meth:`matmul_reduce_scatter_fused`). Opt-in through
+        ``all_gather_matmul(..., method="fused")``."""
+        return self._fused_gemm("all_gather_matmul", a_shard, b, out,
+                                a_shard.numel() * a_shard.element_size() * self.world_size)
+
+    def matmul_all_reduce_fused(self, a: torch.Tensor, b: torch.Tensor,
+                                out: torch.Tensor) -> bool:
+        """GEMM + all-reduce as the fused GEMM + reduce-scatter and a push all-gather: a
+        [M, K], b [K, N], out [M, N]. Returns False, doing nothing, where it cannot run (as
+        :meth:`matmul_reduce_scatter_fused`). Opt-in through
+        ``matmul_all_reduce(..., method="fused")``."""
+        return self._fused_gemm("matmul_all_reduce", a, b, out,
+                                out.numel() * out.element_size())
+
+    def _fused_gemm(self, op: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                    nbytes: int) -> bool:
+        """Run the engine's fused ``op`` (stats and flight recorder name it ``fused``), or
+        record why it cannot and return False."""
+        self._check_tensor(op, a)
+        fn = getattr(self._backend, op, None)
         if fn is None or a.dtype not in FAST_DTYPES:
-            why = ("matmul_reduce_scatter(method='fused') needs the GPU backend and float32/"
-                   f"float16/bfloat16; here: backend {self.backend_name}, {a.dtype}")
+            why = (f"{op}(method='fused') needs the GPU backend and float32/float16/bfloat16; "
+                   f"here: backend {self.backend_name}, {a.dtype}")
             _log_fallback_once(why)
             self._fallbacks[why] += 1
             return False
         if self._backend.broken:
-            raise CommunicatorBrokenError(f"matmul_reduce_scatter: Communicator is broken by an "
-                                          f"earlier error: {self._backend.broken}")
+            raise CommunicatorBrokenError(f"{op}: Communicator is broken by an earlier error: "
+                                          f"{self._backend.broken}")
         if not self._lock.acquire(blocking=False):
-            raise TpcommError("matmul_reduce_scatter: this Communicator is already running a "
-                              "collective in another thread; use one Communicator per thread")
+            raise TpcommError(f"{op}: this Communicator is already running a collective in "
+                              f"another thread; use one Communicator per thread")
         try:
-            nbytes = out.numel() * out.element_size() * self.world_size
-            self._timed("matmul_reduce_scatter", "fused", nbytes, a.dtype, fn, a, b, out)
+            self._timed(op, "fused", nbytes, a.dtype, fn, a, b, out)
             return True
         finally:
             self._lock.release()

@@ -129,6 +129,22 @@ def _overlaps(x: torch.Tensor, y: torch.Tensor) -> bool:
             and y0 < x0 + x.numel() * x.element_size())
 
 
+METHODS = ("pipeline", "fused")
+
+
+def _check_method(op: str, method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"{op}: method must be 'pipeline' or 'fused', got {method!r}")
+
+
+def _fused(op: str, method: str, comm, name: str, a, b, out) -> bool:
+    """``method="fused"``: the communicator's fused kernel ``name`` ran (True), or it cannot
+    run here and the caller takes the pipeline (False; the communicator logs why once)."""
+    _check_method(op, method)
+    fn = getattr(comm, name, None)
+    return method == "fused" and fn is not None and bool(fn(a, b, out))
+
+
 # ---------------------------------------------------------------- communicator adapters
 def _world(comm) -> int:
     return int(getattr(comm, "world_size", 1))
@@ -199,7 +215,7 @@ class _Pipe:
 
 # ---------------------------------------------------------------- ops
 def matmul_all_reduce(a: torch.Tensor, b: torch.Tensor, comm, *, chunks: int | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, method: str = "pipeline") -> torch.Tensor:
     """all_reduce(a @ b), the all-reduce of chunk i overlapping the GEMM of chunk i+1.
 
     Problem: a row-parallel linear (attention output, MLP down projection) ends in an
@@ -212,7 +228,11 @@ def matmul_all_reduce(a: torch.Tensor, b: torch.Tensor, comm, *, chunks: int | N
 
     Routing: the chunk count is :func:`overlap_chunks` (1 on CPU, at world 1 and for small M),
     or ``chunks``; each chunk's all-reduce goes through ``comm``, which picks its algorithm
-    (or falls back to torch.distributed) as for any other call.
+    (or falls back to torch.distributed) as for any other call. ``method="fused"`` (opt-in,
+    experimental): the fused GEMM + reduce-scatter kernel, then a push all-gather
+    (``cuda/fused_gemm.py``); where that cannot run (CPU, NCCL fallback, world 1) the pipeline
+    runs instead, logged once. Not chosen automatically before it has been measured on several
+    GPUs.
 
     Example::
 
@@ -235,6 +255,8 @@ def matmul_all_reduce(a: torch.Tensor, b: torch.Tensor, comm, *, chunks: int | N
                          f"{a.device}, got {got}")
     elif _overlaps(out, a) or _overlaps(out, b):
         raise ValueError(f"{op}: out must not overlap a or b")
+    if _fused(op, method, comm, "matmul_all_reduce_fused", a, b, out):
+        return out
     c = _num_chunks("all_reduce", chunks, M, M, K, N, _world(comm), a)
     if c == 1:
         torch.mm(a, b, out=out)
@@ -266,10 +288,11 @@ def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, comm, *,
     Routing: chunk count from :func:`overlap_chunks` or ``chunks``; each reduce-scatter through
     ``comm.reduce_scatter`` (torch.distributed on ``comm.group`` when ``comm`` has none).
     ``method="fused"`` (opt-in, experimental): one Triton GEMM whose epilogue stores each tile
-    into the owner rank's symmetric buffer, then a receive kernel that sums
-    (``kernels/matmul_reduce_scatter_fused.py``); where that cannot run (CPU, NCCL fallback,
-    world 1) the pipeline runs instead, logged once. It passed with emulated ranks on one GPU;
-    it is not chosen automatically before it has been measured on several GPUs.
+    into the owner rank's symmetric buffer and, one tile later, sums the tiles this rank owns
+    from its R slots (``kernels/matmul_reduce_scatter_fused.py``); where that cannot run (CPU,
+    NCCL fallback, world 1) the pipeline runs instead, logged once. It passed with emulated
+    ranks on one GPU; it is not chosen automatically before it has been measured on several
+    GPUs.
 
     Example::
 
@@ -287,10 +310,7 @@ def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, comm, *,
                          f"world size {R}")
     m = M // R
     out = torch.empty(m, N, dtype=a.dtype, device=a.device)
-    if method not in ("pipeline", "fused"):
-        raise ValueError(f"{op}: method must be 'pipeline' or 'fused', got {method!r}")
-    fused = getattr(comm, "matmul_reduce_scatter_fused", None)
-    if method == "fused" and fused is not None and b.dtype == a.dtype and fused(a, b, out):
+    if _fused(op, method, comm, "matmul_reduce_scatter_fused", a, b, out):
         return out
     c = _num_chunks("reduce_scatter", chunks, m, M, K, N, R, a)
     if c == 1:
@@ -312,7 +332,8 @@ def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, comm, *,
 
 
 def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor, comm, *,
-                      chunks: int | None = None, return_gathered: bool = False):
+                      chunks: int | None = None, return_gathered: bool = False,
+                      method: str = "pipeline"):
     """all_gather(a_shard) @ b, the GEMM of chunk i overlapping the gather of chunk i+1.
 
     Problem: a column-parallel linear with a sequence-parallel input must gather the [R*m, K]
@@ -325,7 +346,13 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor, comm, *,
     gather's event. One chunk = all-gather, then the GEMM of the peers' rows.
 
     Routing: chunk count from :func:`overlap_chunks` (``m`` there is R * shard rows) or
-    ``chunks``; each gather through ``comm.all_gather``.
+    ``chunks``; each gather through ``comm.all_gather``. ``method="fused"`` (opt-in,
+    experimental): one GEMM kernel whose tiles wait on per-row-tile arrival flags while a push
+    kernel sends this rank's shard to every peer, own shard first
+    (``kernels/all_gather_matmul_fused.py``); it does not keep the gathered rows, so with
+    ``return_gathered``, and where it cannot run (CPU, NCCL fallback, world 1), the pipeline
+    runs instead (logged once). Not chosen automatically before it has been measured on
+    several GPUs.
 
     Example::
 
@@ -341,6 +368,10 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor, comm, *,
     N = b.shape[1]
     a_shard = a_shard.contiguous()
     out = torch.empty(R * m, N, dtype=a_shard.dtype, device=a_shard.device)
+    if return_gathered and method == "fused":
+        method = "pipeline"   # the fused kernel never holds the gathered rows in one tensor
+    if _fused(op, method, comm, "all_gather_matmul_fused", a_shard, b, out):
+        return out
     c = _num_chunks("all_gather", chunks, m, R * m, K, N, R, a_shard)
     if c == 1:
         gathered = comm.all_gather(a_shard)

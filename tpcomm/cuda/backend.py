@@ -17,8 +17,8 @@ Layout of each rank's symmetric buffer (``Layout``)::
     | error word (device copy)       |       +----------------------------------------+
     | flags[block*2 + phase][src]    |       | staging slot 0 | staging slot 1        |  pull
     | flags[barrier slot][src]       |       +----------------------------------------+
-    +--------------------------------+       | user region: Communicator.empty()      |
-                                             +----------------------------------------+
+    | fused flags[src][row tile]     |       | user region: Communicator.empty()      |
+    +--------------------------------+       +----------------------------------------+
 
 Algorithms (``all_reduce``): ``one_shot`` (push kernel up to the push slot size, else pull),
 ``one_shot_push``, ``one_shot_pull`` (zero-copy when the input lives in the user region),
@@ -50,11 +50,12 @@ import triton.language as tl
 
 from ..errors import CommunicatorBrokenError, PeerTimeoutError, TpcommError
 from ..group import GroupInfo, GroupStore
-from ..kernels import (all_gather as k_all_gather, all_reduce_add_rms_norm as k_add_norm,
+from ..kernels import (all_gather as k_all_gather, all_gather_matmul_fused as k_ag_matmul,
+                       all_reduce_add_rms_norm as k_add_norm,
                        all_reduce_one_shot as k_one_shot,
                        all_reduce_ring as k_ring, all_reduce_two_shot as k_two_shot,
-                       barrier as k_barrier, matmul_reduce_scatter_fused as k_matmul_rs,
-                       reduce_scatter as k_reduce_scatter)
+                       barrier as k_barrier, reduce_scatter as k_reduce_scatter)
+from . import fused_gemm
 
 log = logging.getLogger("tpcomm")
 
@@ -119,8 +120,13 @@ class Layout:
         return MAX_GRID * 2
 
     @property
+    def fused_flags_word(self) -> int:
+        """Arrival flags of the fused all-gather + GEMM: flags[src][row tile], world x MAX_T."""
+        return self.flags_word + (self.barrier_slot + 1) * self.rp
+
+    @property
     def pad_bytes(self) -> int:
-        return 8 * (self.flags_word + (self.barrier_slot + 1) * self.rp)
+        return 8 * (self.fused_flags_word + self.world * k_ag_matmul.MAX_T)
 
     # data region, in bytes
     @property
@@ -440,51 +446,24 @@ class P2PCollectives:
                     L.rs_slot // item, self._counters[FAM_PUSH], self._err_dev, self._err_host,
                     self.rank, self.timeout_ns, **self._kw(out.dtype))
 
+    # ------------------------------------------------- fused GEMM + collective (fused_gemm.py)
     def matmul_reduce_scatter(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                               **gemm) -> None:
-        """out = rows ``rank`` of sum over ranks of ``a @ b``: a [M, K], b [K, N] (any
-        strides), out [M/world, N] contiguous, one dtype. Per round of ``rows`` rows of every
-        owner's block (``rows * N`` fits a push slot) the GEMM pushes its tiles to their owners
-        and the receive kernel sums them (``kernels/matmul_reduce_scatter_fused.py``). The
-        round's rows of ``a`` are read in place (row and owner-block strides), not copied.
-        ``gemm``: a ``config`` (``kernels/_gemm.GemmConfig``) and/or fields of it that replace
-        the tile table's choice (block_m, block_n, block_k, num_warps, num_stages, tma...)."""
-        self._begin()
-        R = self.world
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-            raise ValueError(f"matmul_reduce_scatter needs a [M, K] and b [K, N], got "
-                             f"{tuple(a.shape)} and {tuple(b.shape)}")
-        M, K = a.shape
-        N = b.shape[1]
-        if M % R:
-            raise ValueError(f"matmul_reduce_scatter: M = {M} rows do not split over {R} ranks")
-        m = M // R
-        if tuple(out.shape) != (m, N) or not out.is_contiguous():
-            raise ValueError(f"matmul_reduce_scatter needs a contiguous out of shape {(m, N)}, "
-                             f"got {tuple(out.shape)} with strides {out.stride()}")
-        if not (a.dtype == b.dtype == out.dtype):
-            raise ValueError(f"matmul_reduce_scatter needs one dtype, got {a.dtype}, {b.dtype}, "
-                             f"{out.dtype}")
-        if m == 0 or N == 0:
-            return
-        L = self.layout
-        slot = L.push_buf // R // out.element_size()
-        if N > slot:
-            raise ValueError(f"matmul_reduce_scatter: a row of {N} elements does not fit the "
-                             f"push slot of {slot}")
-        per_round = slot // N
-        kw = self._kw(out.dtype)
-        with self._dev():
-            plan = k_matmul_rs.plan(a, b, R * min(m, per_round), **gemm)
-            for lo in range(0, m, per_round):
-                hi = min(m, lo + per_round)
-                k_matmul_rs.matmul_reduce_scatter_push(
-                    plan, lo, hi - lo, m, self._push_addrs, self._counters[FAM_PUSH],
-                    L.push_buf, slot, self.rank, itype=kw["itype"], canon=kw["canon"])
-                k_matmul_rs.reduce_scatter_receive(
-                    out[lo:hi], (hi - lo) * N, self._my_push, L.push_buf, slot,
-                    self._counters[FAM_PUSH], self._err_dev, self._err_host, R, self.rank,
-                    self.timeout_ns, **kw)
+        """out [M/world, N] = rows ``rank`` of sum over ranks of ``a @ b``, the send and the
+        receive fused into the GEMM (``fused_gemm.matmul_reduce_scatter``)."""
+        fused_gemm.matmul_reduce_scatter(self, self._counters[FAM_PUSH], a, b, out, **gemm)
+
+    def all_gather_matmul(self, a_shard: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                          **gemm) -> None:
+        """out [world*m, N] = all_gather(a_shard) @ b, the GEMM's tiles waiting only for the
+        rows they read (``fused_gemm.all_gather_matmul``)."""
+        fused_gemm.all_gather_matmul(self, self._counters[FAM_PUSH], a_shard, b, out, **gemm)
+
+    def matmul_all_reduce(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                          **gemm) -> None:
+        """out [M, N] = sum over ranks of ``a @ b``: the fused reduce-scatter, then a push
+        all-gather (``fused_gemm.matmul_all_reduce``)."""
+        fused_gemm.matmul_all_reduce(self, self._counters[FAM_PUSH], a, b, out, **gemm)
 
     def all_gather(self, inp: torch.Tensor, out: torch.Tensor,
                    algorithm: str = "direct") -> None:

@@ -145,7 +145,7 @@ def _torch_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _ensure_allocator():
+def ensure_allocator():
     """Device-side descriptors live in global scratch that Triton asks an allocator for; set a
     torch one unless the application set its own (triton.set_allocator is process-wide)."""
     from triton.runtime import _allocation
@@ -210,7 +210,7 @@ def plan(a: torch.Tensor, b: torch.Tensor, config: GemmConfig | None = None, *,
     a_arg, a_mode = _operand_a(a, mode, cfg)
     b_arg, b_mode, b_t = _operand_b(b, mode, cfg)
     if DEVICE_DESC in (a_mode, b_mode) and not INTERPRET:
-        _ensure_allocator()
+        ensure_allocator()
     if input_precision is None and a.element_size() == 4:
         input_precision = "ieee"
     if cfg.num_sms is not None:

@@ -40,14 +40,16 @@ NPHASE: tl.constexpr = tl.constexpr(2)
 # op codes in the error word
 OP_ONE_SHOT_PUSH, OP_ONE_SHOT_PULL, OP_TWO_SHOT, OP_RING = 1, 2, 3, 4
 OP_REDUCE_SCATTER, OP_ALL_GATHER, OP_BARRIER, OP_ADD_RMS_NORM = 5, 6, 7, 8
-OP_MATMUL_RS = 9
+OP_MATMUL_RS, OP_ALL_GATHER_MATMUL, OP_MATMUL_AR = 9, 10, 11
 OP_NAMES = {OP_ONE_SHOT_PUSH: ("all_reduce", "one_shot_push"),
             OP_ONE_SHOT_PULL: ("all_reduce", "one_shot_pull"),
             OP_TWO_SHOT: ("all_reduce", "two_shot"), OP_RING: ("all_reduce", "ring"),
             OP_REDUCE_SCATTER: ("reduce_scatter", "direct"),
             OP_ALL_GATHER: ("all_gather", "direct"), OP_BARRIER: ("barrier", "barrier"),
             OP_ADD_RMS_NORM: ("all_reduce_add_rms_norm", "one_shot_push_fused"),
-            OP_MATMUL_RS: ("matmul_reduce_scatter", "fused")}
+            OP_MATMUL_RS: ("matmul_reduce_scatter", "fused"),
+            OP_ALL_GATHER_MATMUL: ("all_gather_matmul", "fused"),
+            OP_MATMUL_AR: ("matmul_all_reduce", "fused")}
 
 
 def _host_now_ns():  # interpreter only

@@ -1,26 +1,36 @@
-"""GEMM + reduce-scatter with the send fused into the GEMM's epilogue ("fused compute and send").
+"""GEMM + reduce-scatter with the send and the receive fused into the GEMM ("compute and send").
 
 Problem: every rank p holds ``a_p`` [M, K] and the same ``b`` [K, N]; rank r needs
 ``out_r = sum over p of (a_p @ b)[r*m:(r+1)*m]`` [m, N], m = M / R (a row-parallel linear
 followed by a reduce-scatter over rows). Done apart, the GEMM writes [M, N] to memory, then a
 reduce-scatter reads it back and sends it; nothing is sent before the last tile is computed.
 
-Algorithm, per round of rows (``rows`` rows of every owner's block, so that ``rows * N``
-elements fit one push slot; the caller loops over rounds):
+Algorithm: one persistent kernel per round of rows (``rows`` rows of every owner's block, so
+that ``rows * N`` elements fit one push slot; the caller loops over rounds),
+``_matmul_reduce_scatter_kernel``, on the fixed grid G of the push family (counters per
+program, below). Program p computes tiles ``p, p + G, p + 2G, ...`` of the round on the GEMM
+core of ``_gemm.py`` (A and B through TMA where TMA can express them, wgmma through ``tl.dot``,
+software-pipelined), and after each tile:
 
-- ``_matmul_reduce_scatter_push_kernel``: the GEMM core of ``_gemm.py`` (persistent grid,
-  A and B through TMA descriptors where TMA can express them, else pointers; wgmma through
-  ``tl.dot``; software-pipelined or warp-specialized per the tile table). Its epilogue does not
-  store to a local C: it rounds each tile to the output dtype, takes its bits
-  (``_lamport.sanitize``: never the sentinel) and stores them straight into slot ``rank`` of
-  the receive region of the rank that owns those rows. The stores of the early tiles travel
-  over NVLink while the later tiles are computed; the GEMM never waits. Tiles go out in order
-  of local row tile first, owner second (``_gemm.tile_coords``): every owner gets its first
-  rows first, which is where its receive kernel's blocks start polling.
-- ``_reduce_scatter_receive_kernel``: on every rank, the receive half of
-  ``reduce_scatter.py``: poll the R slots (``_lamport.poll_sum``: slot order 0..R-1, float32
-  sum, one rounding, so the result is bitwise that of GEMM then reduce-scatter), store ``out``,
-  store the sentinel back (``clear_slots``) and advance the per-block epoch counters.
+1. push: rounds the tile to the output dtype, takes its bits (``_lamport.sanitize``: never the
+   sentinel) and stores them into slot ``rank`` of the receive region of the tile's owner (its
+   rows' rank), over NVLink for a peer;
+2. receive, one step late: if the tile it pushed one step before belongs to this rank, it polls
+   that tile in its R slots (``_tile_sync.poll_sum_tile``: slot order 0..R-1, float32 sum, one
+   rounding: bitwise the result of GEMM then reduce-scatter), stores the sum into ``out`` and
+   stores the sentinel back. After the last tile it receives its last owned tile.
+
+Every rank runs the same tile schedule (same shapes, same config, same G), so tile t is computed
+by program ``t % G`` on every rank at the same step: the owner's program finds the R pushes of
+its tile arrived or arriving (the one-step lag hides their NVLink latency behind a whole tile of
+compute), and the receive needs no kernel, no pass over memory and no launch of its own: at
+world 1 the tile is read back from L2 right after it was written. A program waits only for
+pushes of steps not later than its own, which every rank's program makes before it waits, so
+the waits cannot form a cycle (all G programs of every rank must be resident at once: the grid
+is at most the SM count, one program per SM).
+
+Tiles go in order of local row tile first, owner second (``_gemm.tile_coords``): every owner's
+first rows come first.
 
 Routing (tile (d, t): rows ``t*BLOCK_M ..`` of owner d's ``rows`` rows of this round)::
 
@@ -29,20 +39,14 @@ Routing (tile (d, t): rows ``t*BLOCK_M ..`` of owner d's ``rows`` rows of this r
     target       recv_addrs[d] + region(E) + rank * slot_stride * ITEM
     element      local_row * N + col              (== the receiver's out[lo:hi] layout)
 
-A tile never straddles two owners: each owner's rows are tiled on their own (at most R partial
-tiles per round), so a tile is one box of a and one masked push.
-
-Epoch and region. The receive kernel is a push-family kernel like the others: the fixed grid G,
-per-block counters read at its start (epoch E = counter + 1) and written back at its end. The
-GEMM's grid is not G, so it must not touch the counters: it reads ``E = counter[0] + 1`` and
-pushes into region ``E % 2``. That is the receive kernel's epoch: every push-family kernel
-writes every block's counter once, so between two kernels on the stream all G counters are
-equal, and the GEMM runs (stream order) after the previous op's kernels and before this op's
-receive kernel. Why region ``E % 2`` is free when a peer w pushes into rank r's during op E
-(the rule of ``_lamport.py``, unchanged): w's GEMM starts after w finished op E-1, whose receive
-waited for data that r pushed in its own op E-1, which r did after finishing op E-2, the last
-op that used this region, clearing included. A round with R * rows * N > 0 elements makes every
-rank wait on every rank, like any push op; empty rounds launch nothing.
+Epoch and region: a push-family kernel like the others (``_lamport.py``): program p reads its
+counter (epoch E = counter + 1) at its start, uses region ``E % 2`` and writes E back at its
+end; every program, with or without tiles, so the G counters stay equal. Why region ``E % 2``
+is free when a peer w pushes into rank r's during op E: w started op E after finishing op E-1,
+which waited for data that r pushed in its op E-1, which r did after finishing op E-2, the last
+op that used this region, clearing included. Every round with R * rows * N > 0 elements makes
+every rank wait on every rank (each owner receives a tile from every rank); empty rounds launch
+nothing.
 """
 from __future__ import annotations
 
@@ -51,8 +55,9 @@ import triton.language as tl
 
 from . import _gemm
 from ._gemm import device_descs, halves, mainloop, pick, tile_coords, tile_count
-from ._lamport import clear_slots, poll_sum, prologue, push, sanitize
-from .barrier import record_error
+from ._lamport import prologue, push, sanitize
+from ._tile_sync import clear_tile, poll_sum_tile
+from .barrier import OP_MATMUL_RS, record_error
 
 
 @triton.jit
@@ -67,26 +72,52 @@ def _push_tile(acc, dst, r0, c0, rows, N, DTYPE: tl.constexpr, ITYPE: tl.constex
          ITYPE)
 
 
+@triton.jit
+def _receive_tile(mine, slot_stride, out_ptr, r0, c0, rows, N, t0, timeout_ns, dead, err_ptr,
+                  err_host, rank, epoch, DTYPE: tl.constexpr, ITYPE: tl.constexpr,
+                  R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SUB_M: tl.constexpr, OP: tl.constexpr):
+    """Owner side of tile (r0, c0): its R slots summed into ``out`` ([rows, N] contiguous: this
+    round's rows), then cleared; SUB_M rows at a time (registers: R loads per element)."""
+    cj = c0 + tl.arange(0, BLOCK_N)
+    for s in tl.static_range(BLOCK_M // SUB_M):
+        ri = r0 + s * SUB_M + tl.arange(0, SUB_M)
+        offs = ri[:, None] * N + cj[None, :]
+        msk = (ri < rows)[:, None] & (cj < N)[None, :]
+        acc, dead, late = poll_sum_tile(mine, slot_stride, offs, msk, t0, timeout_ns, dead,
+                                        DTYPE, ITYPE, R)
+        if late >= 0:
+            record_error(err_ptr, err_host, OP, 0, rank, late, epoch)
+        tl.store(out_ptr + offs, acc.to(DTYPE), mask=msk)
+        clear_tile(mine, slot_stride, offs, msk, ITYPE, R)
+    return dead
+
+
 # ``lo`` and ``rows`` change between rounds (the last one is short): one binary for all of them
 @triton.jit(do_not_specialize=["lo", "rows", "rank"])
-def _matmul_reduce_scatter_push_kernel(
+def _matmul_reduce_scatter_kernel(
         a, b, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-        lo, m, rows, recv_addrs, counter_ptr, buf_stride, slot_stride, rank,
+        out_ptr, lo, m, rows, recv_addrs, my_recv_addr, buf_stride, slot_stride, counter_ptr,
+        err_ptr, err_host, rank, timeout_ns,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, A_DESC: tl.constexpr,
         B_DESC: tl.constexpr, B_T: tl.constexpr, EVEN_K: tl.constexpr,
         WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
         DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        R: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr, ITEM: tl.constexpr):
+        R: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr, ITEM: tl.constexpr,
+        SUB_M: tl.constexpr, OP: tl.constexpr):
     """Owner d's rows ``a[d*m + lo : d*m + lo + rows]`` times b, pushed to owner d's slot
-    ``rank``; persistent over the R * cdiv(rows, BLOCK_M) * cdiv(N, BLOCK_N) tiles."""
+    ``rank``; this rank's tiles received into ``out_ptr`` (= out[lo:lo+rows]); persistent over
+    the R * cdiv(rows, BLOCK_M) * cdiv(N, BLOCK_N) tiles with NUM_SMS (= G) programs."""
     a, b = device_descs(a, b, M, N, K, stride_am, stride_bk, stride_bn, BLOCK_M, BLOCK_N,
                         BLOCK_K, A_DESC, B_DESC, B_T)
-    epoch = tl.load(counter_ptr) + 1          # the receive kernel's epoch; not stored here
-    slot_off = (epoch % 2) * buf_stride + rank * slot_stride * ITEM
-    pid = tl.program_id(0)
+    pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
+    slot_off = buf_off + rank * slot_stride * ITEM
+    mine = my_recv_addr + buf_off
     tiles = tile_count(rows, N, R, BLOCK_M, BLOCK_N)
     tile_c = pid - NUM_SMS   # the epilogue's own counter (as in Triton's persistent tutorial)
+    own_r0 = -1              # the owned tile pushed one step before (its rows; -1: none)
+    own_c0 = 0
     for tile in tl.range(pid, tiles, NUM_SMS, flatten=FLATTEN,
                          warp_specialize=WARP_SPECIALIZE):
         d, r0, c0 = tile_coords(tile, rows, N, R, BLOCK_M, BLOCK_N, GROUP_M)
@@ -103,56 +134,54 @@ def _matmul_reduce_scatter_push_kernel(
                        BLOCK_M, BLOCK_N // 2)
         else:
             _push_tile(acc, dst, r0, c0, rows, N, DTYPE, ITYPE, CANON, BLOCK_M, BLOCK_N)
-
-
-@triton.jit(do_not_specialize=["rank"])
-def _reduce_scatter_receive_kernel(
-        out_ptr, c, my_recv_addr, buf_stride, slot_stride, counter_ptr, err_ptr, err_host,
-        rank, timeout_ns,
-        R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr):
-    pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
-    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
-    mine = my_recv_addr + buf_off
-    for start in range(pid * BLOCK, c, G * BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < c
-        acc, dead, late = poll_sum(mine, slot_stride, offs, m, t0, timeout_ns, dead, DTYPE,
-                                   ITYPE, R)
-        if late >= 0:
-            record_error(err_ptr, err_host, 9, 0, rank, late, epoch)  # OP_MATMUL_RS
-        tl.store(out_ptr + offs, acc.to(DTYPE), mask=m)
-        clear_slots(mine, slot_stride, offs, m, ITYPE, R)
+        if own_r0 >= 0:
+            dead = _receive_tile(mine, slot_stride, out_ptr, own_r0, own_c0, rows, N, t0,
+                                 timeout_ns, dead, err_ptr, err_host, rank, epoch, DTYPE, ITYPE,
+                                 R, BLOCK_M, BLOCK_N, SUB_M, OP)
+        own_r0 = tl.where(d == rank, r0, -1)
+        own_c0 = c0
+    if own_r0 >= 0:
+        dead = _receive_tile(mine, slot_stride, out_ptr, own_r0, own_c0, rows, N, t0,
+                             timeout_ns, dead, err_ptr, err_host, rank, epoch, DTYPE, ITYPE, R,
+                             BLOCK_M, BLOCK_N, SUB_M, OP)
     tl.store(counter_ptr + pid, epoch)
 
 
-def plan(a, b, rows_per_launch, **gemm) -> _gemm.Plan:
+def plan(a, b, rows_per_launch, grid, **gemm) -> _gemm.Plan:
     """The GEMM core's plan for ``a`` [M, K] x ``b`` [K, N] (once per op, see ``_gemm.plan``):
-    the tile table's config for launches of ``rows_per_launch`` rows, ``gemm`` overriding its
-    fields (block_m, block_n, block_k, num_warps, num_stages, tma, ...)."""
+    the tile table's config for launches of ``rows_per_launch`` rows on ``grid`` programs (the
+    push family's fixed grid), ``gemm`` overriding its fields (block_m, block_n, block_k,
+    num_warps, num_stages, tma, ...)."""
     config = gemm.pop("config", None)
+    gemm["num_sms"] = grid
     return _gemm.plan(a, b, config, rows_hint=rows_per_launch, **gemm)
 
 
-def matmul_reduce_scatter_push(p: _gemm.Plan, lo, rows, m, recv_addrs, counters, buf_stride,
-                               slot_stride, rank, *, itype, canon, warmup=False):
-    """The GEMM of one round: rows ``lo..lo+rows`` of every owner's block of ``m`` rows of the
-    planned ``a``, times b, pushed as R * rows x N results into slot ``rank`` of each owner's
-    receive region. ``warmup``: compile only."""
+def sub_rows(p: _gemm.Plan, world: int) -> int:
+    """Rows of a tile the receive handles at a time: at most 64 loaded elements per thread
+    (R slots of SUB_M x BLOCK_N elements over 32 * num_warps threads); 16 where an operand is
+    read through pointers (its address tensors stay live across the loop: 128x128x32 in bf16
+    spilled 2 KB per thread with 64)."""
+    cfg = p.config
+    budget = 64 if _gemm.PTR not in p.modes[:2] else 16
+    sub = cfg.block_m
+    while sub > 1 and world * sub * cfg.block_n > budget * 32 * cfg.num_warps:
+        sub //= 2
+    return sub
+
+
+def matmul_reduce_scatter(p: _gemm.Plan, out, lo, rows, m, recv_addrs, my_recv_addr,
+                          buf_stride, slot_stride, counters, err_dev, err_host, rank,
+                          timeout_ns, *, itype, canon, op=OP_MATMUL_RS, warmup=False):
+    """One round: rows ``lo..lo+rows`` of every owner's block of ``m`` rows of the planned
+    ``a`` times b, pushed to their owners; this rank's ``rows x N`` sums into ``out`` (the
+    round's rows of the contiguous result, ``out[lo:lo+rows]``). Grid: the plan's NUM_SMS (the
+    push family's G). ``op``: the op code its timeouts record. ``warmup``: compile only."""
     R = len(recv_addrs)
-    grid = p.grid(_gemm.num_tiles(rows, p.n, R, p.config))
-    fn = (_matmul_reduce_scatter_push_kernel.warmup if warmup else
-          _matmul_reduce_scatter_push_kernel[grid])
+    grid = (p.grid_cap,)
+    fn = (_matmul_reduce_scatter_kernel.warmup if warmup else
+          _matmul_reduce_scatter_kernel[grid])
     kw = dict(grid=grid) if warmup else {}
-    return fn(*p.args, lo, m, rows, tuple(recv_addrs), counters, buf_stride, slot_stride, rank,
-              R=R, ITYPE=itype, CANON=canon, ITEM=p.item, **p.meta, **kw)
-
-
-def reduce_scatter_receive(out, c, my_recv_addr, buf_stride, slot_stride, counters, err_dev,
-                           err_host, world, rank, timeout_ns, *, grid, num_warps, itype, canon,
-                           block):
-    """Poll this rank's ``world`` slots for ``c`` elements, sum them into ``out`` (contiguous),
-    clear the slots, advance the push family's epoch (``canon`` unused: nothing is sent)."""
-    del canon
-    _reduce_scatter_receive_kernel[(grid,)](
-        out, c, my_recv_addr, buf_stride, slot_stride, counters, err_dev, err_host, rank,
-        timeout_ns, R=world, BLOCK=block, ITYPE=itype, num_warps=num_warps)
+    return fn(*p.args, out, lo, m, rows, tuple(recv_addrs), my_recv_addr, buf_stride,
+              slot_stride, counters, err_dev, err_host, rank, timeout_ns, R=R, ITYPE=itype,
+              CANON=canon, ITEM=p.item, SUB_M=sub_rows(p, R), OP=op, **p.meta, **kw)

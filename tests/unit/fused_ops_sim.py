@@ -1,0 +1,123 @@
+"""The three fused GEMM + collective ops of the GPU engine on the CPU, through Triton's
+interpreter, with ranks as threads (the harness of gpu_protocol_sim.py): worlds 1, 2 and 4.
+
+- matmul_reduce_scatter (``kernels/matmul_reduce_scatter_fused.py``: push and receive inside the
+  GEMM) at worlds 1 and 4 (fused_gemm_sim.py covers 2 and 3 and every operand mode);
+- all_gather_matmul (``kernels/all_gather_matmul_fused.py``: the push kernel, the GEMM waiting on
+  per-row-tile flags, own shard first, the clearing of the received rows): several rounds;
+- matmul_all_reduce (the fused reduce-scatter, then the push all-gather; M % R tail rows as a
+  plain GEMM and an all-reduce).
+
+Odd shapes everywhere: M and the rows per rank not a multiple of the tile (16), N odd (b through
+pointers), K not a multiple of BLOCK_K; b = w.t(); TMA descriptors (host and device side, the
+interpreter turns each box into a masked load) and pointers. Inputs are small integers, so every
+product and sum is exact and the result must equal float64's rounded once, bitwise (the unfused
+path: per-rank products rounded once, summed in rank order). Outputs are poisoned first; after
+every op every push region must hold the sentinel again and a plain all-reduce through the same
+engines must still be exact (the ops share the push family's regions and epochs). Then a stalled
+peer: the all-gather GEMM's flag wait gives up and the error names the op and the peer.
+
+    TRITON_INTERPRET=1 python tests/unit/fused_ops_sim.py
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+
+import torch  # noqa: E402
+
+from fused_gemm_sim import TILE, check_matmul_rs, regions_clean, small  # noqa: E402
+from gpu_protocol_sim import check_all_reduce, make_group, run_ranks  # noqa: E402
+
+MAX_BYTES = 4096   # push slots of 1024 (world 1) .. 128 (world 4) float32 elements: many rounds
+
+
+def check_all_gather_matmul(backs, tensors, m, n, k, dtype, seed, *, b_t=False, tile=TILE):
+    world = len(backs)
+    shards = [small((m, k), seed + p, dtype) for p in range(world)]
+    b = small((n, k), seed + 50, dtype).t() if b_t else small((k, n), seed + 50, dtype)
+    outs = [torch.full((world * m, n), 77.0, dtype=dtype) for _ in range(world)]
+    errs = run_ranks([lambda r=r: backs[r].all_gather_matmul(shards[r], b, outs[r], **tile)
+                      for r in range(world)])
+    assert not any(errs), errs
+    want = torch.cat([(s.double() @ b.double()).to(dtype) for s in shards])
+    for r in range(world):
+        assert torch.equal(outs[r], want), ("all_gather_matmul", world, m, n, k, dtype, r)
+    regions_clean(backs, tensors)
+
+
+def check_matmul_all_reduce(backs, tensors, M, n, k, dtype, seed, *, b_t=False, tile=TILE):
+    world = len(backs)
+    a_s = [small((M, k), seed + p, dtype) for p in range(world)]
+    b = small((n, k), seed + 50, dtype).t() if b_t else small((k, n), seed + 50, dtype)
+    outs = [torch.full((M, n), 77.0, dtype=dtype) for _ in range(world)]
+    errs = run_ranks([lambda r=r: backs[r].matmul_all_reduce(a_s[r], b, outs[r], **tile)
+                      for r in range(world)])
+    assert not any(errs), errs
+    want = sum((a.double() @ b.double()).to(dtype).double() for a in a_s).to(dtype)
+    for r in range(world):
+        assert torch.equal(outs[r], want), ("matmul_all_reduce", world, M, n, k, dtype, r)
+    regions_clean(backs, tensors)
+
+
+def rounds(backs, k, item=4):
+    L = backs[0].layout
+    return L.push_buf // L.world // item // k
+
+
+def check_ag_timeout():
+    """Rank 0 alone: its GEMM waits for rank 1's first row tile, gives up, and the error names
+    all_gather_matmul and rank 1."""
+    from tpcomm.errors import PeerTimeoutError
+    backs, _ = make_group(2, MAX_BYTES, 2, timeout_s=0.5)
+    a, b = small((6, 8), 1, torch.float32), small((8, 5), 2, torch.float32)
+    out = torch.empty(12, 5)
+    try:
+        backs[0].all_gather_matmul(a, b, out, **TILE)
+        backs[0].check()
+    except PeerTimeoutError as e:
+        assert e.peers == [1] and e.algorithm == "fused" and "all_gather_matmul" in str(e), e
+        print("timeout ok:", str(e)[:120])
+        return
+    raise AssertionError("no PeerTimeoutError after a stalled peer")
+
+
+def main():
+    t0 = time.time()
+    host = dict(TILE, tma="host")
+    device = dict(TILE, tma="device")
+    for world in (1, 2, 4):
+        backs, tensors = make_group(world, MAX_BYTES, 3)
+        f32, bf16 = torch.float32, torch.bfloat16
+        # all-gather + GEMM: m = 37 rows per rank in rounds of 1024 / 25 / 12 rows (K = 40),
+        # N = 37 odd (b through pointers); bf16 with b = w.t(); TMA (host, device) and pointers
+        check_all_gather_matmul(backs, tensors, 37, 37, 40, f32, 1)
+        check_all_gather_matmul(backs, tensors, 19, 40, 56, bf16, 2, b_t=True, tile=host)
+        check_all_gather_matmul(backs, tensors, 21, 24, 48, f32, 3, tile=device)
+        check_all_gather_matmul(backs, tensors, 1, 3, 7, f32, 4)
+        check_all_reduce(backs, "one_shot_push", 300, f32, 11)
+        # GEMM + all-reduce: M = 4 * 9 + 3 (a tail of M % R rows for worlds 2 and 4)
+        check_matmul_all_reduce(backs, tensors, 39, 37, 40, f32, 5)
+        check_matmul_all_reduce(backs, tensors, 4 * world, 40, 56, bf16, 6, b_t=True, tile=host)
+        check_all_reduce(backs, "two_shot", 517, f32, 12)
+        if world != 2:   # fused_gemm_sim.py covers world 2 (and 3)
+            check_matmul_rs(backs, tensors, 37, 37, 40, f32, 7)
+            check_matmul_rs(backs, tensors, 19, 40, 56, bf16, 8, b_t=True, tile=host)
+            check_matmul_rs(backs, tensors, 21, 24, 48, f32, 9, tile=device)
+        check_all_gather_matmul(backs, tensors, 5, 19, 16, f32, 10)
+        check_all_reduce(backs, "one_shot_push", 301, bf16, 13)
+        regions_clean(backs, tensors)
+        ag = f"rounds of {rounds(backs, 40)} rows at K = 40" if world > 1 else "one round"
+        print(f"world {world}: ok (all_gather_matmul in {ag}; {time.time() - t0:.1f} s)",
+              flush=True)
+    check_ag_timeout()
+    print("ALL OK")
+
+
+if __name__ == "__main__":
+    main()
