@@ -84,7 +84,8 @@ def gemm_section(quick=False):
     """The GEMM core (plain, fused reduce-scatter, fused all-gather + GEMM) for a few configs,
     bf16 / fp16 / fp32 (ieee and tf32), aligned and not (N odd, K odd: pointer loads for that
     operand); the fused kernels at world 4 (R unrolled loops)."""
-    from tpcomm.kernels import _gemm, all_gather_matmul_fused as ag, matmul_reduce_scatter_fused as rs
+    from tpcomm.kernels import _gemm
+    from tpcomm.kernels import all_gather_matmul_fused as ag, matmul_reduce_scatter_fused as rs
     G = _gemm.GemmConfig
     configs = (G(), G(num_stages=4), G(block_m=256, block_n=128), G(block_n=128, num_stages=4),
                G(flatten=False), G(flatten=False, num_stages=4), G(tma="device"), G(tma="off"))
@@ -114,10 +115,10 @@ def gemm_section(quick=False):
                     try:
                         _gemm_report("plain " + label, _gemm.matmul(p, c, warmup=True))
                         _gemm_report("rs w4 " + label, rs.matmul_reduce_scatter(
-                            p, c, 0, 256, 256, addrs, addrs[1], 1 << 24, 1 << 22, cnt, err,
+                            p, c, 0, 0, 256, 256, addrs, addrs[1], 1 << 24, 1 << 22, cnt, err,
                             1 << 41, 1, 10**9, itype=itype, canon=canon, warmup=True))
                         _gemm_report("rs w1 " + label, rs.matmul_reduce_scatter(
-                            p, c, 0, 1024, 1024, addrs[:1], addrs[0], 1 << 24, 1 << 23, cnt,
+                            p, c, 0, 0, 1024, 1024, addrs[:1], addrs[0], 1 << 24, 1 << 23, cnt,
                             err, 1 << 41, 0, 10**9, itype=itype, canon=canon, warmup=True))
                         _gemm_report("ag w4 " + label, ag.all_gather_matmul(
                             p, cg, 0, 256, 1024, R, addrs[1], 256, 1 << 42, 1 << 24, cnt, err,

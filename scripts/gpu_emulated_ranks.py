@@ -1,4 +1,4 @@
-"""tpcomm's GPU kernels with R emulated ranks on ONE GPU: correctness, graphs, soak, fused norm.
+"""tpcomm's GPU kernels with R emulated ranks on ONE GPU: correctness, graphs, soak, fused ops.
 
 Each emulated rank is a :class:`tpcomm.cuda.backend.P2PCollectives` over its own buffer on the
 same GPU (``tpcomm.memory.emulated``) and launches on its own CUDA stream, so the R ranks'
@@ -327,6 +327,130 @@ def fused_gemm_case(world, failures, tally):
     tally[f"fused_matmul_rs_w{world}"] = res
 
 
+def _small(shape, gen, dtype):
+    return torch.randint(-2, 3, shape, generator=gen, device=DEV).to(dtype)
+
+
+# the three fused GEMM + collective ops: (name, dtype, M rows per rank (all_gather: per shard),
+# K, N, b = w.t()). Odd shapes: rows not a multiple of the 128-row tile, N odd (b through
+# pointers), K not a multiple of BLOCK_K; 4200 rows of N = 2048 take several rounds of the 8 MiB
+# buffer at every world (and are what the graph case replays).
+FUSED_OPS_SHAPES = (
+    ("fp32 odd", torch.float32, 37, 96, 301, False),
+    ("bf16 b=w.t() rounds", torch.bfloat16, 4200, 1000, 2048, True),
+    ("fp16 N odd", torch.float16, 129, 200, 1001, False),
+)
+FUSED_OPS_QUICK = FUSED_OPS_SHAPES[:2]   # scripts/gpu_fused.py: fewer kernels to compile
+
+
+def fused_ops_want(op, a, b, world):
+    """The unfused path's result: per-rank products rounded once, summed (or gathered) in
+    rank order; exact integers, so float64 then one rounding is the same bits."""
+    dtype = b.dtype
+    prods = [(x.double() @ b.double()).to(dtype) for x in a]
+    if op == "all_gather_matmul":
+        return torch.cat(prods)
+    full = sum(p.double() for p in prods).to(dtype)
+    if op == "matmul_all_reduce":
+        return [full] * world
+    m = full.shape[0] // world
+    return [full[r * m:(r + 1) * m] for r in range(world)]
+
+
+def fused_ops_case(world, failures, tally, *, graph=True, shapes=FUSED_OPS_SHAPES):
+    """matmul_reduce_scatter, all_gather_matmul and matmul_all_reduce (method "fused", the
+    engine's kernels) on ``world`` emulated ranks: every shape and dtype bitwise against the
+    unfused path, outputs poisoned first, an all-reduce on the same group afterwards (regions
+    left clean); then the three ops captured in one CUDA graph and replayed with new inputs
+    three times, each replay checked."""
+    g = Ranks(world, 8 << 20, timeout_s=5.0)
+    gen = torch.Generator(device=DEV).manual_seed(100 + world)
+    res = {}
+    ops = ("matmul_reduce_scatter", "all_gather_matmul", "matmul_all_reduce")
+
+    def inputs(op, dtype, rows, K, N, b_t):
+        M = rows if op == "all_gather_matmul" else rows * world + (op == "matmul_all_reduce")
+        a = [_small((M, K), gen, dtype) for _ in range(world)]
+        b = _small((N, K), gen, dtype).t() if b_t else _small((K, N), gen, dtype)
+        return a, b
+
+    def out_shape(op, a):
+        M = a[0].shape[0]
+        return {"matmul_reduce_scatter": M // world, "all_gather_matmul": M * world,
+                "matmul_all_reduce": M}[op]
+
+    def call(op, r, a, b, out):
+        getattr(g.backs[r], op)(a[r], b, out[r])
+
+    def warm(op, a, b, out):
+        # every kernel compiled and loaded before any rank's runs: a module load waits for the
+        # kernels running, and those wait for the ranks launched after this one
+        for r in range(world):
+            g.backs[r].warm_up_fused(op, a[r], b, out[r])
+
+    def check(op, label, a, b, outs):
+        want = fused_ops_want(op, a, b, world)
+        bad = [r for r in range(world)
+               if not torch.equal(outs[r], want if op == "all_gather_matmul" else want[r])]
+        tally["checked"] += world
+        if bad:
+            failures.append(f"fused {op} {label} world {world}: wrong on ranks {bad}")
+        return "ok" if not bad else f"wrong on ranks {bad}"
+
+    for label, dtype, rows, K, N, b_t in shapes:
+        for op in ops:
+            a, b = inputs(op, dtype, rows, K, N, b_t)
+            outs = [torch.full((out_shape(op, a), N), 5.0, dtype=dtype, device=DEV)
+                    for _ in range(world)]
+            warm(op, a, b, outs)
+            g.run(lambda r: call(op, r, a, b, outs))
+            g.check()
+            res[f"{op} {label}"] = check(op, label, a, b, outs)
+    x = [exact(5000, r, torch.bfloat16, 3, device=DEV) for r in range(world)]
+    g.run(lambda r: g.backs[r].all_reduce(x[r], x[r], "one_shot_push"))
+    g.check()
+    if not all(torch.equal(v, _want_sum(5000, world, torch.bfloat16, 3)) for v in x):
+        failures.append(f"all_reduce after the fused ops, world {world}")
+    if graph:
+        res["graph"] = fused_ops_graph(g, ops, inputs, out_shape, call, check, warm)
+    tally[f"fused_ops_w{world}"] = res
+
+
+def fused_ops_graph(g, ops, inputs, out_shape, call, check, warm):
+    """The three ops (the bf16 shape with rounds) captured in one graph on every rank's stream,
+    then three replays, each after new values were copied into the captured inputs."""
+    _, dtype, rows, K, N, b_t = FUSED_OPS_SHAPES[1]
+    world = g.world
+    data = {op: inputs(op, dtype, rows, K, N, b_t) for op in ops}
+    outs = {op: [torch.full((out_shape(op, data[op][0]), N), 5.0, dtype=dtype, device=DEV)
+                 for _ in range(world)] for op in ops}
+
+    def body():
+        for op in ops:
+            g.run(lambda r, op=op: call(op, r, *data[op], outs[op]))
+    for op in ops:
+        warm(op, *data[op], outs[op])
+    body()                       # every kernel ran once outside the capture
+    g.check()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    results = []
+    for k in range(3):
+        for op in ops:
+            a, b = data[op]
+            new_a, new_b = inputs(op, dtype, rows, K, N, b_t)
+            for x, y in zip(a, new_a):
+                x.copy_(y)
+            b.copy_(new_b)
+            for o in outs[op]:
+                o.fill_(5.0)
+        graph.replay()
+        g.check()
+        results.append([check(op, f"graph replay {k}", *data[op], outs[op]) for op in ops])
+    return "ok" if all(v == "ok" for r in results for v in r) else results
+
+
 def timeout_case(world, failures, tally):
     g = Ranks(world, 1 << 20, timeout_s=0.5)
     x = exact(4096, 0, torch.bfloat16, device=DEV)
@@ -437,6 +561,12 @@ def main():
                             f"{type(e).__name__}: {str(e)[:300]}")
         print(f"fused matmul_reduce_scatter w{world}: {tally.get(f'fused_matmul_rs_w{world}')}",
               flush=True)
+    for world in (1, 2, 4):
+        try:
+            fused_ops_case(world, failures, tally)
+        except Exception as e:  # noqa: BLE001 - a compile error too: record it, go on
+            failures.append(f"fused ops world {world}: {type(e).__name__}: {str(e)[:300]}")
+        print(f"fused ops w{world}: {tally.get(f'fused_ops_w{world}')}", flush=True)
     p2p_probe_case(4, failures, tally)
     timeout_case(2, failures, tally)
     tally["failures"] = failures

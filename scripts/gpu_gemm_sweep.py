@@ -17,8 +17,9 @@ Steps, each printing its progress and seconds:
 3. the fused op at world 1 (``P2PCollectives.matmul_reduce_scatter`` over an emulated buffer
    of the default 32 MiB: rounds of 1024 rows at N = 8192) with the three configs fastest as a
    plain GEMM at the round's rows: checked bitwise against the plain core with the same
-   config, timed per M, with its parts: the rounds' pushes alone (into a scratch region, no
-   receive) and, as the unfused reference, torch.mm then tpcomm's reduce_scatter.
+   config, timed per M, next to the plain core with that config in the same rounds (the fused
+   kernel without its push and receive) and, as the unfused reference, torch.mm then tpcomm's
+   reduce_scatter.
 4. correctness on odd shapes with small-integer inputs (sums exact in fp32, so the result must
    equal float64's rounded once, bitwise): fp16 / bf16 / fp32 (ieee and tf32), M = 1000,
    N = 8190 / 8191, K = 7000, b = w.t(), a strided; the plain core in each operand mode and
@@ -60,9 +61,8 @@ import triton  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from tpcomm.cuda.backend import DTYPES, MAX_GRID, Layout  # noqa: E402
+from tpcomm.cuda.backend import Layout  # noqa: E402
 from tpcomm.kernels import _gemm  # noqa: E402
-from tpcomm.kernels import matmul_reduce_scatter_fused as k_fused  # noqa: E402
 from tpcomm.memory.emulated import make_emulated_group  # noqa: E402
 
 G = _gemm.GemmConfig
@@ -206,17 +206,12 @@ def fused_rows_per_round(b) -> int:
 
 def fused_world1(ms, inputs, best, res, failures):
     back = world1()
-    L = back.layout
     b = inputs[ms[0]][1]
-    slot = L.push_buf // b.element_size()
     per_round = fused_rows_per_round(b)
     res["fused_rows_per_round"] = per_round
-    itype, canon = DTYPES[b.dtype]
-    scratch = torch.empty(2 * L.push_buf, dtype=torch.uint8, device=DEV)
-    counters = torch.zeros(MAX_GRID, dtype=torch.int64, device=DEV)
     out_rows = res["fused"] = []
     for cfg in best:
-        row = {"config": cfg.name(), "us": {}, "push_only_us": {}, "bitwise_vs_plain": {}}
+        row = {"config": cfg.name(), "us": {}, "plain_rounds_us": {}, "bitwise_vs_plain": {}}
         out_rows.append(row)
         try:
             for M in ms:
@@ -234,18 +229,17 @@ def fused_world1(ms, inputs, best, res, failures):
                                     f"(max err {rel_err(out, plain):.3g})")
                 row["us"][M] = time_us(lambda: back.matmul_reduce_scatter(a, b, out,
                                                                           config=cfg))
-                p = k_fused.plan(a, b, min(M, per_round), config=cfg)
+                rounds = [(_gemm.plan(a[lo:lo + per_round], b, cfg), plain[lo:lo + per_round])
+                          for lo in range(0, M, per_round)]
 
-                def pushes():
-                    for lo in range(0, M, per_round):
-                        k_fused.matmul_reduce_scatter_push(
-                            p, lo, min(M, lo + per_round) - lo, M, (scratch.data_ptr(),),
-                            counters, L.push_buf, slot, 0, itype=itype, canon=canon)
-                row["push_only_us"][M] = time_us(pushes)
+                def plain_rounds():
+                    for p, c in rounds:
+                        _gemm.matmul(p, c)
+                row["plain_rounds_us"][M] = time_us(plain_rounds)
                 back.check(sync=True)
                 log(f"  fused w1 {cfg.name():42s} M={M}: {row['us'][M]:8.1f} us "
-                    f"(pushes alone {row['push_only_us'][M]:8.1f}; bitwise = plain: {same}) "
-                    f"[{time.perf_counter() - t0:.1f} s]")
+                    f"(plain core in the same rounds {row['plain_rounds_us'][M]:8.1f}; "
+                    f"bitwise = plain: {same}) [{time.perf_counter() - t0:.1f} s]")
                 del out, plain
         except Exception as e:  # noqa: BLE001
             row["error"] = short(e)
@@ -383,7 +377,7 @@ def table(ms, res):
     ind = res.get("inductor", {})
     cands = [r for r in res.get("candidates", []) if "error" not in r]
     lines = ["", "| M | torch.mm | inductor | best core (config) | core/cuBLAS | core/inductor "
-             "| fused w1 (config) | fused/inductor | fused/cuBLAS | pushes alone | mm + rs w1 |",
+             "| fused w1 (config) | fused/inductor | fused/cuBLAS | plain rounds | mm + rs w1 |",
              "|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
     entries = []
     for M in ms:
@@ -400,7 +394,7 @@ def table(ms, res):
             f"| {M} | {mm[M]} | {i_us or '-'} | {c_us or '-'} ({best['config'] if best else '-'}) "
             f"| {ratio(c_us, mm[M])} | {ratio(c_us, i_us)} | {f_us or '-'} "
             f"({fb['config'] if fb else '-'}) | {ratio(f_us, i_us)} | {ratio(f_us, mm[M])} "
-            f"| {fb['push_only_us'].get(M, '-') if fb else '-'} "
+            f"| {fb['plain_rounds_us'].get(M, '-') if fb else '-'} "
             f"| {res.get('mm_then_reduce_scatter_w1_us', {}).get(M, '-')} |")
         if best:
             fields = {k: v for k, v in best["fields"].items()

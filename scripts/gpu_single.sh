@@ -5,6 +5,9 @@
 #   gputests  tests/gpu (the multi-GPU ones skip, visibly; the world-1 ones run)
 #   overlap   tpcomm bench overlap at world 1: GEMM alone against the chunked GEMM
 #   check     tpcomm check
+#   fused     the fused GEMM + collective ops (issue 14): bitwise at world 1 and with 2 / 4
+#             emulated ranks, graph replays, their GEMM at world 1 against the core, torch.mm and
+#             inductor (scripts/gpu_fused.py: at most 240 s, every item under a hard limit)
 # Usage: OUT=/tmp/out bash scripts/gpu_single.sh [step ...]   (default: every step)
 # Logs go to $OUT/<step>.log; JSON where a step writes one. Multicast stays off.
 set -uo pipefail
@@ -13,7 +16,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 OUT=${OUT:-/tmp/tpcomm-gpu-single}
 mkdir -p "$OUT"
-STEPS=${*:-"emulated gputests overlap check"}
+STEPS=${*:-"emulated gputests overlap check fused"}
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -37,6 +40,7 @@ for s in $STEPS; do
     overlap) step overlap 240 python3 -m tpcomm bench overlap --device cuda -n 1 --chunks 4 --json "$OUT/overlap.json" \
                --markdown "$OUT/overlap.md" ;;
     check) step check 60 python3 -m tpcomm check ;;
+    fused) step fused 250 python3 scripts/gpu_fused.py --budget-s 240 ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -63,6 +63,8 @@ def _check_ops(comm, rank, world, salt):
             got = tpcomm.matmul_all_reduce(a, b, comm, chunks=c, out=out)
             assert got is out and torch.equal(got, ref), ("all_reduce", M, c)
             checked += 1
+        # no fused kernel on the CPU: the pipeline runs (logged once)
+        assert torch.equal(tpcomm.matmul_all_reduce(a, b, comm, method="fused"), ref)
     for m in (1, 5, 6):
         a, b = _mat(world * m, K, rank, salt + 2), _mat(K, N, rank, salt + 3)
         ref = _ref_reduce_scatter(a, b, world)
@@ -79,6 +81,7 @@ def _check_ops(comm, rank, world, salt):
             assert torch.equal(got, ref) and torch.equal(g, ref_g), ("all_gather", m, c)
             assert torch.equal(tpcomm.all_gather_matmul(a_shard, b, comm, chunks=c), ref)
             checked += 1
+        assert torch.equal(tpcomm.all_gather_matmul(a_shard, b, comm, method="fused"), ref)
     return checked
 
 
@@ -107,7 +110,9 @@ def _ranks(rank, world):
     with tpcomm.Communicator() as comm:
         checked += _check_ops(comm, rank, world, 0)
         checked += _layers(comm, rank, world)
-        assert any("method='fused'" in why for why in comm.stats()["fallbacks"])
+        fallbacks = comm.stats()["fallbacks"]
+        for op in ("matmul_reduce_scatter", "all_gather_matmul", "matmul_all_reduce"):
+            assert any(why.startswith(f"{op}(method='fused')") for why in fallbacks), fallbacks
     checked += _check_ops(TorchDistComm(), rank, world, 20)   # the models' gloo backend
     dist.destroy_process_group()
     return checked
@@ -153,6 +158,10 @@ def _fake_comm(world=2):
     (lambda c: tpcomm.matmul_reduce_scatter(torch.ones(4, 3), torch.ones(3, 5), c,
                                             method="flux"),
      r"matmul_reduce_scatter: method must be 'pipeline' or 'fused', got 'flux'"),
+    (lambda c: tpcomm.matmul_all_reduce(torch.ones(4, 3), torch.ones(3, 5), c, method="flux"),
+     r"matmul_all_reduce: method must be 'pipeline' or 'fused', got 'flux'"),
+    (lambda c: tpcomm.all_gather_matmul(torch.ones(4, 3), torch.ones(3, 5), c, method="flux"),
+     r"all_gather_matmul: method must be 'pipeline' or 'fused', got 'flux'"),
     (lambda c: tpcomm.all_gather_matmul(torch.ones(4, 3), torch.ones(4, 5), c),
      r"all_gather_matmul: a_shard \(4, 3\) and b \(4, 5\) do not multiply"),
     (lambda c: tpcomm.all_gather_matmul(torch.ones(4, 3, dtype=torch.int64),

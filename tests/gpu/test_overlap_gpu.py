@@ -4,7 +4,8 @@ unfused reference (GEMM, then the NCCL collective).
 - world 2 and 4: float32 with small-integer inputs (exact, so bitwise equal to the reference
   and across ranks) and bfloat16 with random inputs (within a tolerance), odd M, chunk counts
   that do not divide M, the automatic count on a prefill shape, a caller on its own stream,
-  and a CUDA graph capture of the overlapped all-reduce;
+  the fused kernels (method="fused", each op; the stats must name them), and a CUDA graph
+  capture of the overlapped all-reduce;
 - world 1 (one GPU): the side stream does real work there too (the local reduce-scatter and
   all-gather are copies), so a missing event or join shows up as wrong data.
 
@@ -73,13 +74,13 @@ def _refs(a, b, world, op):
     return reference.all_gather(a, g) @ b
 
 
-def _run_op(op, a, b, comm, chunks):
+def _run_op(op, a, b, comm, chunks, method="pipeline"):
     if op == "all_reduce":
         out = torch.full((a.shape[0], b.shape[1]), float("nan"), dtype=a.dtype, device=a.device)
-        return tpcomm.matmul_all_reduce(a, b, comm, chunks=chunks, out=out)
+        return tpcomm.matmul_all_reduce(a, b, comm, chunks=chunks, out=out, method=method)
     if op == "reduce_scatter":
-        return tpcomm.matmul_reduce_scatter(a, b, comm, chunks=chunks)
-    return tpcomm.all_gather_matmul(a, b, comm, chunks=chunks)
+        return tpcomm.matmul_reduce_scatter(a, b, comm, chunks=chunks, method=method)
+    return tpcomm.all_gather_matmul(a, b, comm, chunks=chunks, method=method)
 
 
 def _same_on_all_ranks(t, world):
@@ -118,13 +119,14 @@ def _matrix(rank, world):
                         failures.append(f"{op} {dtype} rows={rows} chunks={c}: ok={ok} "
                                         f"same={same}")
                     checked += 1
-                if op == "reduce_scatter":   # the fused GEMM + reduce-scatter kernel
-                    got = tpcomm.matmul_reduce_scatter(a, b, comm, method="fused")
-                    if not _close(got, ref, dtype):
-                        failures.append(f"fused reduce_scatter {dtype} rows={rows}")
-                    checked += 1
-    if "fused" not in comm.stats()["ops"].get("matmul_reduce_scatter", {}):
-        failures.append("method='fused' never ran the fused kernel")
+                got = _run_op(op, a, b, comm, None, method="fused")   # the fused kernels
+                if not (_close(got, ref, dtype) and (op != "all_reduce"
+                                                     or _same_on_all_ranks(got, world))):
+                    failures.append(f"fused {op} {dtype} rows={rows}")
+                checked += 1
+    for op in ("matmul_reduce_scatter", "all_gather_matmul", "matmul_all_reduce"):
+        if "fused" not in comm.stats()["ops"].get(op, {}):
+            failures.append(f"{op}(method='fused') never ran the fused kernel")
     # a prefill shape where the automatic choice pipelines (Llama-70B TP down projection)
     a, b = _inputs(4096, 7168, 8192, rank, torch.bfloat16, dev, 99)
     auto = tpcomm.overlap_chunks("all_reduce", 4096, 7168, 8192, world)
@@ -143,7 +145,7 @@ def _matrix(rank, world):
 def test_overlap_ops_match_unfused_nccl(world):
     for rank, (checked, failures) in enumerate(spawn(_matrix, world, env=ENV, timeout_s=420)):
         assert not failures, f"rank {rank}: {failures[:10]}"
-        assert checked == 2 * 3 * 3 * len(CHUNKS) + 2 * 3   # + the fused reduce-scatters
+        assert checked == 2 * 3 * 3 * (len(CHUNKS) + 1)   # + the fused kernels
 
 
 def _graph(rank, world):

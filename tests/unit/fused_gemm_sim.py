@@ -1,9 +1,9 @@
 """The fused GEMM + reduce-scatter (``kernels/matmul_reduce_scatter_fused.py``) on the CPU, through
 Triton's interpreter, with ranks as threads (the harness of gpu_protocol_sim.py).
 
-Checks the routing of every tile to its owner's slot (odd M / N / K: rows that are not a
-multiple of the tile, N odd, K not a multiple of BLOCK_K; strided a and b), the rounds, the
-epoch the GEMM borrows from the push family, and that the receive regions are left clean:
+Checks the routing of every tile to its owner's slot and its receive inside the same kernel (odd
+M / N / K: rows that are not a multiple of the tile, N odd, K not a multiple of BLOCK_K; strided
+a and b), the rounds, the push family's epochs, and that the receive regions are left clean:
 every push region holds the sentinel afterwards, and plain all-reduces through the same
 backends stay exact. The GEMM core (``kernels/_gemm.py``) runs in each operand mode: TMA
 through host-side and device-side tensor descriptors (the interpreter turns each box into a

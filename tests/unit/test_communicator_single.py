@@ -141,3 +141,62 @@ def test_fused_norm_routing_is_opt_in_and_limited_to_gpu_kernel_algorithms(comm)
         assert not comm._should_fuse_norm("one_shot", x, epi)
     finally:
         comm._backend, comm._fused_norm = saved
+
+
+class _FusedGemmBackend:
+    """Stands in for the GPU backend's fused GEMM ops: records each call, writes a marker."""
+    broken = None
+
+    def __init__(self):
+        self.calls = []
+
+    def _record(self, op, a, b, out):
+        self.calls.append((op, tuple(a.shape), tuple(out.shape)))
+        out.fill_(3.0)
+
+    def matmul_reduce_scatter(self, a, b, out):
+        self._record("matmul_reduce_scatter", a, b, out)
+
+    def all_gather_matmul(self, a, b, out):
+        self._record("all_gather_matmul", a, b, out)
+
+    def matmul_all_reduce(self, a, b, out):
+        self._record("matmul_all_reduce", a, b, out)
+
+
+def test_fused_gemm_ops_route_to_the_engine_or_report_why_not(comm):
+    """method="fused": the engine's kernel where it has one (stats name it "fused"); else
+    False, the fallback counted with its reason, and the overlap op takes the pipeline."""
+    a, b = torch.ones(4, 3), torch.ones(3, 5)
+    for name in ("matmul_reduce_scatter_fused", "all_gather_matmul_fused",
+                 "matmul_all_reduce_fused"):
+        assert getattr(comm, name)(a, b, torch.empty(4, 5)) is False   # world 1: no engine
+    fallbacks = comm.stats()["fallbacks"]
+    for op in ("matmul_reduce_scatter", "all_gather_matmul", "matmul_all_reduce"):
+        assert any(why.startswith(f"{op}(method='fused') needs the GPU backend")
+                   for why in fallbacks), fallbacks
+    assert torch.equal(tpcomm.matmul_all_reduce(a, b, comm, method="fused"), a @ b)
+    assert torch.equal(tpcomm.all_gather_matmul(a, b, comm, method="fused"), a @ b)
+    saved = comm._backend
+    try:
+        comm._backend = fake = _FusedGemmBackend()
+        assert torch.equal(tpcomm.matmul_reduce_scatter(a, b, comm, method="fused"),
+                           torch.full((4, 5), 3.0))
+        assert torch.equal(tpcomm.all_gather_matmul(a, b, comm, method="fused"),
+                           torch.full((4, 5), 3.0))
+        out = torch.empty(4, 5)
+        assert tpcomm.matmul_all_reduce(a, b, comm, method="fused", out=out) is out
+        assert torch.equal(out, torch.full((4, 5), 3.0))
+        # the gathered rows are not kept by the fused kernel: return_gathered takes the pipeline
+        got, gathered = tpcomm.all_gather_matmul(a, b, comm, method="fused",
+                                                 return_gathered=True)
+        assert torch.equal(got, a @ b) and torch.equal(gathered, a)
+        assert [c[0] for c in fake.calls] == ["matmul_reduce_scatter", "all_gather_matmul",
+                                              "matmul_all_reduce"]
+        ops = comm.stats()["ops"]
+        for op in ("matmul_reduce_scatter", "all_gather_matmul", "matmul_all_reduce"):
+            assert ops[op]["fused"]["calls"] == 1, ops
+        with pytest.raises(ValueError, match="method must be 'pipeline' or 'fused', got 'x'"):
+            tpcomm.all_gather_matmul(a, b, comm, method="x")
+    finally:
+        comm._backend = saved

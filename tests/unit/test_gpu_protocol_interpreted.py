@@ -5,8 +5,10 @@
   chunking, the fused all-reduce + add + RMSNorm, the timeout path);
 - p2p_probe_sim.py: the data-moving P2P check (a healthy mapping passes, a mapping that does not
   reach the peer is found and names the writing rank);
-- fused_gemm_sim.py: the fused GEMM + reduce-scatter (exact for worlds 2 and 3, rounds, regions
-  left clean, timeout).
+- fused_gemm_sim.py: the fused GEMM + reduce-scatter (exact for worlds 2 and 3, every operand
+  mode, rounds, regions left clean, timeout);
+- fused_ops_sim.py: the three fused GEMM + collective ops (reduce-scatter, all-gather + GEMM,
+  all-reduce) at worlds 1, 2 and 4 (exact, odd shapes, rounds, regions left clean, timeout).
 
 Skipped where Triton is not installed: they need no GPU, only triton.
 """
@@ -26,6 +28,7 @@ HERE = os.path.dirname(__file__)
     ("gpu_protocol_sim.py", ["quick"], 900),
     ("p2p_probe_sim.py", [], 300),
     ("fused_gemm_sim.py", [], 600),
+    ("fused_ops_sim.py", [], 600),
 ])
 def test_kernels_under_the_triton_interpreter(script, args, timeout_s):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")

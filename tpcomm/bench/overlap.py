@@ -12,11 +12,15 @@ one run, each overlapped variant next to the same engine unfused:
   torch's async-TP fused op (torch.ops.symm_mem, CUDA and world > 1 only, else "n/a" and why),
   with its speed-up over that unfused;
 - tpcomm: its collective alone, GEMM then its collective (one chunk: "unfused"), its overlap op
-  with its own chunk count, with --chunks forced, and the fused GEMM-epilogue kernel
-  (matmul_reduce_scatter on the GPU backend), each with its speed-up over tpcomm unfused.
+  with its own chunk count, with --chunks forced, and the fused GEMM kernel (method="fused",
+  GPU backend only), each with its speed-up over tpcomm unfused.
   Where no overlap can happen the speed-up cell says so: "no overlap (1 chunk)" (the op ran
   as GEMM then one collective, which is tpcomm unfused itself) or "no overlap (cpu)" (chunks run
   one after the other on the CPU: no streams).
+
+With --fused-gemm on one GPU (-n 1 --device cuda) it adds the fused kernels' GEMM at world 1
+(``bench/fused_gemm.py``): each fused op over one emulated rank, the same GEMM core without
+its communication, torch.mm and, at the Ms of --inductor-ms, inductor's best Triton GEMM.
 
 Only this table shows whether overlap happened: overlapped is below unfused, and at best near
 max(GEMM, collective). Comparing tpcomm overlapped with torch.distributed unfused would mix the
@@ -87,6 +91,8 @@ class OverlapBenchConfig:
     progress: bool
     command: str
     timeout_s: float
+    fused_gemm: bool = False
+    inductor_ms: tuple = ()
 
 
 # ---------------------------------------------------------------- arguments
@@ -121,6 +127,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds the whole run may take when it starts its own ranks")
+    p.add_argument("--fused-gemm", action="store_true",
+                   help="one GPU, world 1: also the fused kernels' GEMM table (fused op, the "
+                        "same GEMM core without its communication, torch.mm; "
+                        "tpcomm/bench/fused_gemm.py) at every --M")
+    p.add_argument("--inductor-ms", type=int_list, default=(),
+                   help="with --fused-gemm: the Ms at which inductor's best Triton GEMM is "
+                        "autotuned too (minutes each)")
     p.add_argument("--json", metavar="FILE", help="every figure and the header as JSON")
     p.add_argument("--markdown", metavar="FILE.md", help="header and tables as a results file")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
@@ -148,7 +161,7 @@ def config_from_args(args) -> OverlapBenchConfig:
         k=args.k or d["k"], n=args.n or d["n"], ops=ops, chunks=chunks, iters=args.iters,
         reps=args.reps, warmup=args.warmup, progress=not args.no_progress,
         command=shlex.join(["tpcomm", *getattr(args, "argv", ["bench", "overlap"])]),
-        timeout_s=args.timeout)
+        timeout_s=args.timeout, fused_gemm=args.fused_gemm, inductor_ms=tuple(args.inductor_ms))
 
 
 # ---------------------------------------------------------------- one rank
@@ -227,10 +240,9 @@ def _variants(op, a, b, comm, R, chunks_auto, forced, async_tp_why):
            "tpcomm": lambda: fused(a, b, comm, chunks=chunks_auto)}
     if forced is not None:
         out["tpcomm_forced"] = lambda: fused(a, b, comm, chunks=forced)
-    if op == "matmul_reduce_scatter":   # the fused GEMM-epilogue kernel (opt-in)
-        out["tpcomm_fused"] = (
-            (lambda: fused(a, b, comm, method="fused")) if comm.backend_name == "p2p" else
-            f"n/a: the fused kernel needs the GPU backend (here {comm.backend_name})")
+    out["tpcomm_fused"] = (   # the fused GEMM kernels (opt-in)
+        (lambda: fused(a, b, comm, method="fused")) if comm.backend_name == "p2p" else
+        f"n/a: the fused kernel needs the GPU backend (here {comm.backend_name})")
     if op == "matmul_all_reduce":
         out["torch_async_tp"] = "n/a: torch has no fused matmul + all-reduce"
     elif async_tp_why:
@@ -358,6 +370,7 @@ def rank_main(rank: int, world: int, config: OverlapBenchConfig) -> dict:
                     print(f"[{len(rows)}/{len(config.ops) * len(config.ms)} {op} M={M}] "
                           + ", ".join(f"{k} {v:.1f} us" for k, v in r["times_us"].items()),
                           file=sys.stderr, flush=True)
+        fused = _fused_gemm_table(config, device, world) if rank == 0 else None
         meta = None
         if rank == 0:
             from .meta import system_info
@@ -368,10 +381,23 @@ def rank_main(rank: int, world: int, config: OverlapBenchConfig) -> dict:
                          "baseline": f"torch.distributed ({dist.get_backend()})",
                          "base": dist.get_backend(),
                          "config": dataclasses.asdict(config)})
-        return {"meta": meta, "rows": rows}
+        return {"meta": meta, "rows": rows, "fused_gemm_w1": fused}
     finally:
         comm.close()
         dist.destroy_process_group()
+
+
+def _fused_gemm_table(config: OverlapBenchConfig, device, world: int):
+    """``--fused-gemm``: the world-1 table of ``bench/fused_gemm.py`` (one GPU, world 1), or
+    why it did not run."""
+    if not config.fused_gemm:
+        return None
+    if device.type != "cuda" or world != 1:
+        return {"skipped": "--fused-gemm needs one GPU at world 1 (-n 1 --device cuda)"}
+    from . import fused_gemm
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if config.progress else None
+    return fused_gemm.world1_table(config.ms, config.k, config.n, DTYPES[config.dtype],
+                                   device=device, inductor_ms=config.inductor_ms, progress=say)
 
 
 def run(config: OverlapBenchConfig) -> dict:
@@ -389,8 +415,7 @@ def _table(rows: list[dict], op: str, forced, base: str) -> tuple[list, list]:
             "tpcomm unfused (us)", "tpcomm (us)", "chunks", "x tpcomm unfused"]
     if forced is not None:
         head += [f"tpcomm {forced} chunks (us)", "x tpcomm unfused "]
-    if op == "matmul_reduce_scatter":
-        head += ["tpcomm fused kernel (us)", "x tpcomm unfused  "]
+    head += ["tpcomm fused kernel (us)", "x tpcomm unfused  "]
     body = []
     for r in (r for r in rows if r["op"] == op):
         t = r["times_us"]
@@ -411,8 +436,7 @@ def _table(rows: list[dict], op: str, forced, base: str) -> tuple[list, list]:
                  str(r["chunks_auto"]), ratio("tpcomm")]
         if forced is not None:
             cells += [cell("tpcomm_forced"), ratio("tpcomm_forced")]
-        if op == "matmul_reduce_scatter":
-            cells += [cell("tpcomm_fused"), ratio("tpcomm_fused")]
+        cells += [cell("tpcomm_fused"), ratio("tpcomm_fused")]
         body.append(cells)
     return head, body
 
@@ -431,7 +455,18 @@ def _header(meta: dict) -> list[str]:
             f"command: {meta['command']}"]
 
 
-def format_text(meta: dict, rows: list[dict]) -> str:
+def _fused_gemm_lines(fused: dict | None, prefix: str) -> list[str]:
+    if not fused:
+        return []
+    head = [f"{prefix}GEMM at world 1: fused kernels (one emulated rank) against the same core "
+            f"without communication, torch.mm and inductor (us per call)", ""]
+    if "skipped" in fused:
+        return ["", f"{prefix}fused GEMM table skipped: {fused['skipped']}"]
+    from .fused_gemm import table_lines
+    return ["", *head, *table_lines(fused)]
+
+
+def format_text(meta: dict, rows: list[dict], fused: dict | None = None) -> str:
     forced = meta["config"]["chunks"]
     lines = ["# tpcomm bench overlap"] + [f"# {h}" for h in _header(meta)]
     for op in dict.fromkeys(r["op"] for r in rows):
@@ -442,10 +477,10 @@ def format_text(meta: dict, rows: list[dict]) -> str:
                   "  ".join(h.rjust(w) for h, w in zip(head, widths))]
         lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
         lines += [f"  {note}" for note in _notes(rows, op)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _fused_gemm_lines(fused, "# ")) + "\n"
 
 
-def format_markdown(meta: dict, rows: list[dict]) -> str:
+def format_markdown(meta: dict, rows: list[dict], fused: dict | None = None) -> str:
     forced = meta["config"]["chunks"]
     out = ["# tpcomm bench overlap", ""] + [f"- {h}" for h in _header(meta)] + [""]
     for op in dict.fromkeys(r["op"] for r in rows):
@@ -453,7 +488,7 @@ def format_markdown(meta: dict, rows: list[dict]) -> str:
         out += [f"## {op}", "", "| " + " | ".join(h.strip() for h in head) + " |",
                 "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body] + [""]
         out += [f"- {note}" for note in _notes(rows, op)] + [""]
-    return "\n".join(out)
+    return "\n".join(out + _fused_gemm_lines(fused, "## "))
 
 
 def main(args) -> int:
@@ -466,17 +501,22 @@ def main(args) -> int:
     rows = result["rows"]
     if result["meta"] is not None:
         meta = result["meta"]
-        sys.stdout.write(format_text(meta, rows))
+        fused = result.get("fused_gemm_w1")
+        sys.stdout.write(format_text(meta, rows, fused))
         sys.stdout.flush()
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+                json.dump({"meta": meta, "rows": rows, "fused_gemm_w1": fused}, f, indent=1,
+                          default=str)
                 f.write("\n")
         if args.markdown:
             with open(args.markdown, "w") as f:
-                f.write(format_markdown(meta, rows))
+                f.write(format_markdown(meta, rows, fused))
     wrong = [f"{r['op']} M={r['M']}: {n} (rel. error {e:.3g})" for r in rows
              for n, e in r["rel_err"].items() if not e <= TOL[config.dtype]]
+    fused = result.get("fused_gemm_w1") or {}
+    wrong += [f"fused {r['op']} M={r['M']}: differs from the core or torch.mm"
+              for r in fused.get("rows", []) if not r["ok"]]
     if wrong:
         print(f"tpcomm bench overlap: wrong results: {'; '.join(wrong)}", file=sys.stderr)
         return 1

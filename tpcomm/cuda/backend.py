@@ -465,6 +465,11 @@ class P2PCollectives:
         all-gather (``fused_gemm.matmul_all_reduce``)."""
         fused_gemm.matmul_all_reduce(self, self._counters[FAM_PUSH], a, b, out, **gemm)
 
+    def warm_up_fused(self, op: str, *args, **gemm) -> None:
+        """Compile and load the kernels of fused ``op`` for these arguments without running
+        them (``fused_gemm.warm_up``: ranks emulated in one process need it)."""
+        fused_gemm.warm_up(self, self._counters[FAM_PUSH], op, *args, **gemm)
+
     def all_gather(self, inp: torch.Tensor, out: torch.Tensor,
                    algorithm: str = "direct") -> None:
         """inp is [c], out is [world, c] (rows may be strided): out[p] = inp of rank p."""

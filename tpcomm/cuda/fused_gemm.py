@@ -17,8 +17,8 @@ in bf16), so a call runs in rounds of rows that fit:
                             the GEMM kernel and a kernel that clears the received rows; at
                             world 1 nothing is pushed: one round, the GEMM alone
     matmul_all_reduce       the reduce-scatter on the first R * (M // R) rows, then the push
-                            all-gather of the result; rows past that (M % R) as a plain GEMM and
-                            an all-reduce
+                            all-gather of the result; rows past that (M % R) as a plain GEMM,
+                            an all-gather of the products and their sum in rank order
 
 ``gemm``: a ``config`` (``kernels/_gemm.GemmConfig``) and/or fields of it that replace the
 tile table's choice (block_m, block_n, block_k, num_warps, num_stages, tma, ...); the grid is
@@ -26,12 +26,14 @@ always the push family's fixed grid G (its counters are per program).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import weakref
 
 import torch
 
-from ..kernels import (_gemm, all_gather_matmul_fused as k_ag, barrier as k_barrier,
-                       matmul_reduce_scatter_fused as k_rs)
+from ..kernels import (_gemm, all_gather as k_all_gather, all_gather_matmul_fused as k_ag,
+                       barrier as k_barrier, matmul_reduce_scatter_fused as k_rs)
 
 # one side stream per engine (the all-gather's pushes), created on first use
 _SIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -56,39 +58,89 @@ def _slot(eng, item: int) -> int:
     return eng.layout.push_buf // eng.world // item
 
 
+def _launched(k, warmup: bool):
+    """In warm-up mode, load the compiled kernel's module now (``k`` is Triton's
+    CompiledKernel): a module load waits for the kernels already running, which, with ranks
+    emulated in one process, may be a rank's kernel waiting for the very rank that loads."""
+    if warmup:
+        init = getattr(k, "_init_handles", None)
+        if init is not None:
+            init()
+
+
 def matmul_reduce_scatter(eng, counters, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
-                          *, op: int = k_barrier.OP_MATMUL_RS, **gemm) -> None:
+                          *, warmup: bool = False, **gemm) -> None:
     """out [M/world, N] = rows ``rank`` of sum over ranks of ``a @ b``: a [M, K], b [K, N]
     (any strides), out contiguous, one dtype. Per round of ``rows`` rows of every owner's block
     (``rows * N`` fits a push slot) one kernel computes the tiles, pushes each to its owner and
     receives this rank's (``kernels/matmul_reduce_scatter_fused.py``). The round's rows of
-    ``a`` are read in place (row and owner-block strides), not copied. ``op``: the op code a
-    timeout records."""
-    eng._begin()
-    R = eng.world
+    ``a`` are read in place (row and owner-block strides), not copied. ``warmup``: compile
+    and load the kernels, run nothing."""
     _check_operands("matmul_reduce_scatter", a, b)
     M, N = a.shape[0], b.shape[1]
-    if M % R:
-        raise ValueError(f"matmul_reduce_scatter: M = {M} rows do not split over {R} ranks")
-    m = M // R
-    _check_out("matmul_reduce_scatter", a, b, out, (m, N))
+    if M % eng.world:
+        raise ValueError(f"matmul_reduce_scatter: M = {M} rows do not split over {eng.world} "
+                         f"ranks")
+    _check_out("matmul_reduce_scatter", a, b, out, (M // eng.world, N))
+    _reduce_scatter_rounds(eng, counters, a, b, out, 0, k_barrier.OP_MATMUL_RS, warmup, gemm)
+
+
+def _rs_plan(eng, a, b, gemm):
+    """The GEMM plan of the fused reduce-scatter: the table's config for one round's rows
+    (R * rows, rows * N fitting a push slot), on the push family's grid."""
+    R, m, N = eng.world, a.shape[0] // eng.world, b.shape[1]
+    per_round = max(1, _slot(eng, a.element_size()) // max(1, N))
+    return k_rs.plan(a, b, R * min(m, per_round), eng.layout.grid, **gemm)
+
+
+def _ag_plan(eng, a_shard, b, gemm):
+    """The GEMM plan of the fused all-gather + GEMM: the table's config for one round's rows
+    (world 1: the whole shard), on the push family's grid."""
+    R, (m, K) = eng.world, a_shard.shape
+    slot_rows = _slot(eng, a_shard.element_size()) // max(1, K)
+    return k_ag.plan(a_shard, b, m if R == 1 else R * min(m, max(1, slot_rows)),
+                     eng.layout.grid, **gemm)
+
+
+def gemm_config(eng, op: str, a: torch.Tensor, b: torch.Tensor, **gemm) -> _gemm.GemmConfig:
+    """The tile configuration the GEMM of fused ``op`` runs for ``a`` x ``b`` (benchmarks time
+    the plain core with it: the fused kernel without its communication). The all-gather's
+    GEMM, and the reduce-scatter's beyond world 1, loop over tiles without flattening
+    (``flatten=False`` whatever the table says)."""
+    if op == "all_gather_matmul":
+        return dataclasses.replace(_ag_plan(eng, a, b, dict(gemm)).config, flatten=False)
+    rows = a.shape[0] // eng.world * eng.world
+    cfg = _rs_plan(eng, a[:rows], b, dict(gemm)).config
+    return cfg if eng.world == 1 else dataclasses.replace(cfg, flatten=False)
+
+
+def _reduce_scatter_rounds(eng, counters, a, b, out, out_row0, op, warmup, gemm) -> None:
+    """The rounds of the fused reduce-scatter of checked operands into rows ``out_row0 ..`` of
+    the contiguous ``out``; ``op``: the op code a timeout records."""
+    if not warmup:
+        eng._begin()
+    R = eng.world
+    m, N = a.shape[0] // R, b.shape[1]
     if m == 0 or N == 0:
         return
     L = eng.layout
     slot = _slot(eng, out.element_size())
     if N > slot:
-        raise ValueError(f"matmul_reduce_scatter: a row of {N} elements does not fit the push "
-                         f"slot of {slot}")
+        raise ValueError(f"{k_barrier.OP_NAMES[op][0]}: a row of {N} elements does not fit the "
+                         f"push slot of {slot}")
     per_round = slot // N
     kw = eng._kw(out.dtype)
     with eng._dev():
-        p = k_rs.plan(a, b, R * min(m, per_round), L.grid, **gemm)
+        p = _rs_plan(eng, a, b, gemm)
         for lo in range(0, m, per_round):
             hi = min(m, lo + per_round)
-            k_rs.matmul_reduce_scatter(
-                p, out[lo:hi], lo, hi - lo, m, eng._push_addrs, eng._my_push, L.push_buf, slot,
-                counters, eng._err_dev, eng._err_host, eng.rank, eng.timeout_ns,
-                itype=kw["itype"], canon=kw["canon"], op=op)
+            _launched(k_rs.matmul_reduce_scatter(
+                p, out, out_row0 + lo, lo, hi - lo, m, eng._push_addrs, eng._my_push,
+                L.push_buf, slot, counters, eng._err_dev, eng._err_host, eng.rank,
+                eng.timeout_ns, itype=kw["itype"], canon=kw["canon"], op=op, warmup=warmup),
+                warmup)
+            if warmup:
+                return   # every round runs the same binary
 
 
 def _side_stream(eng):
@@ -100,15 +152,17 @@ def _side_stream(eng):
 
 
 def all_gather_matmul(eng, counters, a_shard: torch.Tensor, b: torch.Tensor,
-                      out: torch.Tensor, **gemm) -> None:
+                      out: torch.Tensor, *, warmup: bool = False, **gemm) -> None:
     """out [world*m, N] = all_gather(a_shard) @ b: a_shard [m, K] (any strides; copied to
     contiguous rows where it is not), b [K, N], out contiguous, one dtype. Per round of ``rows``
     rows of every shard (``rows * K`` fits a push slot): this rank's rows are pushed to every
-    peer on a side stream, while the GEMM computes the own shard's tiles and then each peer's as
-    its row tiles' flags arrive (``kernels/all_gather_matmul_fused.py``). The side stream waits
-    for the previous round's GEMM (its region is then free) and the caller's stream waits for
-    the side stream at the end."""
-    eng._begin()
+    rank on a side stream, while the GEMM computes the own shard's tiles and then each peer's as
+    its row tiles' flags arrive, and then the received rows are cleared
+    (``kernels/all_gather_matmul_fused.py``). The side stream waits for the previous round's
+    GEMM and clearing (its region is then free) and the caller's stream waits for the side
+    stream at the end. ``warmup``: compile and load the kernels, run nothing."""
+    if not warmup:
+        eng._begin()
     R, rank = eng.world, eng.rank
     _check_operands("all_gather_matmul", a_shard, b)
     (m, K), N = a_shard.shape, b.shape[1]
@@ -124,56 +178,90 @@ def all_gather_matmul(eng, counters, a_shard: torch.Tensor, b: torch.Tensor,
     if R > 1 and (a_shard.stride(1) != 1 or a_shard.stride(0) != K):
         a_shard = a_shard.contiguous()   # the push copies whole rows
     with eng._dev():
-        p = k_ag.plan(a_shard, b, m if R == 1 else R * min(m, slot_rows), L.grid, **gemm)
+        p = _ag_plan(eng, a_shard, b, gemm)
         per_round = m if R == 1 else min(m, slot_rows, k_ag.MAX_T * p.config.block_m)
-        cuda = a_shard.is_cuda and R > 1
+        cuda = a_shard.is_cuda and R > 1 and not warmup
         if cuda:
             main, side = torch.cuda.current_stream(eng.device), _side_stream(eng)
         flags = tuple(pad + 8 * L.fused_flags_word for pad in eng._pad_addrs)
+        kw = eng._kw(out.dtype)
         for lo in range(0, m, per_round):
             rows = min(m, lo + per_round) - lo
             if R > 1:
-                push = (lambda: k_ag.all_gather_push(
-                    a_shard, lo, rows, eng._push_addrs, flags, counters, L.push_buf, slot_rows,
-                    rank, block_m=p.config.block_m))
-                if cuda:   # after the previous round's GEMM (and the caller's earlier work)
+                if cuda:   # after the previous round's GEMM and clearing (and earlier work)
                     side.wait_stream(main)
-                    with torch.cuda.stream(side):
-                        push()
-                else:      # the interpreter: no streams, the push first
-                    push()
-            k_ag.all_gather_matmul(p, out, lo, rows, m, R, eng._my_push, slot_rows,
-                                   flags[rank], L.push_buf, counters, eng._err_dev,
-                                   eng._err_host, rank, eng.timeout_ns)
+                with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                    _launched(k_ag.all_gather_push(
+                        a_shard, lo, rows, eng._push_addrs, flags, counters, L.push_buf,
+                        slot_rows, rank, block_m=p.config.block_m, warmup=warmup), warmup)
+            _launched(k_ag.all_gather_matmul(
+                p, out, lo, rows, m, R, eng._my_push, slot_rows, flags[rank], L.push_buf,
+                counters, eng._err_dev, eng._err_host, rank, eng.timeout_ns, warmup=warmup),
+                warmup)
             if R > 1:
-                kw = eng._kw(out.dtype)
-                k_ag.clear_received(rows, K, R, eng._my_push, slot_rows, counters, L.push_buf,
-                                    grid=kw["grid"], num_warps=kw["num_warps"],
-                                    itype=kw["itype"], block=kw["block"])
+                _launched(k_ag.clear_received(
+                    rows, K, R, eng._my_push, slot_rows, counters, L.push_buf, grid=kw["grid"],
+                    num_warps=kw["num_warps"], itype=kw["itype"], block=kw["block"],
+                    warmup=warmup), warmup)
+            if warmup:
+                return   # every round runs the same binaries
         if cuda:
             main.wait_stream(side)
 
 
-def matmul_all_reduce(eng, counters, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
-                      **gemm) -> None:
+def _all_gather(eng, counters, inp: torch.Tensor, out: torch.Tensor, warmup: bool) -> None:
+    """``eng.all_gather(inp, out)`` (inp [c], out [world, c] contiguous rows), with warm-up."""
+    if not warmup:
+        eng.all_gather(inp, out)
+        return
+    c, L = inp.numel(), eng.layout
+    step = L.slot_max(inp.element_size())
+    for lo in range(0, c, step):   # the chunks' alignments may differ: load each binary
+        i, o = inp[lo:lo + step], out[:, lo:lo + step]
+        _launched(k_all_gather.all_gather(
+            i, o, i.numel(), out.stride(0), eng._push_addrs, eng._my_push, L.push_buf,
+            L.rs_slot // inp.element_size(), counters, eng._err_dev, eng._err_host, eng.rank,
+            eng.timeout_ns, **eng._kw(inp.dtype), warmup=True), True)
+
+
+def matmul_all_reduce(eng, counters, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
+                      warmup: bool = False, **gemm) -> None:
     """out [M, N] = sum over ranks of ``a @ b`` (every rank the same bits): the fused
     reduce-scatter of the first R * (M // R) rows straight into this rank's rows of ``out``,
     then the push all-gather of those rows within ``out`` (nothing to gather at world 1); the
-    last M % R rows, if any, as a plain GEMM on the core and an all-reduce."""
+    last t = M % R rows, if any, as a plain GEMM on the core, an all-gather of the R [t, N]
+    products and their float32 sum in rank order, rounded once (the reduction order of every
+    all-reduce kernel). ``warmup``: compile and load the kernels, run nothing."""
     R, rank = eng.world, eng.rank
     _check_operands("matmul_all_reduce", a, b)
     M, N = a.shape[0], b.shape[1]
     _check_out("matmul_all_reduce", a, b, out, (M, N))
     m = M // R
     if m and N:
-        mine = out[rank * m:(rank + 1) * m]
-        matmul_reduce_scatter(eng, counters, a[:R * m], b, mine, op=k_barrier.OP_MATMUL_AR,
-                              **gemm)
+        _reduce_scatter_rounds(eng, counters, a[:R * m], b, out, rank * m,
+                               k_barrier.OP_MATMUL_AR, warmup, dict(gemm))
         if R > 1:
-            eng.all_gather(mine.view(-1), out[:R * m].view(R, m * N))
-    if R * m < M and N:
+            _all_gather(eng, counters, out[rank * m:(rank + 1) * m].view(-1),
+                        out[:R * m].view(R, m * N), warmup)
+    t = M - R * m
+    if t and N:
         config = gemm.pop("config", None)
+        prod = torch.empty(t, N, dtype=out.dtype, device=out.device)
+        gathered = torch.empty(R, t * N, dtype=out.dtype, device=out.device)
         with eng._dev():
-            tail = out[R * m:]
-            _gemm.matmul(_gemm.plan(a[R * m:], b, config, **gemm), tail)
-        eng.all_reduce(tail.view(-1), tail.view(-1), "one_shot")
+            _launched(_gemm.matmul(_gemm.plan(a[R * m:], b, config, **gemm), prod,
+                                   warmup=warmup), warmup)
+        _all_gather(eng, counters, prod.view(-1), gathered, warmup)
+        if not warmup:
+            acc = torch.zeros(t * N, dtype=torch.float32, device=out.device)
+            for r in range(R):
+                acc += gathered[r].float()
+            out[R * m:].copy_(acc.view(t, N))
+
+
+def warm_up(eng, counters, op: str, *args, **gemm) -> None:
+    """Compile and load every kernel that ``op`` ("matmul_reduce_scatter", "all_gather_matmul",
+    "matmul_all_reduce") launches for these arguments, launching none (ranks emulated in one
+    process: call it on every rank's engine before the first call of a shape)."""
+    {"matmul_reduce_scatter": matmul_reduce_scatter, "all_gather_matmul": all_gather_matmul,
+     "matmul_all_reduce": matmul_all_reduce}[op](eng, counters, *args, warmup=True, **gemm)

@@ -2,10 +2,10 @@
 
 Two mechanisms, as in the other push kernels (``_lamport.py``, ``barrier.py``):
 
-- data that carries its own arrival flag (the fused GEMM + reduce-scatter): a 2-D tile of R
-  receive slots is polled until no element holds the sentinel, summed in slot order 0..R-1 in
-  float32 and cleared (:func:`poll_sum_tile`, :func:`clear_tile`; ``_lamport.poll_sum`` and
-  ``clear_slots`` on 1-D blocks);
+- data that carries its own arrival flag (the fused GEMM + reduce-scatter): a 2-D tile of the
+  R - 1 peers' receive slots is polled until no element holds the sentinel, summed with this
+  rank's own contribution in slot order 0..R-1 in float32 and cleared (:func:`poll_sum_tile`,
+  :func:`clear_tile`; ``_lamport.poll_sum`` and ``clear_slots`` on 1-D blocks);
 - arrival flags (the fused all-gather + GEMM, whose data the GEMM reads through TMA and cannot
   inspect element by element): the sender stores its rows, then, after ``bar.sync``, stores the
   epoch into the receiver's flag word with release semantics at system scope
@@ -23,27 +23,31 @@ import triton
 import triton.language as tl
 
 from ._lamport import typed
-from .barrier import INTERPRET, _bit_or, lowest_bit, now_ns
+from .barrier import INTERPRET, lowest_bit, now_ns
 
 
 @triton.jit
-def poll_sum_tile(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead,
+def poll_sum_tile(base_addr, slot_stride, own, offs, mask, t0, timeout_ns, dead, rank,
                   DTYPE: tl.constexpr, ITYPE: tl.constexpr, R: tl.constexpr):
-    """Wait until slots 0..R-1 (``slot_stride`` elements apart) hold data at the 2-D ``offs``;
-    return their float32 sum in slot order, ``dead`` and the lowest slot still missing at a
-    timeout (-1 if none)."""
+    """Wait until slots q != rank (``slot_stride`` elements apart from ``base_addr``) hold data
+    at the 2-D ``offs``; return the float32 sum over q = 0..R-1 in that order of slot q, or of
+    ``own + offs`` (an ITYPE pointer: this rank's own contribution, never in a slot) for
+    q = rank; ``dead``; and the lowest slot still missing at a timeout (-1 if none)."""
     base = typed(base_addr, ITYPE)
     acc = tl.zeros(offs.shape, tl.float32)
     late = -1
     pending = dead == 0
     while pending:
         acc = tl.zeros(offs.shape, tl.float32)
-        missing = tl.zeros(offs.shape, tl.int32)
+        bits = 0
         for q in tl.static_range(R):
-            b = tl.load(base + q * slot_stride + offs, mask=mask, other=0, volatile=True)
-            missing = missing | (((b == -1) & mask).to(tl.int32) << q)
+            if q == rank:
+                b = tl.load(own + offs, mask=mask, other=0)
+            else:
+                b = tl.load(base + q * slot_stride + offs, mask=mask, other=0, volatile=True)
+                # one flag per slot (a reduction each), not a bit mask per element: registers
+                bits = bits | (tl.max(((b == -1) & mask).to(tl.int32)) << q)
             acc += b.to(DTYPE, bitcast=True).to(tl.float32)
-        bits = tl.reduce(tl.reduce(missing, 1, _bit_or), 0, _bit_or)
         pending = bits != 0
         if pending:
             if now_ns() - t0 > timeout_ns:
@@ -54,11 +58,12 @@ def poll_sum_tile(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead,
 
 
 @triton.jit
-def clear_tile(base_addr, slot_stride, offs, mask, ITYPE: tl.constexpr, R: tl.constexpr):
-    """Store the sentinel back into slots 0..R-1 at the 2-D ``offs``."""
+def clear_tile(base_addr, slot_stride, offs, mask, rank, ITYPE: tl.constexpr, R: tl.constexpr):
+    """Store the sentinel back into slots q != rank at the 2-D ``offs``."""
     base = typed(base_addr, ITYPE)
     for q in tl.static_range(R):
-        tl.store(base + q * slot_stride + offs, tl.full(offs.shape, -1, ITYPE), mask=mask)
+        tl.store(base + q * slot_stride + offs, tl.full(offs.shape, -1, ITYPE),
+                 mask=mask & (q != rank))
 
 
 @triton.jit

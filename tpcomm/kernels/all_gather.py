@@ -47,8 +47,11 @@ def _all_gather_push_kernel(
 
 def all_gather(inp, out, c, out_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
                counters, err_dev, err_host, rank, timeout_ns, *, grid, num_warps, itype, canon,
-               block):
-    _all_gather_push_kernel[(grid,)](
-        inp, out, c, out_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride, counters,
-        err_dev, err_host, rank, timeout_ns, R=len(recv_addrs), BLOCK=block, ITYPE=itype,
-        CANON=canon, ITEM=out.element_size(), num_warps=num_warps)
+               block, warmup=False):
+    """out[p] = inp of rank p (``c`` elements; rows of ``out`` ``out_stride`` elements apart).
+    ``warmup``: compile only."""
+    fn = _all_gather_push_kernel.warmup if warmup else _all_gather_push_kernel[(grid,)]
+    kw = dict(grid=(grid,)) if warmup else {}
+    return fn(inp, out, c, out_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
+              counters, err_dev, err_host, rank, timeout_ns, R=len(recv_addrs), BLOCK=block,
+              ITYPE=itype, CANON=canon, ITEM=out.element_size(), num_warps=num_warps, **kw)

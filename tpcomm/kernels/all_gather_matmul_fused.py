@@ -78,7 +78,8 @@ def _copy_rows(src, dst_base, dst, n, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["lo", "rows", "rank"])
 def _all_gather_push_kernel(a, lo, rows, K, recv_addrs, flag_addrs, counter_ptr, buf_stride,
-                            srows, rank, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, MAX_T: tl.constexpr):
+                            srows, rank, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK: tl.constexpr, MAX_T: tl.constexpr):
     """Rows ``a[lo:lo+rows]`` (contiguous, K elements each) into slot ``rank`` of region
     ``E % 2``: this rank's own first, then every peer's; a flag per BLOCK_M rows each time."""
     epoch = tl.load(counter_ptr) + 1          # the GEMM's epoch of this round; not stored here

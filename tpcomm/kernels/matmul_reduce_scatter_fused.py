@@ -55,68 +55,74 @@ import triton.language as tl
 
 from . import _gemm
 from ._gemm import device_descs, halves, mainloop, pick, tile_coords, tile_count
-from ._lamport import prologue, push, sanitize
+from ._lamport import prologue, sanitize, typed
 from ._tile_sync import clear_tile, poll_sum_tile
 from .barrier import OP_MATMUL_RS, record_error
 
 
 @triton.jit
-def _push_tile(acc, dst, r0, c0, rows, N, DTYPE: tl.constexpr, ITYPE: tl.constexpr,
-               CANON: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows r0.. and columns c0.. of the owner's [rows, N] block, rounded to DTYPE, as bits
-    (never the sentinel), into the slot at ``dst``."""
-    bits = sanitize(acc.to(DTYPE), ITYPE, CANON)
+def _store_tile(acc, dst, r0, c0, rows, N, DTYPE: tl.constexpr, ITYPE: tl.constexpr,
+                CANON: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows r0.. and columns c0.. of an owner's [rows, N] block, rounded to DTYPE (after
+    ``+ 0.0``: a -0 becomes +0, as in a sum from zero), as bits (never the sentinel), at the
+    ITYPE pointer ``dst`` (element 0 of the block: a peer's slot, or this rank's ``out``)."""
+    bits = sanitize((acc + 0.0).to(DTYPE), ITYPE, CANON)
     ri = r0 + tl.arange(0, BLOCK_M)
     cj = c0 + tl.arange(0, BLOCK_N)
-    push(dst, ri[:, None] * N + cj[None, :], bits, (ri < rows)[:, None] & (cj < N)[None, :],
-         ITYPE)
+    tl.store(dst + ri[:, None] * N + cj[None, :], bits,
+             mask=(ri < rows)[:, None] & (cj < N)[None, :])
 
 
 @triton.jit
-def _receive_tile(mine, slot_stride, out_ptr, r0, c0, rows, N, t0, timeout_ns, dead, err_ptr,
+def _receive_tile(mine, slot_stride, own, r0, c0, rows, N, t0, timeout_ns, dead, err_ptr,
                   err_host, rank, epoch, DTYPE: tl.constexpr, ITYPE: tl.constexpr,
                   R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SUB_M: tl.constexpr, OP: tl.constexpr):
-    """Owner side of tile (r0, c0): its R slots summed into ``out`` ([rows, N] contiguous: this
-    round's rows), then cleared; SUB_M rows at a time (registers: R loads per element)."""
+                  SUB_M: tl.constexpr, op):
+    """Owner side of tile (r0, c0): the R - 1 peers' slots and this rank's own contribution
+    (in ``own``: this round's rows of the contiguous result, as bits) summed in rank order into
+    ``own``, the slots cleared; SUB_M rows at a time (registers: R loads per element)."""
+    tl.debug_barrier()   # the own tile was stored by other threads of this program
     cj = c0 + tl.arange(0, BLOCK_N)
     for s in tl.static_range(BLOCK_M // SUB_M):
         ri = r0 + s * SUB_M + tl.arange(0, SUB_M)
         offs = ri[:, None] * N + cj[None, :]
         msk = (ri < rows)[:, None] & (cj < N)[None, :]
-        acc, dead, late = poll_sum_tile(mine, slot_stride, offs, msk, t0, timeout_ns, dead,
-                                        DTYPE, ITYPE, R)
+        acc, dead, late = poll_sum_tile(mine, slot_stride, own, offs, msk, t0, timeout_ns, dead,
+                                        rank, DTYPE, ITYPE, R)
         if late >= 0:
-            record_error(err_ptr, err_host, OP, 0, rank, late, epoch)
-        tl.store(out_ptr + offs, acc.to(DTYPE), mask=msk)
-        clear_tile(mine, slot_stride, offs, msk, ITYPE, R)
+            record_error(err_ptr, err_host, op, 0, rank, late, epoch)
+        tl.store(own + offs, acc.to(DTYPE).to(ITYPE, bitcast=True), mask=msk)
+        clear_tile(mine, slot_stride, offs, msk, rank, ITYPE, R)
     return dead
 
 
-# ``lo`` and ``rows`` change between rounds (the last one is short): one binary for all of them
-@triton.jit(do_not_specialize=["lo", "rows", "rank"])
+# ``out_row``, ``lo`` and ``rows`` change between rounds (the last one is short) and ranks: one
+# binary for all of them (``out`` is passed whole, so its alignment does not change either)
+@triton.jit(do_not_specialize=["out_row", "lo", "rows", "rank", "op"])
 def _matmul_reduce_scatter_kernel(
         a, b, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-        out_ptr, lo, m, rows, recv_addrs, my_recv_addr, buf_stride, slot_stride, counter_ptr,
-        err_ptr, err_host, rank, timeout_ns,
+        out, out_row, lo, m, rows, recv_addrs, my_recv_addr, buf_stride, slot_stride,
+        counter_ptr, err_ptr, err_host, rank, timeout_ns, op,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, A_DESC: tl.constexpr,
         B_DESC: tl.constexpr, B_T: tl.constexpr, EVEN_K: tl.constexpr,
         WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
         DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         R: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr, ITEM: tl.constexpr,
-        SUB_M: tl.constexpr, OP: tl.constexpr):
+        SUB_M: tl.constexpr):
     """Owner d's rows ``a[d*m + lo : d*m + lo + rows]`` times b, pushed to owner d's slot
-    ``rank``; this rank's tiles received into ``out_ptr`` (= out[lo:lo+rows]); persistent over
-    the R * cdiv(rows, BLOCK_M) * cdiv(N, BLOCK_N) tiles with NUM_SMS (= G) programs."""
+    ``rank`` (this rank's own: into ``out`` rows ``out_row ..``, where its receive sums them);
+    persistent over the R * cdiv(rows, BLOCK_M) * cdiv(N, BLOCK_N) tiles with NUM_SMS (= G)
+    programs."""
     a, b = device_descs(a, b, M, N, K, stride_am, stride_bk, stride_bn, BLOCK_M, BLOCK_N,
                         BLOCK_K, A_DESC, B_DESC, B_T)
     pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
     slot_off = buf_off + rank * slot_stride * ITEM
     mine = my_recv_addr + buf_off
+    own = (out + out_row.to(tl.int64) * N).to(tl.pointer_type(ITYPE))
     tiles = tile_count(rows, N, R, BLOCK_M, BLOCK_N)
     tile_c = pid - NUM_SMS   # the epilogue's own counter (as in Triton's persistent tutorial)
-    own_r0 = -1              # the owned tile pushed one step before (its rows; -1: none)
+    own_r0 = -1              # the owned tile stored one step before (its rows; -1: none)
     own_c0 = 0
     for tile in tl.range(pid, tiles, NUM_SMS, flatten=FLATTEN,
                          warp_specialize=WARP_SPECIALIZE):
@@ -126,24 +132,29 @@ def _matmul_reduce_scatter_kernel(
                        EVEN_K, INPUT_PRECISION)
         tile_c += NUM_SMS
         d, r0, c0 = tile_coords(tile_c, rows, N, R, BLOCK_M, BLOCK_N, GROUP_M)
-        dst = pick(recv_addrs, d, R) + slot_off
+        if d == rank:
+            dst = own
+        else:
+            dst = typed(pick(recv_addrs, d, R) + slot_off, ITYPE)
         if EPI_SPLIT:
             left, right = halves(acc, BLOCK_M, BLOCK_N)
-            _push_tile(left, dst, r0, c0, rows, N, DTYPE, ITYPE, CANON, BLOCK_M, BLOCK_N // 2)
-            _push_tile(right, dst, r0, c0 + BLOCK_N // 2, rows, N, DTYPE, ITYPE, CANON,
-                       BLOCK_M, BLOCK_N // 2)
+            _store_tile(left, dst, r0, c0, rows, N, DTYPE, ITYPE, CANON, BLOCK_M, BLOCK_N // 2)
+            _store_tile(right, dst, r0, c0 + BLOCK_N // 2, rows, N, DTYPE, ITYPE, CANON,
+                        BLOCK_M, BLOCK_N // 2)
         else:
-            _push_tile(acc, dst, r0, c0, rows, N, DTYPE, ITYPE, CANON, BLOCK_M, BLOCK_N)
+            _store_tile(acc, dst, r0, c0, rows, N, DTYPE, ITYPE, CANON, BLOCK_M, BLOCK_N)
+        if R > 1:   # world 1: the own tile is the result (nothing to receive)
+            if own_r0 >= 0:
+                dead = _receive_tile(mine, slot_stride, own, own_r0, own_c0, rows, N, t0,
+                                     timeout_ns, dead, err_ptr, err_host, rank, epoch, DTYPE,
+                                     ITYPE, R, BLOCK_M, BLOCK_N, SUB_M, op)
+            own_r0 = tl.where(d == rank, r0, -1)
+            own_c0 = c0
+    if R > 1:
         if own_r0 >= 0:
-            dead = _receive_tile(mine, slot_stride, out_ptr, own_r0, own_c0, rows, N, t0,
+            dead = _receive_tile(mine, slot_stride, own, own_r0, own_c0, rows, N, t0,
                                  timeout_ns, dead, err_ptr, err_host, rank, epoch, DTYPE, ITYPE,
-                                 R, BLOCK_M, BLOCK_N, SUB_M, OP)
-        own_r0 = tl.where(d == rank, r0, -1)
-        own_c0 = c0
-    if own_r0 >= 0:
-        dead = _receive_tile(mine, slot_stride, out_ptr, own_r0, own_c0, rows, N, t0,
-                             timeout_ns, dead, err_ptr, err_host, rank, epoch, DTYPE, ITYPE, R,
-                             BLOCK_M, BLOCK_N, SUB_M, OP)
+                                 R, BLOCK_M, BLOCK_N, SUB_M, op)
     tl.store(counter_ptr + pid, epoch)
 
 
@@ -170,18 +181,21 @@ def sub_rows(p: _gemm.Plan, world: int) -> int:
     return sub
 
 
-def matmul_reduce_scatter(p: _gemm.Plan, out, lo, rows, m, recv_addrs, my_recv_addr,
+def matmul_reduce_scatter(p: _gemm.Plan, out, out_row, lo, rows, m, recv_addrs, my_recv_addr,
                           buf_stride, slot_stride, counters, err_dev, err_host, rank,
                           timeout_ns, *, itype, canon, op=OP_MATMUL_RS, warmup=False):
     """One round: rows ``lo..lo+rows`` of every owner's block of ``m`` rows of the planned
-    ``a`` times b, pushed to their owners; this rank's ``rows x N`` sums into ``out`` (the
-    round's rows of the contiguous result, ``out[lo:lo+rows]``). Grid: the plan's NUM_SMS (the
-    push family's G). ``op``: the op code its timeouts record. ``warmup``: compile only."""
+    ``a`` times b, pushed to their owners; this rank's ``rows x N`` sums into rows
+    ``out_row ..`` of the contiguous ``out`` ([*, N]). Grid: the plan's NUM_SMS (the push
+    family's G). ``op``: the op code its timeouts record. ``warmup``: compile only."""
     R = len(recv_addrs)
     grid = (p.grid_cap,)
     fn = (_matmul_reduce_scatter_kernel.warmup if warmup else
           _matmul_reduce_scatter_kernel[grid])
     kw = dict(grid=grid) if warmup else {}
-    return fn(*p.args, out, lo, m, rows, tuple(recv_addrs), my_recv_addr, buf_stride,
-              slot_stride, counters, err_dev, err_host, rank, timeout_ns, R=R, ITYPE=itype,
-              CANON=canon, ITEM=p.item, SUB_M=sub_rows(p, R), OP=op, **p.meta, **kw)
+    # flattening the tile loop with a receive (a spin loop) inside defeats Triton 3.6's
+    # pipeliner: 2 TMA loads in flight, 48 KiB of shared memory, spills (compile_check, R = 4)
+    meta = dict(p.meta, FLATTEN=p.meta["FLATTEN"] and R == 1)
+    return fn(*p.args, out, out_row, lo, m, rows, tuple(recv_addrs), my_recv_addr, buf_stride,
+              slot_stride, counters, err_dev, err_host, rank, timeout_ns, op, R=R, ITYPE=itype,
+              CANON=canon, ITEM=p.item, SUB_M=sub_rows(p, R), **meta, **kw)

@@ -1,0 +1,82 @@
+"""The host side of the fused GEMM + collective ops (``tpcomm/cuda/fused_gemm.py``): which tile
+config each op's GEMM runs, the pad's flag area, the refusals, the world-1 table's arithmetic.
+No kernel runs here (the kernels: tests/unit/fused_ops_sim.py under Triton's interpreter)."""
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="needs triton (pip install --no-deps triton)")
+
+
+@pytest.fixture(scope="module")
+def eng1():
+    from tpcomm.memory.emulated import make_emulated_group
+    backs, _ = make_emulated_group(1, 32 << 20, 132)   # the Communicator's default buffer
+    return backs[0]
+
+
+def test_gemm_config_per_op_follows_the_table(eng1):
+    """Rounds of the fused reduce-scatter (and all-reduce) are 1024 rows at N = 8192 in bf16,
+    so they take the table's 1024-row config at every M; the all-gather's GEMM runs the whole
+    shard at world 1 (its M's config), always without flattening; all on the push grid."""
+    from tpcomm.cuda import fused_gemm
+    from tpcomm.kernels import _gemm
+    bf = torch.bfloat16
+    b = torch.empty(7168, 8192, dtype=bf)
+    for M in (1024, 4096, 16384):
+        a = torch.empty(M, 7168, dtype=bf)
+        for op in ("matmul_reduce_scatter", "matmul_all_reduce"):
+            cfg = fused_gemm.gemm_config(eng1, op, a, b)
+            assert cfg == _gemm.GemmConfig(flatten=False, num_sms=132), (op, M, cfg)
+        ag = fused_gemm.gemm_config(eng1, "all_gather_matmul", a, b)
+        want = _gemm.pick_config(bf, M, 8192, 7168)
+        assert ag.flatten is False and ag.num_stages == want.num_stages and ag.num_sms == 132
+    # overrides reach the plan; the grid stays the push family's
+    a = torch.empty(4096, 7168, dtype=bf)
+    cfg = fused_gemm.gemm_config(eng1, "matmul_reduce_scatter", a, b, block_n=128, num_sms=7)
+    assert cfg.block_n == 128 and cfg.num_sms == 132
+
+
+def test_pad_holds_the_all_gather_flags():
+    """flags[src][row tile] after the barrier slot, world x MAX_T int64 words."""
+    from tpcomm.cuda.backend import Layout
+    from tpcomm.kernels.all_gather_matmul_fused import MAX_T
+    for world in (1, 2, 4, 8):
+        L = Layout.make(world, 32 << 20, 132)
+        assert L.fused_flags_word == L.flags_word + (L.barrier_slot + 1) * L.rp
+        assert L.pad_bytes == 8 * (L.fused_flags_word + world * MAX_T)
+
+
+def test_refusals_name_the_op_and_the_limit():
+    from tpcomm.memory.emulated import make_emulated_group
+    backs, _ = make_emulated_group(2, 4096, 2)
+    e = backs[0]
+    with pytest.raises(ValueError, match=r"all_gather_matmul: a row of 2000 elements does not "
+                                         r"fit the push slot of 1024"):
+        e.all_gather_matmul(torch.ones(3, 2000), torch.ones(2000, 4), torch.empty(6, 4))
+    with pytest.raises(ValueError, match=r"matmul_reduce_scatter: a row of 2000 elements does "
+                                         r"not fit the push slot of 1024"):
+        e.matmul_reduce_scatter(torch.ones(4, 3), torch.ones(3, 2000), torch.empty(2, 2000))
+    with pytest.raises(ValueError, match=r"matmul_reduce_scatter: M = 5 rows do not split"):
+        e.matmul_reduce_scatter(torch.ones(5, 3), torch.ones(3, 4), torch.empty(2, 4))
+    with pytest.raises(ValueError, match=r"needs a contiguous out of shape \(6, 4\)"):
+        e.all_gather_matmul(torch.ones(3, 8), torch.ones(8, 4), torch.empty(3, 4))
+    with pytest.raises(ValueError, match=r"matmul_all_reduce needs one dtype"):
+        e.matmul_all_reduce(torch.ones(4, 3), torch.ones(3, 4),
+                            torch.empty(4, 4, dtype=torch.bfloat16))
+
+
+def test_world1_table_ratios():
+    from tpcomm.bench.fused_gemm import table_lines
+    res = {"torch_mm_us": {1024: 170.0}, "inductor": {1024: {"us": 182.0},
+                                                      4096: {"skipped": "past the deadline"}},
+           "rows": [{"op": "matmul_reduce_scatter", "M": 1024, "K": 7168, "N": 8192,
+                     "fused_us": 175.0, "core_us": 166.0, "config": "c", "ok": True},
+                    {"op": "all_gather_matmul", "M": 1024, "K": 7168, "N": 8192,
+                     "config": "c", "ok": False}]}
+    lines = table_lines(res)
+    assert lines[2] == ("| matmul_reduce_scatter | 1024 | 7168 | 8192 | 170.0 | 182.0 | 166.0 | "
+                        "175.0 | 1.054 | 0.962 | 1.029 | c |")
+    assert "| WRONG |" in lines[3] and lines[-1].startswith("- inductor M=4096: {'skipped'")

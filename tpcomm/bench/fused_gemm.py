@@ -1,0 +1,189 @@
+"""The fused GEMM + collective kernels at world 1 on one GPU: what the fusion costs when the
+communication is free (``tpcomm bench overlap --fused-gemm``, ``scripts/gpu_fused.py``).
+
+For every M, one GEMM ``a`` [M, K] x ``b`` [K, N] (bf16 by default; the issue's shape is
+K = 7168, N = 8192), in one run:
+
+- ``torch_mm``: torch.mm (cuBLAS), the baseline of every ratio;
+- per op (matmul_reduce_scatter, all_gather_matmul, matmul_all_reduce): ``fused``, the GPU
+  engine's fused op over ONE emulated rank (``tpcomm.memory.emulated``, the Communicator's
+  default 32 MiB buffer, the grid of every SM): the whole protocol runs (rounds, epochs, the
+  pushes into its own receive slots, the receive and the clearing; at world 1 the all-gather
+  pushes nothing), and ``core``, the same GEMM core with the same tile config storing to a local
+  C (``_gemm.matmul``: the fused kernel without its communication);
+- ``inductor`` (optional, minutes of autotuning): ``torch.compile(mode=
+  "max-autotune-no-cudagraphs")`` of torch.mm with Triton templates only (persistent TMA on),
+  inductor's best Triton GEMM for the shape.
+
+Checked before timing: ``fused`` bitwise equal to ``core`` (same config, same arithmetic: one
+rounding of the same float32 tile), ``core`` within 2e-2 of max |torch.mm| (another summation
+order). Times: CUDA events around back-to-back calls (about 25 ms), median of 7 repetitions;
+inputs not rotated (b alone is 117 MB at the issue's shape, twice the L2).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+OPS = ("matmul_reduce_scatter", "all_gather_matmul", "matmul_all_reduce")
+MAX_BYTES = 32 << 20     # the Communicator's default buffer (settings.max_bytes)
+TOL = 2e-2               # core against torch.mm, relative to max |torch.mm|
+
+
+def time_us(fn, *, target_ms: float = 25.0, reps: int = 7) -> float:
+    """Median over ``reps`` of the mean time per call of back-to-back calls (us)."""
+    fn()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    fn()
+    e1.record()
+    e1.synchronize()
+    iters = max(2, min(200, int(target_ms / max(e0.elapsed_time(e1), 1e-3))))
+    samples = []
+    for _ in range(reps):
+        e0.record()
+        for _ in range(iters):
+            fn()
+        e1.record()
+        e1.synchronize()
+        samples.append(e0.elapsed_time(e1) * 1e3 / iters)
+    return round(statistics.median(samples), 1)
+
+
+def world1_engine(device: torch.device, timeout_s: float = 20.0):
+    """The GPU engine of one emulated rank with the Communicator's default buffer, on every SM."""
+    from ..memory.emulated import make_emulated_group
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    backs, _ = make_emulated_group(1, MAX_BYTES, sms, device=device, timeout_s=timeout_s)
+    return backs[0]
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = float(ref.float().abs().max()) or 1.0
+    err = float((got.float() - ref.float()).abs().max()) / scale
+    return float("inf") if err != err else err
+
+
+def inputs(M: int, k: int, n: int, dtype, device, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed + M)
+    a = (torch.randn(M, k, generator=g, device=device) / k ** 0.5).to(dtype)
+    b = torch.randn(k, n, generator=g, device=device).to(dtype)
+    return a, b
+
+
+def op_row(eng, op: str, a: torch.Tensor, b: torch.Tensor, mm_out: torch.Tensor,
+           **time_kw) -> dict:
+    """One op at one M: fused and core, checked, then timed."""
+    from ..cuda import fused_gemm
+    from ..kernels import _gemm
+    M, N = a.shape[0], b.shape[1]
+    cfg = fused_gemm.gemm_config(eng, op, a, b)
+    out = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    core = torch.empty_like(out)
+    p = _gemm.plan(a, b, cfg)
+    fused = getattr(eng, op)
+    row = {"op": op, "M": M, "K": a.shape[1], "N": N, "config": cfg.name()}
+    fused(a, b, out)
+    _gemm.matmul(p, core)
+    eng.check(sync=True)
+    row["bitwise_fused_vs_core"] = bool(torch.equal(out, core))
+    row["core_err_vs_torch_mm"] = _rel_err(core, mm_out)
+    row["ok"] = row["bitwise_fused_vs_core"] and row["core_err_vs_torch_mm"] <= TOL
+    if row["ok"]:
+        row["fused_us"] = time_us(lambda: fused(a, b, out), **time_kw)
+        row["core_us"] = time_us(lambda: _gemm.matmul(p, core), **time_kw)
+        eng.check(sync=True)
+    return row
+
+
+def inductor_us(a: torch.Tensor, b: torch.Tensor, mm_out: torch.Tensor, **time_kw) -> dict:
+    """Inductor's best Triton GEMM for the shape (max-autotune, Triton templates only,
+    persistent TMA templates on): time per call, autotune + compile seconds, error."""
+    import torch._inductor.config as icfg
+    icfg.max_autotune_gemm_backends = "TRITON"     # Triton templates only: not cuBLAS
+    if hasattr(icfg.triton, "enable_persistent_tma_matmul"):
+        icfg.triton.enable_persistent_tma_matmul = True
+    torch._dynamo.reset()
+
+    def mm(x, y):
+        return torch.mm(x, y)
+    t0 = time.perf_counter()
+    f = torch.compile(mm, mode="max-autotune-no-cudagraphs", dynamic=False)
+    y = f(a, b)
+    torch.cuda.synchronize()
+    compile_s = round(time.perf_counter() - t0, 1)
+    return {"us": time_us(lambda: f(a, b), **time_kw), "compile_s": compile_s,
+            "err_vs_torch_mm": _rel_err(y, mm_out)}
+
+
+def world1_table(ms, k: int, n: int, dtype=torch.bfloat16, *, device=None, ops=OPS,
+                 inductor_ms=(), deadline: float | None = None, progress=None,
+                 on_row=None, **time_kw) -> dict:
+    """Every M of ``ms``: torch.mm, then each op's fused and core times; inductor at the Ms of
+    ``inductor_ms`` last (each skipped once ``time.perf_counter()`` passes ``deadline``).
+    ``progress(line)`` and ``on_row(result)`` after each measurement (a script that may be
+    stopped keeps what was measured). Returns {"torch_mm_us", "rows", "inductor"}."""
+    device = torch.device(device or "cuda")
+    eng = world1_engine(device)
+    res = {"torch_mm_us": {}, "rows": [], "inductor": {}}
+    say = progress or (lambda line: None)
+    try:
+        for M in ms:
+            a, b = inputs(M, k, n, dtype, device)
+            mm_out = torch.mm(a, b)
+            res["torch_mm_us"][M] = time_us(lambda: torch.mm(a, b), **time_kw)
+            say(f"torch.mm M={M}: {res['torch_mm_us'][M]} us")
+            for op in ops:
+                t0 = time.perf_counter()
+                row = op_row(eng, op, a, b, mm_out, **time_kw)
+                res["rows"].append(row)
+                say(f"{op} M={M}: fused {row.get('fused_us', 'WRONG')} us, core "
+                    f"{row.get('core_us', '-')} us ({row['config']}; bitwise = core: "
+                    f"{row['bitwise_fused_vs_core']}) [{time.perf_counter() - t0:.1f} s]")
+                if on_row:
+                    on_row(res)
+            del a, b, mm_out
+            torch.cuda.empty_cache()
+        for M in inductor_ms:
+            if deadline is not None and time.perf_counter() > deadline:
+                res["inductor"][M] = {"skipped": "past the deadline"}
+                say(f"inductor M={M}: skipped (past the deadline)")
+                continue
+            a, b = inputs(M, k, n, dtype, device)
+            try:
+                res["inductor"][M] = inductor_us(a, b, torch.mm(a, b), **time_kw)
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                res["inductor"][M] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            say(f"inductor M={M}: {res['inductor'][M]}")
+            if on_row:
+                on_row(res)
+    finally:
+        eng.close()
+    return res
+
+
+def table_lines(res: dict) -> list[str]:
+    """The markdown table: per op and M, us per call and the ratios the issue's targets use
+    (fused / inductor <= 1.0, fused / torch.mm <= 1.05 the goal)."""
+    mm, ind = res["torch_mm_us"], res.get("inductor", {})
+
+    def ratio(x, y):
+        return f"{x / y:.3f}" if x and y else "-"
+    lines = ["| op | M | K | N | torch.mm | inductor | core | fused | fused/core | "
+             "fused/inductor | fused/torch.mm | config |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in res["rows"]:
+        M = r["M"]
+        i_us = ind.get(M, {}).get("us")
+        f_us, c_us = r.get("fused_us"), r.get("core_us")
+        lines.append(
+            f"| {r['op']} | {M} | {r['K']} | {r['N']} | {mm.get(M, '-')} | {i_us or '-'} | "
+            f"{c_us or '-'} | {f_us if f_us else 'WRONG'} | {ratio(f_us, c_us)} | "
+            f"{ratio(f_us, i_us)} | {ratio(f_us, mm.get(M))} | {r['config']} |")
+    for M, v in ind.items():
+        if "us" not in v:
+            lines.append(f"- inductor M={M}: {v}")
+    return lines
