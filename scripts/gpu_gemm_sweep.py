@@ -46,7 +46,6 @@ import dataclasses
 import faulthandler
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -61,9 +60,9 @@ import triton  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
+from tpcomm.bench.fused_gemm import rel_err, time_us, world1_engine  # noqa: E402
 from tpcomm.cuda.backend import Layout  # noqa: E402
 from tpcomm.kernels import _gemm  # noqa: E402
-from tpcomm.memory.emulated import make_emulated_group  # noqa: E402
 
 G = _gemm.GemmConfig
 # ~12 candidates: inductor's persistent-TMA configs for Hopper, Triton's persistent tutorial's,
@@ -107,33 +106,6 @@ ODD_CASES = (
 
 def log(*a, **kw):
     print(*a, **kw, flush=True)
-
-
-def time_us(fn, *, target_ms=25.0, reps=7) -> float:
-    """Median over ``reps`` of the mean time per call of back-to-back calls (us)."""
-    fn()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    fn()
-    e1.record()
-    e1.synchronize()
-    iters = max(2, min(200, int(target_ms / max(e0.elapsed_time(e1), 1e-3))))
-    samples = []
-    for _ in range(reps):
-        e0.record()
-        for _ in range(iters):
-            fn()
-        e1.record()
-        e1.synchronize()
-        samples.append(e0.elapsed_time(e1) * 1e3 / iters)
-    return round(statistics.median(samples), 1)
-
-
-def rel_err(got, ref) -> float:
-    scale = float(ref.float().abs().max()) or 1.0
-    err = float((got.float() - ref.float()).abs().max()) / scale
-    return float("inf") if err != err else err
 
 
 def short(e: BaseException) -> str:
@@ -192,9 +164,7 @@ def sweep_candidates(ms, inputs, mm_out, candidates, res, failures):
 
 def world1():
     """One emulated rank with the Communicator's default buffer (32 MiB) and grid (SMs)."""
-    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    backs, _ = make_emulated_group(1, MAX_BYTES, sms, device=DEV, timeout_s=20.0)
-    return backs[0]
+    return world1_engine(DEV)
 
 
 def fused_rows_per_round(b) -> int:

@@ -123,20 +123,21 @@ def check_plain_matmul():
             assert torch.equal(c, (a.double() @ b.double()).to(dtype)), ("matmul", tma, M, n, k)
 
 
-def check_timeout():
-    """Rank 0 alone: its receive kernel gives up and the error names this op and rank 1."""
+def check_timeout(op="matmul_reduce_scatter", out_rows=3):
+    """Rank 0 alone: its kernel's wait for rank 1 gives up, and the error names ``op``
+    (fused) and rank 1. a [6, 8] (a_shard for the all-gather), b [8, 5], out [out_rows, 5]."""
     from tpcomm.errors import PeerTimeoutError
     backs, _ = make_group(2, 4096, 2, timeout_s=0.5)
     a, b = small((6, 8), 1, torch.float32), small((8, 5), 2, torch.float32)
-    out = torch.empty(3, 5)
+    out = torch.empty(out_rows, 5)
     try:
-        backs[0].matmul_reduce_scatter(a, b, out, **TILE)
+        getattr(backs[0], op)(a, b, out, **TILE)
         backs[0].check()
     except PeerTimeoutError as e:
-        assert e.peers == [1] and e.algorithm == "fused" and "matmul_reduce_scatter" in str(e), e
+        assert e.peers == [1] and e.algorithm == "fused" and op in str(e), e
         print("timeout ok:", str(e)[:120])
         return
-    raise AssertionError("no PeerTimeoutError after a stalled peer")
+    raise AssertionError(f"{op}: no PeerTimeoutError after a stalled peer")
 
 
 def main():

@@ -15,7 +15,8 @@ product and sum is exact and the result must equal float64's rounded once, bitwi
 path: per-rank products rounded once, summed in rank order). Outputs are poisoned first; after
 every op every push region must hold the sentinel again and a plain all-reduce through the same
 engines must still be exact (the ops share the push family's regions and epochs). Then a stalled
-peer: the all-gather GEMM's flag wait gives up and the error names the op and the peer.
+peer: the all-gather GEMM's flag wait and the all-reduce's receive give up, and each error names
+its op and the peer.
 
     TRITON_INTERPRET=1 python tests/unit/fused_ops_sim.py
 """
@@ -31,7 +32,8 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 
 import torch  # noqa: E402
 
-from fused_gemm_sim import TILE, check_matmul_rs, regions_clean, small  # noqa: E402
+from fused_gemm_sim import (TILE, check_matmul_rs, check_timeout, regions_clean,  # noqa: E402
+                            small)
 from gpu_protocol_sim import check_all_reduce, make_group, run_ranks  # noqa: E402
 
 MAX_BYTES = 4096   # push slots of 1024 (world 1) .. 128 (world 4) float32 elements: many rounds
@@ -70,23 +72,6 @@ def rounds(backs, k, item=4):
     return L.push_buf // L.world // item // k
 
 
-def check_ag_timeout():
-    """Rank 0 alone: its GEMM waits for rank 1's first row tile, gives up, and the error names
-    all_gather_matmul and rank 1."""
-    from tpcomm.errors import PeerTimeoutError
-    backs, _ = make_group(2, MAX_BYTES, 2, timeout_s=0.5)
-    a, b = small((6, 8), 1, torch.float32), small((8, 5), 2, torch.float32)
-    out = torch.empty(12, 5)
-    try:
-        backs[0].all_gather_matmul(a, b, out, **TILE)
-        backs[0].check()
-    except PeerTimeoutError as e:
-        assert e.peers == [1] and e.algorithm == "fused" and "all_gather_matmul" in str(e), e
-        print("timeout ok:", str(e)[:120])
-        return
-    raise AssertionError("no PeerTimeoutError after a stalled peer")
-
-
 def main():
     t0 = time.time()
     host = dict(TILE, tma="host")
@@ -115,7 +100,8 @@ def main():
         ag = f"rounds of {rounds(backs, 40)} rows at K = 40" if world > 1 else "one round"
         print(f"world {world}: ok (all_gather_matmul in {ag}; {time.time() - t0:.1f} s)",
               flush=True)
-    check_ag_timeout()
+    check_timeout("all_gather_matmul", 12)     # the GEMM's flag wait
+    check_timeout("matmul_all_reduce", 6)      # the reduce-scatter's receive
     print("ALL OK")
 
 

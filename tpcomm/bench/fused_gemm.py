@@ -61,7 +61,7 @@ def world1_engine(device: torch.device, timeout_s: float = 20.0):
     return backs[0]
 
 
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     scale = float(ref.float().abs().max()) or 1.0
     err = float((got.float() - ref.float()).abs().max()) / scale
     return float("inf") if err != err else err
@@ -90,7 +90,7 @@ def op_row(eng, op: str, a: torch.Tensor, b: torch.Tensor, mm_out: torch.Tensor,
     _gemm.matmul(p, core)
     eng.check(sync=True)
     row["bitwise_fused_vs_core"] = bool(torch.equal(out, core))
-    row["core_err_vs_torch_mm"] = _rel_err(core, mm_out)
+    row["core_err_vs_torch_mm"] = rel_err(core, mm_out)
     row["ok"] = row["bitwise_fused_vs_core"] and row["core_err_vs_torch_mm"] <= TOL
     if row["ok"]:
         row["fused_us"] = time_us(lambda: fused(a, b, out), **time_kw)
@@ -116,7 +116,7 @@ def inductor_us(a: torch.Tensor, b: torch.Tensor, mm_out: torch.Tensor, **time_k
     torch.cuda.synchronize()
     compile_s = round(time.perf_counter() - t0, 1)
     return {"us": time_us(lambda: f(a, b), **time_kw), "compile_s": compile_s,
-            "err_vs_torch_mm": _rel_err(y, mm_out)}
+            "err_vs_torch_mm": rel_err(y, mm_out)}
 
 
 def world1_table(ms, k: int, n: int, dtype=torch.bfloat16, *, device=None, ops=OPS,
