@@ -144,10 +144,11 @@ def main():
     t0 = time.time()
     for world in (2, 3):
         # max_bytes 4096: push slots of 1024 (world 2) / 640 (world 3) float32 elements, so
-        # m = 37 rows of N = 37 go in 2 / 3 rounds of 27 / 17 rows (tiles straddle owners)
+        # m = 37 rows of N = 37: a slot holds 27 / 17 rows, rounded down to whole 16-row tiles:
+        # 3 rounds of 16, 16 and 5 rows (every owner's last tile partial)
         backs, tensors = make_group(world, 4096, 3)
         slot = backs[0].layout.push_buf // world // 4
-        rounds = -(-37 // (slot // 37))
+        rounds = -(-37 // (slot // 37 // 16 * 16))
         check_matmul_rs(backs, tensors, 37, 37, 40, torch.float32, 1)
         check_matmul_rs(backs, tensors, 5, 19, 16, torch.float32, 2, strided=True)
         check_matmul_rs(backs, tensors, 1, 3, 7, torch.float32, 3)

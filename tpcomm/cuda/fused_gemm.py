@@ -53,6 +53,12 @@ def _check_out(op: str, a, b, out, out_shape) -> None:
                          f"{tuple(out.shape)} with strides {out.stride()}")
 
 
+def _whole_tiles(rows: int, block_m: int) -> int:
+    """``rows`` rounded down to whole row tiles where at least one fits: a round of 292 rows
+    (a 4 MiB slot of K = 7168 bf16 rows) would end in a tile of 36 of 128 rows per owner."""
+    return rows if rows < block_m else rows // block_m * block_m
+
+
 def _slot(eng, item: int) -> int:
     """Elements of one source rank's receive slot in a push region."""
     return eng.layout.push_buf // eng.world // item
@@ -128,10 +134,10 @@ def _reduce_scatter_rounds(eng, counters, a, b, out, out_row0, op, warmup, gemm)
     if N > slot:
         raise ValueError(f"{k_barrier.OP_NAMES[op][0]}: a row of {N} elements does not fit the "
                          f"push slot of {slot}")
-    per_round = slot // N
     kw = eng._kw(out.dtype)
     with eng._dev():
         p = _rs_plan(eng, a, b, gemm)
+        per_round = _whole_tiles(slot // N, p.config.block_m)
         for lo in range(0, m, per_round):
             hi = min(m, lo + per_round)
             _launched(k_rs.matmul_reduce_scatter(
@@ -179,7 +185,8 @@ def all_gather_matmul(eng, counters, a_shard: torch.Tensor, b: torch.Tensor,
         a_shard = a_shard.contiguous()   # the push copies whole rows
     with eng._dev():
         p = _ag_plan(eng, a_shard, b, gemm)
-        per_round = m if R == 1 else min(m, slot_rows, k_ag.MAX_T * p.config.block_m)
+        per_round = m if R == 1 else min(m, _whole_tiles(slot_rows, p.config.block_m),
+                                         k_ag.MAX_T * p.config.block_m)
         cuda = a_shard.is_cuda and R > 1 and not warmup
         if cuda:
             main, side = torch.cuda.current_stream(eng.device), _side_stream(eng)
