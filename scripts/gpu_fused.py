@@ -156,9 +156,9 @@ def summary(items, n_ms: int) -> tuple[list[str], list[str]]:
             sys.path.insert(0, ROOT)
             from tpcomm.bench.fused_gemm import table_lines
             lines += table_lines(r)
-        problems += [f"timing: {row['op']} M={row['M']} wrong (bitwise = core: "
-                     f"{row['bitwise_fused_vs_core']}, core vs torch.mm "
-                     f"{row['core_err_vs_torch_mm']:.3g})"
+        problems += [f"timing: {row['op']} M={row['M']} " + (row.get("error") or
+                     f"wrong (bitwise = core: {row['bitwise_fused_vs_core']}, core vs torch.mm "
+                     f"{row['core_err_vs_torch_mm']:.3g})")
                      for row in r.get("rows", []) if not row.get("ok")]
         complete = len(r.get("rows", [])) == 3 * n_ms
         if it["status"].startswith("stopped") and complete:

@@ -8,7 +8,8 @@ interpreter, with ranks as threads (the harness of gpu_protocol_sim.py): worlds 
 - matmul_all_reduce (the fused reduce-scatter, then the push all-gather; M % R tail rows as a
   plain GEMM and an all-reduce).
 
-Odd shapes everywhere: M and the rows per rank not a multiple of the tile (16), N odd (b through
+The warm-up (compile and load every kernel of an op, launch none) leaves epochs and outputs
+alone. Odd shapes everywhere: M and the rows per rank not a multiple of the tile (16), N odd (b through
 pointers), K not a multiple of BLOCK_K; b = w.t(); TMA descriptors (host and device side, the
 interpreter turns each box into a masked load) and pointers. Inputs are small integers, so every
 product and sum is exact and the result must equal float64's rounded once, bitwise (the unfused
@@ -72,6 +73,20 @@ def rounds(backs, k, item=4):
     return L.push_buf // L.world // item // k
 
 
+def check_warm_up_runs_nothing(backs):
+    """warm_up_fused compiles (and on a GPU loads) the op's kernels without launching them:
+    no epoch moves, the output stays as it was."""
+    e = backs[0]
+    before = e._counters[0].clone()
+    for op, shapes in (("matmul_reduce_scatter", ((8, 8), (8, 5), (8 // e.world, 5))),
+                       ("all_gather_matmul", ((6, 8), (8, 5), (6 * e.world, 5))),
+                       ("matmul_all_reduce", ((7, 8), (8, 5), (7, 5)))):
+        a, b, out = torch.ones(shapes[0]), torch.ones(shapes[1]), torch.full(shapes[2], 9.0)
+        e.warm_up_fused(op, a, b, out, **TILE)
+        assert bool((out == 9.0).all()), op
+    assert torch.equal(e._counters[0], before)
+
+
 def main():
     t0 = time.time()
     host = dict(TILE, tma="host")
@@ -79,6 +94,7 @@ def main():
     for world in (1, 2, 4):
         backs, tensors = make_group(world, MAX_BYTES, 3)
         f32, bf16 = torch.float32, torch.bfloat16
+        check_warm_up_runs_nothing(backs)
         # all-gather + GEMM: m = 37 rows per rank in rounds of 1024 / 25 / 12 rows (K = 40),
         # N = 37 odd (b through pointers); bf16 with b = w.t(); TMA (host, device) and pointers
         check_all_gather_matmul(backs, tensors, 37, 37, 40, f32, 1)

@@ -138,11 +138,17 @@ def world1_table(ms, k: int, n: int, dtype=torch.bfloat16, *, device=None, ops=O
             say(f"torch.mm M={M}: {res['torch_mm_us'][M]} us")
             for op in ops:
                 t0 = time.perf_counter()
-                row = op_row(eng, op, a, b, mm_out, **time_kw)
+                try:
+                    row = op_row(eng, op, a, b, mm_out, **time_kw)
+                except Exception as e:  # noqa: BLE001 - a compile or launch failure: say so
+                    row = {"op": op, "M": M, "K": k, "N": n, "config": "-", "ok": False,
+                           "bitwise_fused_vs_core": None, "core_err_vs_torch_mm": float("nan"),
+                           "error": f"{type(e).__name__}: {str(e)[:300]}"}
                 res["rows"].append(row)
                 say(f"{op} M={M}: fused {row.get('fused_us', 'WRONG')} us, core "
                     f"{row.get('core_us', '-')} us ({row['config']}; bitwise = core: "
-                    f"{row['bitwise_fused_vs_core']}) [{time.perf_counter() - t0:.1f} s]")
+                    f"{row['bitwise_fused_vs_core']}{'; ' + row['error'] if 'error' in row else ''}"
+                    f") [{time.perf_counter() - t0:.1f} s]")
                 if on_row:
                     on_row(res)
             del a, b, mm_out
