@@ -22,9 +22,10 @@ is kept: it writes its JSON after every measurement):
    (``tpcomm/bench/fused_gemm.py``); then inductor's best Triton GEMM (max-autotune, Triton
    templates only) at the --inductor-ms in that order, as long as its time lasts (M = 4096
    first).
-3. ``emulated`` (what is left, about 75 s): the correctness of item 1 with 2 and 4 emulated
-   ranks (every rank a stream of this GPU; CUDA_MODULE_LOADING=EAGER; every kernel loaded
-   before the ranks run).
+3. ``emulated_w2`` and ``emulated_w4``, side by side (what is left, about 75 s; two processes,
+   so their compiles run on two cores and their GPU work takes turns): the correctness of
+   item 1 with 2 and 4 emulated ranks (every rank a stream of this GPU;
+   CUDA_MODULE_LOADING=EAGER; every kernel loaded before the ranks run).
 
 Writes $OUT/fused.json (every item's results, limits and seconds) and $OUT/fused_<item>.log;
 prints a compact table at the end. Exit status 1 if a result was wrong or an item failed or ran
@@ -45,7 +46,7 @@ ROOT = os.path.join(HERE, "..")
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
 # seconds: w1's limit; what the timing item leaves for the emulated worlds; the driver's own
-ORDER = ("w1", "timing", "emulated")
+ORDER = (("w1",), ("timing",), ("emulated_w2", "emulated_w4"))
 W1_LIMIT_S, EMULATED_RESERVE_S, MARGIN_S = 50.0, 75.0, 5.0
 
 
@@ -93,49 +94,56 @@ def item_timing(args, path, deadline):
 # ---------------------------------------------------------------- driver
 
 
-def run_item(name, args, out, limit):
-    """``name`` in a subprocess limited to ``limit`` seconds; its JSON (possibly partial) and
-    how it ended."""
+def start_item(name, args, out, limit):
+    """Start ``name`` in a subprocess (a session of its own: at the limit the whole group is
+    killed, inductor's compile workers too)."""
     path = os.path.join(out, f"fused_{name}.json")
     log_path = os.path.join(out, f"fused_{name}.log")
     if os.path.exists(path):
         os.remove(path)
     env = dict(os.environ, **NO_MULTICAST, PYTHONUNBUFFERED="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if name != "timing":
-        env["CUDA_MODULE_LOADING"] = "EAGER"
+    # emulated ranks spin on each other: every kernel loaded when CUDA starts (a lazy load waits
+    # for the running kernels; gpu_emulated_ranks.py); one rank waits for nobody, and loading
+    # every kernel of torch up front costs seconds
+    env["CUDA_MODULE_LOADING"] = "EAGER" if name.startswith("emulated") else "LAZY"
     cmd = [sys.executable, os.path.abspath(__file__), "--item", name, "--result", path,
            "--ms", ",".join(map(str, args.ms)), "--k", str(args.k), "--n", str(args.n),
            "--inductor-ms", ",".join(map(str, args.inductor_ms)),
            "--deadline-in", str(max(0.0, limit - 20.0))]
-    t0 = time.perf_counter()
-    status = "ok"
-    with open(log_path, "w") as log:
-        # a session of its own: at the limit the whole group goes (inductor's compile workers too)
-        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        try:
-            if p.wait(timeout=limit):
-                status = f"exit {p.returncode}"
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            status = f"stopped at its limit of {limit:.0f} s"
-    seconds = round(time.perf_counter() - t0, 1)
+    log = open(log_path, "w")
+    p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    return {"name": name, "proc": p, "log": log, "path": path, "log_path": log_path,
+            "limit": limit, "t0": time.perf_counter()}
+
+
+def finish_item(it):
+    """Wait for a started item until its limit; its JSON (possibly partial) and how it ended."""
+    p, status = it["proc"], "ok"
+    try:
+        if p.wait(timeout=max(0.0, it["t0"] + it["limit"] - time.perf_counter())):
+            status = f"exit {p.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        status = f"stopped at its limit of {it['limit']:.0f} s"
+    it["log"].close()
+    seconds = round(time.perf_counter() - it["t0"], 1)
     result = {}
-    if os.path.exists(path):
-        with open(path) as f:
+    if os.path.exists(it["path"]):
+        with open(it["path"]) as f:
             result = json.load(f)
-    with open(log_path) as f:
+    with open(it["log_path"]) as f:
         tail = f.read()[-1500:]
-    print(f"== {name}: {status} in {seconds} s (limit {limit:.0f} s)", flush=True)
-    return {"status": status, "seconds": seconds, "limit_s": limit, "result": result,
+    print(f"== {it['name']}: {status} in {seconds} s (limit {it['limit']:.0f} s)", flush=True)
+    return {"status": status, "seconds": seconds, "limit_s": it["limit"], "result": result,
             "log_tail": tail}
 
 
 def summary(items, n_ms: int) -> tuple[list[str], list[str]]:
     lines, problems = [], []
-    for name in ("w1", "emulated"):
+    for name in ("w1", "emulated_w2", "emulated_w4"):
         it = items.get(name)
         if not it:
             continue
@@ -176,7 +184,8 @@ def main():
     ap.add_argument("--inductor-ms", default="4096,1024,16384")
     ap.add_argument("--k", type=int, default=7168)
     ap.add_argument("--n", type=int, default=8192)
-    ap.add_argument("--item", choices=("w1", "emulated", "timing"), help=argparse.SUPPRESS)
+    ap.add_argument("--item", choices=("w1", "timing", "emulated_w2", "emulated_w4"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--deadline-in", type=float, default=1e9, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -187,20 +196,24 @@ def main():
         if args.item == "timing":
             item_timing(args, args.result, deadline)
         else:
-            item_correctness((1,) if args.item == "w1" else (2, 4), args.result)
+            item_correctness((1,) if args.item == "w1" else (int(args.item[-1]),), args.result)
         return 0
     t_start = time.perf_counter()
     out = os.environ.get("OUT", "/tmp/tpcomm-gpu-fused")
     os.makedirs(out, exist_ok=True)
     items = {}
-    for name in ORDER:
+    for group in ORDER:   # the items of a group run at the same time
         left = args.budget_s - (time.perf_counter() - t_start) - MARGIN_S
-        limit = {"w1": min(W1_LIMIT_S, left), "timing": left - EMULATED_RESERVE_S}.get(name,
-                                                                                   left)
+        limit = {"w1": min(W1_LIMIT_S, left), "timing": left - EMULATED_RESERVE_S}.get(
+            group[0], left)
         if limit < 20:
-            items[name] = {"status": f"not run: {left:.0f} s of the budget left", "result": {}}
+            for name in group:
+                items[name] = {"status": f"not run: {left:.0f} s of the budget left",
+                               "result": {}}
             continue
-        items[name] = run_item(name, args, out, limit)
+        started = [start_item(name, args, out, limit) for name in group]
+        for it in started:
+            items[it["name"]] = finish_item(it)
     lines, problems = summary(items, len(args.ms))
     doc = {"command": " ".join(["python3", "scripts/gpu_fused.py", *sys.argv[1:]]),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget_s,
