@@ -22,8 +22,9 @@ is kept: it writes its JSON after every measurement):
    (``tpcomm/bench/fused_gemm.py``); then inductor's best Triton GEMM (max-autotune, Triton
    templates only) at the --inductor-ms in that order, as long as its time lasts (M = 4096
    first).
-3. ``emulated_w2`` and ``emulated_w4``, side by side (what is left, about 75 s; two processes,
-   so their compiles run on two cores and their GPU work takes turns): the correctness of
+3. ``emulated_w2`` and ``emulated_w4``, side by side where the GPU's compute mode allows two
+   processes (what is left, about 75 s; their compiles run on two cores and their GPU work
+   takes turns; else one after the other, each with what is left): the correctness of
    item 1 with 2 and 4 emulated ranks (every rank a stream of this GPU;
    CUDA_MODULE_LOADING=EAGER; every kernel loaded before the ranks run).
 
@@ -177,6 +178,18 @@ def summary(items, n_ms: int) -> tuple[list[str], list[str]]:
     return lines, problems
 
 
+def _shared_gpu() -> bool:
+    """Can two processes use GPU 0 at once (compute mode Default)? Otherwise the emulated
+    worlds run one after the other."""
+    try:
+        mode = subprocess.run(["nvidia-smi", "-i", "0", "--query-gpu=compute_mode",
+                               "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return mode == "Default"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-s", type=float, default=240.0)
@@ -202,7 +215,8 @@ def main():
     out = os.environ.get("OUT", "/tmp/tpcomm-gpu-fused")
     os.makedirs(out, exist_ok=True)
     items = {}
-    for group in ORDER:   # the items of a group run at the same time
+    order = ORDER if _shared_gpu() else tuple((name,) for group in ORDER for name in group)
+    for group in order:   # the items of a group run at the same time
         left = args.budget_s - (time.perf_counter() - t_start) - MARGIN_S
         limit = {"w1": min(W1_LIMIT_S, left), "timing": left - EMULATED_RESERVE_S}.get(
             group[0], left)
