@@ -216,10 +216,11 @@ def main():
     os.makedirs(out, exist_ok=True)
     items = {}
     order = ORDER if _shared_gpu() else tuple((name,) for group in ORDER for name in group)
-    for group in order:   # the items of a group run at the same time
+    for i, group in enumerate(order):   # the items of a group run at the same time
         left = args.budget_s - (time.perf_counter() - t_start) - MARGIN_S
+        later = len(order) - i        # the emulated worlds one after the other share the rest
         limit = {"w1": min(W1_LIMIT_S, left), "timing": left - EMULATED_RESERVE_S}.get(
-            group[0], left)
+            group[0], left / later)
         if limit < 20:
             for name in group:
                 items[name] = {"status": f"not run: {left:.0f} s of the budget left",
