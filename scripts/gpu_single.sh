@@ -14,7 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
-OUT=${OUT:-/tmp/tpcomm-gpu-single}
+export OUT=${OUT:-/tmp/tpcomm-gpu-single}   # scripts/gpu_fused.py writes under it too
 mkdir -p "$OUT"
 STEPS=${*:-"emulated gputests overlap check fused"}
 {
