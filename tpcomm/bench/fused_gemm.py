@@ -174,7 +174,9 @@ def world1_table(ms, k: int, n: int, dtype=torch.bfloat16, *, device=None, ops=O
 def table_lines(res: dict) -> list[str]:
     """The markdown table: per op and M, us per call and the ratios the issue's targets use
     (fused / inductor <= 1.0, fused / torch.mm <= 1.05 the goal)."""
-    mm, ind = res["torch_mm_us"], res.get("inductor", {})
+    # keyed by M; a result read back from JSON has string keys
+    mm = {int(k): v for k, v in res["torch_mm_us"].items()}
+    ind = {int(k): v for k, v in res.get("inductor", {}).items()}
 
     def ratio(x, y):
         return f"{x / y:.3f}" if x and y else "-"
