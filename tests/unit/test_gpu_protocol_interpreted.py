@@ -6,7 +6,9 @@
 - p2p_probe_sim.py: the data-moving P2P check (a healthy mapping passes, a mapping that does not
   reach the peer is found and names the writing rank);
 - fused_gemm_sim.py: the fused GEMM + reduce-scatter (exact for worlds 2 and 3, rounds, regions
-  left clean, timeout).
+  left clean, timeout);
+- decode_attention_sim.py: the model's decode attention (RoPE, cache write, attention up to the
+  position read on the device), and the tiny model's tokens through it.
 
 Skipped where Triton is not installed: they need no GPU, only triton.
 """
@@ -26,6 +28,7 @@ HERE = os.path.dirname(__file__)
     ("gpu_protocol_sim.py", ["quick"], 900),
     ("p2p_probe_sim.py", [], 300),
     ("fused_gemm_sim.py", [], 600),
+    ("decode_attention_sim.py", [], 300),
 ])
 def test_kernels_under_the_triton_interpreter(script, args, timeout_s):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
