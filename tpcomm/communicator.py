@@ -31,9 +31,12 @@ _logged_reasons: set[str] = set()
 _OP_CODES = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3}
 FUSED_NORM = "one_shot_push_fused"   # stats name of the fused all-reduce + add + RMSNorm
 _DTYPE_CODES = {d: i for i, d in enumerate(FAST_DTYPES + FALLBACK_DTYPES)}
-# True only while torch.compile traces: the public methods then emit torch.ops.tpcomm.* (one
-# check per eager call, ~0.1 us: scripts/host_cost_compile.py)
-_is_compiling = torch.compiler.is_compiling
+# True only while torch.compile's frontend (dynamo) traces the calling frame: the public
+# methods then emit torch.ops.tpcomm.* (one check per eager call, ~0.1 us:
+# scripts/host_cost_compile.py). Not torch.compiler.is_compiling(): that is one flag for the
+# whole process, set while any thread compiles, and an op running eagerly in another thread
+# meanwhile would re-enter its own op.
+_is_compiling = torch.compiler.is_dynamo_compiling
 
 
 def _log_fallback_once(reason: str) -> None:

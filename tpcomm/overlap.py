@@ -137,7 +137,7 @@ def _world(comm) -> int:
 def _traced_op(comm) -> bool:
     """torch.compile is tracing a call with a tpcomm Communicator of several ranks: record the
     registered op (``comm.handle`` names it); a world of one is traced as plain torch code."""
-    return (torch.compiler.is_compiling() and getattr(comm, "handle", None) is not None
+    return (torch.compiler.is_dynamo_compiling() and getattr(comm, "handle", None) is not None
             and _world(comm) > 1)
 
 

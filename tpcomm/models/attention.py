@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import custom_op
 
-_is_compiling = torch.compiler.is_compiling
+_is_compiling = torch.compiler.is_dynamo_compiling   # see tpcomm/communicator.py
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -33,9 +33,11 @@ raises :class:`~tpcomm.errors.CommunicatorClosedError`.
 
 Routing: each op's implementation is the Communicator's eager method, so the algorithm is
 chosen inside the op at run time, per call (no recompiles per size: the fake implementations
-depend on shapes only). The Communicator's methods call these ops only while torch.compile
-traces them (``torch.compiler.is_compiling()``); eagerly they run their direct path and never
-pay the dispatcher (``scripts/host_cost_compile.py`` measures both).
+depend on shapes only). The Communicator's methods call these ops only while torch.compile's
+frontend traces them (``torch.compiler.is_dynamo_compiling()``, true in the traced frame only:
+an op's implementation, running the same method eagerly, never re-enters the op, whatever
+another thread compiles); eagerly they run their direct path and never pay the dispatcher
+(``scripts/host_cost_compile.py`` measures both).
 """
 from __future__ import annotations
 
