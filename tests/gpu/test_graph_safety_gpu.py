@@ -53,20 +53,14 @@ def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 1
     # static buffers of every graph, per rank (graphs hold their addresses); all-reduce sizes:
     # one_shot, and two_shot (over 512 KiB at 2 ranks, 256 KiB at 4)
     (n_small, n_big), rows = sizes
-    bufs = []
-    for r in range(R):
-        bufs.append({
-            "a": torch.empty(n_small, dtype=bf, device=dev), "a_out": torch.empty(n_small, dtype=bf, device=dev),
-            "b": torch.empty(n_big, dtype=bf, device=dev), "b_out": torch.empty(n_big, dtype=bf, device=dev),
-            "c": torch.empty(777, dtype=bf, device=dev),                     # in place
-            "rs": torch.empty(R * 64, 33, dtype=bf, device=dev), "rs_out": torch.empty(64, 33, dtype=bf, device=dev),
-            "ag": torch.empty(50, 9, dtype=bf, device=dev), "ag_out": torch.empty(R * 50, 9, dtype=bf, device=dev),
-            "x": torch.empty(rows, HIDDEN, dtype=bf, device=dev), "res": torch.empty(rows, HIDDEN, dtype=bf, device=dev),
-            "normed": torch.empty(rows, HIDDEN, dtype=bf, device=dev),
-            "cx": torch.empty(rows, HIDDEN, dtype=bf, device=dev), "cres": torch.empty(rows, HIDDEN, dtype=bf, device=dev),
-            "cnormed": torch.empty(rows, HIDDEN, dtype=bf, device=dev), "cy": torch.empty(rows, 40, dtype=bf, device=dev),
-            "cy_out": torch.empty(rows, 40, dtype=bf, device=dev),
-        })
+    shapes = {"a": (n_small,), "a_out": (n_small,), "b": (n_big,), "b_out": (n_big,),
+              "c": (777,),                                            # reduced in place
+              "rs": (R * 64, 33), "rs_out": (64, 33), "ag": (50, 9), "ag_out": (R * 50, 9),
+              "x": (rows, HIDDEN), "res": (rows, HIDDEN), "normed": (rows, HIDDEN),
+              "cx": (rows, HIDDEN), "cres": (rows, HIDDEN), "cnormed": (rows, HIDDEN),
+              "cy": (rows, 40), "cy_out": (rows, 40)}
+    bufs = [{k: torch.empty(s, dtype=bf, device=dev) for k, s in shapes.items()}
+            for _ in range(R)]
     w = (exact(HIDDEN, 3, torch.float32, 1, device=dev) / 8 + 1).to(bf)
 
     def fill(salt):
@@ -90,7 +84,8 @@ def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 1
     def ar(r, algorithm="auto"):
         c, b = comms[r], bufs[r]
         c.all_reduce(b["a"], out=b["a_out"], algorithm=algorithm)
-        c.all_reduce(b["b"], out=b["b_out"], algorithm="two_shot" if algorithm != "auto" else algorithm)
+        c.all_reduce(b["b"], out=b["b_out"],
+                     algorithm="two_shot" if algorithm != "auto" else algorithm)
         c.all_reduce_(b["c"], algorithm=algorithm)
 
     def rs_ag(r, algorithm="auto"):

@@ -24,8 +24,9 @@ one graph serves every step.
    sum_s e^(m_s - M) l_s with M = max_s m_s (splits that saw nothing weigh 0).
 
 RoPE (rotate-half layout, as Hugging Face): x' = x * cos + rotate_half(x) * sin, computed in
-float32 and rounded once. SPLITS is fixed by the launcher from the cache length and the SM count
-(about two programs per SM), so one binary and one grid serve every step of a graph.
+float32 and rounded once. The split count is fixed by the launcher from the cache length and
+the SM count (about two programs per SM), so one grid serves every step of a graph (and one
+binary every batch size).
 
 Shapes: qkv [B, (HQ + 2 HK) * D] (rows contiguous: q heads, then k, then v); cos, sin [D] (this
 step's position); k_cache, v_cache [>= B, HK, S, D] (D contiguous), written at ``pos``; pos:
@@ -54,9 +55,9 @@ def _rope(ptr, d, dm, cos, sin, HALF: tl.constexpr, D: tl.constexpr):
 @triton.jit
 def _decode_attention_split_kernel(
         qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, part_o_ptr, part_ml_ptr, sm_scale,
-        split_len, stride_qkv, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-        HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+        split_len, splits, stride_qkv, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
+        stride_vs, HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -113,7 +114,7 @@ def _decode_attention_split_kernel(
         p_new = p_new.to(v_ptr.dtype.element_ty).to(tl.float32)   # as the tiles' p V
         acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
         m_i = m_new
-    prow = bh * SPLITS + sp
+    prow = bh * splits + sp
     tl.store(part_o_ptr + (prow * G + g)[:, None] * D + d[None, :], acc, mask=gd_mask)
     tl.store(part_ml_ptr + (prow * 2) * G + g, m_i, mask=gm)
     tl.store(part_ml_ptr + (prow * 2 + 1) * G + g, l_i, mask=gm)
@@ -121,9 +122,9 @@ def _decode_attention_split_kernel(
 
 @triton.jit
 def _decode_attention_combine_kernel(
-        part_o_ptr, part_ml_ptr, out_ptr, stride_ob, stride_oh,
+        part_o_ptr, part_ml_ptr, out_ptr, splits, stride_ob, stride_oh,
         HK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+        BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HK
     h = bh % HK
@@ -132,8 +133,8 @@ def _decode_attention_combine_kernel(
     s = tl.arange(0, SPLITS_PAD)
     gm = g < G
     dm = d < D
-    sg_mask = (s < SPLITS)[:, None] & gm[None, :]
-    rows = bh * SPLITS + s
+    sg_mask = (s < splits)[:, None] & gm[None, :]
+    rows = bh * splits + s
     m = tl.load(part_ml_ptr + (rows * 2)[:, None] * G + g[None, :], mask=sg_mask,
                 other=float("-inf"))                                      # [SPLITS_PAD, G_PAD]
     big = tl.where(gm, tl.max(m, 0), 0.0)                                # finite: pos is seen
@@ -141,8 +142,8 @@ def _decode_attention_combine_kernel(
     l_sum = tl.sum(w * tl.load(part_ml_ptr + (rows * 2 + 1)[:, None] * G + g[None, :],
                                mask=sg_mask, other=0.0), 0)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-    for sp in range(SPLITS):
-        prow = bh * SPLITS + sp
+    for sp in range(splits):
+        prow = bh * splits + sp
         m_s = tl.load(part_ml_ptr + (prow * 2) * G + g, mask=gm, other=float("-inf"))
         w_s = tl.where(gm, tl.exp(m_s - big), 0.0)
         o_s = tl.load(part_o_ptr + (prow * G + g)[:, None] * D + d[None, :],
@@ -189,12 +190,12 @@ def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     BLOCK_D = max(16, triton.next_power_of_2(D))
     precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
     _decode_attention_split_kernel[(B * HK, splits)](
-        qkv, cos, sin, k_cache, v_cache, pos, part_o, part_ml, sm_scale, split_len,
+        qkv, cos, sin, k_cache, v_cache, pos, part_o, part_ml, sm_scale, split_len, splits,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HQ=HQ, HK=HK, G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SPLITS=splits,
+        HQ=HQ, HK=HK, G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         PRECISION=precision, num_warps=4)
     _decode_attention_combine_kernel[(B * HK,)](
-        part_o, part_ml, out, out.stride(0), out.stride(1),
-        HK=HK, G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, SPLITS=splits,
+        part_o, part_ml, out, splits, out.stride(0), out.stride(1),
+        HK=HK, G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D,
         SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)

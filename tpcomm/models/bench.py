@@ -1,14 +1,14 @@
 """What every rank of ``tpcomm bench model`` does: build the TP model once, then for each
 communication backend time decode (TPOT) and prefill (TTFT) and keep the greedy tokens.
 
-Decode, per batch size and backend: prefill a random context of ``context`` tokens, run
-``warmup_steps`` untimed decode steps (the first one captures the CUDA graph on the GPU), then
-``decode_tokens`` timed steps. A step's time is taken between consecutive steps (CUDA events
-around graph replays on the GPU, ``time.perf_counter`` on the CPU); TPOT is the median step,
-the maximum over ranks. tokens/s = batch / TPOT.
+Decode, per batch size and backend: prefill a random context of ``context`` tokens (eagerly),
+run ``warmup_steps`` untimed decode steps (the first one compiles, compiled, and captures the
+CUDA graph on the GPU), then ``decode_tokens`` timed steps. A step's time is taken between
+consecutive steps (CUDA events around graph replays on the GPU, ``time.perf_counter`` on the
+CPU); TPOT is the median step, the maximum over ranks. tokens/s = batch / TPOT.
 
-Prefill, per prompt length and backend: the prompt to its first token (argmax included),
-eager, ``reps`` timed runs after one untimed; TTFT is the median, the maximum over ranks.
+Prefill, per prompt length and backend: the prompt to its first token (argmax included), no
+CUDA graph, ``reps`` timed runs after one untimed; TTFT is the median, the maximum over ranks.
 
 With ``rounds`` > 1 every measurement is repeated in interleaved order (A, B, A, B, ...) and
 the median round is reported: on a shared machine a burst of load then hits every backend alike.
@@ -143,7 +143,13 @@ def _decode(model, comm_name, batch, config, device) -> tuple[dict, torch.Tensor
     gen = Generator(model, batch, config.context + steps + 1 + extra, graph=config.graph)
     prompt = _prompt(config.seed, batch, config.context, model.cfg.vocab_size, device)
     try:
-        tokens = [gen.prefill(prompt).clone()]
+        # the context is filled eagerly in every variant: this phase times decode (and a
+        # compiled variant compiles one decode graph per batch, no prefill graph per batch)
+        compiled, model.compiled = model.compiled, False
+        try:
+            tokens = [gen.prefill(prompt).clone()]
+        finally:
+            model.compiled = compiled
         logits = gen.logits.float().cpu()
         t0 = time.perf_counter()
         tokens.append(gen.decode_step().clone())   # compiles (compiled) and captures (graph)

@@ -90,8 +90,8 @@ def _title(meta: dict, phase: str) -> str:
         how = "CUDA graph" if meta["graph"] else "eager"
         return (f"decode: TPOT = median time per step ({c['decode_tokens']} timed steps, {how}), "
                 f"context {c['context']} tokens{rounds}; tok/s = batch / TPOT")
-    return (f"prefill: TTFT = prompt to first token (batch {c['ttft_batch']}, eager, median of "
-            f"{c['reps']}{rounds}); tok/s = prompt tokens / TTFT")
+    return (f"prefill: TTFT = prompt to first token (batch {c['ttft_batch']}, no CUDA graph, "
+            f"median of {c['reps']}{rounds}); tok/s = prompt tokens / TTFT")
 
 
 def _header_lines(meta: dict) -> list[str]:
