@@ -20,19 +20,21 @@ class Generator:
     (re)allocated for [batch, max_seq]; graphs hold its addresses, so a Generator owns the
     cache until the next one is made.
 
-    ``compile``: compile the model's layers with torch.compile first
-    (:meth:`LlamaTP.enable_compile`; the first prefill and the first decode step compile). A
-    compiled decode step attends over the whole cache (static shapes: one compiled graph per
-    batch size, the length read on the device), then, with ``graph``, is captured as one CUDA
-    graph like the eager step.
+    ``compile``: True compiles the model's layers with torch.compile and runs them
+    (:meth:`LlamaTP.enable_compile`; the first prefill and the first decode step compile), False
+    runs the model eagerly, None (default) leaves the model as it is. A compiled decode step
+    attends over the whole cache (static shapes: one compiled graph per batch size, the length
+    read on the device), then, with ``graph``, is captured as one CUDA graph like the eager one.
     """
 
     def __init__(self, model: LlamaTP, batch: int, max_seq: int, *, graph: bool = False,
-                 compile: bool = False):
+                 compile: bool | None = None):
         if graph and model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         if compile:
             model.enable_compile()
+        elif compile is not None:
+            model.compiled = False
         self.model, self.batch, self.max_seq, self.use_graph = model, batch, max_seq, graph
         model.setup_cache(batch, max_seq)
         dev = model.device
