@@ -46,7 +46,7 @@ for s in $STEPS; do
                --markdown "$OUT/overlap.md" ;;
     check) step check 60 python3 -m tpcomm check ;;
     compile)
-      step compile_attention 60 python3 scripts/gpu_decode_attention.py --json "$OUT/decode_attention.json"
+      step compile_attention 75 python3 scripts/gpu_decode_attention.py --sweep --json "$OUT/decode_attention.json"
       step compile_bench 200 python3 -m tpcomm bench model --device cuda -n 1 --model llama3_8b \
         --comm tpcomm --compile --breakdown --batch 1,8 --context 1024 --prompt-lens 1024 \
         --decode-tokens 32 --warmup-steps 2 --reps 3 --json "$OUT/compile_bench.json" \

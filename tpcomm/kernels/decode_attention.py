@@ -165,25 +165,30 @@ def _sm_count(device: torch.device) -> int:
     return n
 
 
-def plan_splits(batch: int, kv_heads: int, cache_len: int, sms: int) -> tuple[int, int]:
-    """(splits, split_len): about PROGRAMS_PER_SM programs per SM over the batch * kv_heads
-    (sequence, head) pairs, each split a whole number of BLOCK_N blocks."""
-    want = max(1, -(-PROGRAMS_PER_SM * sms // max(batch * kv_heads, 1)))
-    splits = min(want, MAX_SPLITS, max(1, -(-cache_len // BLOCK_N)))
-    split_len = -(-(-(-cache_len // splits)) // BLOCK_N) * BLOCK_N
+def plan_splits(batch: int, kv_heads: int, cache_len: int, sms: int, *,
+                block_n: int = BLOCK_N, programs_per_sm: int = PROGRAMS_PER_SM
+                ) -> tuple[int, int]:
+    """(splits, split_len): about ``programs_per_sm`` programs per SM over the batch *
+    kv_heads (sequence, head) pairs, each split a whole number of ``block_n`` blocks."""
+    want = max(1, -(-programs_per_sm * sms // max(batch * kv_heads, 1)))
+    splits = min(want, MAX_SPLITS, max(1, -(-cache_len // block_n)))
+    split_len = -(-(-(-cache_len // splits)) // block_n) * block_n
     return -(-cache_len // split_len), split_len
 
 
 def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                          out: torch.Tensor, sm_scale: float) -> None:
+                          out: torch.Tensor, sm_scale: float, *, block_n: int = BLOCK_N,
+                          programs_per_sm: int = PROGRAMS_PER_SM, num_warps: int = 4) -> None:
     """RoPE of this step's q and k, k and v into the cache at ``pos``, out = softmax(q K^T *
-    sm_scale) V over cache positions [0, pos] (shapes: the module docstring)."""
+    sm_scale) V over cache positions [0, pos] (shapes: the module docstring). The keywords
+    override the tuning constants (``scripts/gpu_decode_attention.py --sweep``)."""
     B = qkv.shape[0]
     HK, S, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     HQ = qkv.shape[1] // D - 2 * HK
     G = HQ // HK
-    splits, split_len = plan_splits(B, HK, S, _sm_count(qkv.device))
+    splits, split_len = plan_splits(B, HK, S, _sm_count(qkv.device), block_n=block_n,
+                                    programs_per_sm=programs_per_sm)
     part_o = torch.empty(B * HK * splits * G * D, dtype=torch.float32, device=qkv.device)
     part_ml = torch.empty(B * HK * splits * 2 * G, dtype=torch.float32, device=qkv.device)
     G_PAD = max(16, triton.next_power_of_2(G))
@@ -193,8 +198,8 @@ def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         qkv, cos, sin, k_cache, v_cache, pos, part_o, part_ml, sm_scale, split_len, splits,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HQ=HQ, HK=HK, G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
-        PRECISION=precision, num_warps=4)
+        HQ=HQ, HK=HK, G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
+        PRECISION=precision, num_warps=num_warps)
     _decode_attention_combine_kernel[(B * HK,)](
         part_o, part_ml, out, splits, out.stride(0), out.stride(1),
         HK=HK, G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D,
