@@ -2,13 +2,20 @@
 # What ONE GPU can check (device kind nvidia-h200), in one device call:
 #   emulated  R ranks as streams of one GPU: every kernel (incl. the fused add + RMSNorm), exact
 #             sums, bitwise across ranks, CUDA-graph soak with changed inputs, a stalled rank
-#   gputests  tests/gpu (the multi-GPU ones skip, visibly; the world-1 ones run)
+#   gputests  tests/gpu (the multi-GPU ones skip, visibly; the world-1 ones run; the compile
+#             ones run in the compile step)
 #   overlap   tpcomm bench overlap at world 1: GEMM alone against the chunked GEMM
 #   check     tpcomm check
 #   fused     the fused GEMM + collective ops (issue 14): bitwise at world 1 and with 2 / 4
 #             emulated ranks, graph replays, their GEMM at world 1 against the core, torch.mm and
 #             inductor (scripts/gpu_fused.py: at most 240 s, every item under a hard limit)
-# Usage: OUT=/tmp/out bash scripts/gpu_single.sh [step ...]   (default: every step)
+#   compile   torch.compile (issue 13), about 4 minutes: the decode attention kernel against the
+#             old attention path (decode_attention.json); tpcomm bench model at world 1,
+#             llama3_8b, compiled against eager in the same run, decode batch 1 and 8, prefill
+#             1024, with the breakdown and the compile seconds (compile_bench.json/.md); the
+#             compile and graph-safety tests (emulated ranks: several graphs of the same
+#             Communicators in any order with eager calls; set-up during a capture refused)
+# Usage: OUT=/tmp/out bash scripts/gpu_single.sh [step ...]   (default: every step but compile)
 # Logs go to $OUT/<step>.log; JSON where a step writes one. Multicast stays off.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,11 +43,20 @@ step() {
 for s in $STEPS; do
   case $s in
     emulated) step emulated 300 python3 scripts/gpu_emulated_ranks.py --json "$OUT/emulated.json" ;;
-    gputests) step gputests 200 python3 -m pytest -q -rs -p no:cacheprovider --timeout 200 tests/gpu ;;
+    gputests) step gputests 200 python3 -m pytest -q -rs -p no:cacheprovider --timeout 200 tests/gpu \
+                --ignore tests/gpu/test_compile_gpu.py --ignore tests/gpu/test_graph_safety_gpu.py ;;
     overlap) step overlap 240 python3 -m tpcomm bench overlap --device cuda -n 1 --chunks 4 --json "$OUT/overlap.json" \
                --markdown "$OUT/overlap.md" ;;
     check) step check 60 python3 -m tpcomm check ;;
     fused) step fused 250 python3 scripts/gpu_fused.py --budget-s 240 ;;
+    compile)
+      step compile_attention 75 python3 scripts/gpu_decode_attention.py --sweep --json "$OUT/decode_attention.json"
+      step compile_bench 200 python3 -m tpcomm bench model --device cuda -n 1 --model llama3_8b \
+        --comm tpcomm --compile --breakdown --batch 1,8 --context 1024 --prompt-lens 1024 \
+        --decode-tokens 32 --warmup-steps 2 --reps 3 --json "$OUT/compile_bench.json" \
+        --markdown "$OUT/compile_bench.md"
+      step compile_tests 180 python3 -m pytest -q -rs -p no:cacheprovider --timeout 170 \
+        tests/gpu/test_compile_gpu.py tests/gpu/test_graph_safety_gpu.py ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -31,6 +31,12 @@ _logged_reasons: set[str] = set()
 _OP_CODES = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3}
 FUSED_NORM = "one_shot_push_fused"   # stats name of the fused all-reduce + add + RMSNorm
 _DTYPE_CODES = {d: i for i, d in enumerate(FAST_DTYPES + FALLBACK_DTYPES)}
+# True only while torch.compile's frontend (dynamo) traces the calling frame: the public
+# methods then emit torch.ops.tpcomm.* (one check per eager call, ~0.1 us:
+# scripts/host_cost_compile.py). Not torch.compiler.is_compiling(): that is one flag for the
+# whole process, set while any thread compiles, and an op running eagerly in another thread
+# meanwhile would re-enter its own op.
+_is_compiling = torch.compiler.is_dynamo_compiling
 
 
 def _log_fallback_once(reason: str) -> None:
@@ -46,6 +52,35 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def _traced_out(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """A traced op's result ``y`` in ``out`` where one was given (as the eager methods write
+    it), else ``y`` itself."""
+    if out is None or out is y:
+        return y
+    return out.copy_(y.view(out.shape))
+
+
+def _traced_local(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """A collective of a world of one under torch.compile: the identity, recorded as a copy
+    (or nothing, in place) that the compiler folds into the code around it."""
+    if out is None:
+        return x.reshape(-1).clone() if x.dim() == 0 else x.clone()
+    return out if out is x else out.copy_(x.view(out.shape))
+
+
+def _refuse_during_capture(what: str, device) -> None:
+    """Set-up that allocates or hands out registered memory cannot be recorded in a CUDA
+    graph: a capture would bake a one-off allocation into every replay, and a rank whose
+    capture is re-recorded would get other offsets than its peers. Raise at once instead of
+    hanging in a rendezvous or corrupting a buffer."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cuda":
+        return
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise TpcommError(f"{what} during CUDA graph capture: do it before capturing (buffers "
+                          f"are registered once, outside graphs)")
 
 
 class Communicator:
@@ -69,6 +104,7 @@ class Communicator:
     def __init__(self, group=None, *, device=None, max_bytes: int | None = None,
                  timeout_s: float | None = None):
         settings = get_settings()
+        _refuse_during_capture("creating a Communicator", device)
         self._info = GroupInfo.of(group)
         self.group = self._info.group
         self.rank, self.world_size = self._info.rank, self._info.world_size
@@ -95,6 +131,8 @@ class Communicator:
         self._decisions: dict = {}  # (op, nbytes, dtype, requested, graph) -> (algorithm, why)
         self._setup(settings)
         flight_recorder.register(self)
+        from .ops import library   # torch.ops.tpcomm.*, and this Communicator's handle there
+        self.handle: str = library.register(self)
 
     # ------------------------------------------------------------------ set-up
     def _pick_device(self, device) -> torch.device:
@@ -175,6 +213,10 @@ class Communicator:
         torch.distributed). 16-bit inputs are accumulated in float32; every rank gets bitwise
         the same result.
         """
+        if _is_compiling():   # torch.compile: one registered op (tpcomm/ops/library.py)
+            if self.world_size == 1:
+                return _traced_local(x, out)
+            return _traced_out(torch.ops.tpcomm.all_reduce(x, self.handle, algorithm), out)
         self._check_tensor("all_reduce", x)
         out = self._out("all_reduce", x, out, x.shape)
         return self._run("all_reduce", x, out, algorithm)
@@ -186,6 +228,10 @@ class Communicator:
     def reduce_scatter(self, x: torch.Tensor, *, out: torch.Tensor | None = None,
                        algorithm: str = "auto") -> torch.Tensor:
         """x: [R*m, ...] -> out: [m, ...], the sum over ranks of x's rows [rank*m, (rank+1)*m)."""
+        if _is_compiling():
+            if self.world_size == 1:
+                return _traced_local(x, out)
+            return _traced_out(torch.ops.tpcomm.reduce_scatter(x, self.handle, algorithm), out)
         self._check_tensor("reduce_scatter", x)
         if x.dim() == 0 or x.shape[0] % self.world_size:
             raise ValueError(f"reduce_scatter needs dim 0 divisible by the world size "
@@ -199,6 +245,10 @@ class Communicator:
     def all_gather(self, x: torch.Tensor, *, out: torch.Tensor | None = None,
                    algorithm: str = "auto") -> torch.Tensor:
         """x: [m, ...] -> out: [R*m, ...], rank p's x in rows [p*m, (p+1)*m). A 0-d x gives [R]."""
+        if _is_compiling():
+            if self.world_size == 1:
+                return _traced_local(x, out)
+            return _traced_out(torch.ops.tpcomm.all_gather(x, self.handle, algorithm), out)
         self._check_tensor("all_gather", x)
         shape = (self.world_size * x.shape[0], *x.shape[1:]) if x.dim() else (self.world_size,)
         out = self._out("all_gather", x, out, shape)
@@ -211,6 +261,12 @@ class Communicator:
         """All-reduce several tensors in place with one collective per dtype (pack, reduce
         once, unpack). Cuts the fixed cost per call when a layer produces many small results.
         Returns ``tensors``."""
+        if _is_compiling():
+            if self.world_size > 1:
+                sums = torch.ops.tpcomm.all_reduce_coalesced(list(tensors), self.handle, algorithm)
+                for t, s in zip(tensors, sums):
+                    t.copy_(s)
+            return tensors
         if isinstance(tensors, torch.Tensor) or not all(isinstance(t, torch.Tensor) for t in tensors):
             raise TypeError("all_reduce_coalesced takes a list of tensors")
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -244,7 +300,14 @@ class Communicator:
         (``kernels/all_reduce_add_rms_norm.py``; stats name it ``one_shot_push_fused``): x and
         residual come out bitwise equal to the unfused path, normed within one rounding of it.
         Otherwise it is the all-reduce (tpcomm's path) followed by the epilogue as torch ops.
+
+        Under torch.compile: the fused op ``torch.ops.tpcomm.all_reduce_add_rms_norm`` where the
+        fused kernel can take the call (TPCOMM_FUSED_NORM=1, GPU engine); otherwise the
+        all-reduce op followed by the epilogue as torch ops, which the compiler fuses into the
+        code around it (at world 1: the epilogue alone).
         """
+        if _is_compiling():
+            return self._traced_add_rms_norm(x, residual, weight, eps, algorithm)
         self._check_tensor("all_reduce_add_rms_norm", x)
         for name, t in (("residual", residual), ("weight", weight)):
             if not isinstance(t, torch.Tensor) or t.device != x.device or t.dtype != x.dtype:
@@ -328,6 +391,7 @@ class Communicator:
         """
         if self._closed:
             raise CommunicatorClosedError("empty on a closed Communicator")
+        _refuse_during_capture("comm.empty (a buffer in the symmetric memory)", self.device)
         fn = getattr(self._backend, "empty", None)
         if fn is None:
             return torch.empty(shape, dtype=dtype, device=self.device)
@@ -362,6 +426,10 @@ class Communicator:
         if self._closed:
             return
         self._closed = True
+        handle = getattr(self, "handle", None)
+        if handle is not None:
+            from .ops import library
+            library.unregister(handle)
         self._close_paths()
 
     def _close_paths(self) -> None:
@@ -388,6 +456,17 @@ class Communicator:
                 f"device={self.device}, backend={self.backend_name!r})")
 
     # ------------------------------------------------------------------ internals
+    def _traced_add_rms_norm(self, x, residual, weight, eps, algorithm):
+        """What torch.compile records for :meth:`all_reduce_add_rms_norm` (see its docstring)."""
+        if self.world_size == 1:
+            return reference.add_rms_norm(x, residual, weight, eps)
+        if self._fused_norm and getattr(self._backend, "all_reduce_add_rms_norm", None):
+            normed = torch.ops.tpcomm.all_reduce_add_rms_norm(x, residual, weight, eps,
+                                                               self.handle, algorithm)
+            return normed, residual
+        x.copy_(torch.ops.tpcomm.all_reduce(x, self.handle, algorithm))
+        return reference.add_rms_norm(x, residual, weight, eps)
+
     def _check_tensor(self, op: str, x) -> None:
         if self._closed:
             raise CommunicatorClosedError(f"{op} on a closed Communicator")

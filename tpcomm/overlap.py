@@ -150,6 +150,13 @@ def _world(comm) -> int:
     return int(getattr(comm, "world_size", 1))
 
 
+def _traced_op(comm) -> bool:
+    """torch.compile is tracing a call with a tpcomm Communicator of several ranks: record the
+    registered op (``comm.handle`` names it); a world of one is traced as plain torch code."""
+    return (torch.compiler.is_dynamo_compiling() and getattr(comm, "handle", None) is not None
+            and _world(comm) > 1)
+
+
 def _reduce_scatter(comm, x: torch.Tensor, out: torch.Tensor) -> None:
     fn = getattr(comm, "reduce_scatter", None)
     if fn is not None:
@@ -242,6 +249,9 @@ def matmul_all_reduce(a: torch.Tensor, b: torch.Tensor, comm, *, chunks: int | N
     Returns out, the same on every rank.
     """
     op = "matmul_all_reduce"
+    if _traced_op(comm):   # torch.compile: one registered op (tpcomm/ops/library.py)
+        y = torch.ops.tpcomm.matmul_all_reduce(a, b, comm.handle, chunks)
+        return y if out is None else out.copy_(y)
     _check(op, a, b, comm)
     M, K = a.shape
     N = b.shape[1]
@@ -301,6 +311,8 @@ def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, comm, *,
     a: [M, K] with M divisible by R; b: [K, N]. Returns [M/R, N].
     """
     op = "matmul_reduce_scatter"
+    if _traced_op(comm):
+        return torch.ops.tpcomm.matmul_reduce_scatter(a, b, comm.handle, chunks, method)
     _check(op, a, b, comm)
     R = _world(comm)
     M, K = a.shape
@@ -362,6 +374,10 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor, comm, *,
     [p*m, (p+1)*m)), or (that, the gathered [R*m, K]) with ``return_gathered``.
     """
     op = "all_gather_matmul"
+    if _traced_op(comm):
+        out, gathered = torch.ops.tpcomm.all_gather_matmul(a_shard, b, comm.handle, chunks,
+                                                           return_gathered)
+        return (out, gathered) if return_gathered else out
     _check(op, a_shard, b, comm, "a_shard")
     R, rank = _world(comm), int(getattr(comm, "rank", 0))
     m, K = a_shard.shape

@@ -9,6 +9,8 @@
   mode, rounds, regions left clean, timeout);
 - fused_ops_sim.py: the three fused GEMM + collective ops (reduce-scatter, all-gather + GEMM,
   all-reduce) at worlds 1, 2 and 4 (exact, odd shapes, rounds, regions left clean, timeout).
+- decode_attention_sim.py: the model's decode attention (RoPE, cache write, attention up to the
+  position read on the device), and the tiny model's tokens through it.
 
 Skipped where Triton is not installed: they need no GPU, only triton.
 """
@@ -29,6 +31,7 @@ HERE = os.path.dirname(__file__)
     ("p2p_probe_sim.py", [], 300),
     ("fused_gemm_sim.py", [], 600),
     ("fused_ops_sim.py", [], 600),
+    ("decode_attention_sim.py", [], 300),
 ])
 def test_kernels_under_the_triton_interpreter(script, args, timeout_s):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")

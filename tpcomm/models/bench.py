@@ -1,17 +1,22 @@
 """What every rank of ``tpcomm bench model`` does: build the TP model once, then for each
 communication backend time decode (TPOT) and prefill (TTFT) and keep the greedy tokens.
 
-Decode, per batch size and backend: prefill a random context of ``context`` tokens, run
-``warmup_steps`` untimed decode steps (the first one captures the CUDA graph on the GPU), then
-``decode_tokens`` timed steps. A step's time is taken between consecutive steps (CUDA events
-around graph replays on the GPU, ``time.perf_counter`` on the CPU); TPOT is the median step,
-the maximum over ranks. tokens/s = batch / TPOT.
+Decode, per batch size and backend: prefill a random context of ``context`` tokens (eagerly),
+run ``warmup_steps`` untimed decode steps (the first one compiles, compiled, and captures the
+CUDA graph on the GPU), then ``decode_tokens`` timed steps. A step's time is taken between
+consecutive steps (CUDA events around graph replays on the GPU, ``time.perf_counter`` on the
+CPU); TPOT is the median step, the maximum over ranks. tokens/s = batch / TPOT.
 
-Prefill, per prompt length and backend: the prompt to its first token (argmax included),
-eager, ``reps`` timed runs after one untimed; TTFT is the median, the maximum over ranks.
+Prefill, per prompt length and backend: the prompt to its first token (argmax included), no
+CUDA graph, ``reps`` timed runs after one untimed; TTFT is the median, the maximum over ranks.
 
 With ``rounds`` > 1 every measurement is repeated in interleaved order (A, B, A, B, ...) and
 the median round is reported: on a shared machine a burst of load then hits every backend alike.
+
+With ``compile`` every backend runs twice: compiled (``<backend>+compile``, first, so it is the
+one under test: LlamaTP.enable_compile, the decoder layer through torch.compile, then the same
+CUDA graph) and eager, in the same run. ``first_call_s`` of a row is its first, untimed, call:
+compilation (and graph capture) included.
 
 Every backend runs the same weights on the same prompts, so greedy tokens must agree; where
 they do not (possible in bfloat16 once reduction orders differ), the prefill logits are
@@ -63,6 +68,7 @@ class ModelBenchConfig:
     graph: bool
     fused: bool
     breakdown: bool             # profile a few eager decode steps: GEMM / attention / comm
+    compile: bool               # also run every backend compiled (torch.compile), first
     rounds: int                 # interleaved repetitions of every measurement (median)
     seed: int
     threads: int | None
@@ -137,9 +143,19 @@ def _decode(model, comm_name, batch, config, device) -> tuple[dict, torch.Tensor
     gen = Generator(model, batch, config.context + steps + 1 + extra, graph=config.graph)
     prompt = _prompt(config.seed, batch, config.context, model.cfg.vocab_size, device)
     try:
-        tokens = [gen.prefill(prompt).clone()]
+        # the context is filled eagerly in every variant: this phase times decode (and a
+        # compiled variant compiles one decode graph per batch, no prefill graph per batch)
+        compiled, model.compiled = model.compiled, False
+        try:
+            tokens = [gen.prefill(prompt).clone()]
+        finally:
+            model.compiled = compiled
         logits = gen.logits.float().cpu()
-        for _ in range(config.warmup_steps):
+        t0 = time.perf_counter()
+        tokens.append(gen.decode_step().clone())   # compiles (compiled) and captures (graph)
+        _sync(device)
+        first_call_s = time.perf_counter() - t0
+        for _ in range(config.warmup_steps - 1):
             tokens.append(gen.decode_step().clone())
         dist.barrier()
         _sync(device)
@@ -153,7 +169,8 @@ def _decode(model, comm_name, batch, config, device) -> tuple[dict, torch.Tensor
     finally:
         gen.close()
     row = {"phase": "decode", "comm": comm_name, "batch": batch, "tokens": config.context,
-           "ms": ms, "tokens_per_s": batch * 1e3 / ms, "samples": config.decode_tokens}
+           "ms": ms, "tokens_per_s": batch * 1e3 / ms, "samples": config.decode_tokens,
+           "first_call_s": first_call_s}
     if parts is not None:
         row["breakdown_ms"] = parts
     return row, torch.stack(tokens, 1).cpu(), logits
@@ -171,14 +188,17 @@ def _prefill(model, comm_name, length, config, device) -> tuple[dict, torch.Tens
             t0 = time.perf_counter()
             first = gen.prefill(prompt)
             _sync(device)
-            if i:   # the first run is a warm-up
+            if i:   # the first run is a warm-up (and compiles, compiled)
                 times.append((time.perf_counter() - t0) * 1e3)
+            else:
+                first_call_s = time.perf_counter() - t0
         logits = gen.logits.float().cpu()
     finally:
         gen.close()
     ms = _max_over_ranks(statistics.median(times))
     row = {"phase": "prefill", "comm": comm_name, "batch": batch, "tokens": length, "ms": ms,
-           "tokens_per_s": batch * length * 1e3 / ms, "samples": config.reps}
+           "tokens_per_s": batch * length * 1e3 / ms, "samples": config.reps,
+           "first_call_s": first_call_s}
     return row, first[:, None].cpu(), logits
 
 
@@ -221,6 +241,8 @@ def rank_main(rank: int, world: int, config: ModelBenchConfig) -> dict:
         model = build_model(cfg, comms[config.comms[0]], checkpoint=config.checkpoint,
                             seed=config.seed, dtype=DTYPES[config.dtype], device=device,
                             fused=config.fused)
+        if config.compile:
+            model.enable_compile()
         return _measure(model, comms, config, device, rank)
     finally:
         for c in comms.values():
@@ -228,34 +250,45 @@ def rank_main(rank: int, world: int, config: ModelBenchConfig) -> dict:
         dist.destroy_process_group()
 
 
+def contenders(config: ModelBenchConfig) -> list[tuple[str, str, bool]]:
+    """(label, backend, compiled) of every measured variant, the one under test first."""
+    if not config.compile:
+        return [(name, name, False) for name in config.comms]
+    return [v for name in config.comms
+            for v in ((f"{name}+compile", name, True), (name, name, False))]
+
+
 def _measure(model, comms: dict, config: ModelBenchConfig, device, rank: int) -> dict:
     """Every (phase, size) for every backend, ``rounds`` times in interleaved order (backend
     A, B, A, B, ...), so that a burst of load from elsewhere hits every backend alike; a row's
     time is the median of its rounds. Tokens and logits are checked in every round."""
-    progress = _Progress(config.rounds * len(comms) * (len(config.batches) +
-                                                       len(config.prompt_lens)),
+    variants = contenders(config)
+    progress = _Progress(config.rounds * len(variants) * (len(config.batches) +
+                                                          len(config.prompt_lens)),
                          config.progress and rank == 0)
     rows, checks = [], []
-    base = config.comms[0]
+    base = variants[0][0]
     for what, sizes, fn in (("decode", config.batches, _decode),
                             ("prefill", config.prompt_lens, _prefill)):
         for size in sizes:
-            per_comm = {name: [] for name in comms}
+            per_comm = {label: [] for label, _, _ in variants}
             for rnd in range(config.rounds):
                 tokens, logits = {}, {}
-                for name, comm in comms.items():
-                    model.set_comm(comm)
+                for name, backend, compiled in variants:
+                    model.set_comm(comms[backend])
+                    model.compiled = compiled
                     row, tokens[name], logits[name] = fn(model, name, size, config, device)
                     per_comm[name].append(row)
                     progress.step(f"{what} {'batch' if what == 'decode' else 'prompt'} {size}, "
                                   f"{name}, round {rnd + 1}: {row['ms']:.3f} ms, "
                                   f"{row['tokens_per_s']:.1f} tok/s")
-                for other in config.comms[1:]:
+                for other, _, _ in variants[1:]:
                     check = compare(tokens, logits, base, other, config.dtype)
                     if rnd == 0 or not check["ok"]:   # keep the first, and any failure
                         checks.append({"phase": what, "size": size, "round": rnd, **check})
             rows += [_median_row(rs) for rs in per_comm.values()]
-    model.set_comm(comms[base])
+    model.set_comm(comms[variants[0][1]])
+    model.compiled = variants[0][2]
     result = {"rows": rows, "checks": checks, "meta": None}
     if rank == 0:
         result["meta"] = _meta(model, comms, config, device)
@@ -270,6 +303,12 @@ def _median_row(rounds: list[dict]) -> dict:
     return row
 
 
+def _graph_breaks() -> int:
+    """Graph breaks torch.compile reported in this process (0: every layer one graph)."""
+    from torch._dynamo.utils import counters
+    return int(sum(counters["graph_break"].values()))
+
+
 def _meta(model, comms, config: ModelBenchConfig, device) -> dict:
     from ..bench.meta import system_info
     cfg = model.cfg
@@ -278,7 +317,8 @@ def _meta(model, comms, config: ModelBenchConfig, device) -> dict:
         "benchmark": "model", "command": config.command,
         "model": config.checkpoint or config.model, "params": cfg.num_params(),
         "world_size": config.world, "dtype": config.dtype, "device": config.device,
-        "graph": config.graph, "fused": config.fused,
+        "graph": config.graph, "fused": config.fused, "compile": config.compile,
+        "graph_breaks": _graph_breaks(),
         "comm_backends": {n: getattr(c, "backend_name", n) for n, c in comms.items()},
         "config": dataclasses.asdict(config), "model_config": dataclasses.asdict(cfg)})
     return meta

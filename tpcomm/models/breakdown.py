@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm"}
-GEMM_KERNEL = re.compile(r"gemm|gemv|cutlass|cublas|xmma|sm\d+_|matmul", re.I)
+GEMM_KERNEL = re.compile(r"gemm|gemv|cutlass|cublas|xmma|nvjet|sm\d+_|matmul", re.I)
 ATTN_KERNEL = re.compile(r"flash|fmha|attention|sdpa", re.I)
 COMM_KERNEL = re.compile(r"nccl|all_reduce|allreduce|all_gather|allgather|reduce_scatter|"
                          r"lamport|barrier|one_shot|two_shot", re.I)
@@ -52,18 +52,19 @@ def decode_breakdown(gen, steps: int = 5) -> dict:
     model = gen.model
     comm = model.comm
     cuda = model.device.type == "cuda"
-    model.set_comm(RecordedComm(comm))
+    if not cuda and not model.compiled:   # (compiled: the ops are profiled as tpcomm::<op>)
+        model.set_comm(RecordedComm(comm))
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     try:
         with torch.inference_mode():
-            gen._step(gen.host_pos + 1)    # warm-up outside the profile
+            gen._step(gen.kv_len())    # warm-up outside the profile
             gen.host_pos += 1
             if cuda:
                 torch.cuda.synchronize()
             with profile(activities=acts) as prof:
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    gen._step(gen.host_pos + 1)
+                    gen._step(gen.kv_len())
                     gen.host_pos += 1
                 if cuda:
                     torch.cuda.synchronize()
@@ -87,7 +88,8 @@ def decode_breakdown(gen, steps: int = 5) -> dict:
                 cats["gemm"] += e.self_cpu_time_total / 1e3
             elif e.key == "aten::scaled_dot_product_attention":
                 cats["attention"] += e.cpu_time_total / 1e3
-            elif e.key.startswith("comm::"):
+            elif e.key.startswith(("comm::", "_c10d_functional::")) or (
+                    e.key.startswith("tpcomm::") and "attention" not in e.key):
                 cats["comm"] += e.cpu_time_total / 1e3
     out = {k: v / steps for k, v in cats.items()}
     out["step"] = wall / steps

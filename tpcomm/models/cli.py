@@ -3,6 +3,7 @@
     tpcomm bench model                                   # CPU: tiny model, 2 ranks, tpcomm vs gloo
     tpcomm bench model --batch 1,4 --context 64 --prompt-lens 64,256 --json out.json --plot out.png
     torchrun --nproc-per-node 4 -m tpcomm bench model --model llama3_70b   # GPU: vs nccl, graphs
+    tpcomm bench model --device cuda -n 1 --model llama3_8b --comm tpcomm --compile --breakdown
 
 Measures TPOT (decode, per batch size, with a context of --context tokens), TTFT (prefill of
 each --prompt-lens prompt) and tokens/s for every --comm backend, and checks that the backends
@@ -65,6 +66,10 @@ def add_model_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="cpu: torch threads per rank (default cores / ranks)")
     where.add_argument("--no-graph", action="store_true",
                        help="cuda: decode eagerly instead of replaying a CUDA graph")
+    where.add_argument("--compile", action="store_true",
+                       help="also run every backend with its decoder layers compiled "
+                            "(torch.compile, inductor; then the same CUDA graph), first, "
+                            "against the eager model in the same run; prints compile seconds")
     where.add_argument("--breakdown", action="store_true",
                        help="also profile a few eager decode steps per batch and backend: ms "
                             "in GEMMs, attention, communication, other (rank 0)")
@@ -143,7 +148,7 @@ def config_from_args(args) -> ModelBenchConfig:
         decode_tokens=args.decode_tokens or d["decode_tokens"], warmup_steps=args.warmup_steps,
         prompt_lens=prompt_lens, ttft_batch=args.ttft_batch, reps=args.reps,
         graph=device == "cuda" and not args.no_graph, fused=not args.no_fused,
-        breakdown=args.breakdown, rounds=args.rounds, seed=args.seed,
+        breakdown=args.breakdown, compile=args.compile, rounds=args.rounds, seed=args.seed,
         threads=args.threads, progress=not args.no_progress,
         command=shlex.join(["tpcomm", *getattr(args, "argv", ["bench", "model"])]),
         timeout_s=args.timeout)

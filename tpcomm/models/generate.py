@@ -19,11 +19,22 @@ class Generator:
     ``graph``: capture the decode step in a CUDA graph (GPU only). The model's KV cache is
     (re)allocated for [batch, max_seq]; graphs hold its addresses, so a Generator owns the
     cache until the next one is made.
+
+    ``compile``: True compiles the model's layers with torch.compile and runs them
+    (:meth:`LlamaTP.enable_compile`; the first prefill and the first decode step compile), False
+    runs the model eagerly, None (default) leaves the model as it is. A compiled decode step
+    attends over the whole cache (static shapes: one compiled graph per batch size, the length
+    read on the device), then, with ``graph``, is captured as one CUDA graph like the eager one.
     """
 
-    def __init__(self, model: LlamaTP, batch: int, max_seq: int, *, graph: bool = False):
+    def __init__(self, model: LlamaTP, batch: int, max_seq: int, *, graph: bool = False,
+                 compile: bool | None = None):
         if graph and model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
+        if compile:
+            model.enable_compile()
+        elif compile is not None:
+            model.compiled = False
         self.model, self.batch, self.max_seq, self.use_graph = model, batch, max_seq, graph
         model.setup_cache(batch, max_seq)
         dev = model.device
@@ -52,6 +63,12 @@ class Generator:
         return nxt
 
     # ---------------------------------------------------------------- decode
+    def kv_len(self) -> int:
+        """Cache positions an eager decode step attends over: the filled ones; compiled, all of
+        them (a static shape: one compiled graph; the mask, or on CUDA the kernel, stops at the
+        length)."""
+        return self.max_seq if self.model.compiled else self.host_pos + 1
+
     def _step(self, kv_len: int) -> torch.Tensor:
         logits = self.model(self.tokens, self.pos, kv_len=kv_len)[:, -1]
         nxt = logits.argmax(-1)
@@ -91,7 +108,7 @@ class Generator:
             self._graph.replay()
             self.logits, nxt = self._graph_out
         else:
-            self.logits, nxt = self._step(self.host_pos + 1)
+            self.logits, nxt = self._step(self.kv_len())
         self.host_pos += 1
         return nxt
 

@@ -15,7 +15,13 @@ when ``fused``; else in an all-reduce followed by a separate add and norm::
 
 The KV cache is preallocated ([batch, kv_heads_local, max_seq, head_dim] per layer) and written
 at ``input_pos`` with ``index_copy_``, so a decode step has static shapes and can be captured
-in a CUDA graph (see ``tpcomm.models.generate``).
+in a CUDA graph (see ``tpcomm.models.generate``). A decode step on CUDA attends with the Triton
+kernel of ``tpcomm.models.attention``, which reads the filled length from ``input_pos`` on the
+device and stops there (no mask over the whole cache); on the CPU a mask selects the positions.
+
+:meth:`LlamaTP.enable_compile` compiles the decoder layer with torch.compile (one compilation
+serves all layers, which share the code; decode and prefill compile apart), the collectives
+being ``torch.ops.tpcomm`` nodes of the graph.
 
 Shape letters: B batch, T tokens of this call, S cache length, H hidden, D head dim.
 """
@@ -30,6 +36,7 @@ from torch import nn
 
 from ..layers import (ColumnParallelLinear, RowParallelLinear, kv_head_range, padded_size,
                       rms_norm, shard_range)
+from .attention import apply_rope, decode_attention, use_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,13 +155,6 @@ def rope_tables(cfg: LlamaConfig, max_seq: int, dtype, device) -> tuple[torch.Te
     return emb.cos().to(dtype=dtype, device=device), emb.sin().to(dtype=dtype, device=device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, h, D]; cos, sin: [T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
-
-
 # ---------------------------------------------------------------- modules
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, comm, rank: int, world: int, dtype, device):
@@ -180,7 +180,12 @@ class Attention(nn.Module):
         """
         B, T, _ = x.shape
         hq, hk, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split([hq * D, hk * D, hk * D], dim=-1)
+        qkv = self.qkv_proj(x)
+        if T == 1 and not fresh and use_kernel(x):   # decode: one kernel, up to the length
+            y = decode_attention(qkv.view(B, -1), cos[0], sin[0], self.k_cache, self.v_cache,
+                                 input_pos)
+            return y.view(B, T, hq * D)
+        q, k, v = qkv.split([hq * D, hk * D, hk * D], dim=-1)
         q = apply_rope(q.view(B, T, hq, D), cos, sin).transpose(1, 2)
         k = apply_rope(k.view(B, T, hk, D), cos, sin).transpose(1, 2)
         v = v.view(B, T, hk, D).transpose(1, 2)
@@ -222,6 +227,26 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.Parameter(torch.ones(H, dtype=dtype, device=device),
                                                      requires_grad=False)
 
+    def forward(self, x, residual, cos, sin, input_pos, kv_len: int, fresh: bool,
+                next_norm: torch.Tensor, eps: float, fused: bool):
+        """x: [B, T, H] normed, residual: [B, T, H] (updated in place) -> (x normed with
+        ``next_norm``, residual): attention and MLP, each ending in one communication op."""
+        a = self.self_attn(x, cos, sin, input_pos, kv_len, fresh)
+        x, residual = self.self_attn.o_proj.forward_add_rms_norm(
+            a, residual, self.post_attention_layernorm, eps, fused)
+        return self.mlp.down_proj.forward_add_rms_norm(self.mlp(x), residual, next_norm, eps,
+                                                       fused)
+
+
+def _decode_layer(layer, *args):
+    """A decoder layer in a decode step (T = 1): what torch.compile compiles for decode."""
+    return layer(*args)
+
+
+def _prefill_layer(layer, *args):
+    """A decoder layer in a prefill (T > 1): compiled apart from decode, shapes automatic."""
+    return layer(*args)
+
 
 class LlamaTP(nn.Module):
     """One rank's shard of a Llama model.
@@ -256,6 +281,25 @@ class LlamaTP(nn.Module):
                                             dtype=dtype, device=device)
         self.max_batch = self.max_seq = 0
         self.cos = self.sin = None
+        self._compiled_fns = None
+        self.compiled = False     # run the compiled layers (after enable_compile)
+
+    def enable_compile(self, backend: str = "inductor", **kwargs) -> None:
+        """Compile the decoder layer with ``torch.compile`` and use it (``compiled = True``;
+        set ``compiled = False`` to run eagerly again, the compiled code kept).
+
+        Regional compilation: the layers share one compiled graph per shape, so the compile
+        time is one layer's, not the model's. Decode steps compile with static shapes (one
+        graph per batch size, fit for CUDA graphs); prefills with automatic dynamic shapes (a
+        second prompt length makes the length symbolic instead of compiling again).
+        ``kwargs`` go to torch.compile (mode, options, ...). The collectives are
+        torch.ops.tpcomm nodes; a communicator whose calls torch.compile cannot trace would
+        break the graph there and still run. Compiles once; later calls only switch it on."""
+        if self._compiled_fns is None:
+            self._compiled_fns = (
+                torch.compile(_decode_layer, backend=backend, dynamic=False, **kwargs),
+                torch.compile(_prefill_layer, backend=backend, **kwargs))
+        self.compiled = True
 
     def set_comm(self, comm) -> None:
         """Switch the communication backend (same world and rank) without touching weights."""
@@ -303,13 +347,12 @@ class LlamaTP(nn.Module):
         residual = F.embedding(tokens, self.embed_tokens)            # [B, T, H]
         x = rms_norm(residual, self.layers[0].input_layernorm, eps)
         n = len(self.layers)
+        fns = self._compiled_fns if self.compiled else (_decode_layer, _prefill_layer)
+        run = fns[0 if T == 1 and not fresh else 1]
         for i, layer in enumerate(self.layers):
-            a = layer.self_attn(x, cos, sin, input_pos, kv_len, fresh)
-            x, residual = layer.self_attn.o_proj.forward_add_rms_norm(
-                a, residual, layer.post_attention_layernorm, eps, fused)
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < n else self.norm
-            x, residual = layer.mlp.down_proj.forward_add_rms_norm(
-                layer.mlp(x), residual, next_norm, eps, fused)
+            x, residual = run(layer, x, residual, cos, sin, input_pos, kv_len, fresh, next_norm,
+                              eps, fused)
         if last_only:
             x = x[:, -1:]
         return self.gather_logits(self.lm_head(x))

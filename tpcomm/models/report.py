@@ -48,18 +48,50 @@ def _breakdown(rows: list[dict]) -> tuple[list, list]:
     return head, body
 
 
-def _title(meta: dict, phase: str) -> str:
+def _first_calls(rows: list[dict]) -> tuple[list, list]:
+    """(header, body): seconds of each variant's first call (compilation and CUDA-graph capture
+    included) per phase and size; empty unless the run compiled."""
+    mine = [r for r in rows if "first_call_s" in r]
+    if not mine or not any(r["comm"].endswith("+compile") for r in mine):
+        return [], []
+    labels = list(dict.fromkeys(r["comm"] for r in mine))
+    head = ["phase", "size"] + [f"{c} (s)" for c in labels]
+    body = []
+    for phase, key in (("decode", "batch"), ("prefill", "tokens")):
+        for size in dict.fromkeys(r[key] for r in mine if r["phase"] == phase):
+            by = {r["comm"]: r for r in mine if r["phase"] == phase and r[key] == size}
+            body.append([phase, str(size)] + [f"{by[c]['first_call_s']:.1f}" if c in by else "-"
+                                              for c in labels])
+    return head, body
+
+
+def _section(meta, rows, checks, phase):
     if phase == "breakdown":
-        return ("decode step breakdown, measured on rank 0 with torch.profiler over 5 eager "
-                "steps (see tpcomm/models/breakdown.py for what each column counts)")
+        return _breakdown(rows)
+    if phase == "first_calls":
+        return _first_calls(rows)
+    return _table(meta, rows, checks, phase)
+
+
+PHASES = ("decode", "prefill", "breakdown", "first_calls")
+
+
+def _title(meta: dict, phase: str) -> str:
+    if phase == "first_calls":
+        return (f"first call of each variant, seconds (untimed: compilation and CUDA-graph "
+                f"capture included); graph breaks: {meta.get('graph_breaks', 0)}")
+    if phase == "breakdown":
+        return ("decode step breakdown, measured on rank 0 with torch.profiler over 5 steps "
+                "outside CUDA graphs (compiled variants compiled; see "
+                "tpcomm/models/breakdown.py for what each column counts)")
     c = meta["config"]
     rounds = f", median of {c['rounds']} interleaved rounds" if c.get("rounds", 1) > 1 else ""
     if phase == "decode":
         how = "CUDA graph" if meta["graph"] else "eager"
         return (f"decode: TPOT = median time per step ({c['decode_tokens']} timed steps, {how}), "
                 f"context {c['context']} tokens{rounds}; tok/s = batch / TPOT")
-    return (f"prefill: TTFT = prompt to first token (batch {c['ttft_batch']}, eager, median of "
-            f"{c['reps']}{rounds}); tok/s = prompt tokens / TTFT")
+    return (f"prefill: TTFT = prompt to first token (batch {c['ttft_batch']}, no CUDA graph, "
+            f"median of {c['reps']}{rounds}); tok/s = prompt tokens / TTFT")
 
 
 def _header_lines(meta: dict) -> list[str]:
@@ -79,9 +111,8 @@ def _header_lines(meta: dict) -> list[str]:
 
 def format_text(meta: dict, rows: list[dict], checks: list[dict]) -> str:
     lines = [f"# {s}" for s in _header_lines(meta)]
-    for phase in ("decode", "prefill", "breakdown"):
-        head, body = (_breakdown(rows) if phase == "breakdown"
-                      else _table(meta, rows, checks, phase))
+    for phase in PHASES:
+        head, body = _section(meta, rows, checks, phase)
         if not head:
             continue
         widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head[:-1])]
@@ -97,9 +128,8 @@ def format_markdown(meta: dict, rows: list[dict], checks: list[dict],
     out = [f"# {_header_lines(meta)[0]}", ""]
     out += [f"- {s}" for s in _header_lines(meta)[1:5]]
     out += ["", "Command:", "", "```", meta["command"], "```"]
-    for phase in ("decode", "prefill", "breakdown"):
-        head, body = (_breakdown(rows) if phase == "breakdown"
-                      else _table(meta, rows, checks, phase))
+    for phase in PHASES:
+        head, body = _section(meta, rows, checks, phase)
         if not head:
             continue
         out += ["", f"## {_title(meta, phase)}", "",

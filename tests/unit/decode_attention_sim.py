@@ -1,0 +1,82 @@
+"""The decode attention kernel (tpcomm/kernels/decode_attention.py) under Triton's interpreter:
+RoPE, the cache write at the position read on the device, attention up to it, against torch
+ops; then the tiny TP model decoding through it against the model's torch path. Prints ALL OK.
+
+float32 and float16 (the interpreter's bfloat16 dot is wrong: bfloat16 runs on the GPU test).
+"""
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+import triton.language as tl  # noqa: E402
+import triton.runtime.interpreter as interp  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from tpcomm.models.attention import _launch, decode_attention_reference  # noqa: E402
+
+_orig_patch = interp._patch_lang
+
+
+def _patch(fn):   # numpy >= 2.4 refuses int() of a 1-element array (the interpreter's scalars)
+    r = _orig_patch(fn)
+    tl.tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+    return r
+
+
+interp._patch_lang = _patch
+
+CASES = [  # B, HQ, HK, D, S, pos, dtype
+    (2, 8, 4, 32, 100, 37, torch.float32), (1, 4, 1, 16, 200, 199, torch.float32),
+    (3, 6, 2, 24, 70, 0, torch.float32), (1, 8, 8, 32, 130, 64, torch.float32),
+    (1, 8, 8, 32, 130, 63, torch.float32), (2, 8, 2, 64, 300, 150, torch.float16)]
+
+
+def kernel_cases():
+    g = torch.Generator().manual_seed(0)
+    for B, HQ, HK, D, S, pos, dt in CASES:
+        qkv = torch.randn(B, (HQ + 2 * HK) * D, generator=g).to(dt)
+        cos, sin = torch.randn(D, generator=g).to(dt), torch.randn(D, generator=g).to(dt)
+        kc = torch.randn(B + 1, HK, S, D, generator=g).to(dt)
+        vc = torch.randn(B + 1, HK, S, D, generator=g).to(dt)
+        kr, vr = kc.double(), vc.double()          # the reference's copies
+        kc[:, :, pos + 1:] = float("nan")          # never read by the kernel: NaN changes nothing
+        vc[:, :, pos + 1:] = float("nan")
+        p = torch.tensor([pos])
+        out = _launch(qkv, cos, sin, kc, vc, p)
+        want = decode_attention_reference(qkv.double(), cos.double(), sin.double(), kr, vr, p)
+        tol = 1e-5 if dt == torch.float32 else 2e-3
+        err = float((out.double() - want).abs().max())
+        assert err <= tol, (B, HQ, HK, D, S, pos, dt, err)
+        # the cache: this step's k (roped) and v at pos, everything before untouched
+        assert torch.equal(vc[:B, :, pos], vr[:B, :, pos].to(dt)), (B, HQ, HK, D, S, pos)
+        kerr = float((kc[:B, :, pos].double() - kr[:B, :, pos]).abs().max())
+        assert kerr <= tol * 10, kerr
+        assert torch.equal(kc[:, :, :pos], kr[:, :, :pos].to(dt))
+        assert torch.equal(kc[B:, :, :pos + 1], kr[B:, :, :pos + 1].to(dt))  # other rows
+        print("kernel", (B, HQ, HK, D, S, pos, dt), f"max err {err:.2e}", flush=True)
+
+
+def model_case():
+    """The tiny model (GQA 8/4 heads, D 32), batch 2: decode through the kernel gives the
+    tokens of the torch path."""
+    from tpcomm.models.comm import TorchDistComm
+    from tpcomm.models.generate import Generator
+    from tpcomm.models.llama import get_config
+    from tpcomm.models.weights import build_model
+    model = build_model(get_config("tiny"), TorchDistComm(), seed=3)
+    prompt = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
+    got = Generator(model, 2, 16).generate(prompt, 3)
+    os.environ["TRITON_INTERPRET"] = "0"     # the torch path (masked attention)
+    want = Generator(model, 2, 16).generate(prompt, 3)
+    os.environ["TRITON_INTERPRET"] = "1"
+    assert torch.equal(got, want), (got, want)
+    print("model tokens", got.tolist(), flush=True)
+
+
+if __name__ == "__main__":
+    kernel_cases()
+    model_case()
+    print("ALL OK")
