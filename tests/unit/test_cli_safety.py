@@ -133,7 +133,9 @@ def test_closed_pipe_ends_the_command_quietly():
     err = proc.stderr.read().decode()
     proc.stderr.close()
     assert first.startswith(b"# tpcomm plan")
-    assert code == EXIT_BROKEN_PIPE and err == "", err
+    # 141 when a write found the pipe closed; 0 when the whole output fitted in the pipe's
+    # buffer before the reader went away (a race the test cannot steer): quiet either way
+    assert code in (0, EXIT_BROKEN_PIPE) and err == "", (code, err)
 
 
 # ---------------------------------------------------------------- TPCOMM_* values
