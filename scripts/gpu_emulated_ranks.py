@@ -1,7 +1,7 @@
 """tpcomm's GPU kernels with R emulated ranks on ONE GPU: correctness, graphs, soak, fused ops.
 
-Each emulated rank is a :class:`tpcomm.cuda.backend.P2PCollectives` over its own buffer on the
-same GPU (``tpcomm.memory.emulated``) and launches on its own CUDA stream, so the R ranks'
+Each emulated rank is a :class:`tpcomm.cuda.p2p_collectives.P2PCollectives` over its own buffer on the
+same GPU (``tpcomm.cuda.emulated``) and launches on its own CUDA stream, so the R ranks'
 kernels run at the same time and talk through the same push/poll/flag protocol they use over
 NVLink. What this shows: the kernels compile for the GPU, give exact sums and bitwise-equal
 results across ranks on the GPU's memory model, survive CUDA-graph capture and replays with
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tpcomm.errors import PeerTimeoutError  # noqa: E402
-from tpcomm.memory.emulated import make_emulated_group  # noqa: E402
+from tpcomm.cuda.emulated import make_emulated_group  # noqa: E402
 from tpcomm.reference import add_rms_norm  # noqa: E402
 from tpcomm.testing import exact  # noqa: E402
 

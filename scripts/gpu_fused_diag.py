@@ -7,7 +7,7 @@ os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tpcomm.memory.emulated import make_emulated_group  # noqa: E402
+from tpcomm.cuda.emulated import make_emulated_group  # noqa: E402
 
 DEV = torch.device("cuda", 0)
 

@@ -61,7 +61,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from tpcomm.bench.fused_gemm import rel_err, time_us, world1_engine  # noqa: E402
-from tpcomm.cuda.backend import Layout  # noqa: E402
+from tpcomm.cuda.p2p_collectives import Layout  # noqa: E402
 from tpcomm.kernels import _gemm  # noqa: E402
 
 G = _gemm.GemmConfig

@@ -22,7 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import tpcomm  # noqa: E402
-from tpcomm.launch import spawn  # noqa: E402
+from tpcomm.groups.launch import spawn  # noqa: E402
 from tpcomm.testing import exact  # noqa: E402
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",

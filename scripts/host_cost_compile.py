@@ -54,7 +54,7 @@ def _rank(rank, world, calls, reps):
     import torch.distributed as dist
 
     import tpcomm
-    from tpcomm.launch import init_rank
+    from tpcomm.groups.launch import init_rank
     init_rank("cpu", rank, 1)
     with tpcomm.Communicator() as comm:
         dist.barrier()
@@ -68,7 +68,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--json")
     args = ap.parse_args()
-    from tpcomm.launch import spawn
+    from tpcomm.groups.launch import spawn
     check = timeit.Timer("f()", globals={"f": torch.compiler.is_dynamo_compiling})
     n = 200_000
     check_ns = min(check.repeat(5, n)) / n * 1e9

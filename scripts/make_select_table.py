@@ -1,7 +1,7 @@
-"""Write tpcomm/cuda/select_table.py from scripts/gpu_timing.py measurements.
+"""Write tpcomm/selection/select_table.py from scripts/gpu_timing.py measurements.
 
     python scripts/make_select_table.py timing-w2.json timing-w4.json \
-        [-o tpcomm/cuda/select_table.py]
+        [-o tpcomm/selection/select_table.py]
 
 Rule, per world size and measured size s (sorted): the fastest of tpcomm's algorithms wins if it
 is under 0.97 x NCCL's time there (a 3 % margin against noise), else "torch". A size n uses the

@@ -112,7 +112,7 @@ def run_graph(comm, args, rank, world, device):
 
 def worker(rank, world, args):
     import tpcomm
-    from tpcomm.launch import init_rank
+    from tpcomm.groups.launch import init_rank
     device = init_rank(args.device, rank)
     t0 = time.time()
     with tpcomm.Communicator(device=device, timeout_s=args.timeout_s) as comm:
@@ -143,7 +143,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.graph and args.device != "cuda":
         p.error("--graph needs --device cuda")
-    from tpcomm.launch import spawn, under_torchrun
+    from tpcomm.groups.launch import spawn, under_torchrun
     if under_torchrun():
         results = [worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)]
     else:

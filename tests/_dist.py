@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tpcomm.launch import init_rank, spawn
+from tpcomm.groups.launch import init_rank, spawn
 from tpcomm.testing import exact
 
 

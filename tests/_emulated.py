@@ -2,7 +2,7 @@
 Communicator adds across ranks (CUDA graphs, torch.compile) where a single GPU is all there is.
 
 Each is a real :class:`tpcomm.Communicator` (made on a torch.distributed group of one) whose
-engine is replaced by an emulated rank's GPU engine (``tpcomm.memory.emulated``: R engines over
+engine is replaced by an emulated rank's GPU engine (``tpcomm.cuda.emulated``: R engines over
 R buffers of one GPU, reaching each other's memory by address as over NVLink). Every rank has
 its own CUDA stream; :meth:`EmulatedRanks.run` launches ``fn(r)`` on rank r's stream for every
 r (the R ranks' kernels must run at the same time: they wait for each other), and joins.
@@ -42,8 +42,8 @@ class EmulatedRanks:
     def __init__(self, world: int, *, max_bytes: int = 8 << 20, timeout_s: float = 10.0,
                  device=None):
         import tpcomm
-        from tpcomm.memory.emulated import make_emulated_group
-        from tpcomm.select import Topology
+        from tpcomm.cuda.emulated import make_emulated_group
+        from tpcomm.selection.select import Topology
         init_single_process_group()
         self.device = torch.device("cuda", 0) if device is None else torch.device(device)
         self.world = world

@@ -8,18 +8,17 @@ over NVLink peer memory; CPU: POSIX shared memory), with torch.distributed as th
     with tpcomm.Communicator() as comm:
         y = comm.all_reduce(x)
 """
-from .communicator import Communicator
+from .communicator import Communicator, HierarchicalAllReduce
 from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
                      PeerDiedError, PeerTimeoutError, TpcommError)
-from .overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
-                      overlap_chunks)
-from .select import Topology, select_algorithm
+from .ops.overlap import all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter, overlap_chunks
+from .selection.select import Topology, select_algorithm
 from .settings import Settings, SettingsError, get_settings
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Communicator", "CommunicatorBrokenError", "CommunicatorClosedError", "MismatchError",
+    "Communicator", "HierarchicalAllReduce", "CommunicatorBrokenError", "CommunicatorClosedError", "MismatchError",
     "PeerDiedError", "PeerTimeoutError", "TpcommError", "Topology", "select_algorithm",
     "Settings", "get_settings", "__version__", "matmul_all_reduce", "matmul_reduce_scatter",
     "all_gather_matmul", "overlap_chunks", "SettingsError",

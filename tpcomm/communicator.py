@@ -1,7 +1,7 @@
 """Communicator: tpcomm's collectives over one torch.distributed process group.
 
 It owns the registered buffers (one symmetric buffer per rank, set up once), validates every
-call, picks the algorithm (``tpcomm.select``), chunks calls larger than its buffer, keeps
+call, picks the algorithm (``tpcomm.selection.select``), chunks calls larger than its buffer, keeps
 statistics, and sends whatever tpcomm cannot do to torch.distributed, logging the first fallback
 of each reason once.
 
@@ -20,11 +20,12 @@ import torch
 from . import flight_recorder, reference
 from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
                      TpcommError)
-from .group import GroupInfo, GroupStore
-from .select import (FALLBACK_DTYPES, FAST_DTYPES, Topology, check_algorithm, fallback_reason,
-                     select_algorithm)
+from .groups.group import GroupInfo, GroupStore
+from .selection.select import (FALLBACK_DTYPES, FAST_DTYPES, Topology, check_algorithm,
+                               fallback_reason, select_algorithm)
 from .settings import get_settings
-from .topology import layout_of
+from .groups.topology import layout_of
+from .multinode.hierarchical import HierarchicalAllReduce as _TwoLevel
 
 log = logging.getLogger("tpcomm")
 _logged_reasons: set[str] = set()
@@ -173,7 +174,6 @@ class Communicator:
         if self._topology.nnodes > 1:
             # never build the flat backend across a node boundary: the two-level all-reduce
             # builds one per node, and everything else goes to torch.distributed
-            from .hierarchical import HierarchicalAllReduce
             self._two_level = HierarchicalAllReduce(self.group, device=self.device,
                                                     max_bytes=self.max_bytes,
                                                     timeout_s=self.timeout_s)
@@ -191,7 +191,7 @@ class Communicator:
             return ShmCollectives(buf, self.timeout_s)
         if get_settings().nccl_p2p_disable:
             raise TpcommError("NCCL_P2P_DISABLE=1: no peer-to-peer access between the GPUs")
-        from .cuda.backend import make_cuda_backend
+        from .cuda.p2p_collectives import make_cuda_backend
         return make_cuda_backend(self._info, self.device, self.max_bytes, self.timeout_s)
 
     @property
@@ -669,3 +669,12 @@ class Communicator:
                                     f"called {'the same op' if row[0] == rows[self.rank][0] else 'another op'} "
                                     f"with {row[1]} elements (dtype code {row[2]}); every rank "
                                     f"must call the same collective with the same size and dtype")
+
+
+class HierarchicalAllReduce(_TwoLevel):
+    """The two-level all-reduce for groups that span nodes
+    (:class:`tpcomm.multinode.hierarchical.HierarchicalAllReduce`), with a :class:`Communicator`
+    inside each node; the same arguments but ``intra_factory``."""
+
+    def __init__(self, group=None, **kwargs):
+        super().__init__(group, intra_factory=Communicator, **kwargs)

@@ -45,7 +45,7 @@ def _stderr_on_a_tty(argv, timeout_s=180):
 
 
 @pytest.mark.parametrize("argv,steps", [
-    (["tpcomm.hierarchical_bench", "--device", "cpu", "-b", "4K", "-e", "16K", "--iters", "1",
+    (["tpcomm.bench.two_level", "--device", "cpu", "-b", "4K", "-e", "16K", "--iters", "1",
       "--reps", "1", "--warmup", "0"], ["  0/4 4K two_level", "  1/4 4K flat", "  3/4 16K flat"]),
     (["tpcomm", "plan", "--measured", "--sizes", "1M"],
      ["  0/3 fitting: baseline rows", "  2/3 fitting: cross-check"]),

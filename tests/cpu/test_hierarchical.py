@@ -16,8 +16,8 @@ import torch.distributed as dist
 import tpcomm
 from _dist import exact_input, init_gloo, run
 from tpcomm.errors import TpcommError
-from tpcomm.hierarchical import HierarchicalAllReduce
-from tpcomm.topology import TopologyError
+from tpcomm import HierarchicalAllReduce
+from tpcomm.groups.topology import TopologyError
 
 pytestmark = pytest.mark.cpu
 
@@ -179,7 +179,7 @@ def test_emulated_multinode_layouts_match_flat_gloo():
 
 
 def test_transport_not_built_is_said_plainly():
-    from tpcomm.transport import make_transport
+    from tpcomm.multinode.transport import make_transport
     with pytest.raises(NotImplementedError, match="not implemented"):
         make_transport("nvshmem", None)
     with pytest.raises(ValueError, match="unknown inter-node transport"):
@@ -188,9 +188,9 @@ def test_transport_not_built_is_said_plainly():
 
 
 def test_benchmark_script_checks_and_times(tmp_path, capsys):
-    """python -m tpcomm.hierarchical_bench end to end, 2 ranks as 2 nodes x 1, tiny sizes (the
+    """python -m tpcomm.bench.two_level end to end, 2 ranks as 2 nodes x 1, tiny sizes (the
     GPU run that produces the timing table uses the same script)."""
-    from tpcomm import hierarchical_bench
+    from tpcomm.bench import two_level as hierarchical_bench
     md = tmp_path / "h.md"
     rc = hierarchical_bench.main(["--nproc", "2", "--ranks-per-node", "1", "--device", "cpu",
                                   "-b", "4K", "-e", "64K", "--iters", "2", "--reps", "1",

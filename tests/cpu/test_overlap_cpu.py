@@ -1,4 +1,4 @@
-"""The overlap ops (tpcomm.overlap) on 2 and 3 CPU ranks against torch.distributed.
+"""The overlap ops (tpcomm.ops.overlap) on 2 and 3 CPU ranks against torch.distributed.
 
 Inputs are small integers (``tpcomm.testing.exact``) in float32: every product and sum is
 exact, so each op must equal the unfused reference (GEMM, then the gloo collective) bitwise,
@@ -19,9 +19,9 @@ import torch.distributed as dist
 import tpcomm
 from _dist import init_gloo, run
 from tpcomm import reference
-from tpcomm.layers import ColumnParallelLinear, RowParallelLinear
+from tpcomm.models.layers import ColumnParallelLinear, RowParallelLinear
 from tpcomm.models.comm import TorchDistComm
-from tpcomm.overlap import chunk_bounds
+from tpcomm.ops.overlap import chunk_bounds
 from tpcomm.testing import exact
 
 pytestmark = pytest.mark.cpu

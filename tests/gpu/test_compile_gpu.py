@@ -72,7 +72,7 @@ def test_decode_attention_kernel_stops_at_the_length_read_on_the_device(dtype):
 def _model_world1(rank, world, dtype_name):
     from torch._dynamo.utils import counters
 
-    from tpcomm.launch import init_rank
+    from tpcomm.groups.launch import init_rank
     from tpcomm.models.comm import make_comm
     from tpcomm.models.generate import Generator
     from tpcomm.models.llama import get_config
@@ -101,7 +101,7 @@ def _model_world1(rank, world, dtype_name):
 
 @needs_gpu
 def test_compiled_model_world1_gives_the_tokens_of_the_eager_model():
-    from tpcomm.launch import spawn
+    from tpcomm.groups.launch import spawn
     from tpcomm.models.comm import TorchDistComm
     from tpcomm.models.generate import Generator
     from tpcomm.models.llama import get_config
@@ -124,7 +124,7 @@ def test_compiled_model_world1_gives_the_tokens_of_the_eager_model():
 
 def _ops_2_gpus(rank, world):
     import tpcomm
-    from tpcomm.launch import init_rank
+    from tpcomm.groups.launch import init_rank
     from tpcomm.testing import exact
     dev = init_rank("cuda", rank)
     out = {"wrong": []}
@@ -177,7 +177,7 @@ def _ops_2_gpus(rank, world):
 
 @needs_2_gpus
 def test_compiled_ops_in_a_cuda_graph_on_2_gpus():
-    from tpcomm.launch import spawn
+    from tpcomm.groups.launch import spawn
     for r in spawn(_ops_2_gpus, 2, env=ENV, timeout_s=600):
         assert not r["wrong"], r["wrong"]
         # captured, the ops ran tpcomm's kernels; eager, NCCL

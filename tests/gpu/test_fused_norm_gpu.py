@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import tpcomm
-from tpcomm.launch import spawn
+from tpcomm.groups.launch import spawn
 from tpcomm.reference import add_rms_norm
 from tpcomm.testing import exact
 

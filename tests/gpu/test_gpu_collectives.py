@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import tpcomm
-from tpcomm.launch import spawn
+from tpcomm.groups.launch import spawn
 from tpcomm.testing import exact
 
 pytestmark = pytest.mark.gpu

@@ -33,7 +33,7 @@ HIDDEN = 4096
 
 
 def _in_fresh_process(fn, *args):
-    from tpcomm.launch import spawn
+    from tpcomm.groups.launch import spawn
     return spawn(fn, 1, *args, env=ENV, timeout_s=400)[0]
 
 

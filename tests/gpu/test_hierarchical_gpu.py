@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tpcomm.launch import spawn
+from tpcomm.groups.launch import spawn
 from tpcomm.testing import exact
 
 pytestmark = pytest.mark.gpu
@@ -69,7 +69,7 @@ def _poison(t):
 
 
 def _matrix(rank, world, ranks_per_node, chunk_bytes):
-    from tpcomm.hierarchical import HierarchicalAllReduce
+    from tpcomm import HierarchicalAllReduce
     dev = _init_emulated(rank, ranks_per_node)
     ar = HierarchicalAllReduce(chunk_bytes=chunk_bytes)
     info = {"nnodes": ar.nnodes, "ranks_per_node": ar.ranks_per_node,
@@ -140,7 +140,7 @@ def _graph(rank, world):
     """Capturing a two-level all-reduce raises on every rank, at once, instead of hanging (its
     capture hung on the first GPU run, 2026-11-22); the object stays usable eagerly."""
     from tpcomm.errors import TpcommError
-    from tpcomm.hierarchical import HierarchicalAllReduce
+    from tpcomm import HierarchicalAllReduce
     dev = _init_emulated(rank, 2)
     ar = HierarchicalAllReduce(chunk_bytes=1 << 20)
     n = (4 << 20) // 2 + 3

@@ -53,7 +53,7 @@ def _ranks(rank, world, dtype_name):
 
 @needs_2_gpus
 def test_tp_model_on_2_gpus_float32_matches_unsharded_cpu_model():
-    from tpcomm.launch import spawn
+    from tpcomm.groups.launch import spawn
     from tpcomm.models.comm import TorchDistComm
     from tpcomm.models.generate import Generator
     from tpcomm.models.llama import get_config
@@ -73,8 +73,8 @@ def test_tp_model_on_2_gpus_float32_matches_unsharded_cpu_model():
 
 @needs_2_gpus
 def test_tp_model_on_2_gpus_bfloat16_backends_agree():
-    from tpcomm.launch import spawn
-    from tpcomm.models.bench import compare
+    from tpcomm.groups.launch import spawn
+    from tpcomm.bench.model import compare
     r = spawn(_ranks, 2, "bfloat16", timeout_s=600)[0]
     tokens = {k[0]: torch.from_numpy(v[0]) for k, v in r.items() if k[1]}
     logits = {k[0]: torch.from_numpy(v[1]) for k, v in r.items() if k[1]}
@@ -88,7 +88,7 @@ def test_bench_model_end_to_end_on_2_gpus(tmp_path, monkeypatch):
     import argparse
     import json
 
-    from tpcomm.models.cli import add_model_bench_args, run_model_bench
+    from tpcomm.bench.model_cli import add_model_bench_args, run_model_bench
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(k, raising=False)
     argv = ["--device", "cuda", "-n", "2", "--model", "tiny", "--batch", "1,8",

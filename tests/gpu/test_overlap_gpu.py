@@ -1,4 +1,4 @@
-"""The overlap ops (tpcomm.overlap) on GPUs: the streams-and-events pipeline against the
+"""The overlap ops (tpcomm.ops.overlap) on GPUs: the streams-and-events pipeline against the
 unfused reference (GEMM, then the NCCL collective).
 
 - world 2 and 4: float32 with small-integer inputs (exact, so bitwise equal to the reference
@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 import tpcomm
 from tpcomm import reference
-from tpcomm.launch import spawn
-from tpcomm.overlap import _SIDE_STREAMS
+from tpcomm.groups.launch import spawn
+from tpcomm.ops.overlap import _SIDE_STREAMS
 from tpcomm.testing import exact
 
 pytestmark = pytest.mark.gpu

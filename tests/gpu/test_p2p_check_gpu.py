@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import tpcomm
 from tpcomm.cuda import p2p_check
-from tpcomm.launch import init_rank, spawn
+from tpcomm.groups.launch import init_rank, spawn
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2,

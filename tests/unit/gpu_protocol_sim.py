@@ -23,7 +23,7 @@ import triton.runtime.interpreter as interp  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from tpcomm.errors import PeerTimeoutError  # noqa: E402
-from tpcomm.memory.emulated import EmulatedBuffer, make_emulated_group  # noqa: E402
+from tpcomm.cuda.emulated import EmulatedBuffer, make_emulated_group  # noqa: E402
 from tpcomm.testing import exact  # noqa: E402
 
 # ---- make the interpreter usable from several threads at once --------------------------------

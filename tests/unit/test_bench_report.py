@@ -8,7 +8,7 @@ import pytest
 from tpcomm.bench import cli as bench_cli
 from tpcomm.bench import plot, report
 from tpcomm.bench.backends import resolve_backends
-from tpcomm.bench.progress import Progress
+from tpcomm.cli.progress import Progress
 from tpcomm.bench.report import Row
 from tpcomm.cli import UsageError, build_parser, main
 

@@ -8,12 +8,12 @@ import sys
 import pytest
 
 import tpcomm
-from tpcomm import hierarchical_bench
+from tpcomm.bench import two_level as hierarchical_bench
 from tpcomm.bench import overlap as bench_overlap
 from tpcomm.bench import runner
 from tpcomm.cli import EXIT_BROKEN_PIPE, main
-from tpcomm.launch import usable_cores
-from tpcomm.models import bench as model_bench
+from tpcomm.groups.launch import usable_cores
+from tpcomm.bench import model as model_bench
 from tpcomm.settings import SettingsError, get_settings, reload_settings
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -37,7 +37,7 @@ def no_ranks(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     for module in (runner, bench_overlap, model_bench):
         monkeypatch.setattr(module, "spawn", _no_spawn)
-    monkeypatch.setattr("tpcomm.launch.spawn", _no_spawn)   # check, hierarchical_bench
+    monkeypatch.setattr("tpcomm.groups.launch.spawn", _no_spawn)   # check, hierarchical_bench
     yield
     monkeypatch.undo()
     reload_settings()
@@ -91,7 +91,7 @@ def test_output_paths_are_checked_before_the_run(name, flags, tmp_path, capsys):
 
 def _prog(name):
     if name == "hierarchical_bench":
-        return "python -m tpcomm.hierarchical_bench"
+        return "python -m tpcomm.bench.two_level"
     return f"tpcomm {name}"
 
 

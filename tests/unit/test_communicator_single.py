@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 import tpcomm
-from tpcomm.launch import free_port
+from tpcomm.groups.launch import free_port
 
 
 @pytest.fixture(scope="module")

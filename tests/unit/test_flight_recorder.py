@@ -36,7 +36,7 @@ def test_states_and_render():
 def test_sigusr1_dumps_every_live_communicator(tmp_path):
     script = textwrap.dedent("""
         import os, signal, torch, torch.distributed as dist, tpcomm
-        from tpcomm.launch import free_port
+        from tpcomm.groups.launch import free_port
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
         comm = tpcomm.Communicator()

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 @pytest.fixture(scope="module")
 def eng1():
-    from tpcomm.memory.emulated import make_emulated_group
+    from tpcomm.cuda.emulated import make_emulated_group
     backs, _ = make_emulated_group(1, 32 << 20, 132)   # the Communicator's default buffer
     return backs[0]
 
@@ -41,7 +41,7 @@ def test_gemm_config_per_op_follows_the_table(eng1):
 
 def test_pad_holds_the_all_gather_flags():
     """flags[src][row tile] after the barrier slot, world x MAX_T int64 words."""
-    from tpcomm.cuda.backend import Layout
+    from tpcomm.cuda.p2p_collectives import Layout
     from tpcomm.kernels.all_gather_matmul_fused import MAX_T
     for world in (1, 2, 4, 8):
         L = Layout.make(world, 32 << 20, 132)
@@ -50,7 +50,7 @@ def test_pad_holds_the_all_gather_flags():
 
 
 def test_refusals_name_the_op_and_the_limit():
-    from tpcomm.memory.emulated import make_emulated_group
+    from tpcomm.cuda.emulated import make_emulated_group
     backs, _ = make_emulated_group(2, 4096, 2)
     e = backs[0]
     with pytest.raises(ValueError, match=r"all_gather_matmul: a row of 2000 elements does not "

@@ -1,5 +1,5 @@
 """The GPU kernels' protocols on the CPU, through Triton's interpreter: each script runs several
-"ranks" as threads over CPU tensors (``tpcomm.memory.emulated``) and prints ALL OK.
+"ranks" as threads over CPU tensors (``tpcomm.cuda.emulated``) and prints ALL OK.
 
 - gpu_protocol_sim.py: every collective kernel (indexing, push/poll/clear, epoch rotation,
   chunking, the fused all-reduce + add + RMSNorm, the timeout path);

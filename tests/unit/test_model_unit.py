@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from tpcomm.layers import (ColumnParallelLinear, RowParallelLinear, kv_head_range, padded_size,
+from tpcomm.models.layers import (ColumnParallelLinear, RowParallelLinear, kv_head_range, padded_size,
                            shard_range)
 from tpcomm.models.comm import TorchDistComm, make_comm
 from tpcomm.models.generate import Generator
@@ -205,7 +205,7 @@ def test_make_comm_names_the_choices():
 
 # ---------------------------------------------------------------- benchmark arguments
 def _args(*argv):
-    from tpcomm.models.cli import add_model_bench_args
+    from tpcomm.bench.model_cli import add_model_bench_args
     p = add_model_bench_args(argparse.ArgumentParser())
     args = p.parse_args(list(argv))
     args.argv = ["bench", "model", *argv]
@@ -213,7 +213,7 @@ def _args(*argv):
 
 
 def test_bench_defaults_on_cpu(monkeypatch):
-    from tpcomm.models.cli import config_from_args
+    from tpcomm.bench.model_cli import config_from_args
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(k, raising=False)
     c = config_from_args(_args("--device", "cpu"))
@@ -232,7 +232,7 @@ def test_bench_defaults_on_cpu(monkeypatch):
 ])
 def test_bench_bad_arguments(argv, match, monkeypatch):
     from tpcomm.cli import UsageError
-    from tpcomm.models.cli import config_from_args
+    from tpcomm.bench.model_cli import config_from_args
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(UsageError, match=match):
@@ -240,7 +240,7 @@ def test_bench_bad_arguments(argv, match, monkeypatch):
 
 
 def test_compare_states_the_reason_when_tokens_differ():
-    from tpcomm.models.bench import compare
+    from tpcomm.bench.model import compare
     logits = {"a": torch.tensor([[10.0, 9.99]]), "b": torch.tensor([[9.99, 10.0]])}
     tokens = {"a": torch.tensor([[0, 1]]), "b": torch.tensor([[0, 2]])}
     ok = compare(tokens, logits, "a", "b", "bfloat16")

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 import tpcomm
-from tpcomm.layers import ColumnParallelLinear, RowParallelLinear
+from tpcomm.models.layers import ColumnParallelLinear, RowParallelLinear
 from tpcomm.models.comm import TorchDistComm
-from tpcomm.overlap import MAX_CHUNKS, MIN_CHUNK_ROWS, OPS, overlap_chunks
+from tpcomm.ops.overlap import MAX_CHUNKS, MIN_CHUNK_ROWS, OPS, overlap_chunks
 
 LLAMA70B_TP4 = (7168, 8192)   # down projection: K = 28672 / 4, N = hidden
 

@@ -1,9 +1,9 @@
 """The GPU selection table: pure, total, and NCCL wherever it is not measured."""
 import torch
 
-from tpcomm.cuda import select_table
-from tpcomm.cuda.select_table import select_cuda
-from tpcomm.select import ALGORITHMS
+from tpcomm.selection import select_table
+from tpcomm.selection.select_table import select_cuda
+from tpcomm.selection.select import ALGORITHMS
 
 SIZES = [0, 4, 2 << 10, 256 << 10, 1 << 20, 8 << 20, 64 << 20, 1 << 30]
 

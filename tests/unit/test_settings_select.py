@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from tpcomm import select
+from tpcomm.selection import select
 from tpcomm.cpu.shm_collectives import sum_in_rank_order
 from tpcomm.settings import parse_size, reload_settings
-from tpcomm.select import Topology, check_algorithm, select_algorithm
+from tpcomm.selection.select import Topology, check_algorithm, select_algorithm
 
 
 @pytest.fixture

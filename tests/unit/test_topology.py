@@ -2,9 +2,9 @@
 the checks on what peers report, and the pure chunking helpers of the two-level all-reduce."""
 import pytest
 
-from tpcomm.hierarchical import (ALIGN_ELEMS, chunk_numel_for, default_chunk_bytes,
+from tpcomm.multinode.hierarchical import (ALIGN_ELEMS, chunk_numel_for, default_chunk_bytes,
                                  plan_chunks)
-from tpcomm.topology import (TopologyError, check_gathered_layouts, group_layout,
+from tpcomm.groups.topology import (TopologyError, check_gathered_layouts, group_layout,
                              resolve_launch_layout)
 
 

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from ..cli import UsageError
-from ..launch import OVERSUBSCRIBE_FLAG, check_cpu_ranks, under_torchrun
+from ..cli.command import UsageError
+from ..groups.launch import OVERSUBSCRIBE_FLAG, check_cpu_ranks, under_torchrun
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -40,7 +40,7 @@ def resolve_device(device: str | None) -> str:
 
 
 def add_oversubscribe(p: argparse.ArgumentParser) -> None:
-    """The flag that lets -n exceed the usable cores (see :func:`tpcomm.launch.check_cpu_ranks`)."""
+    """The flag that lets -n exceed the usable cores (see :func:`tpcomm.groups.launch.check_cpu_ranks`)."""
     p.add_argument(OVERSUBSCRIBE_FLAG, action="store_true",
                    help="cpu: start -n ranks even where they outnumber the usable cores (slow, "
                         "and about 150 MB per rank)")

@@ -21,9 +21,9 @@ import sys
 
 import torch
 
-from ..cli import UsageError
-from ..launch import RankFailed
-from ..select import OPS, check_algorithm
+from ..cli.command import UsageError
+from ..groups.launch import RankFailed
+from ..selection.select import OPS, check_algorithm
 from ..settings import parse_size
 from . import plot, report, runner
 from .args import add_oversubscribe, check_output_path, positive_int, resolve_world
@@ -92,7 +92,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=main, parser=p)
     # sub-benchmarks: `tpcomm bench model ...`, `tpcomm bench overlap ...` (their own options
     # come after their name)
-    from ..models.cli import add_parser as add_model_parser
+    from .model_cli import add_parser as add_model_parser
     from .overlap import add_parser as add_overlap_parser
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=False)
     add_model_parser(kinds)

@@ -6,7 +6,7 @@ K = 7168, N = 8192), in one run:
 
 - ``torch_mm``: torch.mm (cuBLAS), the baseline of every ratio;
 - per op (matmul_reduce_scatter, all_gather_matmul, matmul_all_reduce): ``fused``, the GPU
-  engine's fused op over ONE emulated rank (``tpcomm.memory.emulated``, the Communicator's
+  engine's fused op over ONE emulated rank (``tpcomm.cuda.emulated``, the Communicator's
   default 32 MiB buffer, the grid of every SM): the whole protocol runs (rounds, epochs, the
   pushes into its own receive slots, the receive and the clearing; at world 1 the all-gather
   pushes nothing), and ``core``, the same GEMM core with the same tile config storing to a local
@@ -55,7 +55,7 @@ def time_us(fn, *, target_ms: float = 25.0, reps: int = 7) -> float:
 
 def world1_engine(device: torch.device, timeout_s: float = 20.0):
     """The GPU engine of one emulated rank with the Communicator's default buffer, on every SM."""
-    from ..memory.emulated import make_emulated_group
+    from ..cuda.emulated import make_emulated_group
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     backs, _ = make_emulated_group(1, MAX_BYTES, sms, device=device, timeout_s=timeout_s)
     return backs[0]

@@ -9,7 +9,7 @@ import subprocess
 
 import torch
 
-from ..launch import usable_cores
+from ..groups.launch import usable_cores
 
 
 def cpu_model() -> str:

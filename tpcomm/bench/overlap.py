@@ -47,10 +47,10 @@ import torch
 import torch.distributed as dist
 
 from .. import reference
-from ..cli import UsageError
-from ..launch import RankFailed, init_rank, spawn, under_torchrun
-from ..overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
-                       overlap_chunks)
+from ..cli.command import UsageError
+from ..groups.launch import RankFailed, init_rank, spawn, under_torchrun
+from ..ops.overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
+                           overlap_chunks)
 from .args import (add_oversubscribe, check_output_path, int_list, positive_int,
                    resolve_device, resolve_world)
 

@@ -9,7 +9,7 @@ from .report import Row, busbw_gbs, human_size
 
 def require_matplotlib():
     """The pyplot module, or a clear error telling how to install it."""
-    from ..cli import UsageError
+    from ..cli.command import UsageError
     try:
         import matplotlib
         matplotlib.use("Agg")   # files only: no display needed

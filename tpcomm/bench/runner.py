@@ -30,10 +30,10 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..launch import spawn, under_torchrun, usable_cores
+from ..groups.launch import spawn, under_torchrun, usable_cores
 from . import meta as meta_mod
 from .backends import IN_PLACE, NORM_OP, BenchBackend, Context, make_backend
-from .progress import Progress
+from ..cli.progress import Progress
 from .report import Row, human_size
 
 # Set in every rank before torch.distributed starts: NVLink multicast (NVLS) stays off, in NCCL,

@@ -1,7 +1,7 @@
 """The GPU engine's fused GEMM + collective ops: rounds, plans and streams around the kernels of
 ``kernels/matmul_reduce_scatter_fused.py`` and ``kernels/all_gather_matmul_fused.py``.
 
-Each function takes the engine (:class:`tpcomm.cuda.backend.P2PCollectives`: its symmetric
+Each function takes the engine (:class:`tpcomm.cuda.p2p_collectives.P2PCollectives`: its symmetric
 buffer's addresses, layout, error words, rank, timeout) and the push family's epoch counters,
 and only launches kernels on the current stream (plus, for the all-gather, a side stream that
 it joins before returning): no host synchronization, so the ops run eagerly and inside CUDA

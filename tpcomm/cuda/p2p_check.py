@@ -272,7 +272,7 @@ def verify_p2p(buf, probe_off: int, info, device: torch.device, timeout_s: float
         _last = P2PVerdict(ok=True, source="skipped", reason="TPCOMM_P2P_CHECK=0")
         return None
     if store is None:
-        from ..group import GroupStore
+        from ..groups.group import GroupStore
         store = GroupStore(info, "p2p_check", timeout_s)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         reason, verdict = _verify(buf, probe_off, probe_nbytes, device, timeout_s, store,

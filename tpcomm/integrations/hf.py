@@ -10,7 +10,7 @@ keep their columns (row-parallel) and get a forward hook that all-reduces their 
 with ``comm.all_reduce_``; the attention module's head counts become the local ones. The
 embedding, the norms and the LM head stay replicated (they are small next to the layers, and
 replicated logits need no gather). KV heads fewer than the ranks are replicated, as in
-:func:`tpcomm.layers.kv_head_range`.
+:func:`tpcomm.models.layers.kv_head_range`.
 
 ``transformers`` is not a dependency of tpcomm: this module uses only the model object it is
 given (``llama_for_causal_lm`` builds one and says how to install transformers if missing).
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import kv_head_range, shard_range
+from ..models.layers import kv_head_range, shard_range
 
 TRANSFORMERS_HINT = ("the Hugging Face integration needs transformers: pip install transformers "
                      "(on a CPU machine install the CPU build of torch first)")

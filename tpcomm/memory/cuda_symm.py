@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import TpcommError
-from ..group import GroupInfo, GroupStore
+from ..groups.group import GroupInfo, GroupStore
 from .base import SymmetricBuffer
 
 PAD_ALIGN = 4096

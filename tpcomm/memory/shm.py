@@ -28,7 +28,7 @@ import threading
 import torch
 
 from ..errors import TpcommError
-from ..group import GroupInfo, GroupStore
+from ..groups.group import GroupInfo, GroupStore
 from .base import SymmetricBuffer
 
 SIGNAL_PAD_NBYTES = 4096

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import (ColumnParallelLinear, RowParallelLinear, kv_head_range, padded_size,
-                      rms_norm, shard_range)
+from .layers import (ColumnParallelLinear, RowParallelLinear, kv_head_range, padded_size, rms_norm,
+                     shard_range)
 from .attention import apply_rope, decode_attention, use_kernel
 
 

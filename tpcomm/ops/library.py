@@ -164,7 +164,7 @@ def _(x, residual, weight, eps, comm, algorithm):
 @custom_op("tpcomm::matmul_all_reduce", mutates_args=())
 def matmul_all_reduce(a: torch.Tensor, b: torch.Tensor, comm: str,
                       chunks: Optional[int]) -> torch.Tensor:
-    from ..overlap import matmul_all_reduce as fn
+    from .overlap import matmul_all_reduce as fn
     return fn(a, b, lookup(comm), chunks=chunks)
 
 
@@ -176,7 +176,7 @@ def _(a, b, comm, chunks):
 @custom_op("tpcomm::matmul_reduce_scatter", mutates_args=())
 def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, comm: str, chunks: Optional[int],
                           method: str) -> torch.Tensor:
-    from ..overlap import matmul_reduce_scatter as fn
+    from .overlap import matmul_reduce_scatter as fn
     return fn(a, b, lookup(comm), chunks=chunks, method=method)
 
 
@@ -192,7 +192,7 @@ def _(a, b, comm, chunks, method):
 @custom_op("tpcomm::all_gather_matmul", mutates_args=())
 def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor, comm: str, chunks: Optional[int],
                       return_gathered: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..overlap import all_gather_matmul as fn
+    from .overlap import all_gather_matmul as fn
     if return_gathered:
         return fn(a_shard, b, lookup(comm), chunks=chunks, return_gathered=True)
     return fn(a_shard, b, lookup(comm), chunks=chunks), a_shard.new_empty(0)

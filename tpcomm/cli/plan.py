@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 
-from . import cost_data, cost_model
-from .settings import parse_size
+from ..selection import cost_data, cost_model
+from ..settings import parse_size
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"
 
@@ -20,7 +20,7 @@ DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"
 def add_plan_parser(subparsers):
     p = subparsers.add_parser(
         "plan", help="predict all-reduce times for a topology and pick the algorithm",
-        description="Predict all-reduce time per algorithm from the cost model (tpcomm.cost_model: "
+        description="Predict all-reduce time per algorithm from the cost model (tpcomm.selection.cost_model: "
                     "latency + bandwidth terms per link, fitted to measured H200 times) for the "
                     "topology described, and say which algorithm and pipeline chunk it picks.")
     p.add_argument("--nodes", type=_positive, default=1, help="nodes (default 1)")
@@ -51,7 +51,7 @@ def add_plan_parser(subparsers):
     return p
 
 
-add_parser = add_plan_parser        # the name tpcomm/cli.py looks for
+add_parser = add_plan_parser        # the name tpcomm/cli/main.py looks for
 
 
 def _positive(text: str) -> int:
@@ -63,7 +63,7 @@ def _positive(text: str) -> int:
 
 def _usage_error(msg: str):
     try:
-        from .cli import UsageError
+        from .command import UsageError
     except ImportError:          # tpcomm.cli not there: plain ValueError
         UsageError = ValueError  # noqa: N806
     return UsageError(msg)
@@ -234,7 +234,7 @@ def _worst(rows: list[dict], key: str) -> str:
 def format_tpcomm_fit(table: list[dict], cross: list[dict]) -> str:
     """tpcomm's own kernels: prediction next to every measurement; then the NCCL / symm_mem
     rows of the same runs against the baseline terms (not fitted to them)."""
-    lines = ["# tpcomm kernels: fitted to tpcomm/cost_data_tpcomm.py (from benchmarks/"
+    lines = ["# tpcomm kernels: fitted to tpcomm/selection/cost_data_tpcomm.py (from benchmarks/"
              "results/timing-h200x*.json, gpu-h200x*.json)",
              *("#   " + s for s in cost_model.describe_tpcomm().splitlines()),
              "# loso: that size left out of the fit; world: fitted on the other world size only",
@@ -261,7 +261,7 @@ def format_tpcomm_fit(table: list[dict], cross: list[dict]) -> str:
 def _measured_tables(rows_in, show_progress: bool) -> tuple[list, list, list]:
     """The fit tables of --measured (a few seconds: every row is also left out and refitted),
     with a progress bar on a terminal."""
-    from .bench.progress import Progress
+    from .progress import Progress
     steps = (("baseline rows, each left out", lambda: cost_model.error_table(rows_in)),
              ("tpcomm kernels, each size left out", cost_model.tpcomm_error_table),
              ("cross-check", cost_model.crosscheck_table))

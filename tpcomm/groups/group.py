@@ -13,7 +13,7 @@ import threading
 
 import torch.distributed as dist
 
-from .errors import TpcommError
+from ..errors import TpcommError
 
 _instances: collections.Counter = collections.Counter()
 _instances_lock = threading.Lock()

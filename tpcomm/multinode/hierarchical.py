@@ -47,21 +47,21 @@ import collections
 import contextlib
 import threading
 import time
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
 
-from . import reference
-from .communicator import Communicator
-from .errors import (CommunicatorBrokenError, CommunicatorClosedError, TpcommError)
-from .group import GroupInfo, GroupStore
-from .select import FALLBACK_DTYPES, FAST_DTYPES
-from .settings import get_settings
-from .topology import GroupLayout, layout_of, verify_layout
+from .. import reference
+from ..errors import CommunicatorBrokenError, CommunicatorClosedError, TpcommError
+from ..groups.group import GroupInfo, GroupStore
+from ..groups.topology import GroupLayout, layout_of, verify_layout
+from ..selection.select import FALLBACK_DTYPES, FAST_DTYPES
+from ..settings import get_settings
 from .transport import InterNodeTransport, make_transport
 
 # Pipeline chunk size, when the caller gives none.
-# GPU: from the cost model (tpcomm.cost_model.two_level_us, fitted on H200) for this group's
+# GPU: from the cost model (tpcomm.selection.cost_model.two_level_us, fitted on H200) for this group's
 # shape, with an assumed network of one 400 Gb/s NIC per GPU and 5 us per hop. The model says
 # chunking pays only while the network leg's latency per chunk (2(M-1) hops for a ring) stays
 # small next to its transfer: 2 nodes x 8 split 64 MiB into 4 chunks of 16 MiB, 8 nodes x 8 with
@@ -81,7 +81,7 @@ def default_chunk_bytes(nbytes: int, nnodes: int = 2, ranks_per_node: int = 2,
     """Chunk size for a message of ``nbytes`` (see the constants above); ``nbytes`` or more
     means one chunk."""
     if device_type == "cuda":
-        from . import cost_model
+        from ..selection import cost_model
         nic = cost_model.Nic(ranks_per_node, ASSUMED_NIC_PER_GPU_GBIT)
         cluster = cost_model.Cluster(nnodes, ranks_per_node, cost_model.h200(), nic)
         best = min((cost_model.two_level_us(nbytes, cluster, inter) for inter in ("ring", "tree")),
@@ -162,6 +162,25 @@ def _make_subgroups(info: GroupInfo, layout: GroupLayout, timeout_s: float):
     return intra, inter
 
 
+class IntraComm(Protocol):
+    """What the two-level all-reduce needs of its intra-node communicator (tpcomm's
+    :class:`~tpcomm.Communicator` is one; it comes in as a factory, so that this module does not
+    import the Communicator, which routes groups that span nodes here)."""
+    backend_name: str
+
+    def all_reduce(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def reduce_scatter(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def all_gather(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+# (intra-node group, device=..., max_bytes=..., timeout_s=...) -> its communicator
+IntraFactory = Callable[..., IntraComm]
+
+
 class HierarchicalAllReduce:
     """All-reduce over a group that spans nodes, in two levels (see the module docstring).
 
@@ -170,20 +189,23 @@ class HierarchicalAllReduce:
             builds it, in the same order relative to other tpcomm objects on the group.
         device: where tensors live (default: the current CUDA device for an NCCL group, else CPU).
         local_world_size: ranks per node; overrides TPCOMM_LOCAL_WORLD_SIZE and torchrun's
-            LOCAL_WORLD_SIZE (see tpcomm.topology).
+            LOCAL_WORLD_SIZE (see tpcomm.groups.topology).
         transport: the inter-node transport: a name (``"torch"``) or a callable taking this
             rank's cross-node sub-group and returning an :class:`InterNodeTransport`.
         chunk_bytes: pipeline chunk size (default: :func:`default_chunk_bytes` of each message,
             from the cost model on GPUs).
-        max_bytes, timeout_s: passed to the intra-node :class:`Communicator`.
+        intra_factory: builds the intra-node communicator,
+            ``intra_factory(group, device=, max_bytes=, timeout_s=)`` (tpcomm's
+            :class:`~tpcomm.Communicator`: ``tpcomm.HierarchicalAllReduce`` passes it).
+        max_bytes, timeout_s: passed to ``intra_factory``.
 
     ``close()`` (or the context manager) releases the intra-node Communicator's buffers. The
     torch.distributed sub-groups stay registered, like any ``new_group``, until
     ``torch.distributed.destroy_process_group()``.
     """
 
-    def __init__(self, group=None, *, device=None, local_world_size: int | None = None,
-                 transport="torch", chunk_bytes: int | None = None, max_bytes: int | None = None,
+    def __init__(self, group=None, *, intra_factory: IntraFactory, device=None,
+                 local_world_size: int | None = None, transport="torch", chunk_bytes: int | None = None, max_bytes: int | None = None,
                  timeout_s: float | None = None):
         settings = get_settings()
         self._info = GroupInfo.of(group)
@@ -208,14 +230,14 @@ class HierarchicalAllReduce:
         self._chunk_cache: dict[int, int] = {}
         # path -> calls, bytes, chunks, seconds
         self._stats = collections.defaultdict(lambda: [0, 0, 0, 0.0])
-        self.intra: Communicator | None = None
+        self.intra: IntraComm | None = None
         self.transport: InterNodeTransport | None = None
         self.intra_group, self.inter_group = _make_subgroups(self._info, self.layout,
                                                              self.timeout_s)
         try:
             if self.intra_group is not None:
-                self.intra = Communicator(self.intra_group, device=self.device,
-                                          max_bytes=max_bytes, timeout_s=self.timeout_s)
+                self.intra = intra_factory(self.intra_group, device=self.device,
+                                           max_bytes=max_bytes, timeout_s=self.timeout_s)
             if self.inter_group is not None:
                 self.transport = (make_transport(transport, self.inter_group)
                                   if isinstance(transport, str) else transport(self.inter_group))

@@ -3,7 +3,7 @@
 What the GPU backend needs from a buffer (``rank``, ``world_size``, ``device``, ``buffer_ptrs``,
 ``signal_pad_ptrs``, ``signal_pad(peer)``, ``local_data()``), over plain tensors of one device
 instead of memory mapped from other processes. Each emulated rank gets its own
-:class:`~tpcomm.cuda.backend.P2PCollectives` over such a buffer, and the kernels reach the other
+:class:`~tpcomm.cuda.p2p_collectives.P2PCollectives` over such a buffer, and the kernels reach the other
 ranks' buffers through raw addresses exactly as they reach peers through NVLink.
 
 Used by the protocol tests under Triton's CPU interpreter (ranks are threads over CPU tensors,
@@ -45,7 +45,7 @@ def make_emulated_group(world: int, max_bytes: int, grid: int, *, device="cpu",
 
     ``grid``: blocks of every kernel (keep ``world * grid`` small enough for all ranks' blocks
     to be resident at once on a GPU: the kernels wait for each other)."""
-    from ..cuda.backend import NUM_WARPS, Layout, P2PCollectives
+    from .p2p_collectives import NUM_WARPS, Layout, P2PCollectives
     layout = Layout.make(world, max_bytes, grid)
     pad = -(-layout.pad_bytes // PAD_ALIGN) * PAD_ALIGN
     tensors = []

@@ -36,7 +36,7 @@ import weakref
 
 import torch
 
-from . import reference
+from .. import reference
 
 OPS = ("all_reduce", "reduce_scatter", "all_gather")
 

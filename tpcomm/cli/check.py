@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from .launch import OVERSUBSCRIBE_FLAG, check_cpu_ranks
+from ..groups.launch import OVERSUBSCRIBE_FLAG, check_cpu_ranks
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 SIZES = [1, 7, 4096, 65537]   # elements: odd, tiny, a round size, more than one 64 KiB round
@@ -53,7 +53,7 @@ def environment() -> list[tuple[str, str]]:
         rows.append(("triton", "not installed (needed on GPUs only)"))
     st = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
     rows.append(("/dev/shm", f"{st.f_bavail * st.f_frsize / 2**30:.1f} GiB free" if st else "missing"))
-    from .cpu.shm_collectives import should_use_shm
+    from ..cpu.shm_collectives import should_use_shm
     rows.append(("CPU shm collectives", should_use_shm() or "usable"))
     if not torch.cuda.is_available():
         rows.append(("CUDA", "not available"))
@@ -82,8 +82,8 @@ def _cached_p2p() -> str:
     """The verdicts of the data-moving P2P check kept for this machine (TPCOMM_CACHE_DIR)."""
     import socket
 
-    from .cuda.p2p_check import cached_verdicts
-    from .settings import get_settings
+    from ..cuda.p2p_check import cached_verdicts
+    from ..settings import get_settings
     found = cached_verdicts(get_settings().cache_dir, socket.gethostname())
     if not found:
         return "none yet (the check runs when a GPU Communicator starts)"
@@ -93,7 +93,7 @@ def _cached_p2p() -> str:
 
 
 def _p2p_line() -> str:
-    from .cuda.p2p_check import last_verdict
+    from ..cuda.p2p_check import last_verdict
     v = last_verdict()
     if v is None:
         return "did not run (the fast path was vetoed before it)"
@@ -106,9 +106,9 @@ def _selftest(rank: int, world: int, device_type: str) -> list[tuple[str, str, i
     import torch.distributed as dist
 
     import tpcomm
-    from .launch import init_rank
-    from .select import ALGORITHMS
-    from .testing import expected, op_input
+    from ..groups.launch import init_rank
+    from ..selection.select import ALGORITHMS
+    from ..testing import expected, op_input
     device = init_rank(device_type, rank)
     results = []
     with tpcomm.Communicator(device=device, max_bytes=64 << 10, timeout_s=30) as comm:
@@ -132,7 +132,7 @@ def _selftest(rank: int, world: int, device_type: str) -> list[tuple[str, str, i
 
 def _world(args, device_type: str) -> int:
     """Ranks of the self-test; UsageError for more than the GPUs, or than the cores on cpu."""
-    from .cli import UsageError
+    from .command import UsageError
     if args.nranks is not None and args.nranks < 1:
         raise UsageError(f"-n must be at least 1, got {args.nranks}")
     if device_type == "cuda":
@@ -163,7 +163,7 @@ def run_check(args) -> int:
     if world < 2:
         print("== self-test skipped: it needs at least 2 ranks")
         return 0
-    from .launch import RankFailed, spawn
+    from ..groups.launch import RankFailed, spawn
     print(f"== self-test: {world} ranks on {device_type}, every op x algorithm x dtype x "
           f"{len(SIZES)} sizes, exact sums")
     try:

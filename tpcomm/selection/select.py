@@ -19,7 +19,7 @@ import dataclasses
 
 import torch
 
-from .cuda.select_table import select_cuda
+from .select_table import select_cuda
 
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # dtypes torch.distributed reduces but tpcomm's own paths do not: routed to the fallback
@@ -51,7 +51,7 @@ CPU_TWO_SHOT_MIN_BYTES = 512 << 10
 CPU_TWO_SHOT_MIN_WORLD = 3
 
 
-# Groups that span nodes, all_reduce: tpcomm's two-level algorithm (tpcomm.hierarchical) from
+# Groups that span nodes, all_reduce: tpcomm's two-level algorithm (tpcomm.multinode.hierarchical) from
 # TWO_LEVEL_MIN_BYTES up to TWO_LEVEL_MAX_BYTES, flat torch.distributed (NCCL) elsewhere.
 # Lower bound, measured: 4 x H200 as 2 emulated nodes x 2 (NCCL over loopback sockets between
 # them), bf16, eager, 2026-11-22 (benchmarks/results/gpu-h200x4-2026-11-22-session.md): flat /

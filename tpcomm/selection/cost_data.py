@@ -1,4 +1,4 @@
-"""Measured all-reduce times the cost model is fitted to (tpcomm.cost_model).
+"""Measured all-reduce times the cost model is fitted to (tpcomm.selection.cost_model).
 
 Source: benchmarks/results/baselines-h200x4-2026-11-22.md (the baselines measured on the
 4 x H200 test machine, 2026-11-22): 4 NVIDIA H200, all pairs NV18 through NVSwitch, driver

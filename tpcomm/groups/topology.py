@@ -31,7 +31,7 @@ import os
 import socket
 from collections.abc import Mapping
 
-from .errors import TpcommError
+from ..errors import TpcommError
 
 
 class TopologyError(TpcommError, ValueError):
@@ -214,14 +214,14 @@ def launch_layout_from_env(local_world_size: int | None = None) -> LaunchLayout:
     """:func:`resolve_launch_layout` for this process (torch.distributed must be initialized)."""
     import torch.distributed as dist
 
-    from .settings import get_settings
+    from ..settings import get_settings
     return resolve_launch_layout(dist.get_rank(), dist.get_world_size(), os.environ,
                                  override=get_settings().local_world_size,
                                  argument=local_world_size)
 
 
 def layout_of(info, local_world_size: int | None = None) -> GroupLayout:
-    """The node layout of a group (``info``: a :class:`tpcomm.group.GroupInfo`). Not collective:
+    """The node layout of a group (``info``: a :class:`tpcomm.groups.group.GroupInfo`). Not collective:
     every rank computes it from its own environment; :func:`verify_layout` checks they agree."""
     return group_layout(info.global_ranks, launch_layout_from_env(local_world_size))
 

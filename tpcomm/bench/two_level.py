@@ -1,12 +1,12 @@
 """Time the two-level all-reduce against a flat torch.distributed all-reduce on the same nodes.
 
     # 4 GPUs of one host as 2 emulated nodes x 2 (NCCL over loopback sockets between them)
-    python -m tpcomm.hierarchical_bench --nproc 4 --ranks-per-node 2 -b 4K -e 256M \\
+    python -m tpcomm.bench.two_level --nproc 4 --ranks-per-node 2 -b 4K -e 256M \\
         --markdown benchmarks/results/gpu-h200x4-hierarchical-2x2.md
     # a real cluster: one process per GPU from torchrun, nodes from LOCAL_WORLD_SIZE
-    torchrun --nnodes 2 --nproc-per-node 8 ... -m tpcomm.hierarchical_bench -b 4K -e 256M
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m tpcomm.bench.two_level -b 4K -e 256M
     # CPU: 2 ranks as 2 nodes x 1, 4K .. 16M (about 20 s)
-    python -m tpcomm.hierarchical_bench --device cpu
+    python -m tpcomm.bench.two_level --device cpu
 
 Each size is checked first (exact-sum inputs, two-level against flat, bitwise), then timed:
 ``--iters`` calls per repetition, the median of ``--reps`` repetitions per rank, the maximum over
@@ -68,9 +68,9 @@ def _maybe_graph(call, iters, use_graph, device):
 
 
 def run_rank(rank: int, world: int, args) -> list[dict] | None:
-    from .hierarchical import HierarchicalAllReduce
-    from .bench.progress import Progress
-    from .launch import init_rank
+    from ..communicator import HierarchicalAllReduce
+    from ..cli.progress import Progress
+    from ..groups.launch import init_rank
     if args.emulate and args.ranks_per_node:
         # one NCCL "host" per emulated node, so NCCL crosses them over its network transport
         os.environ.setdefault("NCCL_HOSTID", f"tpcomm-fakenode{rank // args.ranks_per_node}")
@@ -95,8 +95,8 @@ def run_rank(rank: int, world: int, args) -> list[dict] | None:
 
 def _measure_size(nbytes, ar, args, dtype, device, rank, measure, progress) -> dict:
     """One row: check the size (two-level against flat, bitwise), then time both."""
-    from .bench.report import human_size
-    from .testing import exact
+    from .report import human_size
+    from ..testing import exact
     n = max(1, nbytes // dtype.itemsize)
     x = exact(n, rank, dtype, 0, device=device)
     ref = x.clone()
@@ -164,7 +164,7 @@ def header(args, world, info) -> list[str]:
              else "nodes from the launch (torchrun)"),
             f"{'CUDA graph replays' if args.graph else 'eager'}, {args.iters} calls x "
             f"{args.reps} reps, median per rank, max over ranks",
-            "command: " + " ".join(["python -m tpcomm.hierarchical_bench", *args.argv])]
+            "command: " + " ".join(["python -m tpcomm.bench.two_level", *args.argv])]
 
 
 # Default sweep per device: the GPU one is the recorded table's; on a CPU, 4K-256M over 4
@@ -174,8 +174,8 @@ DEFAULTS = {"cuda": {"nproc": 4, "maxbytes": "256M", "dtype": "bfloat16"},
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench.args import add_oversubscribe, positive_int
-    p = argparse.ArgumentParser(prog="python -m tpcomm.hierarchical_bench", description=__doc__,
+    from .args import add_oversubscribe, positive_int
+    p = argparse.ArgumentParser(prog="python -m tpcomm.bench.two_level", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=positive_int, default=None,
                    help="ranks to spawn when not under torchrun (default 4 on cuda, 2 on cpu)")
@@ -203,10 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args) -> None:
     """Defaults and checks, before any rank starts (UsageError says what is wrong)."""
-    from .bench.args import check_output_path
-    from .cli import UsageError
-    from .launch import check_cpu_ranks, under_torchrun
-    from .settings import parse_size
+    from .args import check_output_path
+    from ..cli.command import UsageError
+    from ..groups.launch import check_cpu_ranks, under_torchrun
+    from ..settings import parse_size
     d = DEFAULTS[args.device]
     try:
         args.minbytes = parse_size(args.minbytes)
@@ -240,7 +240,7 @@ def _resolve(args) -> None:
 
 def run(args) -> int:
     _resolve(args)
-    from .launch import spawn
+    from ..groups.launch import spawn
     # what the ranks get: the arguments, without the parser and this function (not picklable)
     args = argparse.Namespace(**{k: v for k, v in vars(args).items()
                                  if k not in ("parser", "func")})
@@ -270,11 +270,11 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .cli import execute
+    from ..cli.command import execute
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return execute(args, prog="python -m tpcomm.hierarchical_bench")
+    return execute(args, prog="python -m tpcomm.bench.two_level")
 
 
 if __name__ == "__main__":

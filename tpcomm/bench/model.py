@@ -33,12 +33,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..launch import init_rank, spawn, under_torchrun
-from .breakdown import decode_breakdown
-from .comm import make_comm
-from .generate import Generator
-from .llama import get_config
-from .weights import build_model, load_config
+from ..groups.launch import init_rank, spawn, under_torchrun
+from ..models.breakdown import decode_breakdown
+from ..models.comm import make_comm
+from ..models.generate import Generator
+from ..models.llama import get_config
+from ..models.weights import build_model, load_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -310,7 +310,7 @@ def _graph_breaks() -> int:
 
 
 def _meta(model, comms, config: ModelBenchConfig, device) -> dict:
-    from ..bench.meta import system_info
+    from .meta import system_info
     cfg = model.cfg
     meta = system_info(device, torch.get_num_threads())
     meta.update({

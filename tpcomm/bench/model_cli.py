@@ -19,13 +19,13 @@ import os
 import shlex
 import sys
 
-from ..bench.args import (add_oversubscribe, check_output_path, int_list, positive_int,
-                          resolve_device, resolve_world)
-from ..cli import UsageError, execute
-from ..launch import RankFailed
-from .bench import DTYPES, ModelBenchConfig, run
-from .comm import COMM_CHOICES
-from .llama import CONFIGS
+from .args import (add_oversubscribe, check_output_path, int_list, positive_int, resolve_device,
+                   resolve_world)
+from ..cli.command import UsageError, execute
+from ..groups.launch import RankFailed
+from .model import DTYPES, ModelBenchConfig, run
+from ..models.comm import COMM_CHOICES
+from ..models.llama import CONFIGS
 
 DEFAULTS = {
     "cpu": {"model": "tiny", "dtype": "float32", "batch": "1,4", "context": 64,
@@ -135,7 +135,7 @@ def config_from_args(args) -> ModelBenchConfig:
     if args.checkpoint and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         raise UsageError(f"--checkpoint {args.checkpoint}: no config.json there")
     if args.plot:
-        from ..bench.plot import require_matplotlib
+        from .plot import require_matplotlib
         require_matplotlib()
     prompt_lens = int_list(d["prompt_lens"]) if args.prompt_lens is None else args.prompt_lens
     if not args.timeout > 0:
@@ -164,7 +164,7 @@ def run_model_bench(args) -> int:
         return 1
     if result["meta"] is None:   # ranks other than 0 under torchrun
         return 0 if all(c["ok"] for c in result["checks"]) else 1
-    from . import report
+    from . import model_report as report
     meta, rows, checks = result["meta"], result["rows"], result["checks"]
     sys.stdout.write(report.format_text(meta, rows, checks))
     sys.stdout.flush()
@@ -188,7 +188,7 @@ def run_model_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tpcomm.models.cli``: the same as ``tpcomm bench model``."""
+    """``python -m tpcomm.bench.model_cli``: the same as ``tpcomm bench model``."""
     p = argparse.ArgumentParser(prog="tpcomm bench model", description=__doc__.split("\n\n")[0])
     add_model_bench_args(p)
     p.set_defaults(func=run_model_bench, parser=p)

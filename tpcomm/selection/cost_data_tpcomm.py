@@ -1,4 +1,4 @@
-"""tpcomm's own GPU all-reduce measurements: the rows of tpcomm.cost_model's tpcomm terms.
+"""tpcomm's own GPU all-reduce measurements: the rows of tpcomm.selection.cost_model's tpcomm terms.
 
 Copied (times rounded to 0.01 us) from benchmarks/results/, 2026-11-22, NVIDIA H200 (NV18 through
 NVSwitch), driver 580.159.04, torch 2.11.0+cu130, Triton 3.6.0, NCCL 2.28.9, bf16 sum, us/call:
@@ -13,7 +13,7 @@ NVSwitch), driver 580.159.04, torch 2.11.0+cu130, Triton 3.6.0, NCCL 2.28.9, bf1
   in gpu-h200x4-2026-11-22.json (a development run, 13:33), whose one_shot times match
   one_shot_pull of timing-h200x4-w4 (2K: 5.78 us; pull 6.00, push 4.10) and are labelled so;
   graph-final printed the algorithm of every row as "torch" (a labelling bug: 2K took 4.99 us,
-  NCCL 12.87), so its rows are labelled with tpcomm/cuda/select_table.py's choice for world 4,
+  NCCL 12.87), so its rows are labelled with tpcomm/selection/select_table.py's choice for world 4,
   and the rows that table sends to NCCL (from 8 MiB) are left out. Eager tpcomm rows of the bench
   (host-bound, 40-80 us) and rows that went to NCCL are left out.
 
@@ -22,7 +22,7 @@ Rows: (file, gpus, algorithm, mode, nbytes, time_us, variant), built from ``_BY_
 tpcomm_one_shot_pull, tpcomm_two_shot (``variant`` "two_shot_v2" / "two_shot_v4" for the chunked
 variants), tpcomm_ring; and "nccl", "one_shot", "two_shot" (torch symm_mem), the baselines
 measured in the same runs, which the model does not fit (its NCCL / symm_mem terms come from
-tpcomm.cost_data) and uses as a cross-check.
+tpcomm.selection.cost_data) and uses as a cross-check.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ uses, in microseconds, for S bytes on N GPUs per node and M nodes:
 two_shot; ``c1``, ``c2`` are the per-byte costs of each kernel's local work, ``a`` their fixed
 costs (launch, barriers); NCCL's ring is fitted as two protocols whose minimum it takes (LL: low
 latency, low bandwidth; Simple: the reverse), which is how NCCL's own tuner models it. All are
-fitted to measured times (tpcomm.cost_data) by least squares on the *relative* error, every
+fitted to measured times (tpcomm.selection.cost_data) by least squares on the *relative* error, every
 parameter kept >= 0. The network terms are not fitted (no NIC exists on our machines): the NIC's
 bandwidth and latency are inputs, with an assumed efficiency.
 
@@ -30,7 +30,7 @@ bytes·c, with its own constants (S bytes, bf16):
                           reduced slice to every peer: 2(N-1)/N·S on the link, two latencies
     tpcomm_ring           float32 partials in the reduce-scatter (2x the bf16 bytes), then the
                           all-gather: 3(N-1)/N·S on the link, 2(N-1) dependent steps
-    shared                (k-1)·r for k > 1 rounds of the push region (tpcomm/cuda/backend.py);
+    shared                (k-1)·r for k > 1 rounds of the push region (tpcomm/cuda/p2p_collectives.py);
                           eager calls pay k·e_host (a host-launched round each; per host);
                           (chunks-1)·p for the chunked two-shot variants (two_shot_v2/v4)
 
@@ -297,7 +297,7 @@ class Point:
 
 def fit_points(rows=None) -> list[Point]:
     """The measurements the fit uses: graph rows, and eager rows from 32 MiB on (see
-    tpcomm.cost_data for why)."""
+    tpcomm.selection.cost_data for why)."""
     rows = cost_data.H200_ALLREDUCE if rows is None else rows
     pts = [Point(*r) for r in rows]
     return [q for q in pts if q.mode == "graph" or q.nbytes >= 32 * M]
@@ -426,7 +426,7 @@ def error_table(rows=None, *, leave_one_out: bool = True) -> list[dict]:
 # ---------------------------------------------------------------------------- tpcomm's kernels
 TPCOMM_ALGORITHMS = ("tpcomm_one_shot_push", "tpcomm_one_shot_pull", "tpcomm_two_shot",
                      "tpcomm_ring")
-# Bytes one launch round covers (tpcomm/cuda/backend.py, Layout.make with PUSH_ROUND_BYTES =
+# Bytes one launch round covers (tpcomm/cuda/p2p_collectives.py, Layout.make with PUSH_ROUND_BYTES =
 # 8 MiB: rs_slot = 8 MiB / N, push_buf = 2 N rs_slot = 16 MiB): two-shot N·rs_slot = 8 MiB;
 # one-shot push push_buf / N = 4 MiB at N = 4 (kept for every N); ring push_buf / (4 + 2 bytes)
 # elements of bf16 = 16/3 MiB. Larger calls run in ceil(S / round) rounds.
@@ -486,7 +486,7 @@ def fit_tpcomm(rows=None) -> list[float]:
                          r[5]) for r in pts])
 
 
-# Fitted by fit_tpcomm() to tpcomm/cost_data_tpcomm.py, i.e. benchmarks/results/
+# Fitted by fit_tpcomm() to tpcomm/selection/cost_data_tpcomm.py, i.e. benchmarks/results/
 # timing-h200x2-w2-2026-11-22.json, timing-h200x4-w2-2026-11-22.json,
 # timing-h200x4-w4-2026-11-22.json, gpu-h200x2-2026-11-22.json, gpu-h200x4-2026-11-22.json and
 # gpu-h200x4-2026-11-22-graph-final.json (test_cost_model checks that a refit gives these).
@@ -559,7 +559,7 @@ def tpcomm_error_table(rows=None, *, held_out: bool = True) -> list[dict]:
 
 
 def crosscheck_table(p: Params | None = None) -> list[dict]:
-    """NCCL and torch symm_mem rows measured next to tpcomm's (tpcomm/cost_data_tpcomm.py),
+    """NCCL and torch symm_mem rows measured next to tpcomm's (tpcomm/selection/cost_data_tpcomm.py),
     predicted by the baseline terms fitted to the H200 baselines: not fitted, a check on them."""
     p = h200() if p is None else p
     out = []

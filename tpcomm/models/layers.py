@@ -6,9 +6,9 @@ every rank, one all-reduce). The all-reduce lives in exactly one place:
 :meth:`RowParallelLinear.forward` / :meth:`RowParallelLinear.forward_add_rms_norm`. The
 overlapped GEMM + collective ops will replace the "matmul, then ``comm.all_reduce``" there and
 nowhere else: with ``overlap`` (default "auto") a large-M forward runs
-:func:`tpcomm.overlap.matmul_all_reduce` (chunked GEMM, each chunk's all-reduce overlapping the
+:func:`tpcomm.ops.overlap.matmul_all_reduce` (chunked GEMM, each chunk's all-reduce overlapping the
 next chunk's GEMM), and :meth:`ColumnParallelLinear.forward_all_gather` is the
-sequence-parallel input path (:func:`tpcomm.overlap.all_gather_matmul`).
+sequence-parallel input path (:func:`tpcomm.ops.overlap.all_gather_matmul`).
 
 Shape letters: W = world (TP) size, r = this rank, ``*_local`` = this rank's share.
 
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .overlap import all_gather_matmul, matmul_all_reduce, overlap_chunks
-from .reference import add_rms_norm
+from ..ops.overlap import all_gather_matmul, matmul_all_reduce, overlap_chunks
+from ..reference import add_rms_norm
 
 
 # ---------------------------------------------------------------- sharding arithmetic
@@ -104,7 +104,7 @@ class ColumnParallelLinear(nn.Module):
 
         x_shard: [m, ..., in_features], this rank's m rows of dim 0 (rank p holds rows
         [p*m, (p+1)*m) of the full input); returns [W*m, ..., out_local]. The gather of
-        chunk i overlaps the GEMM of chunk i-1 (:func:`tpcomm.overlap.all_gather_matmul`,
+        chunk i overlaps the GEMM of chunk i-1 (:func:`tpcomm.ops.overlap.all_gather_matmul`,
         ``chunks`` as there; ``comm`` defaults to the one given at construction).
         """
         comm = comm if comm is not None else self.comm
@@ -125,8 +125,8 @@ class RowParallelLinear(nn.Module):
     x_local: [..., in_local] (the output of a column-parallel layer); y: [..., out_features],
     the same on every rank.
 
-    ``overlap``: "auto" (default) runs :func:`tpcomm.overlap.matmul_all_reduce` when
-    :func:`tpcomm.overlap.overlap_chunks` picks more than one chunk for the call's shape (large
+    ``overlap``: "auto" (default) runs :func:`tpcomm.ops.overlap.matmul_all_reduce` when
+    :func:`tpcomm.ops.overlap.overlap_chunks` picks more than one chunk for the call's shape (large
     M on CUDA; never on the CPU or at world 1), else matmul then one all-reduce; "off" always
     the latter; an int forces that many chunks.
     """

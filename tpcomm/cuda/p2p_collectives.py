@@ -2,7 +2,7 @@
 
 :func:`make_cuda_backend` sets up one :class:`~tpcomm.memory.cuda_symm.TorchSymmetricBuffer`
 per Communicator and returns a :class:`P2PCollectives` (name ``"p2p"``) that implements
-:class:`tpcomm.backend.Backend`. Every call only launches kernels on the current stream: no host
+:class:`tpcomm.engine.Backend`. Every call only launches kernels on the current stream: no host
 synchronization, no allocation, so it works eagerly and inside CUDA-graph capture (warm each
 size up once before capturing, as for any Triton kernel: the first call of a new size or
 alignment compiles).
@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from ..errors import CommunicatorBrokenError, PeerTimeoutError, TpcommError
-from ..group import GroupInfo, GroupStore
+from ..groups.group import GroupInfo, GroupStore
 from ..kernels import (all_gather as k_all_gather, all_gather_matmul_fused as k_ag_matmul,
                        all_reduce_add_rms_norm as k_add_norm,
                        all_reduce_one_shot as k_one_shot,

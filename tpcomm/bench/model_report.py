@@ -143,7 +143,7 @@ def format_markdown(meta: dict, rows: list[dict], checks: list[dict],
 
 def plot(meta: dict, rows: list[dict], path: str) -> None:
     """TPOT per batch size and TTFT per prompt length, one line per backend."""
-    from ..bench.plot import require_matplotlib
+    from .plot import require_matplotlib
     plt = require_matplotlib()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
     for ax, phase, key, xlabel, ylabel in (
