@@ -1,0 +1,130 @@
+"""Per-call host time of ``Communicator.all_reduce`` on the CPU engine (shared memory), for one
+or several source trees of tpcomm, alternately, in one run (so that a shared, noisy machine
+weighs on each tree alike).
+
+Each round starts, for each tree in turn, ``--world`` fresh rank processes (gloo + tpcomm's
+shared-memory engine) with that tree first on ``sys.path``; every rank times each of ``--calls``
+calls with ``time.perf_counter_ns`` after ``--warmup`` calls, per size (float32); the figure of
+a (tree, size, round) is the median per call, max over ranks. The summary is the median over
+rounds.
+
+    python scripts/host_time_cpu.py                                  # this tree
+    python scripts/host_time_cpu.py --trees BASE_TREE,. --rounds 3   # before/after, alternately
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RANK_TIMEOUT_S = 300.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """One rank: time the calls, print one JSON line {size_bytes: median ns per call}."""
+    import torch
+    import torch.distributed as dist
+
+    import tpcomm
+    dist.init_process_group("gloo", rank=args.rank, world_size=args.world,
+                            init_method=f"tcp://127.0.0.1:{args.port}")
+    out = {"tpcomm": os.path.dirname(tpcomm.__file__)}
+    with tpcomm.Communicator() as comm:
+        out["engine"] = comm.backend_name
+        for size in args.sizes:
+            x = torch.ones(size // 4, dtype=torch.float32)
+            y = torch.empty_like(x)
+            for _ in range(args.warmup):
+                comm.all_reduce(x, out=y)
+            dist.barrier()
+            ns = []
+            clock = time.perf_counter_ns
+            for _ in range(args.calls):
+                t0 = clock()
+                comm.all_reduce(x, out=y)
+                ns.append(clock() - t0)
+            assert float(y[0]) == args.world, "wrong sum"
+            out[str(size)] = statistics.median(ns)
+    dist.destroy_process_group()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _run_tree(tree: str, args: argparse.Namespace) -> dict:
+    """Start the ranks for one tree; {size: median us per call, max over ranks}."""
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1")
+    port = _free_port()
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--world", str(args.world),
+           "--port", str(port), "--calls", str(args.calls), "--warmup", str(args.warmup),
+           "--sizes", ",".join(map(str, args.sizes))]
+    procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=env, cwd=os.path.abspath(tree),
+                              stdout=subprocess.PIPE, text=True) for r in range(args.world)]
+    results = []
+    try:
+        for p in procs:
+            stdout, _ = p.communicate(timeout=RANK_TIMEOUT_S)
+            if p.returncode != 0:
+                raise RuntimeError(f"rank exited with {p.returncode} for tree {tree}")
+            line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
+            results.append(json.loads(line[len("RESULT "):]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    engine = {r["engine"] for r in results}
+    return {"engine": ",".join(sorted(engine)), "tpcomm": results[0]["tpcomm"],
+            **{s: max(r[str(s)] for r in results) / 1e3 for s in args.sizes}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trees", default=os.path.dirname(HERE),
+                    help="comma-separated source trees of tpcomm (default: this one)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--sizes", default="4096,65536", help="bytes, comma-separated")
+    ap.add_argument("--json", help="write the figures here too")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    if args.worker:
+        _worker(args)
+        return 0
+    trees = args.trees.split(",")
+    runs = {t: [] for t in trees}
+    for rnd in range(args.rounds):
+        for t in trees:
+            r = _run_tree(t, args)
+            runs[t].append(r)
+            print(f"round {rnd} {t} ({r['engine']}): " + "  ".join(
+                f"{s} B {r[s]:.2f} us" for s in args.sizes), flush=True)
+    print(f"summary: median over {args.rounds} rounds of (median of {args.calls} calls, max "
+          f"over {args.world} ranks), us per all_reduce call, float32")
+    summary = {}
+    for t in trees:
+        summary[t] = {s: statistics.median(r[s] for r in runs[t]) for s in args.sizes}
+        print(f"  {t}: " + "  ".join(f"{s} B {summary[t][s]:.2f} us" for s in args.sizes))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"runs": runs, "summary": summary, "calls": args.calls,
+                       "world": args.world}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
