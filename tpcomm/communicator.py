@@ -18,6 +18,7 @@ import time
 import torch
 
 from . import flight_recorder, reference
+from .algorithms import FUSED_NORM
 from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
                      TpcommError)
 from .groups.group import GroupInfo, GroupStore
@@ -30,7 +31,6 @@ from .multinode.hierarchical import HierarchicalAllReduce as _TwoLevel
 log = logging.getLogger("tpcomm")
 _logged_reasons: set[str] = set()
 _OP_CODES = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3}
-FUSED_NORM = "one_shot_push_fused"   # stats name of the fused all-reduce + add + RMSNorm
 _DTYPE_CODES = {d: i for i, d in enumerate(FAST_DTYPES + FALLBACK_DTYPES)}
 # True only while torch.compile's frontend (dynamo) traces the calling frame: the public
 # methods then emit torch.ops.tpcomm.* (one check per eager call, ~0.1 us:
@@ -209,6 +209,10 @@ class Communicator:
                    algorithm: str = "auto") -> torch.Tensor:
         """Sum of ``x`` over all ranks, in ``out`` (a new tensor if None; may be ``x``).
 
+        algorithm: "auto", "torch", or one of ``tpcomm.algorithms.choices("all_reduce", device)``;
+        on the GPU ``"one_shot/push"`` / ``"one_shot/pull"`` force one_shot's mechanism (stats
+        name the call so).
+
         x: any shape, contiguous, float32/float16/bfloat16 (other dtypes go to
         torch.distributed). 16-bit inputs are accumulated in float32; every rank gets bitwise
         the same result.
@@ -297,7 +301,7 @@ class Communicator:
         Routing: with TPCOMM_FUSED_NORM=1 (experimental, off by default), where the
         all-reduce of x would run on tpcomm's GPU kernels (calls captured in a CUDA graph, or a
         kernel algorithm forced) and H <= 16384, one fused kernel does all three steps
-        (``kernels/all_reduce_add_rms_norm.py``; stats name it ``one_shot_push_fused``): x and
+        (``kernels/all_reduce_add_rms_norm.py``; stats name it ``one_shot/push+norm``): x and
         residual come out bitwise equal to the unfused path, normed within one rounding of it.
         Otherwise it is the all-reduce (tpcomm's path) followed by the epilogue as torch ops.
 

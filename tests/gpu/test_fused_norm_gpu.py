@@ -77,7 +77,7 @@ def _fused_norm(rank, world):
                                         f"{torch.equal(res, res_ref)}, normed err {err:.3g} "
                                         f"of {scale:.3g}, equal across ranks {ranks_equal}")
         ops = comm.stats()["ops"].get("all_reduce_add_rms_norm", {})
-        if "one_shot_push_fused" not in ops:
+        if "one_shot/push+norm" not in ops:
             failures.append(f"the fused kernel never ran: stats {ops}")
     dist.destroy_process_group()
     return failures

@@ -26,7 +26,7 @@ ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
        "NVSHMEM_DISABLE_NVLS": "1", "PYTHONUNBUFFERED": "1"}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ALGORITHMS = ["one_shot", "two_shot", "ring"]            # through the Communicator
-MECHANISMS = ["one_shot_push", "one_shot_pull"]          # through the backend directly
+MECHANISMS = ["one_shot/push", "one_shot/pull"]          # one_shot's mechanism forced
 # bytes: 4 B and 8196 B (odd element counts in 16-bit types), 16-byte multiples around the
 # small/large switch points, and sizes over the 32 MiB buffer (chunked)
 NBYTES = [4, 8196, 2 << 10, (32 << 10) + 6, 256 << 10, (1 << 20) + 2, 8 << 20, (40 << 20) + 2]
@@ -86,7 +86,7 @@ def _all_reduce_matrix(rank, world):
         for nbytes in NBYTES:
             n = max(1, nbytes // item)
             for algo in ALGORITHMS + MECHANISMS:
-                if algo == "one_shot_pull" and nbytes > (8 << 20):
+                if algo == "one_shot/pull" and nbytes > (8 << 20):
                     continue  # pull reads R x S per rank: slow, and covered by 8 MiB
                 salt += 1
                 offset = salt % 3                     # 0: aligned, 1-2: unaligned views
@@ -96,16 +96,10 @@ def _all_reduce_matrix(rank, world):
                 dist.all_reduce(ref)
                 out_whole, out = _guarded(n, dtype, dev, (offset + 1) % 3)
                 out.fill_(float("nan"))
-                if algo in MECHANISMS:
-                    back.all_reduce(x, out, algo)
-                else:
-                    comm.all_reduce(x, out=out, algorithm=algo)
+                comm.all_reduce(x, out=out, algorithm=algo)
                 # in place as well
                 y = x.clone()
-                if algo in MECHANISMS:
-                    back.all_reduce(y, y, algo)
-                else:
-                    comm.all_reduce_(y, algorithm=algo)
+                comm.all_reduce_(y, algorithm=algo)
                 torch.cuda.synchronize()
                 ok = (torch.equal(_bits(out), _bits(ref)) and torch.equal(_bits(y), _bits(ref))
                       and _guards_ok(out_whole, n, (offset + 1) % 3)
@@ -302,8 +296,8 @@ def _zero_copy(rank, world):
             x.copy_(exact(n, rank, dtype, n, device=dev))
             want = sum(exact(n, r, torch.float64, n, device=dev) for r in range(world)).to(dtype)
             out = torch.empty_like(x)
-            comm._backend.all_reduce(x, out, "one_shot_pull")      # reads x where it is
-            comm._backend.all_reduce(x, x, "one_shot_pull")        # in place
+            comm.all_reduce(x, out=out, algorithm="one_shot/pull")  # reads x where it is
+            comm.all_reduce_(x, algorithm="one_shot/pull")          # in place
             y = comm.empty((n,), dtype)
             y.copy_(exact(n, rank, dtype, n, device=dev))
             comm.all_reduce_(y)                                    # whatever auto picks

@@ -101,7 +101,7 @@ def main():
         check_all_gather_matmul(backs, tensors, 19, 40, 56, bf16, 2, b_t=True, tile=host)
         check_all_gather_matmul(backs, tensors, 21, 24, 48, f32, 3, tile=device)
         check_all_gather_matmul(backs, tensors, 1, 3, 7, f32, 4)
-        check_all_reduce(backs, "one_shot_push", 300, f32, 11)
+        check_all_reduce(backs, "one_shot/push", 300, f32, 11)
         # GEMM + all-reduce: M = 4 * 9 + 3 (a tail of M % R rows for worlds 2 and 4)
         check_matmul_all_reduce(backs, tensors, 39, 37, 40, f32, 5)
         check_matmul_all_reduce(backs, tensors, 4 * world, 40, 56, bf16, 6, b_t=True, tile=host)
@@ -111,7 +111,7 @@ def main():
             check_matmul_rs(backs, tensors, 19, 40, 56, bf16, 8, b_t=True, tile=host)
             check_matmul_rs(backs, tensors, 21, 24, 48, f32, 9, tile=device)
         check_all_gather_matmul(backs, tensors, 5, 19, 16, f32, 10)
-        check_all_reduce(backs, "one_shot_push", 301, bf16, 13)
+        check_all_reduce(backs, "one_shot/push", 301, bf16, 13)
         regions_clean(backs, tensors)
         ag = f"rounds of {rounds(backs, 40)} rows at K = 40" if world > 1 else "one round"
         print(f"world {world}: ok (all_gather_matmul in {ag}; {time.time() - t0:.1f} s)",

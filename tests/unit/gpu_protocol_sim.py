@@ -152,12 +152,12 @@ def check_zero_copy(backs, numel, dtype, salt):
         xs[r].copy_(exact(numel, r, dtype, salt))
     want = sum(exact(numel, r, torch.float64, salt) for r in range(world)).to(dtype)
     outs = [torch.empty(numel, dtype=dtype) for _ in range(world)]
-    errs = run_ranks([lambda r=r: backs[r].all_reduce(xs[r], outs[r], "one_shot_pull")
+    errs = run_ranks([lambda r=r: backs[r].all_reduce(xs[r], outs[r], "one_shot/pull")
                       for r in range(world)])
     assert not any(errs), errs
     for r in range(world):
         assert torch.equal(outs[r], want), ("zero-copy", r)
-    errs = run_ranks([lambda r=r: backs[r].all_reduce(xs[r], xs[r], "one_shot_pull")
+    errs = run_ranks([lambda r=r: backs[r].all_reduce(xs[r], xs[r], "one_shot/pull")
                       for r in range(world)])
     assert not any(errs), errs
     for r in range(world):
@@ -192,7 +192,7 @@ def check_timeout(world):
     backs, _ = make_group(world, 16 << 10, 2, timeout_s=0.5)
     x = exact(300, 0, torch.float32)
     try:
-        backs[0].all_reduce(x, x.clone(), "one_shot_push")  # the peers never come
+        backs[0].all_reduce(x, x.clone(), "one_shot/push")  # the peers never come
     except PeerTimeoutError:
         pass
     try:
@@ -212,7 +212,7 @@ def main():
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             sizes = [1, 7, 16, 300, 2048 + 5, 5000] if not quick else [7, 2048 + 5]
             for numel in sizes:
-                for algo in ("one_shot_push", "one_shot_pull", "two_shot", "ring"):
+                for algo in ("one_shot/push", "one_shot/pull", "two_shot", "ring"):
                     salt += 1
                     check_all_reduce(backs, algo, numel, dtype, salt, offset=salt % 3)
             big = (64 << 10) // dtype.itemsize + 37  # several rounds of every algorithm

@@ -165,7 +165,7 @@ def check_as_wired(world):
         store=store.bind(r))) for r in range(world)])
     assert not any(errs) and out == [None] * world, (errs, out)
     assert all(torch.equal(a, b) for a, b in zip(before, tensors))
-    for salt, algo in enumerate(("one_shot_push", "one_shot_pull", "two_shot")):
+    for salt, algo in enumerate(("one_shot/push", "one_shot/pull", "two_shot")):
         check_all_reduce(backs, algo, 300, torch.float32, salt)
     print(f"world {world}: as wired into make_cuda_backend, collectives ok after", flush=True)
 

@@ -117,6 +117,36 @@ def test_check_algorithm():
         check_algorithm("all_reduce", "ring", "cpu")
     with pytest.raises(ValueError, match="choose one of"):
         check_algorithm("reduce_scatter", "one_shot", "cpu")
+    # a qualified name forces one_shot's mechanism where the device has two (the GPU)
+    check_algorithm("all_reduce", "one_shot/push", "cuda")
+    check_algorithm("all_reduce", "one_shot/pull", "cuda")
+    for bad, device in (("one_shot/push", "cpu"), ("one_shot/sideways", "cuda"),
+                        ("two_shot/pull", "cuda"), ("direct/push", "cuda")):
+        with pytest.raises(ValueError, match="no algorithm"):
+            check_algorithm("all_reduce", bad, device)
+
+
+def test_vocabulary_names_agree():
+    """One name per thing: a qualified name splits back into its parts, every supported
+    algorithm is an Algorithm, and the kernels' error codes name qualified algorithms that
+    exist (or the fused/barrier ones)."""
+    from tpcomm import algorithms as A
+    from tpcomm.kernels import barrier
+    assert A.split(A.qualified("one_shot", "push")) == ("one_shot", "push")
+    assert A.split("two_shot") == ("two_shot", None)
+    assert A.qualified(A.Algorithm.ONE_SHOT, A.Mechanism.PULL) == "one_shot/pull"
+    for ops in A.SUPPORTED.values():
+        assert set(ops) == set(A.OPS)
+        for algos in ops.values():
+            assert {A.Algorithm(a) for a in algos}
+    names = set(A.choices("all_reduce", "cuda"))
+    for op, name in A.OP_NAMES.values():
+        if op == "all_reduce":
+            assert name in names, name
+    # the kernels record the codes the names map from
+    assert int(barrier.ERR_ONE_SHOT_PUSH.value) == A.OP_ONE_SHOT_PUSH
+    assert int(barrier.ERR_ADD_RMS_NORM.value) == A.OP_ADD_RMS_NORM
+    assert A.OP_NAMES[A.OP_ADD_RMS_NORM][1] == A.FUSED_NORM
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -20,9 +20,9 @@ Layout of each rank's symmetric buffer (``Layout``)::
     | fused flags[src][row tile]     |       | user region: Communicator.empty()      |
     +--------------------------------+       +----------------------------------------+
 
-Algorithms (``all_reduce``): ``one_shot`` (push kernel up to the push slot size, else pull),
-``one_shot_push``, ``one_shot_pull`` (zero-copy when the input lives in the user region),
-``two_shot`` (push), ``ring`` (push). ``reduce_scatter`` and ``all_gather``: ``direct`` (push).
+Algorithms (``all_reduce``, names of ``tpcomm.algorithms``): ``one_shot`` (push kernel up to the
+push slot size, else pull), ``one_shot/push``, ``one_shot/pull`` (zero-copy when the input lives
+in the user region), ``two_shot`` (push), ``ring`` (push). ``reduce_scatter`` and ``all_gather``: ``direct`` (push).
 Each is chunked to its own buffer limit; ``capacity`` (the Communicator's chunk) is max_bytes.
 
 Errors. A kernel that waits longer than ``timeout_s`` for a peer stops, and writes an error word
@@ -70,7 +70,9 @@ NUM_WARPS = 8
 DTYPES = {torch.bfloat16: (tl.int16, 0x7FC0), torch.float16: (tl.int16, 0x7E00),
           torch.float32: (tl.int32, 0x7FC00000)}
 FAM_PUSH, FAM_PULL, FAM_BARRIER = 0, 1, 2
-ALGORITHMS = ("one_shot", "one_shot_push", "one_shot_pull", "two_shot", "ring")
+ALGORITHMS = ("one_shot", "one_shot/push", "one_shot/pull", "two_shot", "ring")
+# the names of one_shot's mechanisms before tpcomm.algorithms qualified them (scripts, results)
+_ALIASES = {"one_shot_push": "one_shot/push", "one_shot_pull": "one_shot/pull"}
 
 
 def _round_down(x: int, m: int) -> int:
@@ -181,7 +183,7 @@ class P2PCollectives:
         self.num_warps = num_warps
         # 16-byte vectors per thread in one tile, per kernel (tile = num_warps * 32 * vecs
         # vectors); more vectors per tile keep more bytes in flight per block
-        self.vecs = {"one_shot_push": 1, "two_shot": 1, "ring": 1, "direct": 1}
+        self.vecs = {"one_shot/push": 1, "two_shot": 1, "ring": 1, "direct": 1}
         self.fused_norm_warps: int | None = None   # None: from the hidden size
         self._kw_cache: dict = {}
         self._closed = False
@@ -316,12 +318,14 @@ class P2PCollectives:
         item = inp.element_size()
         L = self.layout
         if algorithm == "one_shot":
-            algorithm = "one_shot_push" if n <= L.one_shot_push_max(item) else "one_shot_pull"
+            algorithm = "one_shot/push" if n <= L.one_shot_push_max(item) else "one_shot/pull"
+        elif algorithm in _ALIASES:
+            algorithm = _ALIASES[algorithm]
         if algorithm not in ALGORITHMS:
             raise ValueError(f"all_reduce on the GPU has no algorithm {algorithm!r}; choose one "
                              f"of {ALGORITHMS}")
         with self._dev():
-            if algorithm == "one_shot_push":
+            if algorithm == "one_shot/push":
                 self._chunks(inp, out, L.one_shot_push_max(item), self._one_shot_push)
             elif algorithm == "two_shot":
                 self._chunks(inp, out, L.two_shot_max(item), self._two_shot)
@@ -353,7 +357,7 @@ class P2PCollectives:
             inp, out, inp.numel(), self._push_addrs, self._my_push, L.push_buf,
             L.push_buf // self.world // inp.element_size(), self._counters[FAM_PUSH],
             self._err_dev, self._err_host, self.rank, self.timeout_ns,
-            **self._kw(inp.dtype, "one_shot_push"))
+            **self._kw(inp.dtype, "one_shot/push"))
 
     def _one_shot_pull(self, inp, out, mode, user_off):
         L = self.layout
@@ -408,7 +412,7 @@ class P2PCollectives:
             raise ValueError(f"all_reduce_add_rms_norm: a row of {hidden} elements does not fit "
                              f"the push slot of {slot}")
         x2, r2, n2 = x.view(rows, hidden), residual.view(rows, hidden), normed.view(rows, hidden)
-        kw = self._kw(x.dtype, "one_shot_push")
+        kw = self._kw(x.dtype, "one_shot/push")
         # a whole row per block: more warps for wide rows (8192 -> 16 warps, 16 values each)
         warps = self.fused_norm_warps or min(32, max(self.num_warps,
                                                      triton.next_power_of_2(hidden) // 512))

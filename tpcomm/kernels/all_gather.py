@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._lamport import poll_one, prologue, push, sanitize, typed
-from .barrier import record_error
+from .barrier import ERR_ALL_GATHER, record_error
 
 
 @triton.jit(do_not_specialize=["rank"])
@@ -39,7 +39,7 @@ def _all_gather_push_kernel(
                 m = offs < c
                 bits, dead, late = poll_one(src, offs, m, t0, timeout_ns, dead, ITYPE)
                 if late != 0:
-                    record_error(err_ptr, err_host, 6, 0, rank, q, epoch)
+                    record_error(err_ptr, err_host, ERR_ALL_GATHER, 0, rank, q, epoch)
                 tl.store(out_ptr + q * out_stride + offs, bits.to(DTYPE, bitcast=True), mask=m)
                 tl.store(typed(src, ITYPE) + offs, tl.full([BLOCK], -1, ITYPE), mask=m)
     tl.store(counter_ptr + pid, epoch)

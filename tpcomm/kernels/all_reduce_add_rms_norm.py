@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._lamport import clear_slots, poll_sum, prologue, push, sanitize
-from .barrier import record_error
+from .barrier import ERR_ADD_RMS_NORM, record_error
 
 # Largest hidden size handled by one block (16384 bf16 = 32 KiB per row, 64 float32 values per
 # thread at 8 warps): above it registers spill and the unfused path is as fast.
@@ -60,7 +60,7 @@ def _all_reduce_add_rms_norm_one_shot_push_kernel(
         acc, dead, late = poll_sum(mine, slot_stride, offs, cm, t0, timeout_ns, dead, DTYPE,
                                    ITYPE, R)
         if late >= 0:
-            record_error(err_ptr, err_host, 8, 0, rank, late, epoch)  # OP_ADD_RMS_NORM
+            record_error(err_ptr, err_host, ERR_ADD_RMS_NORM, 0, rank, late, epoch)
         y = acc.to(DTYPE)
         tl.store(x_ptr + offs, y, mask=cm)
         res = (y.to(tl.float32) + tl.load(res_ptr + offs, mask=cm, other=0).to(tl.float32))

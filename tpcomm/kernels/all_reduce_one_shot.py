@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from ._lamport import clear_slots, poll_sum, prologue, push, sanitize, typed
-from .barrier import NPHASE, blockwise_barrier, record_error
+from .barrier import (ERR_ONE_SHOT_PULL, ERR_ONE_SHOT_PUSH, NPHASE, blockwise_barrier,
+                      record_error)
 
 
 @triton.jit(do_not_specialize=["rank"])
@@ -45,7 +46,7 @@ def _all_reduce_one_shot_push_kernel(
         acc, dead, late = poll_sum(mine, slot_stride, offs, m, t0, timeout_ns, dead, DTYPE,
                                    ITYPE, R)
         if late >= 0:
-            record_error(err_ptr, err_host, 1, 0, rank, late, epoch)
+            record_error(err_ptr, err_host, ERR_ONE_SHOT_PUSH, 0, rank, late, epoch)
         tl.store(out_ptr + offs, acc.to(DTYPE), mask=m)
         clear_slots(mine, slot_stride, offs, m, ITYPE, R)
     tl.store(counter_ptr + pid, epoch)
@@ -69,7 +70,7 @@ def _all_reduce_one_shot_pull_kernel(
             m = offs < n
             tl.store(stage + offs, tl.load(inp_ptr + offs, mask=m), mask=m)
     dead = blockwise_barrier(pad_addrs, my_pad_addr, pid * NPHASE, epoch, rank, err_ptr,
-                             err_host, t0, timeout_ns, dead, 2, 0, R, RP)
+                             err_host, t0, timeout_ns, dead, ERR_ONE_SHOT_PULL, 0, R, RP)
     if MODE == 0:
         src_off = slot_off
     else:
@@ -87,7 +88,8 @@ def _all_reduce_one_shot_pull_kernel(
             tl.store(out_ptr + offs, acc.to(DTYPE), mask=m)
     if MODE != 0:
         dead = blockwise_barrier(pad_addrs, my_pad_addr, pid * NPHASE + 1, epoch, rank, err_ptr,
-                                 err_host, t0, timeout_ns, dead, 2, 1, R, RP)
+                                 err_host, t0, timeout_ns, dead, ERR_ONE_SHOT_PULL, 1, R,
+                                 RP)
     if MODE == 2:
         res = typed(my_src_addr + slot_off, DTYPE)
         for start in range(pid * BLOCK, n, G * BLOCK):

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._lamport import poll_one, prologue, push, sanitize, typed
-from .barrier import record_error
+from .barrier import ERR_RING, record_error
 
 
 @triton.jit(do_not_specialize=["rank"])
@@ -53,7 +53,7 @@ def _all_reduce_ring_push_kernel(
                 pbits, dead, late = poll_one(mine + lo * 4, offs, m, t0, timeout_ns, dead,
                                              tl.int32)
                 if late != 0:
-                    record_error(err_ptr, err_host, 4, 0, rank, prev, epoch)
+                    record_error(err_ptr, err_host, ERR_RING, 0, rank, prev, epoch)
                 x = pbits.to(tl.float32, bitcast=True) + x
                 tl.store(typed(mine + lo * 4, tl.int32) + offs, tl.full([BLOCK], -1, tl.int32),
                          mask=m)
@@ -74,7 +74,7 @@ def _all_reduce_ring_push_kernel(
             m = offs < size
             bits, dead, late = poll_one(src, offs, m, t0, timeout_ns, dead, ITYPE)
             if late != 0:
-                record_error(err_ptr, err_host, 4, 1, rank, prev, epoch)
+                record_error(err_ptr, err_host, ERR_RING, 1, rank, prev, epoch)
             tl.store(out_ptr + lo + offs, bits.to(DTYPE, bitcast=True), mask=m)
             if u < R - 2:
                 push(nxt + ag_off + lo * ITEM, offs, bits, m, ITYPE)

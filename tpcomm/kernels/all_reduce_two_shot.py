@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._lamport import clear_slots, poll_one, poll_sum, prologue, push, sanitize, typed
-from .barrier import record_error
+from .barrier import ERR_TWO_SHOT, record_error
 
 
 @triton.jit(do_not_specialize=["rank"])
@@ -57,7 +57,7 @@ def _all_reduce_two_shot_push_kernel(
         acc, dead, late = poll_sum(mine, rs_slot_stride, offs, m, t0, timeout_ns, dead, DTYPE,
                                    ITYPE, R)
         if late >= 0:
-            record_error(err_ptr, err_host, 3, 0, rank, late, epoch)
+            record_error(err_ptr, err_host, ERR_TWO_SHOT, 0, rank, late, epoch)
         res = acc.to(DTYPE)
         tl.store(out_ptr + lo + offs, res, mask=m)
         bits = sanitize(res, ITYPE, CANON)
@@ -76,7 +76,7 @@ def _all_reduce_two_shot_push_kernel(
                 m = offs < size
                 bits, dead, late = poll_one(src, offs, m, t0, timeout_ns, dead, ITYPE)
                 if late != 0:
-                    record_error(err_ptr, err_host, 3, 1, rank, q, epoch)
+                    record_error(err_ptr, err_host, ERR_TWO_SHOT, 1, rank, q, epoch)
                 tl.store(out_ptr + lo + offs, bits.to(DTYPE, bitcast=True), mask=m)
                 tl.store(typed(src, ITYPE) + offs, tl.full([BLOCK], -1, ITYPE), mask=m)
     tl.store(counter_ptr + pid, epoch)

@@ -37,19 +37,20 @@ import triton.language as tl
 INTERPRET: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
 NPHASE: tl.constexpr = tl.constexpr(2)
 
-# op codes in the error word
-OP_ONE_SHOT_PUSH, OP_ONE_SHOT_PULL, OP_TWO_SHOT, OP_RING = 1, 2, 3, 4
-OP_REDUCE_SCATTER, OP_ALL_GATHER, OP_BARRIER, OP_ADD_RMS_NORM = 5, 6, 7, 8
-OP_MATMUL_RS, OP_ALL_GATHER_MATMUL, OP_MATMUL_AR = 9, 10, 11
-OP_NAMES = {OP_ONE_SHOT_PUSH: ("all_reduce", "one_shot_push"),
-            OP_ONE_SHOT_PULL: ("all_reduce", "one_shot_pull"),
-            OP_TWO_SHOT: ("all_reduce", "two_shot"), OP_RING: ("all_reduce", "ring"),
-            OP_REDUCE_SCATTER: ("reduce_scatter", "direct"),
-            OP_ALL_GATHER: ("all_gather", "direct"), OP_BARRIER: ("barrier", "barrier"),
-            OP_ADD_RMS_NORM: ("all_reduce_add_rms_norm", "one_shot_push_fused"),
-            OP_MATMUL_RS: ("matmul_reduce_scatter", "fused"),
-            OP_ALL_GATHER_MATMUL: ("all_gather_matmul", "fused"),
-            OP_MATMUL_AR: ("matmul_all_reduce", "fused")}
+# op codes in the error word: tpcomm.algorithms names them (OP_NAMES: how errors print them);
+# the ERR_* constexprs are the same codes for the kernels' record_error / blockwise_barrier calls
+from ..algorithms import (OP_ADD_RMS_NORM, OP_ALL_GATHER, OP_ALL_GATHER_MATMUL,  # noqa: E402,F401
+                          OP_BARRIER, OP_MATMUL_AR, OP_MATMUL_RS, OP_NAMES, OP_ONE_SHOT_PULL,
+                          OP_ONE_SHOT_PUSH, OP_REDUCE_SCATTER, OP_RING, OP_TWO_SHOT)
+
+ERR_ONE_SHOT_PUSH: tl.constexpr = tl.constexpr(OP_ONE_SHOT_PUSH)
+ERR_ONE_SHOT_PULL: tl.constexpr = tl.constexpr(OP_ONE_SHOT_PULL)
+ERR_TWO_SHOT: tl.constexpr = tl.constexpr(OP_TWO_SHOT)
+ERR_RING: tl.constexpr = tl.constexpr(OP_RING)
+ERR_REDUCE_SCATTER: tl.constexpr = tl.constexpr(OP_REDUCE_SCATTER)
+ERR_ALL_GATHER: tl.constexpr = tl.constexpr(OP_ALL_GATHER)
+ERR_BARRIER: tl.constexpr = tl.constexpr(OP_BARRIER)
+ERR_ADD_RMS_NORM: tl.constexpr = tl.constexpr(OP_ADD_RMS_NORM)
 
 
 def _host_now_ns():  # interpreter only
@@ -164,7 +165,7 @@ def _barrier_kernel(pad_addrs, my_pad_addr, counter_ptr, err_ptr, err_host, rank
     epoch = tl.load(counter_ptr) + 1
     dead = is_dead(err_ptr)
     dead = blockwise_barrier(pad_addrs, my_pad_addr, SLOT, epoch, rank, err_ptr, err_host,
-                             now_ns(), timeout_ns, dead, 7, 0, R, RP)
+                             now_ns(), timeout_ns, dead, ERR_BARRIER, 0, R, RP)
     tl.store(counter_ptr, epoch)
 
 

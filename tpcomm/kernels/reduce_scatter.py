@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._lamport import clear_slots, poll_sum, prologue, push, sanitize
-from .barrier import record_error
+from .barrier import ERR_REDUCE_SCATTER, record_error
 
 
 @triton.jit(do_not_specialize=["rank"])
@@ -36,7 +36,7 @@ def _reduce_scatter_push_kernel(
         acc, dead, late = poll_sum(mine, slot_stride, offs, m, t0, timeout_ns, dead, DTYPE,
                                    ITYPE, R)
         if late >= 0:
-            record_error(err_ptr, err_host, 5, 0, rank, late, epoch)
+            record_error(err_ptr, err_host, ERR_REDUCE_SCATTER, 0, rank, late, epoch)
         tl.store(out_ptr + offs, acc.to(DTYPE), mask=m)
         clear_slots(mine, slot_stride, offs, m, ITYPE, R)
     tl.store(counter_ptr + pid, epoch)

@@ -3,15 +3,7 @@
 No tensors, no process groups, no environment: everything it needs is an argument, so it is
 tested on a machine without devices. Every threshold names the measurement behind it.
 
-Algorithms (names shared by the CPU backend and the GPU kernels):
-
-- ``one_shot``  every rank reads every peer's input and reduces all of it: one round.
-- ``two_shot``  rank r reduces slice r of every input, then every rank gathers the slices: two
-                rounds, a 1/world share of the reduction work and of the bytes read per rank.
-- ``ring``      chunked, pipelined reduce-scatter + all-gather (GPU, bandwidth-bound sizes).
-- ``direct``    the only algorithm of reduce_scatter and all_gather on the CPU: one round.
-- ``local``     world size 1: a copy.
-- ``torch``     torch.distributed (NCCL / gloo): the fallback, and the choice wherever it is faster.
+The names (ops, algorithms, what each device supports) are in ``tpcomm.algorithms``.
 """
 from __future__ import annotations
 
@@ -19,19 +11,14 @@ import dataclasses
 
 import torch
 
+from ..algorithms import OPS, SUPPORTED
+from ..algorithms import check as _check
 from .select_table import select_cuda
 
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # dtypes torch.distributed reduces but tpcomm's own paths do not: routed to the fallback
 FALLBACK_DTYPES = (torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-OPS = ("all_reduce", "reduce_scatter", "all_gather")
-ALGORITHMS = {
-    "cpu": {"all_reduce": ("one_shot", "two_shot", "two_level"), "reduce_scatter": ("direct",),
-            "all_gather": ("direct",)},
-    "cuda": {"all_reduce": ("one_shot", "two_shot", "ring", "two_level"),
-             "reduce_scatter": ("direct",),
-             "all_gather": ("direct",)},
-}
+ALGORITHMS = SUPPORTED   # device -> op -> algorithms (tpcomm.algorithms.SUPPORTED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +95,6 @@ def fallback_reason(op: str, dtype: torch.dtype, world_size: int, topology: Topo
 
 
 def check_algorithm(op: str, algorithm: str, device_type: str) -> None:
-    """Raise a clear ValueError for an algorithm that does not exist for this op and device."""
-    if algorithm in ("auto", "torch"):
-        return
-    known = ALGORITHMS.get(device_type, {}).get(op, ())
-    if algorithm not in known:
-        raise ValueError(f"{op} on {device_type} has no algorithm {algorithm!r}; "
-                         f"choose one of {('auto', 'torch') + tuple(known)}")
+    """Raise a clear ValueError for an algorithm that does not exist for this op and device
+    (a qualified name, ``"one_shot/push"``, forces the mechanism where the device has two)."""
+    _check(op, algorithm, device_type)
