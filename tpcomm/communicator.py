@@ -365,8 +365,8 @@ class Communicator:
         """Run the engine's fused ``op`` (stats and flight recorder name it ``fused``), or
         record why it cannot and return False."""
         self._check_tensor(op, a)
-        fn = getattr(self._backend, op, None)
-        if fn is None or a.dtype not in FAST_DTYPES:
+        engine = self._backend
+        if not self._supports(op) or a.dtype not in FAST_DTYPES:
             why = (f"{op}(method='fused') needs the GPU backend and float32/float16/bfloat16; "
                    f"here: backend {self.backend_name}, {a.dtype}")
             _log_fallback_once(why)
@@ -379,7 +379,7 @@ class Communicator:
             raise TpcommError(f"{op}: this Communicator is already running a collective in "
                               f"another thread; use one Communicator per thread")
         try:
-            self._timed(op, "fused", nbytes, a.dtype, fn, a, b, out)
+            self._timed(op, "fused", nbytes, a.dtype, getattr(engine, op), a, b, out)
             return True
         finally:
             self._lock.release()
@@ -396,10 +396,9 @@ class Communicator:
         if self._closed:
             raise CommunicatorClosedError("empty on a closed Communicator")
         _refuse_during_capture("comm.empty (a buffer in the symmetric memory)", self.device)
-        fn = getattr(self._backend, "empty", None)
-        if fn is None:
+        if not self._supports("empty"):
             return torch.empty(shape, dtype=dtype, device=self.device)
-        return fn(shape, dtype)
+        return self._backend.empty(shape, dtype)
 
     def stats(self) -> dict:
         """Calls, bytes and host seconds per (op, algorithm), and fallbacks per reason.
@@ -410,7 +409,7 @@ class Communicator:
         ops = {}
         for (op, algo), (calls, nbytes, secs) in sorted(self._stats.items()):
             ops.setdefault(op, {})[algo] = {"calls": calls, "bytes": nbytes, "seconds": secs}
-        p2p = getattr(self._backend, "p2p_check", None)
+        p2p = self._backend.p2p_check if self._backend is not None else None
         return {"backend": self.backend_name, "world_size": self.world_size, "rank": self.rank,
                 "disabled_reason": self.disabled_reason, "ops": ops,
                 "fallbacks": dict(self._fallbacks),
@@ -464,12 +463,16 @@ class Communicator:
         """What torch.compile records for :meth:`all_reduce_add_rms_norm` (see its docstring)."""
         if self.world_size == 1:
             return reference.add_rms_norm(x, residual, weight, eps)
-        if self._fused_norm and getattr(self._backend, "all_reduce_add_rms_norm", None):
+        if self._fused_norm and self._supports("all_reduce_add_rms_norm"):
             normed = torch.ops.tpcomm.all_reduce_add_rms_norm(x, residual, weight, eps,
                                                                self.handle, algorithm)
             return normed, residual
         x.copy_(torch.ops.tpcomm.all_reduce(x, self.handle, algorithm))
         return reference.add_rms_norm(x, residual, weight, eps)
+
+    def _supports(self, op: str) -> bool:
+        """The engine runs ``op`` (:meth:`tpcomm.engine.Engine.supports`); False without one."""
+        return self._backend is not None and self._backend.supports(op)
 
     def _check_tensor(self, op: str, x) -> None:
         if self._closed:
@@ -609,8 +612,8 @@ class Communicator:
     def _should_fuse_norm(self, algorithm: str, x: torch.Tensor, epilogue: tuple) -> bool:
         """The fused all-reduce + add + RMSNorm kernel takes the call: the all-reduce would
         run on the GPU kernels, x is float16/bfloat16/float32 and a row fits one block."""
-        fn = getattr(self._backend, "all_reduce_add_rms_norm", None)
-        if (not self._fused_norm or fn is None or algorithm in ("torch", "two_level", "local")
+        if (not self._fused_norm or algorithm in ("torch", "two_level", "local")
+                or not self._supports("all_reduce_add_rms_norm")
                 or x.dim() == 0):
             return False
         if not epilogue[1].is_contiguous():

@@ -1,8 +1,12 @@
-"""The contract between the Communicator and a device backend (CPU shared memory, GPU P2P).
+"""The contract between the Communicator and a device engine (CPU: ``cpu/shm_collectives.py``,
+GPU: ``cuda/p2p_collectives.py``). "Backend" keeps its torch.distributed meaning (gloo, NCCL);
+an engine is what moves tpcomm's own bytes.
 
 The Communicator validates tensors, picks the algorithm, chunks calls larger than ``capacity``,
-keeps the stats and handles fallbacks; a backend only moves bytes. Every backend call is
-collective: all ranks make it with the same op, algorithm, dtype and sizes.
+keeps the stats and handles fallbacks; an engine only moves bytes. Every engine call is
+collective: all ranks make it with the same op, algorithm, dtype and sizes. What an engine
+offers beyond the three collectives it says through :meth:`Engine.supports` (never probed with
+``getattr``).
 """
 from __future__ import annotations
 
@@ -10,13 +14,27 @@ from typing import Protocol
 
 import torch
 
+# the collectives every engine runs
+CORE_OPS = ("all_reduce", "reduce_scatter", "all_gather")
+# what an engine may add (the GPU engine has all of them):
+#   all_reduce_add_rms_norm   fused all-reduce + add + RMSNorm (+ fused_norm_max_hidden())
+#   matmul_reduce_scatter, all_gather_matmul, matmul_all_reduce   fused GEMM + collective
+#   empty                     tensors in the engine's symmetric buffer (zero-copy inputs)
+EXTRA_OPS = ("all_reduce_add_rms_norm", "matmul_reduce_scatter", "all_gather_matmul",
+             "matmul_all_reduce", "empty")
 
-class Backend(Protocol):
+
+class Engine(Protocol):
     name: str
     # Largest input of one call in bytes (the Communicator chunks larger ones).
     capacity: int
-    # None while healthy, else why the backend refuses further calls.
+    # None while healthy, else why the engine refuses further calls.
     broken: str | None
+    # The GPU engine's verdict of the data-moving P2P check (cuda/p2p_check.py); None elsewhere.
+    p2p_check: object | None
+
+    def supports(self, op: str) -> bool:
+        """True where this engine runs ``op`` (one of CORE_OPS + EXTRA_OPS)."""
 
     def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
         """out = sum over ranks of inp. Both 1-D, same numel and dtype; out may alias inp."""

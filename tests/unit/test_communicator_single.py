@@ -106,8 +106,12 @@ def test_needs_initialized_torch_distributed(monkeypatch):
 
 
 class _FusedNormBackend:
-    """Stands in for the GPU backend: records the fused call instead of launching a kernel."""
-    broken = None
+    """Stands in for the GPU engine: records the fused call instead of launching a kernel."""
+    broken = p2p_check = None
+
+    @staticmethod
+    def supports(op):
+        return op == "all_reduce_add_rms_norm"
 
     def __init__(self):
         self.calls = []
@@ -118,6 +122,15 @@ class _FusedNormBackend:
     def all_reduce_add_rms_norm(self, x, residual, weight, eps, normed):
         self.calls.append(tuple(x.shape))
         normed.fill_(7.0)
+
+
+class _CoreOnlyEngine:
+    """An engine with the three collectives only (as the CPU's)."""
+    broken = p2p_check = None
+
+    @staticmethod
+    def supports(op):
+        return op in ("all_reduce", "reduce_scatter", "all_gather")
 
 
 def test_fused_norm_routing_is_opt_in_and_limited_to_gpu_kernel_algorithms(comm):
@@ -137,15 +150,19 @@ def test_fused_norm_routing_is_opt_in_and_limited_to_gpu_kernel_algorithms(comm)
         assert not comm._should_fuse_norm("one_shot", torch.ones(2, 16385),
                                           (torch.zeros(2, 16385), torch.ones(16385), 1e-6))
         assert not comm._should_fuse_norm("one_shot", x, (epi[0], torch.ones(16)[::2], 1e-6))
-        comm._backend = object()                  # a backend without the fused kernel (CPU)
+        comm._backend = _CoreOnlyEngine()         # an engine without the fused kernel (CPU)
         assert not comm._should_fuse_norm("one_shot", x, epi)
     finally:
         comm._backend, comm._fused_norm = saved
 
 
 class _FusedGemmBackend:
-    """Stands in for the GPU backend's fused GEMM ops: records each call, writes a marker."""
-    broken = None
+    """Stands in for the GPU engine's fused GEMM ops: records each call, writes a marker."""
+    broken = p2p_check = None
+
+    @staticmethod
+    def supports(op):
+        return op in ("matmul_reduce_scatter", "all_gather_matmul", "matmul_all_reduce")
 
     def __init__(self):
         self.calls = []
@@ -200,3 +217,21 @@ def test_fused_gemm_ops_route_to_the_engine_or_report_why_not(comm):
             tpcomm.all_gather_matmul(a, b, comm, method="x")
     finally:
         comm._backend = saved
+
+
+def test_engines_state_what_they_support():
+    """The engine contract: supports(op) instead of attribute probes; the CPU engine runs the
+    three collectives only, the GPU engine every op of the contract (checked on the class:
+    no GPU here)."""
+    from tpcomm.cpu.shm_collectives import ShmCollectives
+    from tpcomm.cuda.p2p_collectives import P2PCollectives
+    from tpcomm.engine import CORE_OPS, EXTRA_OPS
+    for op in CORE_OPS:
+        assert ShmCollectives.supports(op)
+    for op in EXTRA_OPS + ("no_such_op",):
+        assert not ShmCollectives.supports(op)
+    gpu = P2PCollectives.__new__(P2PCollectives)     # no buffer: supports() reads the class
+    assert all(gpu.supports(op) for op in CORE_OPS + EXTRA_OPS)
+    assert not gpu.supports("no_such_op")
+    for op in EXTRA_OPS:                              # every extra op is a method of the engine
+        assert callable(getattr(P2PCollectives, op))

@@ -37,6 +37,7 @@ import time
 
 import torch
 
+from ..engine import CORE_OPS
 from ..errors import CommunicatorBrokenError, MismatchError, PeerDiedError, PeerTimeoutError
 from ..memory.shm import ShmSymmetricBuffer
 
@@ -100,9 +101,15 @@ def sum_in_rank_order(srcs: list[torch.Tensor], out: torch.Tensor, acc: torch.Te
 
 
 class ShmCollectives:
-    """The CPU backend of a Communicator: collectives over one :class:`ShmSymmetricBuffer`."""
+    """The CPU engine of a Communicator (:class:`tpcomm.engine.Engine`): collectives over one
+    :class:`ShmSymmetricBuffer`; the three collectives only."""
 
     name = "shm"
+    p2p_check = None
+
+    @staticmethod
+    def supports(op: str) -> bool:
+        return op in CORE_OPS
 
     def __init__(self, buf: ShmSymmetricBuffer, timeout_s: float):
         self.buf = buf

@@ -2,7 +2,7 @@
 
 :func:`make_cuda_backend` sets up one :class:`~tpcomm.memory.cuda_symm.TorchSymmetricBuffer`
 per Communicator and returns a :class:`P2PCollectives` (name ``"p2p"``) that implements
-:class:`tpcomm.engine.Backend`. Every call only launches kernels on the current stream: no host
+:class:`tpcomm.engine.Engine`. Every call only launches kernels on the current stream: no host
 synchronization, no allocation, so it works eagerly and inside CUDA-graph capture (warm each
 size up once before capturing, as for any Triton kernel: the first call of a new size or
 alignment compiles).
@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..engine import CORE_OPS, EXTRA_OPS
 from ..errors import CommunicatorBrokenError, PeerTimeoutError, TpcommError
 from ..groups.group import GroupInfo, GroupStore
 from ..kernels import (all_gather as k_all_gather, all_gather_matmul_fused as k_ag_matmul,
@@ -167,9 +168,15 @@ def _split(n: int, world: int) -> int:
 
 
 class P2PCollectives:
-    """The GPU backend of a Communicator (see the module docstring)."""
+    """The GPU engine of a Communicator (:class:`tpcomm.engine.Engine`; see the module
+    docstring): the collectives, the fused ones and ``empty``."""
 
     name = "p2p"
+    p2p_check = None   # make_cuda_backend sets the P2P check's verdict
+    _OPS = frozenset(CORE_OPS + EXTRA_OPS)
+
+    def supports(self, op: str) -> bool:
+        return op in self._OPS
 
     def __init__(self, buf, layout: Layout, timeout_s: float, max_bytes: int, *,
                  num_warps: int = NUM_WARPS):
