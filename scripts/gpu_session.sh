@@ -47,7 +47,7 @@ want bench-eager && step bench-eager 35 python3 -m tpcomm bench --device cuda -n
 want model && step model 75 python3 -m tpcomm bench model --device cuda -n "$NGPU" \
   --model llama3_70b --comm tpcomm,nccl --batch 1,8 --context 1024 --prompt-lens 1024 \
   --breakdown --no-progress --json "$OUT/model.json" --markdown "$OUT/model.md"
-want hierarchical && step hierarchical 45 python3 -m tpcomm.bench.two_level --nproc 4 \
+want hierarchical && step hierarchical 45 python3 -m tpcomm bench two-level --nproc 4 \
   --ranks-per-node 2 -b 4K -e 64M -f 4 --markdown "$OUT/hierarchical.md"
 if want soak; then
   for algo in one_shot two_shot ring; do

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -22,6 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import tpcomm  # noqa: E402
+from tpcomm.bench import timing  # noqa: E402
 from tpcomm.groups.launch import spawn  # noqa: E402
 from tpcomm.testing import exact  # noqa: E402
 
@@ -35,46 +35,24 @@ ITERS, REPS = 20, 15
 
 
 def _time_graph(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(ITERS):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    dist.barrier()
-    times = []
-    for _ in range(REPS):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / ITERS)
-    return statistics.median(times)
+    """us per call: replays of a CUDA graph of ITERS calls, median of REPS (tpcomm.bench.timing)."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for _ in range(3):
+        fn()
+    g = timing.capture([fn], ITERS, dev)
+    try:
+        return timing.per_call_s(g.replay, ITERS, REPS, dev) * 1e6
+    finally:
+        torch.cuda.synchronize(dev)
+        g.reset()
 
 
 def _time_eager(fn, iters=10):
+    """us per call: ``iters`` eager calls, median of 5 repetitions (tpcomm.bench.timing)."""
+    dev = torch.device("cuda", torch.cuda.current_device())
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    dist.barrier()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / iters)
-    return statistics.median(times)
+    return timing.per_call_s(timing.rotating([fn], iters), iters, 5, dev) * 1e6
 
 
 def _worker(rank, world, dtype_name, sizes):

@@ -91,7 +91,7 @@ def test_output_paths_are_checked_before_the_run(name, flags, tmp_path, capsys):
 
 def _prog(name):
     if name == "hierarchical_bench":
-        return "python -m tpcomm.bench.two_level"
+        return "tpcomm bench two-level"
     return f"tpcomm {name}"
 
 

@@ -39,6 +39,7 @@ from ..models.comm import make_comm
 from ..models.generate import Generator
 from ..models.llama import get_config
 from ..models.weights import build_model, load_config
+from .timing import max_over_ranks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -111,14 +112,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _max_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 class _Progress:
     """One line per step on stderr (rank 0): readable in a log, unlike a redrawn bar."""
 
@@ -164,7 +157,7 @@ def _decode(model, comm_name, batch, config, device) -> tuple[dict, torch.Tensor
         for _ in range(config.decode_tokens):
             tokens.append(gen.decode_step().clone())
             clock.mark()
-        ms = _max_over_ranks(statistics.median(clock.intervals_ms()))
+        ms = max_over_ranks(statistics.median(clock.intervals_ms()))
         parts = decode_breakdown(gen, BREAKDOWN_STEPS) if config.breakdown else None
     finally:
         gen.close()
@@ -195,7 +188,7 @@ def _prefill(model, comm_name, length, config, device) -> tuple[dict, torch.Tens
         logits = gen.logits.float().cpu()
     finally:
         gen.close()
-    ms = _max_over_ranks(statistics.median(times))
+    ms = max_over_ranks(statistics.median(times))
     row = {"phase": "prefill", "comm": comm_name, "batch": batch, "tokens": length, "ms": ms,
            "tokens_per_s": batch * length * 1e3 / ms, "samples": config.reps,
            "first_call_s": first_call_s}

@@ -39,9 +39,7 @@ import dataclasses
 import json
 import os
 import shlex
-import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -51,6 +49,7 @@ from ..cli.command import UsageError
 from ..groups.launch import RankFailed, init_rank, spawn, under_torchrun
 from ..ops.overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
                            overlap_chunks)
+from . import timing
 from .args import (add_oversubscribe, check_output_path, int_list, positive_int,
                    resolve_device, resolve_world)
 
@@ -257,30 +256,13 @@ def _variants(op, a, b, comm, R, chunks_auto, forced, async_tp_why):
 
 
 def _time_us(fn, config, device) -> float:
-    """Median over reps of the time per call, the slowest rank's, in microseconds."""
-    cuda = device.type == "cuda"
+    """Median over reps of the time per call, the slowest rank's, in microseconds
+    (``bench/timing.py``)."""
     for _ in range(config.warmup):
         fn()
-    samples = []
-    for _ in range(config.reps):
-        dist.barrier()
-        if cuda:
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(config.iters):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3 / config.iters)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(config.iters):
-                fn()
-            samples.append((time.perf_counter() - t0) * 1e6 / config.iters)
-    t = torch.tensor([statistics.median(samples)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    per_call = timing.per_call_s(timing.rotating([fn], config.iters), config.iters, config.reps,
+                                 device)
+    return timing.max_over_ranks(per_call * 1e6, device)
 
 
 def _mismatch(got: torch.Tensor, ref: torch.Tensor, tol: float, device) -> float:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
-import time
 from typing import NamedTuple
 
 import torch
@@ -32,6 +30,7 @@ import torch.distributed as dist
 
 from ..groups.launch import spawn, under_torchrun, usable_cores
 from . import meta as meta_mod
+from . import timing
 from .backends import IN_PLACE, NORM_OP, BenchBackend, Context, make_backend
 from ..cli.progress import Progress
 from .report import Row, human_size
@@ -188,12 +187,16 @@ def _measure(backend: BenchBackend, nbytes: int, ctx: Context, config: BenchConf
     for i in range(config.warmup):
         calls[i % nbuf]()
     graph = config.graph and nbytes <= GRAPH_MAX_BYTES
-    if ctx.device.type == "cpu":
-        seconds = _time_cpu(calls, config.iters, config.reps)
-    elif graph:
-        seconds = _time_cuda_graph(calls, config.iters, config.reps, ctx.device)
+    if graph and ctx.device.type == "cuda":
+        g = timing.capture(calls, config.iters, ctx.device)
+        try:
+            seconds = timing.per_call_s(g.replay, config.iters, config.reps, ctx.device)
+        finally:
+            torch.cuda.synchronize(ctx.device)
+            g.reset()
     else:
-        seconds = _time_cuda_eager(calls, config.iters, config.reps, ctx.device)
+        seconds = timing.per_call_s(timing.rotating(calls, config.iters), config.iters,
+                                    config.reps, ctx.device)
     return Measured("graph" if graph else "eager", algo, seconds, wrong)
 
 
@@ -212,57 +215,3 @@ def _expected(op: str, ctx: Context, numel_in: int) -> torch.Tensor:
         lo = ctx.rank * c
         return sum(_pattern(lo, lo + c, r, ctx.device) for r in ranks)
     return torch.cat([_pattern(0, numel_in, r, ctx.device) for r in ranks])
-
-
-# ---------------------------------------------------------------- timers (seconds per call)
-def _time_cpu(calls, iters: int, reps: int) -> float:
-    samples = []
-    for _ in range(reps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        for i in range(iters):
-            calls[i % len(calls)]()
-        samples.append((time.perf_counter() - t0) / iters)
-    return statistics.median(samples)
-
-
-def _time_cuda_eager(calls, iters: int, reps: int, device) -> float:
-    def one_rep():
-        for i in range(iters):
-            calls[i % len(calls)]()
-    return _time_cuda(one_rep, iters, reps, device)
-
-
-def _time_cuda_graph(calls, iters: int, reps: int, device) -> float:
-    """Capture ``iters`` calls in one CUDA graph (after eager warm-up) and time its replays."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):   # calls are warm already; this primes the side stream
-        for call in calls:
-            call()
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(iters):
-            calls[i % len(calls)]()
-    graph.replay()
-    try:
-        return _time_cuda(graph.replay, iters, reps, device)
-    finally:
-        torch.cuda.synchronize(device)
-        graph.reset()
-
-
-def _time_cuda(one_rep, iters: int, reps: int, device) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(reps):
-        torch.cuda.synchronize(device)
-        dist.barrier(device_ids=[device.index])
-        start.record()
-        one_rep()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e-3 / iters)
-    return statistics.median(samples)

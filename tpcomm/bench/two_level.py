@@ -1,12 +1,14 @@
 """Time the two-level all-reduce against a flat torch.distributed all-reduce on the same nodes.
 
     # 4 GPUs of one host as 2 emulated nodes x 2 (NCCL over loopback sockets between them)
-    python -m tpcomm.bench.two_level --nproc 4 --ranks-per-node 2 -b 4K -e 256M \\
+    tpcomm bench two-level --nproc 4 --ranks-per-node 2 -b 4K -e 256M \\
         --markdown benchmarks/results/gpu-h200x4-hierarchical-2x2.md
     # a real cluster: one process per GPU from torchrun, nodes from LOCAL_WORLD_SIZE
-    torchrun --nnodes 2 --nproc-per-node 8 ... -m tpcomm.bench.two_level -b 4K -e 256M
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m tpcomm bench two-level -b 4K -e 256M
     # CPU: 2 ranks as 2 nodes x 1, 4K .. 16M (about 20 s)
-    python -m tpcomm.bench.two_level --device cpu
+    tpcomm bench two-level --device cpu
+
+(``python -m tpcomm.bench.two_level ARGS`` is the same as ``tpcomm bench two-level ARGS``.)
 
 Each size is checked first (exact-sum inputs, two-level against flat, bitwise), then timed:
 ``--iters`` calls per repetition, the median of ``--reps`` repetitions per rank, the maximum over
@@ -19,9 +21,7 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -37,36 +37,6 @@ def _sizes(lo: int, hi: int, factor: int) -> list[int]:
     return out
 
 
-def _timer(device):
-    if device.type == "cuda":
-        def measure(fn, iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(iters)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) * 1e3 / iters
-    else:
-        def measure(fn, iters):
-            t0 = time.perf_counter()
-            fn(iters)
-            return (time.perf_counter() - t0) * 1e6 / iters
-    return measure
-
-
-def _maybe_graph(call, iters, use_graph, device):
-    """A function running ``iters`` calls: eagerly, or as one captured CUDA graph."""
-    if not use_graph or device.type != "cuda":
-        return lambda n: [call() for _ in range(n)]
-    call()                                           # warm-up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            call()
-    return lambda n: graph.replay()
-
-
 def run_rank(rank: int, world: int, args) -> list[dict] | None:
     from ..communicator import HierarchicalAllReduce
     from ..cli.progress import Progress
@@ -78,13 +48,12 @@ def run_rank(rank: int, world: int, args) -> list[dict] | None:
     dtype = DTYPES[args.dtype]
     ar = HierarchicalAllReduce(device=device, local_world_size=args.ranks_per_node,
                                chunk_bytes=args.chunk_bytes)
-    measure = _timer(device)
     rows = []
     sizes = _sizes(args.minbytes, args.maxbytes, args.stepfactor)
     progress = Progress(2 * len(sizes), rank == 0 and not args.no_progress)
     try:
         for nbytes in sizes:
-            rows.append(_measure_size(nbytes, ar, args, dtype, device, rank, measure, progress))
+            rows.append(_measure_size(nbytes, ar, args, dtype, device, rank, progress))
     finally:
         progress.close()
     info = repr(ar)
@@ -93,7 +62,7 @@ def run_rank(rank: int, world: int, args) -> list[dict] | None:
     return (rows, info) if rank == 0 else None
 
 
-def _measure_size(nbytes, ar, args, dtype, device, rank, measure, progress) -> dict:
+def _measure_size(nbytes, ar, args, dtype, device, rank, progress) -> dict:
     """One row: check the size (two-level against flat, bitwise), then time both."""
     from .report import human_size
     from ..testing import exact
@@ -110,18 +79,24 @@ def _measure_size(nbytes, ar, args, dtype, device, rank, measure, progress) -> d
     times = {}
     for name, call in calls.items():
         progress.show(f"{human_size(nbytes)} {name}")
+        for _ in range(args.warmup):
+            call()
+        graph = None
+        if args.graph and device.type == "cuda":
+            try:
+                graph = timing.capture([call], args.iters, device)
+            except Exception as e:  # a capture that fails is reported, the run goes on eagerly
+                if rank == 0:
+                    print(f"# {name} {nbytes} B: CUDA graph capture failed ({e}); eager",
+                          file=sys.stderr)
+        one_rep = graph.replay if graph is not None else timing.rotating([call], args.iters)
         try:
-            run = _maybe_graph(call, args.iters, args.graph, device)
-        except Exception as e:  # a capture that fails is reported, the run goes on eagerly
-            if rank == 0:
-                print(f"# {name} {nbytes} B: CUDA graph capture failed ({e}); eager",
-                      file=sys.stderr)
-            run = _maybe_graph(call, args.iters, False, device)
-        run(args.warmup)
-        per_rep = [measure(run, args.iters) for _ in range(args.reps)]
-        t = torch.tensor([statistics.median(per_rep)], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        times[name] = float(t)
+            us = timing.per_call_s(one_rep, args.iters, args.reps, device) * 1e6
+        finally:
+            if graph is not None:
+                torch.cuda.synchronize(device)
+                graph.reset()
+        times[name] = timing.max_over_ranks(us, device)
         progress.advance()
     return {"nbytes": n * dtype.itemsize, "count": n, "wrong": int(wrong), **times}
 
@@ -164,7 +139,7 @@ def header(args, world, info) -> list[str]:
              else "nodes from the launch (torchrun)"),
             f"{'CUDA graph replays' if args.graph else 'eager'}, {args.iters} calls x "
             f"{args.reps} reps, median per rank, max over ranks",
-            "command: " + " ".join(["python -m tpcomm.bench.two_level", *args.argv])]
+            "command: " + " ".join(["tpcomm", *args.argv])]
 
 
 # Default sweep per device: the GPU one is the recorded table's; on a CPU, 4K-256M over 4
@@ -173,10 +148,23 @@ DEFAULTS = {"cuda": {"nproc": 4, "maxbytes": "256M", "dtype": "bfloat16"},
             "cpu": {"nproc": 2, "maxbytes": "16M", "dtype": "float32"}}
 
 
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """``two-level`` under ``tpcomm bench``."""
+    p = subparsers.add_parser(
+        "two-level", help="the two-level all-reduce vs flat torch.distributed (emulated nodes)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _add_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .args import add_oversubscribe, positive_int
-    p = argparse.ArgumentParser(prog="python -m tpcomm.bench.two_level", description=__doc__,
+    """The parser of ``python -m tpcomm.bench.two_level`` (``tpcomm bench two-level``'s)."""
+    p = argparse.ArgumentParser(prog="tpcomm bench two-level", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _add_args(p)
+
+
+def _add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .args import add_oversubscribe, positive_int
     p.add_argument("--nproc", type=positive_int, default=None,
                    help="ranks to spawn when not under torchrun (default 4 on cuda, 2 on cpu)")
     add_oversubscribe(p)
@@ -270,11 +258,12 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    """``python -m tpcomm.bench.two_level``: the same as ``tpcomm bench two-level``."""
     from ..cli.command import execute
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    args.argv = argv
-    return execute(args, prog="python -m tpcomm.bench.two_level")
+    args.argv = ["bench", "two-level", *argv]
+    return execute(args, prog="tpcomm bench two-level")
 
 
 if __name__ == "__main__":
