@@ -93,3 +93,19 @@ def test_all_reduce_add_rms_norm_rows(tmp_path):
     proc, doc = _bench(["--op", "all_reduce_add_rms_norm", "--hidden", "256", "-n", "2",
                         "--backends", "tpcomm,_broken", "-b", "1K", "-e", "1K"], tmp_path)
     assert proc.returncode == 1 and doc["wrong"] > 0
+
+
+def _multicast_env(rank, world):
+    return {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                                           "NVSHMEM_DISABLE_NVLS")}
+
+
+def test_every_spawned_rank_has_multicast_off(monkeypatch):
+    """The one place that sets the no-multicast environment (groups/launch.py): every rank that
+    spawn starts has it, whatever the caller passed, and it stays what the rules ask for."""
+    from tpcomm.groups.launch import NO_MULTICAST_ENV, spawn
+    for k in NO_MULTICAST_ENV:
+        monkeypatch.delenv(k, raising=False)
+    got = spawn(_multicast_env, 2, timeout_s=120)
+    assert got == [{"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                    "NVSHMEM_DISABLE_NVLS": "1"}] * 2

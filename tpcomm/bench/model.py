@@ -33,7 +33,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..groups.launch import init_rank, spawn, under_torchrun
+from ..groups.launch import init_rank, no_multicast, spawn, under_torchrun
 from ..models.breakdown import decode_breakdown
 from ..models.comm import make_comm
 from ..models.generate import Generator
@@ -42,8 +42,6 @@ from ..models.weights import build_model, load_config
 from .timing import max_over_ranks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                    "NVSHMEM_DISABLE_NVLS": "1"}
 # logits of two backends agree "within tolerance" when max|a - b| <= TOL * max|a|: bfloat16
 # keeps 8 significant bits (relative step 2^-8 = 0.4 %); a sum of two roundings and the
 # rounding of the logits themselves stay under 4 steps
@@ -222,7 +220,7 @@ def compare(tokens: dict, logits: dict, base: str, other: str, dtype: str) -> di
 
 
 def rank_main(rank: int, world: int, config: ModelBenchConfig) -> dict:
-    os.environ.update(NO_MULTICAST_ENV)
+    no_multicast()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     threads = config.threads or max(1, (os.cpu_count() or 1) // local_world)
     device = init_rank(config.device, rank, threads)

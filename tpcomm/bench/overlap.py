@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from .. import reference
 from ..cli.command import UsageError
-from ..groups.launch import RankFailed, init_rank, spawn, under_torchrun
+from ..groups.launch import RankFailed, init_rank, no_multicast, spawn, under_torchrun
 from ..ops.overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
                            overlap_chunks)
 from . import timing
@@ -70,8 +70,6 @@ PARTS = ("gemm", "collective", "unfused", "tpcomm_collective")
 # overlapped variant -> the same engine unfused, its baseline
 BASELINE = {"torch_async_tp": "unfused", "tpcomm": "tpcomm_unfused",
             "tpcomm_forced": "tpcomm_unfused", "tpcomm_fused": "tpcomm_unfused"}
-NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                    "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,7 +334,7 @@ def speedups(row: dict, device_type: str) -> dict:
 
 
 def rank_main(rank: int, world: int, config: OverlapBenchConfig) -> dict:
-    os.environ.update(NO_MULTICAST_ENV)
+    no_multicast()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     device = init_rank(config.device, rank, max(1, (os.cpu_count() or 1) // local))
     from ..communicator import Communicator

@@ -28,17 +28,13 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..groups.launch import spawn, under_torchrun, usable_cores
+from ..groups.launch import no_multicast, spawn, under_torchrun, usable_cores
 from . import meta as meta_mod
 from . import timing
 from .backends import IN_PLACE, NORM_OP, BenchBackend, Context, make_backend
 from ..cli.progress import Progress
 from .report import Row, human_size
 
-# Set in every rank before torch.distributed starts: NVLink multicast (NVLS) stays off, in NCCL,
-# in torch's symmetric memory and in NVSHMEM.
-NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                    "NVSHMEM_DISABLE_NVLS": "1"}
 GRAPH_MAX_BYTES = 8 << 20   # --graph: CUDA-graph replays up to this size, eager above
 ROTATE_BYTES = 64 << 20     # twice a 32 MiB L3: 4 rotating 16 MiB inputs do not fit in it
 MAX_ROTATE = 4
@@ -85,7 +81,7 @@ def run(config: BenchConfig) -> dict:
 
 def rank_main(rank: int, world: int, config: BenchConfig) -> dict:
     """One rank of the benchmark (the function :func:`run` spawns)."""
-    os.environ.update(NO_MULTICAST_ENV)
+    no_multicast()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if config.device == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))

@@ -40,7 +40,8 @@ def _sizes(lo: int, hi: int, factor: int) -> list[int]:
 def run_rank(rank: int, world: int, args) -> list[dict] | None:
     from ..communicator import HierarchicalAllReduce
     from ..cli.progress import Progress
-    from ..groups.launch import init_rank
+    from ..groups.launch import init_rank, no_multicast
+    no_multicast()
     if args.emulate and args.ranks_per_node:
         # one NCCL "host" per emulated node, so NCCL crosses them over its network transport
         os.environ.setdefault("NCCL_HOSTID", f"tpcomm-fakenode{rank // args.ranks_per_node}")
@@ -228,7 +229,7 @@ def _resolve(args) -> None:
 
 def run(args) -> int:
     _resolve(args)
-    from ..groups.launch import spawn
+    from ..groups.launch import NO_MULTICAST_ENV, spawn
     # what the ranks get: the arguments, without the parser and this function (not picklable)
     args = argparse.Namespace(**{k: v for k, v in vars(args).items()
                                  if k not in ("parser", "func")})
@@ -239,8 +240,7 @@ def run(args) -> int:
     else:
         args.emulate = args.ranks_per_node is not None
         world = args.nproc
-        env = {"NCCL_SOCKET_IFNAME": "lo", "NCCL_IB_DISABLE": "1", "NCCL_NVLS_ENABLE": "0",
-               "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+        env = {"NCCL_SOCKET_IFNAME": "lo", "NCCL_IB_DISABLE": "1", **NO_MULTICAST_ENV,
                "TPCOMM_QUIET": "1"} if args.emulate else {}
         args.env = env
         res = spawn(run_rank, world, args, env=env, timeout_s=3600)[0]

@@ -60,7 +60,20 @@ def check_cpu_ranks(world: int, what: str = "-n") -> None:
                          f"start them anyway")
 
 
+# NVLink multicast (NVLS) stays off, in NCCL, in torch's symmetric memory and in NVSHMEM: set in
+# every rank :func:`spawn` starts, and by every benchmark rank under torchrun
+# (:func:`no_multicast`), before torch.distributed starts.
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                    "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def no_multicast() -> None:
+    """Set :data:`NO_MULTICAST_ENV` in this process (before torch.distributed starts)."""
+    os.environ.update(NO_MULTICAST_ENV)
+
+
 def _entry(fn, rank, world, port, env, args, q):
+    no_multicast()
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)})
