@@ -39,6 +39,28 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def add_ranks(p, what: str = "ranks") -> None:
+    """The flags every benchmark shares for where it runs: -n/--nranks, --oversubscribe,
+    --device (resolved by :func:`resolve_world` and :func:`resolve_device`)."""
+    p.add_argument("-n", "--nranks", type=positive_int,
+                   help=f"{what} to start (default 2 on cpu, every GPU on cuda); under torchrun "
+                        f"the world size is torchrun's")
+    add_oversubscribe(p)
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="default: cuda when a GPU is visible, else cpu")
+
+
+def add_outputs(p, plot: str | None = None, progress: str = "no progress lines on stderr") -> None:
+    """The output flags every benchmark shares: --json, --markdown, (--plot: ``plot`` is its
+    help), --no-progress (checked by :func:`check_output_path` before any rank starts)."""
+    p.add_argument("--json", metavar="FILE", help="write every figure and the header as JSON")
+    if plot is not None:
+        p.add_argument("--plot", metavar="FILE.png", help=plot)
+    p.add_argument("--markdown", metavar="FILE.md",
+                   help="write the header and tables as a results file (benchmarks/results/)")
+    p.add_argument("--no-progress", action="store_true", help=progress)
+
+
 def add_oversubscribe(p: argparse.ArgumentParser) -> None:
     """The flag that lets -n exceed the usable cores (see :func:`tpcomm.groups.launch.check_cpu_ranks`)."""
     p.add_argument(OVERSUBSCRIBE_FLAG, action="store_true",

@@ -26,7 +26,7 @@ from ..groups.launch import RankFailed
 from ..selection.select import OPS, check_algorithm
 from ..settings import parse_size
 from . import plot, report, runner
-from .args import add_oversubscribe, check_output_path, positive_int, resolve_world
+from .args import add_outputs, add_ranks, check_output_path, positive_int, resolve_world
 from .backends import DEFAULTS, NORM_OP, PUBLIC, resolve_backends
 
 DEFAULT_MAX_BYTES = {"cpu": "16M", "cuda": "128M"}
@@ -47,12 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog="Sizes take K, M, G suffixes (powers of 1024) and round down to whole elements "
                "(per rank for\nreduce_scatter and all_gather); the size of a reduce_scatter is "
                "its input, of an all_gather its\noutput, as in nccl-tests.")
-    p.add_argument("-n", "--nranks", type=positive_int,
-                   help="ranks to start (default: 2 on cpu, the number of GPUs on cuda); "
-                        "under torchrun the world size is torchrun's")
-    add_oversubscribe(p)
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   help="default: cuda when a GPU is visible, else cpu")
+    add_ranks(p)
     p.add_argument("--backends", help=f"comma-separated, the first is the one under test and "
                    f"the others its baselines; known: {', '.join(PUBLIC)} (default: "
                    f"{DEFAULTS['cpu']} on cpu, {DEFAULTS['cuda']} on cuda)")
@@ -82,13 +77,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     timing.add_argument("--timeout", type=float, default=3600.0,
                         help="seconds the whole run may take when it starts its own ranks "
                              "(default 3600)")
-    out = p.add_argument_group("output")
-    out.add_argument("--json", metavar="FILE", help="write every figure and the header as JSON")
-    out.add_argument("--plot", metavar="FILE.png",
-                     help="draw latency and bus bandwidth against size (needs matplotlib)")
-    out.add_argument("--markdown", metavar="FILE.md",
-                     help="write the header and tables as a results file (benchmarks/results/)")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_outputs(p.add_argument_group("output"),
+                plot="draw latency and bus bandwidth against size (needs matplotlib)",
+                progress="no progress bar on stderr")
     p.set_defaults(func=main, parser=p)
     # sub-benchmarks: `tpcomm bench model ...`, `tpcomm bench overlap ...` (their own options
     # come after their name)

@@ -19,8 +19,8 @@ import os
 import shlex
 import sys
 
-from .args import (add_oversubscribe, check_output_path, int_list, positive_int, resolve_device,
-                   resolve_world)
+from .args import (add_outputs, add_ranks, check_output_path, int_list, positive_int,
+                   resolve_device, resolve_world)
 from ..cli.command import UsageError, execute
 from ..groups.launch import RankFailed
 from .model import DTYPES, ModelBenchConfig, run
@@ -54,12 +54,7 @@ def add_model_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="end sublayers with all-reduce, add, norm instead of the fused "
                            "all_reduce_add_rms_norm")
     where = p.add_argument_group("ranks and backends")
-    where.add_argument("-n", "--nranks", type=positive_int,
-                       help="TP ranks to start (default 2 on cpu, every GPU on cuda); under "
-                            "torchrun the world size is torchrun's")
-    add_oversubscribe(where)
-    where.add_argument("--device", choices=("cpu", "cuda"),
-                       help="default: cuda when a GPU is visible, else cpu")
+    add_ranks(where, "TP ranks")
     where.add_argument("--comm", help="comma-separated backends, the first under test: "
                                       "tpcomm,nccl on cuda, tpcomm,gloo on cpu (the default)")
     where.add_argument("--threads", type=positive_int,
@@ -95,12 +90,7 @@ def add_model_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "and report the median round (use 3-5 on a shared machine)")
     sizes.add_argument("--timeout", type=float, default=3600.0,
                        help="seconds the whole run may take when it starts its own ranks")
-    out = p.add_argument_group("output")
-    out.add_argument("--json", metavar="FILE", help="write every figure and the header as JSON")
-    out.add_argument("--plot", metavar="FILE.png", help="TPOT and TTFT charts (needs matplotlib)")
-    out.add_argument("--markdown", metavar="FILE.md", help="write the header and tables as a "
-                                                         "results file (benchmarks/results/)")
-    out.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    add_outputs(p.add_argument_group("output"), plot="TPOT and TTFT charts (needs matplotlib)")
     return p
 
 

@@ -50,7 +50,7 @@ from ..groups.launch import RankFailed, init_rank, no_multicast, spawn, under_to
 from ..ops.overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
                            overlap_chunks)
 from . import timing
-from .args import (add_oversubscribe, check_output_path, int_list, positive_int,
+from .args import (add_outputs, add_ranks, check_output_path, int_list, positive_int,
                    resolve_device, resolve_world)
 
 OPS = ("matmul_all_reduce", "matmul_reduce_scatter", "all_gather_matmul")
@@ -100,12 +100,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "overlap", help="GEMM + collective: parts, unfused, torch async-TP, tpcomm overlapped",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-n", "--nranks", type=positive_int,
-                   help="ranks to start (default 2 on cpu, every GPU on cuda); under torchrun "
-                        "the world size is torchrun's")
-    add_oversubscribe(p)
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   help="default: cuda when a GPU is visible, else cpu")
+    add_ranks(p)
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default float32 cpu, bfloat16 cuda")
     p.add_argument("--M", type=int_list, dest="ms",
                    help=f"GEMM rows (tokens), comma-separated (default {DEFAULTS['cpu']['m']} on "
@@ -131,9 +126,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--inductor-ms", type=int_list, default=(),
                    help="with --fused-gemm: the Ms at which inductor's best Triton GEMM is "
                         "autotuned too (minutes each)")
-    p.add_argument("--json", metavar="FILE", help="every figure and the header as JSON")
-    p.add_argument("--markdown", metavar="FILE.md", help="header and tables as a results file")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    add_outputs(p)
     p.set_defaults(func=main, parser=p)
     return p
 

@@ -26,6 +26,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from . import timing
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
