@@ -5,8 +5,11 @@ weighs on each tree alike).
 Each round starts, for each tree in turn, ``--world`` fresh rank processes (gloo + tpcomm's
 shared-memory engine) with that tree first on ``sys.path``; every rank times each of ``--calls``
 calls with ``time.perf_counter_ns`` after ``--warmup`` calls, per size (float32); the figure of
-a (tree, size, round) is the median per call, max over ranks. The summary is the median over
-rounds.
+a (tree, size, round) is the median per call, max over ranks. The summary is the median and the
+minimum over rounds: on a machine shared with other jobs a round whose ranks lose their cores
+is ten times slower (spinning waits), so the minimum is the steadier figure of the code itself.
+``p10``: the 10th percentile of the calls (max over ranks, median over rounds), the calls that no
+other job interrupted.
 
     python scripts/host_time_cpu.py                                  # this tree
     python scripts/host_time_cpu.py --trees BASE_TREE,. --rounds 3   # before/after, alternately
@@ -56,7 +59,9 @@ def _worker(args: argparse.Namespace) -> None:
                 comm.all_reduce(x, out=y)
                 ns.append(clock() - t0)
             assert float(y[0]) == args.world, "wrong sum"
+            ns.sort()
             out[str(size)] = statistics.median(ns)
+            out[f"{size}_p10"] = ns[len(ns) // 10]
     dist.destroy_process_group()
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -84,7 +89,8 @@ def _run_tree(tree: str, args: argparse.Namespace) -> dict:
                 p.kill()
     engine = {r["engine"] for r in results}
     return {"engine": ",".join(sorted(engine)), "tpcomm": results[0]["tpcomm"],
-            **{s: max(r[str(s)] for r in results) / 1e3 for s in args.sizes}}
+            **{s: max(r[str(s)] for r in results) / 1e3 for s in args.sizes},
+            **{f"{s}_p10": max(r[f"{s}_p10"] for r in results) / 1e3 for s in args.sizes}}
 
 
 def main() -> int:
@@ -112,13 +118,17 @@ def main() -> int:
             r = _run_tree(t, args)
             runs[t].append(r)
             print(f"round {rnd} {t} ({r['engine']}): " + "  ".join(
-                f"{s} B {r[s]:.2f} us" for s in args.sizes), flush=True)
+                f"{s} B {r[s]:.2f} us (p10 {r[f'{s}_p10']:.2f})" for s in args.sizes), flush=True)
     print(f"summary: median over {args.rounds} rounds of (median of {args.calls} calls, max "
           f"over {args.world} ranks), us per all_reduce call, float32")
     summary = {}
     for t in trees:
-        summary[t] = {s: statistics.median(r[s] for r in runs[t]) for s in args.sizes}
-        print(f"  {t}: " + "  ".join(f"{s} B {summary[t][s]:.2f} us" for s in args.sizes))
+        summary[t] = {s: {"median": statistics.median(r[s] for r in runs[t]),
+                          "min": min(r[s] for r in runs[t]),
+                          "p10": statistics.median(r[f"{s}_p10"] for r in runs[t])}
+                      for s in args.sizes}
+        print(f"  {t}: " + "  ".join(f"{s} B median {v['median']:.2f} us, min {v['min']:.2f} "
+                                     f"us, p10 {v['p10']:.2f} us" for s, v in summary[t].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": runs, "summary": summary, "calls": args.calls,
