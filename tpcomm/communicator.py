@@ -626,34 +626,40 @@ class Communicator:
             self._run_backend(op, x, out, algorithm)
 
     def _run_backend(self, op: str, x: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
-        """Run on the backend in chunks of at most its capacity."""
+        """Run on the backend in chunks of at most its capacity. Every chunk carries the whole
+        call's numel and its own offset (``total``, ``offset``): the engines compare them
+        across ranks, so a size mismatch raises in the first chunk on every rank."""
         b, R = self._backend, self.world_size
         item = x.element_size()
-        if x.numel() * item <= b.capacity:  # the common case: one round, no slicing
+        total = x.numel()
+        if total * item <= b.capacity:  # the common case: one round, no slicing
             if op == "all_reduce":
-                b.all_reduce(x, out, algorithm)
+                b.all_reduce(x, out, algorithm, total=total)
             elif op == "reduce_scatter":
-                b.reduce_scatter(x.view(R, out.numel()), out.view(-1), algorithm)
+                b.reduce_scatter(x.view(R, out.numel()), out.view(-1), algorithm, total=total)
             else:
-                b.all_gather(x.view(-1), out.view(R, x.numel()), algorithm)
+                b.all_gather(x.view(-1), out.view(R, x.numel()), algorithm, total=total)
             return
         if op == "all_reduce":
             xf, of = x.view(-1), out.view(-1)
             step = (b.capacity // item) & ~15
             for lo in range(0, xf.numel(), step):
-                b.all_reduce(xf[lo:lo + step], of[lo:lo + step], algorithm)
+                b.all_reduce(xf[lo:lo + step], of[lo:lo + step], algorithm, total=total,
+                             offset=lo)
         elif op == "reduce_scatter":
             c = out.numel()
             x2, o1 = x.view(R, c), out.view(-1)
             step = (b.capacity // (item * R)) & ~15
             for lo in range(0, c, step):
-                b.reduce_scatter(x2[:, lo:lo + step], o1[lo:lo + step], algorithm)
+                b.reduce_scatter(x2[:, lo:lo + step], o1[lo:lo + step], algorithm, total=total,
+                                 offset=lo)
         else:
             c = x.numel()
             x1, o2 = x.view(-1), out.view(R, c)
             step = (b.capacity // item) & ~15
             for lo in range(0, c, step):
-                b.all_gather(x1[lo:lo + step], o2[:, lo:lo + step], algorithm)
+                b.all_gather(x1[lo:lo + step], o2[:, lo:lo + step], algorithm, total=total,
+                             offset=lo)
 
     def _debug_check(self, name: str, x: torch.Tensor) -> None:
         """TPCOMM_DEBUG=1: every rank called the same op with the same numel and dtype."""

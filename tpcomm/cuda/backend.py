@@ -303,8 +303,10 @@ class P2PCollectives:
         return _NULL
 
     # ---------------------------------------------------------------- collectives
-    def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
-        """out = sum over ranks of inp (1-D views, same numel; out may alias inp)."""
+    def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str, *,
+                   total: int = -1, offset: int = 0) -> None:
+        """out = sum over ranks of inp (1-D views, same numel; out may alias inp). ``total``:
+        numel of the whole Communicator call (-1: this is the call), in the call hash."""
         self._begin()
         if inp.dim() != 1:
             inp = inp.view(-1)
@@ -423,7 +425,7 @@ class P2PCollectives:
                     itype=kw["itype"], canon=kw["canon"])
 
     def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor,
-                       algorithm: str = "direct") -> None:
+                       algorithm: str = "direct", *, total: int = -1, offset: int = 0) -> None:
         """inp is [world, c] (rows may be strided), out is [c]: out = sum of row ``rank``."""
         self._begin()
         c = out.numel()
@@ -471,7 +473,7 @@ class P2PCollectives:
         fused_gemm.warm_up(self, self._counters[FAM_PUSH], op, *args, **gemm)
 
     def all_gather(self, inp: torch.Tensor, out: torch.Tensor,
-                   algorithm: str = "direct") -> None:
+                   algorithm: str = "direct", *, total: int = -1, offset: int = 0) -> None:
         """inp is [c], out is [world, c] (rows may be strided): out[p] = inp of rank p."""
         self._begin()
         c = inp.numel()
