@@ -21,8 +21,8 @@ from . import flight_recorder, reference
 from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
                      PeerDiedError, PeerTimeoutError, TpcommError)
 from .group import GroupInfo, GroupStore, setup_budget
-from .select import (FALLBACK_DTYPES, FAST_DTYPES, Topology, check_algorithm, fallback_reason,
-                     select_algorithm)
+from .select import (FALLBACK_DTYPES, FAST_DTYPES, UNSUPPORTED_DTYPES, Topology,
+                     check_algorithm, fallback_reason, select_algorithm)
 from .settings import get_settings
 from .topology import layout_of
 
@@ -482,8 +482,13 @@ class Communicator:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{op} takes a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in FAST_DTYPES and x.dtype not in FALLBACK_DTYPES:
-            raise TypeError(f"{op} does not support dtype {x.dtype}; supported: "
-                            f"{[str(d) for d in FAST_DTYPES + FALLBACK_DTYPES]}")
+            why = UNSUPPORTED_DTYPES.get(x.dtype)
+            raise TypeError(f"{op} does not support dtype {x.dtype}"
+                            f"{f' ({why})' if why else ''}; supported: "
+                            f"{', '.join(str(d).removeprefix('torch.') for d in FAST_DTYPES)} on "
+                            f"tpcomm's engines, "
+                            f"{', '.join(str(d).removeprefix('torch.') for d in FALLBACK_DTYPES)}"
+                            f" through torch.distributed")
         if x.device != self.device:
             raise ValueError(f"{op}: tensor is on {x.device} but this Communicator is on {self.device}")
         if not x.is_contiguous():

@@ -23,7 +23,10 @@ from .cuda.select_table import select_cuda
 
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # dtypes torch.distributed reduces but tpcomm's own paths do not: routed to the fallback
-FALLBACK_DTYPES = (torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+FALLBACK_DTYPES = (torch.float64, torch.int64, torch.int32, torch.int8, torch.uint8)
+# dtypes no backend moves: gloo refuses int16 in every collective ("Invalid scalar type") and
+# NCCL has no 16-bit integer type; the Communicator raises TypeError before communicating
+UNSUPPORTED_DTYPES = {torch.int16: "gloo and NCCL have no int16 collectives; cast to int32"}
 OPS = ("all_reduce", "reduce_scatter", "all_gather")
 ALGORITHMS = {
     "cpu": {"all_reduce": ("one_shot", "two_shot", "two_level"), "reduce_scatter": ("direct",),
