@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._lamport import clear_slots, poll_sum, prologue, push, sanitize
-from .barrier import record_error
+from .barrier import call_begin, call_check, call_post, record_error
 
 # Largest hidden size handled by one block (16384 bf16 = 32 KiB per row, 64 float32 values per
 # thread at 8 warps): above it registers spill and the unfused path is as fast.
@@ -39,14 +39,17 @@ MAX_H = 16384
 
 
 # rows not specialized either: one binary for every batch size (decode batches vary)
-@triton.jit(do_not_specialize=["rank", "rows"])
+@triton.jit(do_not_specialize=["rank", "rows", "call_hash"])
 def _all_reduce_add_rms_norm_one_shot_push_kernel(
         x_ptr, res_ptr, w_ptr, normed_ptr, rows, H, eps,
         recv_addrs, my_recv_addr, buf_stride, slot_stride,
-        counter_ptr, err_ptr, err_host, rank, timeout_ns,
+        counter_ptr, err_ptr, err_host, rank, timeout_ns, call_hash,
         R: tl.constexpr, BLOCK_H: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
-        ITEM: tl.constexpr):
+        ITEM: tl.constexpr, CALL_OFF: tl.constexpr, WP: tl.constexpr):
     pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
+    cep, word = call_begin(counter_ptr + CALL_OFF, call_hash)
+    call_post(recv_addrs, 2 * buf_stride, cep, word, rank, rank, R, R)
+    checked = 0
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_H)
     cm = cols < H
@@ -57,6 +60,10 @@ def _all_reduce_add_rms_norm_one_shot_push_kernel(
         bits = sanitize(tl.load(x_ptr + offs, mask=cm), ITYPE, CANON)
         for q in tl.static_range(R):
             push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, cm, ITYPE)
+        if checked == 0:   # the peers' calls, after this row's pushes, before any poll
+            dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0,
+                              timeout_ns, dead, err_ptr, err_host, 8, epoch, R, WP)
+            checked = 1
         acc, dead, late = poll_sum(mine, slot_stride, offs, cm, t0, timeout_ns, dead, DTYPE,
                                    ITYPE, R)
         if late >= 0:
@@ -70,13 +77,18 @@ def _all_reduce_add_rms_norm_one_shot_push_kernel(
         inv = 1.0 / tl.sqrt(tl.sum(rf * rf, 0) / H + eps)
         tl.store(normed_ptr + offs, (rf * inv * w).to(DTYPE), mask=cm)
         clear_slots(mine, slot_stride, offs, cm, ITYPE, R)
+    if checked == 0:
+        dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0, timeout_ns,
+                          dead, err_ptr, err_host, 8, epoch, R, WP)
     tl.store(counter_ptr + pid, epoch)
+    tl.store(counter_ptr + CALL_OFF + pid, cep)
 
 
 def all_reduce_add_rms_norm_one_shot_push(x, residual, weight, normed, rows, hidden, eps,
                                           recv_addrs, my_recv_addr, buf_stride, slot_stride,
                                           counters, err_dev, err_host, rank, timeout_ns, *,
-                                          grid, num_warps, itype, canon):
+                                          grid, num_warps, itype, canon, call_hash, call_off,
+                                          wp):
     """x, residual, normed: ``rows`` x ``hidden`` contiguous; weight: [hidden]. x and residual
     are updated in place (see the module docstring); ``rows * hidden`` must fit a push slot."""
     if hidden > MAX_H:
@@ -84,6 +96,6 @@ def all_reduce_add_rms_norm_one_shot_push(x, residual, weight, normed, rows, hid
                          f"got {hidden}")
     _all_reduce_add_rms_norm_one_shot_push_kernel[(grid,)](
         x, residual, weight, normed, rows, hidden, eps, recv_addrs, my_recv_addr, buf_stride,
-        slot_stride, counters, err_dev, err_host, rank, timeout_ns, R=len(recv_addrs),
-        BLOCK_H=triton.next_power_of_2(hidden), ITYPE=itype, CANON=canon,
-        ITEM=x.element_size(), num_warps=num_warps)
+        slot_stride, counters, err_dev, err_host, rank, timeout_ns, call_hash,
+        R=len(recv_addrs), BLOCK_H=triton.next_power_of_2(hidden), ITYPE=itype, CANON=canon,
+        ITEM=x.element_size(), CALL_OFF=call_off, WP=wp, num_warps=num_warps)
