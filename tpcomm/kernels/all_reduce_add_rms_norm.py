@@ -30,8 +30,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._lamport import clear_slots, poll_sum, prologue, push, sanitize
-from .barrier import call_begin, call_check, call_post, record_error
+from ._lamport import clear_slots, poll_sum, poll_sum_call, prologue, push, sanitize
+from .barrier import call_begin, call_check, call_post, record_error, record_mismatch
 
 # Largest hidden size handled by one block (16384 bf16 = 32 KiB per row, 64 float32 values per
 # thread at 8 warps): above it registers spill and the unfused path is as fast.
@@ -60,12 +60,17 @@ def _all_reduce_add_rms_norm_one_shot_push_kernel(
         bits = sanitize(tl.load(x_ptr + offs, mask=cm), ITYPE, CANON)
         for q in tl.static_range(R):
             push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, cm, ITYPE)
-        if checked == 0:   # the peers' calls, after this row's pushes, before any poll
-            dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0,
-                              timeout_ns, dead, err_ptr, err_host, 8, epoch, R, WP)
+        if checked == 0:   # the first poll also checks the peers' calls (one round trip)
+            acc, dead, late, bad, theirs = poll_sum_call(
+                mine, slot_stride, offs, cm, t0, timeout_ns, dead, my_recv_addr + 2 * buf_stride,
+                cep, word, rank, DTYPE, ITYPE, R, WP)
+            if bad >= 0:
+                record_mismatch(err_ptr, err_host, 8, rank, bad, epoch, word >> 16,
+                                theirs >> 16)
             checked = 1
-        acc, dead, late = poll_sum(mine, slot_stride, offs, cm, t0, timeout_ns, dead, DTYPE,
-                                   ITYPE, R)
+        else:
+            acc, dead, late = poll_sum(mine, slot_stride, offs, cm, t0, timeout_ns, dead, DTYPE,
+                                       ITYPE, R)
         if late >= 0:
             record_error(err_ptr, err_host, 8, 0, rank, late, epoch)  # OP_ADD_RMS_NORM
         y = acc.to(DTYPE)

@@ -23,8 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._lamport import clear_slots, poll_sum, prologue, push, sanitize, typed
-from .barrier import NPHASE, blockwise_barrier, call_begin, call_check, call_post, pick, record_error
+from ._lamport import clear_slots, poll_sum, poll_sum_call, prologue, push, sanitize, typed
+from .barrier import NPHASE, blockwise_barrier, call_begin, call_check, call_post, pick, record_error, record_mismatch
 
 
 @triton.jit(do_not_specialize=["rank", "call_hash"])
@@ -44,13 +44,18 @@ def _all_reduce_one_shot_push_kernel(
         bits = sanitize(tl.load(inp_ptr + offs, mask=m), ITYPE, CANON)
         for q in tl.static_range(R):
             push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, m, ITYPE)
-        if checked == 0:   # the peers' calls, after this tile's pushes, before any poll
-            dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0,
-                              timeout_ns, dead, err_ptr, err_host, 1, epoch, R, WP)
-            checked = 1
         mine = my_recv_addr + buf_off
-        acc, dead, late = poll_sum(mine, slot_stride, offs, m, t0, timeout_ns, dead, DTYPE,
-                                   ITYPE, R)
+        if checked == 0:   # the first poll also checks the peers' calls (one round trip)
+            acc, dead, late, bad, theirs = poll_sum_call(
+                mine, slot_stride, offs, m, t0, timeout_ns, dead, my_recv_addr + 2 * buf_stride,
+                cep, word, rank, DTYPE, ITYPE, R, WP)
+            if bad >= 0:
+                record_mismatch(err_ptr, err_host, 1, rank, bad, epoch, word >> 16,
+                                theirs >> 16)
+            checked = 1
+        else:
+            acc, dead, late = poll_sum(mine, slot_stride, offs, m, t0, timeout_ns, dead, DTYPE,
+                                       ITYPE, R)
         if late >= 0:
             record_error(err_ptr, err_host, 1, 0, rank, late, epoch)
         tl.store(out_ptr + offs, acc.to(DTYPE), mask=m)

@@ -211,8 +211,9 @@ def write_word(addr: int, value: int) -> None:
 # waited for the peers' headers of c + 1, which they stored after finishing c. A header of a
 # newer epoch than expected (the peer ran ahead: only where a block had nothing to wait for)
 # counts as arrived and is not compared, so the check can miss but never hang or misfire.
-# Cost: one 8-byte store per peer and block, and one load of R words before the first poll,
-# while the data is in flight.
+# Cost: one 8-byte store per peer and block, and a load of R words: in the one-shot push
+# kernels (the latency-bound decode path) inside the first data poll (``_lamport.
+# poll_sum_call``: no extra round trip); in the others one wait before the first poll.
 PHASE_MISMATCH = 15
 MAX_BLOCKS: tl.constexpr = tl.constexpr(256)   # header slots per parity: the largest grid
 CALL_OPS = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3, "all_reduce_add_rms_norm": 4}
