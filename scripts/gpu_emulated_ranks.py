@@ -9,8 +9,14 @@ changed inputs, and a stalled rank raises instead of hanging. What it does not s
 separate processes, or speed against NCCL (all ranks share one GPU's SMs and memory).
 
     python scripts/gpu_emulated_ranks.py [--worlds 2,4] [--soak-ops 100000] [--json FILE]
+    python scripts/gpu_emulated_ranks.py --only mismatch,latency --json FILE   # ~1-2 min
 
-Exit status 1 on any wrong element.
+``--only`` runs the named cases alone: ``mismatch`` (calls that differ across ranks raise
+MismatchError from the kernels' call check on every rank, no timeout, and the engines refuse
+later calls), ``latency`` (graph replays of small all-reduces, microseconds per call: compare
+against the same case run on the previous commit), ``timeout``.
+
+Exit status 1 on any wrong element or failed case.
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tpcomm.errors import PeerTimeoutError  # noqa: E402
+from tpcomm.errors import (CommunicatorBrokenError, MismatchError,  # noqa: E402
+                           PeerTimeoutError)
 from tpcomm.cuda.emulated import make_emulated_group  # noqa: E402
 from tpcomm.reference import add_rms_norm  # noqa: E402
 from tpcomm.testing import exact  # noqa: E402
@@ -465,6 +472,132 @@ def timeout_case(world, failures, tally):
                             "timeout_s": 0.5, "message": str(e)[:200]}
 
 
+def _mismatch_cases(world, push_max):
+    """(name, odd call of the last rank, the others' call); a call is fn(back, rank).
+    ``push_max``: float32 elements of one one-shot push round."""
+    f32, bf16 = torch.float32, torch.bfloat16
+
+    def ar(n, algo, dtype=f32):
+        return lambda b, r: b.all_reduce(exact(n, r, dtype, device=DEV),
+                                         torch.empty(n, dtype=dtype, device=DEV), algo)
+
+    def rs(c):
+        return lambda b, r: b.reduce_scatter(exact(world * c, r, f32, device=DEV).view(world, c),
+                                             torch.empty(c, dtype=f32, device=DEV))
+
+    def ag(c):
+        return lambda b, r: b.all_gather(exact(c, r, f32, device=DEV),
+                                         torch.empty(world, c, dtype=f32, device=DEV))
+
+    def norm(rows, hidden=4096):
+        def call(b, r):
+            x = exact(rows * hidden, r, bf16, device=DEV).view(rows, hidden)
+            b.all_reduce_add_rms_norm(x, x.clone(), torch.ones(hidden, dtype=bf16, device=DEV),
+                                      1e-6, torch.empty_like(x))
+        return call
+
+    mib = (1 << 20) // 4
+    return [
+        ("one_shot_push 300 vs 600", ar(600, "one_shot_push"), ar(300, "one_shot_push")),
+        ("1 MiB vs 2 MiB", ar(2 * mib, "one_shot"), ar(mib, "one_shot")),
+        ("1 round vs 2 rounds", ar(2 * push_max, "one_shot_push"),
+         ar(push_max, "one_shot_push")),
+        ("push vs pull", ar(4 * mib, "one_shot"), ar(4096, "one_shot")),
+        ("two_shot dtype", ar(2 * mib, "two_shot", bf16), ar(mib, "two_shot")),
+        ("op", rs(mib // world), ar(mib, "two_shot")),
+        ("all_gather sizes", ag(4096), ag(8192)),
+        ("fused norm rows", norm(5), norm(4)),
+        ("ring sizes", ar(3 * mib, "ring"), ar(mib, "ring")),
+    ]
+
+
+def mismatch_case(world, failures, tally):
+    """Every rank but the last calls one thing, the last another: every rank's check must
+    raise MismatchError (the kernels' call check, well before the 5 s timeout) naming both
+    calls, and a later call must raise CommunicatorBrokenError. Each case warms both calls up
+    first, matched: a kernel's module load waits for running kernels, and a rank spinning on
+    the call check would otherwise wait for a peer that is loading its module."""
+    res = {}
+    from tpcomm.cuda.p2p_collectives import Layout
+    push_max = Layout.make(world, 8 << 20, GRID).one_shot_push_max(4)
+    for name, odd, common in _mismatch_cases(world, push_max):
+        g = Ranks(world, 8 << 20, timeout_s=5.0)
+        try:
+            for call in (odd, common):          # warm-up, matched: compiles and loads both
+                g.run(lambda r: call(g.backs[r], r))
+            g.check()
+            calls = [common] * (world - 1) + [odd]
+            t0 = time.perf_counter()
+            g.run(lambda r: calls[r](g.backs[r], r))
+            torch.cuda.synchronize(DEV)
+            waited = time.perf_counter() - t0
+            kinds = []
+            for r, b in enumerate(g.backs):
+                try:
+                    b.check(sync=True)
+                    kinds.append("none")
+                except MismatchError as e:
+                    ok = "numel=" in str(e) and f"rank {r} called" in str(e)
+                    kinds.append("mismatch" if ok else f"mismatch without the calls: {e}")
+                except PeerTimeoutError as e:
+                    kinds.append(f"timeout: {str(e)[:120]}")
+                try:
+                    with torch.cuda.stream(g.streams[r]):
+                        calls[r](b, r)
+                    kinds[-1] += " (then accepted a call)"
+                except CommunicatorBrokenError:
+                    pass
+            res[name] = {"ranks": kinds, "gpu_s": round(waited, 3)}
+            if kinds != ["mismatch"] * world or waited > 2.5:
+                failures.append(f"mismatch {name} world {world}: {kinds}, {waited:.2f} s")
+        except Exception as e:  # noqa: BLE001 - record it, go on with the next case
+            failures.append(f"mismatch {name} world {world}: {type(e).__name__}: {str(e)[:200]}")
+        print(f"mismatch {name} w{world}: {res.get(name)}", flush=True)
+    tally[f"mismatch_w{world}"] = res
+
+
+LATENCY_SIZES = (1024, 8192, 65536, 262144)   # bf16 elements: 2 KiB .. 512 KiB
+
+
+def latency_case(world, failures, tally):
+    """Microseconds per all-reduce, graph replays of 100 calls on every rank's stream (median
+    of 5), bf16, after an exactness check. Emulated ranks share one GPU: compare only against
+    the same case on another commit, on the same machine."""
+    g = Ranks(world, 8 << 20, timeout_s=5.0)
+    res = {}
+    for algo in ("one_shot_push", "one_shot_pull", "two_shot"):
+        for n in LATENCY_SIZES:
+            xs = [exact(n, r, torch.bfloat16, 3, device=DEV) for r in range(world)]
+            outs = [torch.empty_like(xs[0]) for _ in range(world)]
+
+            def step():
+                g.run(lambda r: g.backs[r].all_reduce(xs[r], outs[r], algo))
+
+            step()
+            g.check()
+            want = _want_sum(n, world, torch.bfloat16, 3)
+            if not all(torch.equal(o, want) for o in outs):
+                failures.append(f"latency {algo} {n}: wrong sum")
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(100):
+                    step()
+            graph.replay()
+            torch.cuda.synchronize(DEV)
+            times = []
+            for _ in range(5):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                graph.replay()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) * 1000 / 100)
+            res[f"{algo}_{2 * n // 1024}KiB_us"] = round(sorted(times)[2], 2)
+            g.check()
+    tally[f"latency_w{world}_emulated"] = res
+    print(f"latency w{world} (graph replays, us per call): {json.dumps(res)}", flush=True)
+
+
 def fused_timing(g: Ranks, tally):
     """Indicative only (all ranks on one GPU): fused kernel vs all-reduce + torch add + norm,
     graph replays of 100 calls, microseconds per call."""
@@ -518,6 +651,7 @@ def main():
     ap.add_argument("--eager-soak-ops", type=int, default=100_000,
                     help="eager soak ops per algorithm")
     ap.add_argument("--json")
+    ap.add_argument("--only", help="comma list of cases to run alone: mismatch, latency, timeout")
     args = ap.parse_args()
     failures: list[str] = []
     tally: dict = {"checked": 0, "device": torch.cuda.get_device_name(DEV),
@@ -525,6 +659,8 @@ def main():
     import triton
     tally["triton"] = triton.__version__
     t_start = time.perf_counter()
+    if args.only:
+        return _only(args, failures, tally, t_start)
     for world in [int(w) for w in args.worlds.split(",")]:
         g = Ranks(world, 8 << 20, timeout_s=5.0)
         t0 = time.perf_counter()
@@ -571,6 +707,27 @@ def main():
         print(f"fused ops w{world}: {tally.get(f'fused_ops_w{world}')}", flush=True)
     p2p_probe_case(4, failures, tally)
     timeout_case(2, failures, tally)
+    mismatch_case(2, failures, tally)
+    return _finish(args, failures, tally, t_start)
+
+
+def _only(args, failures, tally, t_start) -> int:
+    cases = {"mismatch": lambda: mismatch_case(2, failures, tally),
+             "latency": lambda: latency_case(2, failures, tally),
+             "timeout": lambda: timeout_case(2, failures, tally)}
+    names = [c for c in args.only.split(",") if c]
+    unknown = [c for c in names if c not in cases]
+    if unknown or not names:
+        print(f"--only takes a comma list of {sorted(cases)}, got {args.only!r}", file=sys.stderr)
+        return 2
+    for name in names:
+        before = len(failures)
+        cases[name]()
+        print(f"{name}: {'FAIL' if len(failures) > before else 'PASS'}", flush=True)
+    return _finish(args, failures, tally, t_start)
+
+
+def _finish(args, failures, tally, t_start) -> int:
     tally["failures"] = failures
     tally["seconds"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps({k: v for k, v in tally.items() if k != "failures"}, indent=1))

@@ -20,10 +20,10 @@ import torch
 from . import flight_recorder, reference
 from .algorithms import FUSED_NORM
 from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
-                     TpcommError)
-from .groups.group import GroupInfo, GroupStore
-from .selection.select import (FALLBACK_DTYPES, FAST_DTYPES, Topology, check_algorithm,
-                               fallback_reason, select_algorithm)
+                     PeerDiedError, PeerTimeoutError, TpcommError)
+from .groups.group import GroupInfo, GroupStore, setup_budget
+from .selection.select import (FALLBACK_DTYPES, FAST_DTYPES, UNSUPPORTED_DTYPES, Topology,
+                               check_algorithm, fallback_reason, select_algorithm)
 from .settings import get_settings
 from .groups.topology import layout_of
 from .multinode.hierarchical import HierarchicalAllReduce as _TwoLevel
@@ -95,9 +95,12 @@ class Communicator:
         max_bytes: upper bound of the registered buffer per rank, i.e. of the input handled
             in one round; larger inputs are processed in chunks (default TPCOMM_MAX_BYTES,
             32 MiB; the CPU backend uses at most 1 MiB rounds, see SHM_CHUNK_BYTES).
-        timeout_s: bound on every wait for a peer (default TPCOMM_TIMEOUT_S, 60 s). Past it the
-            call raises PeerTimeoutError naming the op, its sequence number, this rank and the
-            missing peers, and the Communicator refuses further calls.
+        timeout_s: bound on every wait for a peer (default TPCOMM_TIMEOUT_S, 60 s), on tpcomm's
+            engines and, for CPU tensors, on the torch.distributed (gloo) fallback too. Past it
+            the call raises PeerTimeoutError naming the op, its sequence number, this rank and
+            the missing peers, and the Communicator refuses further calls. Set-up (this
+            constructor) shares one budget of timeout_s among all its waits: a peer that never
+            creates its Communicator is noticed within one timeout_s.
 
     Use as a context manager, or call ``close()``; both release the shared buffers.
     """
@@ -122,6 +125,8 @@ class Communicator:
         self._lock = threading.Lock()
         self._closed = False
         self._backend = None
+        self._broken: str | None = None   # the torch.distributed path failed (timeout, peer gone)
+        self._torch_seq = 0               # calls that went to torch.distributed
         self.disabled_reason: str | None = None
         self._stats = collections.defaultdict(lambda: [0, 0, 0.0])  # (op, algo) -> calls, bytes, s
         self._fallbacks: collections.Counter = collections.Counter()
@@ -149,7 +154,12 @@ class Communicator:
         return dev
 
     def _setup(self, settings) -> None:
-        """Create the backend on every rank, then agree: if any rank failed, all fall back."""
+        """Create the backend on every rank, then agree: if any rank failed, all fall back.
+        Every rendezvous in here draws on one budget of ``timeout_s`` (``group.setup_budget``)."""
+        with setup_budget(self.timeout_s):
+            self._setup_in_budget(settings)
+
+    def _setup_in_budget(self, settings) -> None:
         reason = None
         if settings.disable:
             reason = "TPCOMM_DISABLE=1"
@@ -418,9 +428,8 @@ class Communicator:
     def dump(self) -> str:
         """The flight recorder: the last calls of this Communicator with their state and
         timing, as text (also written to stderr for every Communicator on SIGUSR1)."""
-        state = "closed" if self._closed else (
-            f"broken: {self._backend.broken}" if self._backend is not None and self._backend.broken
-            else "ok")
+        broken = self._broken or (self._backend.broken if self._backend is not None else None)
+        state = "closed" if self._closed else (f"broken: {broken}" if broken else "ok")
         return self._recorder.render(f"rank {self.rank}/{self.world_size}, backend "
                                      f"{self.backend_name}, {state}")
 
@@ -480,8 +489,13 @@ class Communicator:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{op} takes a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in FAST_DTYPES and x.dtype not in FALLBACK_DTYPES:
-            raise TypeError(f"{op} does not support dtype {x.dtype}; supported: "
-                            f"{[str(d) for d in FAST_DTYPES + FALLBACK_DTYPES]}")
+            why = UNSUPPORTED_DTYPES.get(x.dtype)
+            raise TypeError(f"{op} does not support dtype {x.dtype}"
+                            f"{f' ({why})' if why else ''}; supported: "
+                            f"{', '.join(str(d).removeprefix('torch.') for d in FAST_DTYPES)} on "
+                            f"tpcomm's engines, "
+                            f"{', '.join(str(d).removeprefix('torch.') for d in FALLBACK_DTYPES)}"
+                            f" through torch.distributed")
         if x.device != self.device:
             raise ValueError(f"{op}: tensor is on {x.device} but this Communicator is on {self.device}")
         if not x.is_contiguous():
@@ -548,6 +562,9 @@ class Communicator:
         return algorithm, reason
 
     def _run_locked(self, op, x, out, requested, name, epilogue=None):
+        if self._broken:
+            raise CommunicatorBrokenError(f"{name}: Communicator is broken by an earlier error: "
+                                          f"{self._broken}")
         backend = self._backend
         if backend is not None and backend.broken:
             raise CommunicatorBrokenError(f"{name}: Communicator is broken by an earlier error: "
@@ -580,7 +597,7 @@ class Communicator:
                 self._dispatch(op, x, out, algorithm, reason)
         except BaseException as e:
             self._recorder.finish(rec, e)
-            if self._backend is not None and self._backend.broken:
+            if self._broken or (self._backend is not None and self._backend.broken):
                 log.error("%s\n%s", e, self.dump())
             raise
         self._recorder.finish(rec)
@@ -623,7 +640,7 @@ class Communicator:
     def _dispatch(self, op, x, out, algorithm, reason) -> None:
         if algorithm == "torch":
             self._fallbacks[reason] += 1
-            getattr(reference, op)(x, out, self.group)
+            self._torch_call(op, x, out)
         elif algorithm == "two_level":
             self._two_level.all_reduce(x, out=out)
         elif algorithm == "local":
@@ -633,41 +650,78 @@ class Communicator:
             self._run_backend(op, x, out, algorithm)
 
     def _run_backend(self, op: str, x: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
-        """Run on the backend in chunks of at most its capacity."""
+        """Run on the backend in chunks of at most its capacity. Every chunk carries the whole
+        call's numel and its own offset (``total``, ``offset``): the engines compare them
+        across ranks, so a size mismatch raises in the first chunk on every rank."""
         b, R = self._backend, self.world_size
         item = x.element_size()
-        if x.numel() * item <= b.capacity:  # the common case: one round, no slicing
+        total = x.numel()
+        if total * item <= b.capacity:  # the common case: one round, no slicing
             if op == "all_reduce":
-                b.all_reduce(x, out, algorithm)
+                b.all_reduce(x, out, algorithm, total=total)
             elif op == "reduce_scatter":
-                b.reduce_scatter(x.view(R, out.numel()), out.view(-1), algorithm)
+                b.reduce_scatter(x.view(R, out.numel()), out.view(-1), algorithm, total=total)
             else:
-                b.all_gather(x.view(-1), out.view(R, x.numel()), algorithm)
+                b.all_gather(x.view(-1), out.view(R, x.numel()), algorithm, total=total)
             return
         if op == "all_reduce":
             xf, of = x.view(-1), out.view(-1)
             step = (b.capacity // item) & ~15
             for lo in range(0, xf.numel(), step):
-                b.all_reduce(xf[lo:lo + step], of[lo:lo + step], algorithm)
+                b.all_reduce(xf[lo:lo + step], of[lo:lo + step], algorithm, total=total,
+                             offset=lo)
         elif op == "reduce_scatter":
             c = out.numel()
             x2, o1 = x.view(R, c), out.view(-1)
             step = (b.capacity // (item * R)) & ~15
             for lo in range(0, c, step):
-                b.reduce_scatter(x2[:, lo:lo + step], o1[lo:lo + step], algorithm)
+                b.reduce_scatter(x2[:, lo:lo + step], o1[lo:lo + step], algorithm, total=total,
+                                 offset=lo)
         else:
             c = x.numel()
             x1, o2 = x.view(-1), out.view(R, c)
             step = (b.capacity // item) & ~15
             for lo in range(0, c, step):
-                b.all_gather(x1[lo:lo + step], o2[:, lo:lo + step], algorithm)
+                b.all_gather(x1[lo:lo + step], o2[:, lo:lo + step], algorithm, total=total,
+                             offset=lo)
+
+    def _torch_call(self, op: str, x: torch.Tensor, out: torch.Tensor,
+                    name: str | None = None) -> None:
+        """``reference.<op>`` on the group. CPU tensors (gloo): every wait bounded by
+        ``timeout_s``; past it PeerTimeoutError and the Communicator is broken (the group has a
+        collective in flight that the peers never matched). CUDA tensors (NCCL) are left to
+        the stream and the process group's own timeout: a bounded wait would block the host
+        on every fallback call and cannot be captured in a CUDA graph."""
+        self._torch_seq += 1
+        bound = None if self._is_cuda else self.timeout_s
+        try:
+            getattr(reference, op)(x, out, self.group, timeout_s=bound)
+        except TimeoutError as e:
+            err = PeerTimeoutError(name or op, self._torch_seq, self.rank, self._others(),
+                                   self.timeout_s, f"torch.distributed {self._info.backend}: {e}",
+                                   "torch", x.numel() * x.element_size())
+            self._broken = str(err)
+            raise err from e
+        except RuntimeError as e:
+            if bound is None or isinstance(e, TpcommError):
+                raise
+            err = PeerDiedError(name or op, self._torch_seq, self.rank, self._others(),
+                                self.timeout_s, f"torch.distributed {self._info.backend} failed: "
+                                f"{str(e).splitlines()[0][:200]}", "torch",
+                                x.numel() * x.element_size())
+            self._broken = str(err)
+            raise err from e
+
+    def _others(self) -> list[int]:
+        """The peers a torch.distributed wait may be missing (gloo does not say which)."""
+        return [r for r in range(self.world_size) if r != self.rank]
 
     def _debug_check(self, name: str, x: torch.Tensor) -> None:
         """TPCOMM_DEBUG=1: every rank called the same op with the same numel and dtype."""
         mine = torch.tensor([_OP_CODES.get(name, 4), x.numel(), _DTYPE_CODES[x.dtype]],
                             dtype=torch.int64, device=self.device)
         every = torch.empty(self.world_size * 3, dtype=torch.int64, device=self.device)
-        reference.all_gather(mine, every, self.group)
+        self._torch_call("all_gather", mine, every, f"{name} (TPCOMM_DEBUG check)")
         rows = every.view(self.world_size, 3).tolist()
         for r, row in enumerate(rows):
             if row != rows[self.rank]:

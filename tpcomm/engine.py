@@ -4,7 +4,10 @@ an engine is what moves tpcomm's own bytes.
 
 The Communicator validates tensors, picks the algorithm, chunks calls larger than ``capacity``,
 keeps the stats and handles fallbacks; an engine only moves bytes. Every engine call is
-collective: all ranks make it with the same op, algorithm, dtype and sizes. What an engine
+collective: all ranks make it with the same op, algorithm, dtype and sizes. ``total`` is the
+numel of the whole Communicator call a chunk belongs to (-1: the chunk is the call) and
+``offset`` the chunk's place in it: an engine compares (op, dtype, total) across ranks and raises
+:class:`tpcomm.errors.MismatchError` on every rank where they differ. What an engine
 offers beyond the three collectives it says through :meth:`Engine.supports` (never probed with
 ``getattr``).
 """
@@ -36,14 +39,17 @@ class Engine(Protocol):
     def supports(self, op: str) -> bool:
         """True where this engine runs ``op`` (one of CORE_OPS + EXTRA_OPS)."""
 
-    def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
+    def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str, *,
+                   total: int = -1, offset: int = 0) -> None:
         """out = sum over ranks of inp. Both 1-D, same numel and dtype; out may alias inp."""
 
-    def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
+    def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str, *,
+                       total: int = -1, offset: int = 0) -> None:
         """inp is [world, c] (rows may be strided), out is [c]: out = sum over ranks of
         inp[rank]."""
 
-    def all_gather(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
+    def all_gather(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str, *,
+                   total: int = -1, offset: int = 0) -> None:
         """inp is [c], out is [world, c] (rows may be strided): out[p] = inp of rank p."""
 
     def close(self) -> None:

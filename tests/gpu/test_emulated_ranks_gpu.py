@@ -33,3 +33,19 @@ def test_kernels_with_emulated_ranks_on_one_gpu(tmp_path):
     soaks = {k: v for k, v in tally.items() if k.startswith("soak_")}
     assert len(soaks) == 8 and all(v["rounds_with_a_wrong_rank"] == 0 for v in soaks.values())
     assert tally["timeout"]["raised_after_s"] < 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 1 CUDA GPU, found 0")
+def test_call_mismatch_raises_on_every_emulated_rank(tmp_path):
+    """The kernels' call check on the GPU: calls that differ (sizes, rounds, push vs pull,
+    dtype, op, all-gather, fused norm, ring) raise MismatchError on every rank, no timeout."""
+    out = tmp_path / "mismatch.json"
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+               PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, SCRIPT, "--only", "mismatch", "--json", str(out)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    tally = json.loads(out.read_text())
+    cases = tally["mismatch_w2"]
+    assert len(cases) == 9 and all(v["ranks"] == ["mismatch", "mismatch"]
+                                   for v in cases.values()), cases

@@ -22,7 +22,8 @@ import triton.runtime.interpreter as interp  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from tpcomm.errors import PeerTimeoutError  # noqa: E402
+from tpcomm.errors import (CommunicatorBrokenError, MismatchError,  # noqa: E402
+                           PeerTimeoutError, TpcommError)
 from tpcomm.cuda.emulated import EmulatedBuffer, make_emulated_group  # noqa: E402
 from tpcomm.testing import exact  # noqa: E402
 
@@ -72,6 +73,18 @@ def _patch_once(fn):
 
 
 interp._patch_lang = _patch_once
+# CPython 3.11's AST constructor is not thread-safe ("AST constructor recursion depth
+# mismatch"): ranks that interpret different kernels for the first time at once parse together
+import ast  # noqa: E402
+_parse, _parse_lock = ast.parse, threading.Lock()
+
+
+def _locked_parse(*a, **k):
+    with _parse_lock:
+        return _parse(*a, **k)
+
+
+ast.parse = _locked_parse
 # CPU tensors are used in place: no copy back (a copy back of a whole buffer would race with
 # the peers' stores into it)
 interp.GridExecutor._restore_args_dev = lambda self, *a, **k: None
@@ -204,7 +217,79 @@ def check_timeout(world):
     raise AssertionError("no PeerTimeoutError after a stalled peer")
 
 
+def _mismatch_calls(world):
+    """(name, per-rank call) of calls that differ across ranks; a call is fn(back, rank)."""
+    f32, bf16 = torch.float32, torch.bfloat16
+
+    def ar(n, algo, dtype=f32):
+        return lambda b, r: b.all_reduce(exact(n, r, dtype), torch.empty(n, dtype=dtype), algo)
+
+    def rs(c, dtype=f32):
+        return lambda b, r: b.reduce_scatter(exact(world * c, r, dtype).view(world, c),
+                                             torch.empty(c, dtype=dtype))
+
+    def ag(c, dtype=f32):
+        return lambda b, r: b.all_gather(exact(c, r, dtype), torch.empty(world, c, dtype=dtype))
+
+    def norm(rows, hidden=64, dtype=f32):
+        def call(b, r):
+            x = exact(rows * hidden, r, dtype).view(rows, hidden)
+            b.all_reduce_add_rms_norm(x, x.clone(), torch.ones(hidden, dtype=dtype), 1e-6,
+                                      torch.empty_like(x))
+        return call
+
+    push_max = (16 << 10) // world // 4 // 16 * 16   # float32 elements of one push slot
+    last = world - 1
+    return [
+        ("one_shot_push sizes", {last: ar(600, "one_shot_push")}, ar(300, "one_shot_push")),
+        # a whole number of rounds: the first round is where both calls meet
+        ("push rounds", {last: ar(2 * push_max, "one_shot_push")}, ar(push_max, "one_shot_push")),
+        # other sizes pick other kernels (push and pull families): the call headers still meet
+        ("push vs pull", {last: ar(4 * push_max, "one_shot")}, ar(64, "one_shot")),
+        ("two_shot dtype", {last: ar(2000, "two_shot", bf16)}, ar(1000, "two_shot")),
+        ("op", {last: rs(500)}, ar(world * 500, "two_shot")),
+        ("all_gather sizes", {last: ag(40)}, ag(48)),
+        ("fused norm rows", {last: norm(5)}, norm(4)),
+        ("ring sizes", {last: ar(1200, "ring")}, ar(1000, "ring")),
+    ]
+
+
+def check_mismatch(world):
+    """Calls that differ on one rank: MismatchError from the GPU call check (not a timeout) on
+    every rank, naming both calls; later calls refuse (the engine is broken)."""
+    for name, odd, common in _mismatch_calls(world):
+        backs, _ = make_group(world, 16 << 10, 3, timeout_s=2.0)
+        calls = [odd.get(r, common) for r in range(world)]
+        errs = run_ranks([lambda r=r: calls[r](backs[r], r) for r in range(world)])
+        assert not any(errs), (name, errs)
+        kinds = []
+        for r in range(world):
+            try:
+                backs[r].check(sync=True)
+                kinds.append("none")
+            except MismatchError as e:
+                msg = str(e)
+                assert "numel=" in msg and f"rank {r} called" in msg, (name, r, msg)
+                kinds.append("mismatch")
+            except PeerTimeoutError:
+                kinds.append("timeout")
+            try:
+                calls[r](backs[r], r)
+                raise AssertionError(f"{name}: rank {r} accepted a call after a mismatch")
+            except CommunicatorBrokenError:
+                pass
+            except TpcommError as e:
+                raise AssertionError((name, r, repr(e)))
+        assert kinds == ["mismatch"] * world, (name, kinds)
+        print(f"mismatch {name} world {world}: {kinds}", flush=True)
+
+
 def main():
+    if "mismatch" in sys.argv:
+        for world in (2, 3):
+            check_mismatch(world)
+        print("ALL OK")
+        return
     quick = "quick" in sys.argv
     for world in (2, 3, 4):
         backs, _ = make_group(world, 64 << 10, 3)

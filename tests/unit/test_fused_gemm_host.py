@@ -40,13 +40,17 @@ def test_gemm_config_per_op_follows_the_table(eng1):
 
 
 def test_pad_holds_the_all_gather_flags():
-    """flags[src][row tile] after the barrier slot, world x MAX_T int64 words."""
-    from tpcomm.cuda.p2p_collectives import Layout
+    """flags[src][row tile] after the barrier slot, world x MAX_T int64 words; then the call
+    counters of the call check, one per block; the call headers after the push regions."""
+    from tpcomm.cuda.p2p_collectives import MAX_GRID, Layout
     from tpcomm.kernels.all_gather_matmul_fused import MAX_T
     for world in (1, 2, 4, 8):
         L = Layout.make(world, 32 << 20, 132)
         assert L.fused_flags_word == L.flags_word + (L.barrier_slot + 1) * L.rp
-        assert L.pad_bytes == 8 * (L.fused_flags_word + world * MAX_T)
+        assert L.call_word == L.fused_flags_word + world * MAX_T
+        assert L.pad_bytes == 8 * (L.call_word + MAX_GRID)
+        assert L.hdr_off == 2 * L.push_buf
+        assert L.stage_off >= L.hdr_off + 2 * MAX_GRID * world * 8
 
 
 def test_refusals_name_the_op_and_the_limit():

@@ -2,7 +2,9 @@
 "ranks" as threads over CPU tensors (``tpcomm.cuda.emulated``) and prints ALL OK.
 
 - gpu_protocol_sim.py: every collective kernel (indexing, push/poll/clear, epoch rotation,
-  chunking, the fused all-reduce + add + RMSNorm, the timeout path);
+  chunking, the fused all-reduce + add + RMSNorm, the timeout path); with ``mismatch``: the
+  call check (calls that differ in size, rounds, kernel family, dtype or op raise
+  MismatchError, and the engine refuses later calls);
 - p2p_probe_sim.py: the data-moving P2P check (a healthy mapping passes, a mapping that does not
   reach the peer is found and names the writing rank);
 - fused_gemm_sim.py: the fused GEMM + reduce-scatter (exact for worlds 2 and 3, every operand
@@ -28,6 +30,7 @@ HERE = os.path.dirname(__file__)
                     reason="needs triton (pip install --no-deps triton) to interpret the kernels")
 @pytest.mark.parametrize("script, args, timeout_s", [
     ("gpu_protocol_sim.py", ["quick"], 900),
+    ("gpu_protocol_sim.py", ["mismatch"], 600),
     ("p2p_probe_sim.py", [], 300),
     ("fused_gemm_sim.py", [], 600),
     ("fused_ops_sim.py", [], 600),

@@ -11,8 +11,15 @@ Signal pad of each rank (int64 words; written only by its owner, read by peers):
     word   8   state: 0 running, 1 closed, 2 aborted (peers waiting on it raise at once)
     word  16   arrive[0]: seq of the last op whose phase 0 this rank finished (input posted)
     word  24   arrive[1]: seq of the last op whose phase 1 this rank finished (slice reduced)
-    word  64   meta[0]: seq, op, algorithm, dtype, numel of the last even-seq op
-    word  72   meta[1]: the same for the last odd-seq op
+    word  64   meta[0]: seq, op, algorithm, dtype, numel of the round, total numel of the
+               call, offset of the round in the call, of the last even-seq round
+    word  72   meta[1]: the same for the last odd-seq round
+
+A call larger than one round runs as several rounds (ops), each with its own seq. Every round
+carries the whole call's total numel and its own offset, so ranks that called with different
+sizes see different meta in the FIRST round, whatever the round size, and all raise
+:class:`MismatchError` there, before anyone reads a peer's data: no rank returns a result and
+no round is left half done, so the ranks stay in step and the next call is unaffected.
 
 Flags hold sequence numbers, which only grow, so a flag never needs resetting and a phase an
 algorithm skips does no harm. Each word sits on its own 64-byte line.
@@ -191,7 +198,8 @@ class ShmCollectives:
             pass
         raise err
 
-    def _begin(self, op: str, algorithm: str, dtype: torch.dtype, numel: int) -> int:
+    def _begin(self, op: str, algorithm: str, dtype: torch.dtype, numel: int, total: int,
+               offset: int) -> int:
         if self.broken:
             raise CommunicatorBrokenError(f"tpcomm Communicator is broken by an earlier error: {self.broken}")
         self.seq += 1
@@ -202,19 +210,23 @@ class ShmCollectives:
         mine[m + 2] = ALGORITHMS[algorithm]
         mine[m + 3] = DTYPES[dtype]
         mine[m + 4] = numel
+        mine[m + 5] = total
+        mine[m + 6] = offset
         mine[m] = seq
         return seq
 
     def _check_meta(self, seq: int, op: str) -> None:
-        """Every peer posted the same op, algorithm, dtype and numel for ``seq``."""
+        """Every peer posted the same op, algorithm, dtype, round size, call size and round
+        offset for ``seq``."""
         m = W_META + 8 * (seq % 2)
-        mine = tuple(self._mine[m:m + 5])
+        mine = tuple(self._mine[m:m + 7])
         for p in self._peers:
-            theirs = tuple(self._pads[p][m:m + 5])
+            theirs = tuple(self._pads[p][m:m + 7])
             if theirs != mine:
                 def fmt(t):
+                    where = f", round at {t[6]}" if t[5] != t[4] else ""
                     return (f"{_OP_NAMES.get(t[1], t[1])}/{_ALGORITHM_NAMES.get(t[2], t[2])} "
-                            f"{_DTYPE_NAMES.get(t[3], t[3])} numel={t[4]} (seq {t[0]})")
+                            f"{_DTYPE_NAMES.get(t[3], t[3])} numel={t[5]}{where} (seq {t[0]})")
                 err = MismatchError(
                     f"tpcomm {op} #{seq}: rank {self.rank} called {fmt(mine)} but rank {p} "
                     f"called {fmt(theirs)}; every rank must call the same collective with the "
@@ -244,11 +256,14 @@ class ShmCollectives:
             self._acc = torch.empty(numel, dtype=torch.float32)
         return self._acc[:numel]
 
-    def _publish(self, op: str, algorithm: str, src: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
-        """Phase 0 of every op: copy the input into this rank's slot, post, wait, check."""
+    def _publish(self, op: str, algorithm: str, src: torch.Tensor, total: int,
+                 offset: int) -> tuple[int, list[torch.Tensor]]:
+        """Phase 0 of every op: copy the input into this rank's slot, post, wait, check.
+        ``total``: numel of the whole call (-1: this round is the call), ``offset``: where
+        this round starts in it."""
         n = src.numel()
         nbytes = n * src.element_size()
-        seq = self._begin(op, algorithm, src.dtype, n)
+        seq = self._begin(op, algorithm, src.dtype, n, n if total < 0 else total, offset)
         slots = self._slots(seq, src.dtype, n)
         if src.is_contiguous():
             ctypes.memmove(slots[self.rank].data_ptr(), src.data_ptr(), nbytes)
@@ -260,10 +275,12 @@ class ShmCollectives:
         return seq, slots
 
     # ---------------------------------------------------------------- collectives
-    def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
-        """out = sum over ranks of inp (contiguous, same numel; out may alias inp)."""
+    def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str, *,
+                   total: int = -1, offset: int = 0) -> None:
+        """out = sum over ranks of inp (contiguous, same numel; out may alias inp).
+        ``total``, ``offset``: the whole call's numel and this round's place in it."""
         n = inp.numel()
-        seq, slots = self._publish("all_reduce", algorithm, inp)
+        seq, slots = self._publish("all_reduce", algorithm, inp, total, offset)
         wide = inp.dtype != torch.float32 and self.world > 2
         if out.dim() != 1:
             out = out.view(-1)
@@ -282,17 +299,19 @@ class ShmCollectives:
             a, b = bounds[p], bounds[p + 1]
             out[a:b].copy_(slots[p][a:b])
 
-    def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct") -> None:
+    def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct", *,
+                       total: int = -1, offset: int = 0) -> None:
         """inp is [world, c] (rows may be strided), out is [c]: out = sum over ranks of inp[rank]."""
-        seq, slots = self._publish("reduce_scatter", algorithm, inp)
+        seq, slots = self._publish("reduce_scatter", algorithm, inp, total, offset)
         c = out.numel()
         rows = [s.view(self.world, c)[self.rank] for s in slots]
         wide = inp.dtype != torch.float32 and self.world > 2
         sum_in_rank_order(rows, out, self._scratch(c) if wide else None)
 
-    def all_gather(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct") -> None:
+    def all_gather(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct", *,
+                   total: int = -1, offset: int = 0) -> None:
         """inp is [c], out is [world, c] (rows may be strided): out[p] = inp of rank p."""
-        seq, slots = self._publish("all_gather", algorithm, inp)
+        seq, slots = self._publish("all_gather", algorithm, inp, total, offset)
         for p in range(self.world):
             out[p].copy_(slots[p])
 

@@ -223,12 +223,13 @@ def _all_gather(eng, counters, inp: torch.Tensor, out: torch.Tensor, warmup: boo
         return
     c, L = inp.numel(), eng.layout
     step = L.slot_max(inp.element_size())
+    eng._call = k_barrier.call_hash("all_gather", str(inp.dtype).removeprefix("torch."), c)
     for lo in range(0, c, step):   # the chunks' alignments may differ: load each binary
         i, o = inp[lo:lo + step], out[:, lo:lo + step]
         _launched(k_all_gather.all_gather(
             i, o, i.numel(), out.stride(0), eng._push_addrs, eng._my_push, L.push_buf,
             L.rs_slot // inp.element_size(), counters, eng._err_dev, eng._err_host, eng.rank,
-            eng.timeout_ns, **eng._kw(inp.dtype), warmup=True), True)
+            eng.timeout_ns, **eng._kw(inp.dtype), **eng._check_kw(0), warmup=True), True)
 
 
 def matmul_all_reduce(eng, counters, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,

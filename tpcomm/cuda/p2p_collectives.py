@@ -22,8 +22,17 @@ Layout of each rank's symmetric buffer (``Layout``)::
 
 Algorithms (``all_reduce``, names of ``tpcomm.algorithms``): ``one_shot`` (push kernel up to the
 push slot size, else pull), ``one_shot/push``, ``one_shot/pull`` (zero-copy when the input lives
-in the user region), ``two_shot`` (push), ``ring`` (push). ``reduce_scatter`` and ``all_gather``: ``direct`` (push).
+in the user region), ``two_shot`` (push), ``ring`` (push). ``reduce_scatter`` and
+``all_gather``: ``direct`` (push).
 Each is chunked to its own buffer limit; ``capacity`` (the Communicator's chunk) is max_bytes.
+
+Calls compared. Every collective kernel carries the hash of its Communicator call (op, dtype,
+total numel: ``kernels/barrier.call_hash``) and compares it with its peers' in the call-header
+area before it reads their data (``kernels/barrier.py``, the call check). A mismatch records
+an error word like a timeout; the host raises :class:`MismatchError` at the next call (or
+``check``), naming both calls, and the engine is broken from then on: the kernels may have left
+data in the peers' receive slots. The fused GEMM + collective kernels are not checked (a call
+of one against another op times out instead).
 
 Errors. A kernel that waits longer than ``timeout_s`` for a peer stops, and writes an error word
 into a host-mapped (pinned) int64 that the host reads with a plain load: every call checks it
@@ -49,7 +58,7 @@ import triton
 import triton.language as tl
 
 from ..engine import CORE_OPS, EXTRA_OPS
-from ..errors import CommunicatorBrokenError, PeerTimeoutError, TpcommError
+from ..errors import CommunicatorBrokenError, MismatchError, PeerTimeoutError, TpcommError
 from ..groups.group import GroupInfo, GroupStore
 from ..kernels import (all_gather as k_all_gather, all_gather_matmul_fused as k_ag_matmul,
                        all_reduce_add_rms_norm as k_add_norm,
@@ -74,6 +83,7 @@ FAM_PUSH, FAM_PULL, FAM_BARRIER = 0, 1, 2
 ALGORITHMS = ("one_shot", "one_shot/push", "one_shot/pull", "two_shot", "ring")
 # the names of one_shot's mechanisms before tpcomm.algorithms qualified them (scripts, results)
 _ALIASES = {"one_shot_push": "one_shot/push", "one_shot_pull": "one_shot/pull"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _round_down(x: int, m: int) -> int:
@@ -128,8 +138,17 @@ class Layout:
         return self.flags_word + (self.barrier_slot + 1) * self.rp
 
     @property
+    def call_word(self) -> int:
+        """The call counters (one per block) of the call check, after the fused flags."""
+        return self.fused_flags_word + self.world * k_ag_matmul.MAX_T
+
+    def call_off(self, family: int) -> int:
+        """Words from a family's counters to the call counters (a kernel constant)."""
+        return self.call_word - self.counter_word(family)
+
+    @property
     def pad_bytes(self) -> int:
-        return 8 * (self.fused_flags_word + self.world * k_ag_matmul.MAX_T)
+        return 8 * (self.call_word + MAX_GRID)
 
     # data region, in bytes
     @property
@@ -137,8 +156,14 @@ class Layout:
         return 0
 
     @property
-    def stage_off(self) -> int:
+    def hdr_off(self) -> int:
+        """The call headers [parity][block][src] (int64), right after the two push regions:
+        the push kernels find them at their receive base + 2 x push_buf."""
         return 2 * self.push_buf
+
+    @property
+    def stage_off(self) -> int:
+        return self.hdr_off + _round_up(2 * MAX_GRID * self.world * 8, 256)
 
     @property
     def user_off(self) -> int:
@@ -201,6 +226,10 @@ class P2PCollectives:
         data, pads = buf.buffer_ptrs, buf.signal_pad_ptrs
         self._push_addrs = tuple(p + L.push_off for p in data)
         self._my_push = self._push_addrs[self.rank]
+        self._hdr_addrs = tuple(p + L.hdr_off for p in data)
+        # the call hash of the call being launched (any valid one until then: an int64 kernel
+        # argument, whose Triton type must not change)
+        self._call = k_barrier.call_hash("all_reduce", "float32", 0)
         self._stage_addrs = tuple(p + L.stage_off for p in data)
         self._my_stage = self._stage_addrs[self.rank]
         self._user_addrs = tuple(p + L.user_off for p in data)
@@ -210,7 +239,7 @@ class P2PCollectives:
         self._my_flags = self._flags[self.rank]
         pad = buf.signal_pad(self.rank)
         self._counters = [pad[L.counter_word(f):L.counter_word(f) + MAX_GRID] for f in range(3)]
-        self._err_dev = pad[L.err_word:L.err_word + 1]
+        self._err_dev = pad[L.err_word:L.err_word + 3]   # error word, then a mismatch's hashes
         self._next_push = self._push_addrs[(self.rank + 1) % self.world]
         self._err_host_tensor = None
         self._err_host = 0
@@ -241,7 +270,7 @@ class P2PCollectives:
         if self._err_host:
             return ctypes.c_int64.from_address(self._err_host).value
         if sync:
-            return int(self._err_dev.item())
+            return int(self._err_dev[0].item())
         return 0
 
     def check(self, sync: bool = False) -> None:
@@ -257,11 +286,31 @@ class P2PCollectives:
     def _fail(self, word: int):
         info = k_barrier.decode_error(word)
         op, algorithm = k_barrier.OP_NAMES.get(info["op"], ("collective", "?"))
+        if info["mismatch"]:
+            err = self._mismatch(info, op, algorithm)
+            self.broken = str(err)
+            raise err
         err = PeerTimeoutError(op, info["epoch"], self.rank, [info["peer"]], self.timeout_s,
                                f"{algorithm}, GPU-side wait in phase {info['phase']}")
         err.algorithm = algorithm
         self.broken = str(err)
         raise err
+
+    def _mismatch(self, info: dict, op: str, algorithm: str) -> MismatchError:
+        """The MismatchError of an error word the call check recorded (both calls named where
+        the device words can be read: not during a graph capture)."""
+        calls = ""
+        if not (self._is_cuda and torch.cuda.is_current_stream_capturing()):
+            if self._is_cuda:
+                torch.cuda.synchronize(self.device)
+            mine, theirs = (int(v) for v in self._err_dev[1:3].tolist())
+            calls = (f": rank {self.rank} called {k_barrier.describe_call(mine)} but rank "
+                     f"{info['peer']} called {k_barrier.describe_call(theirs)}")
+        return MismatchError(
+            f"tpcomm {op} ({algorithm}, GPU call check, epoch {info['epoch']}){calls}; every "
+            f"rank must call the same collective with the same size and dtype. The kernels "
+            f"found it after the launch, so the mismatched call's results are undefined; the "
+            f"Communicator is now broken: close it and create a new one")
 
     def _begin(self) -> None:
         if self.broken:
@@ -312,8 +361,10 @@ class P2PCollectives:
         return _NULL
 
     # ---------------------------------------------------------------- collectives
-    def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
-        """out = sum over ranks of inp (1-D views, same numel; out may alias inp)."""
+    def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str, *,
+                   total: int = -1, offset: int = 0) -> None:
+        """out = sum over ranks of inp (1-D views, same numel; out may alias inp). ``total``:
+        numel of the whole Communicator call (-1: this is the call), in the call hash."""
         self._begin()
         if inp.dim() != 1:
             inp = inp.view(-1)
@@ -322,6 +373,8 @@ class P2PCollectives:
         n = inp.numel()
         if n == 0:
             return
+        self._call = k_barrier.call_hash("all_reduce", _DTYPE_NAMES[inp.dtype],
+                                         n if total < 0 else total)
         item = inp.element_size()
         L = self.layout
         if algorithm == "one_shot":
@@ -364,7 +417,7 @@ class P2PCollectives:
             inp, out, inp.numel(), self._push_addrs, self._my_push, L.push_buf,
             L.push_buf // self.world // inp.element_size(), self._counters[FAM_PUSH],
             self._err_dev, self._err_host, self.rank, self.timeout_ns,
-            **self._kw(inp.dtype, "one_shot/push"))
+            **self._kw(inp.dtype, "one_shot/push"), **self._check_kw(FAM_PUSH))
 
     def _one_shot_pull(self, inp, out, mode, user_off):
         L = self.layout
@@ -377,7 +430,8 @@ class P2PCollectives:
         k_one_shot.all_reduce_one_shot_pull(
             inp, out, inp.numel(), src, mine, slot, self._flags, self._my_flags,
             self._counters[FAM_PULL], self._err_dev, self._err_host, self.rank, self.timeout_ns,
-            mode=mode, grid=L.grid, num_warps=self.num_warps, rp=L.rp, block=kw["block"])
+            mode=mode, grid=L.grid, num_warps=self.num_warps, rp=L.rp, block=kw["block"],
+            call_hash=self._call, hdr_addrs=self._hdr_addrs, call_off=L.call_off(FAM_PULL))
 
     def _two_shot(self, inp, out):
         L = self.layout
@@ -386,7 +440,8 @@ class P2PCollectives:
         k_two_shot.all_reduce_two_shot(
             inp, out, n, _split(n, self.world), self._push_addrs, self._my_push, L.push_buf,
             L.rs_slot // item, self.world * L.rs_slot, self._counters[FAM_PUSH], self._err_dev,
-            self._err_host, self.rank, self.timeout_ns, **self._kw(inp.dtype, "two_shot"))
+            self._err_host, self.rank, self.timeout_ns, **self._kw(inp.dtype, "two_shot"),
+            **self._check_kw(FAM_PUSH))
 
     def _ring(self, inp, out):
         L = self.layout
@@ -395,7 +450,13 @@ class P2PCollectives:
             inp, out, n, _split(n, self.world), self._next_push, self._my_push, L.push_buf,
             4 * L.ring_max(inp.element_size()), self._counters[FAM_PUSH], self._err_dev,
             self._err_host, self.rank, self.world, self.timeout_ns,
-            **self._kw(inp.dtype, "ring"))
+            **self._kw(inp.dtype, "ring"), **self._check_kw(FAM_PUSH),
+            recv_addrs=self._push_addrs)
+
+    def _check_kw(self, family: int) -> dict:
+        """The call check's launch arguments of a push-family kernel (``_call`` is set)."""
+        return dict(call_hash=self._call, call_off=self.layout.call_off(family),
+                    wp=self.layout.rp)
 
     def fused_norm_max_hidden(self) -> int:
         """Largest hidden size :meth:`all_reduce_add_rms_norm` takes (one row per block)."""
@@ -418,6 +479,8 @@ class P2PCollectives:
         if hidden > slot:
             raise ValueError(f"all_reduce_add_rms_norm: a row of {hidden} elements does not fit "
                              f"the push slot of {slot}")
+        self._call = k_barrier.call_hash("all_reduce_add_rms_norm", _DTYPE_NAMES[x.dtype],
+                                         x.numel())
         x2, r2, n2 = x.view(rows, hidden), residual.view(rows, hidden), normed.view(rows, hidden)
         kw = self._kw(x.dtype, "one_shot/push")
         # a whole row per block: more warps for wide rows (8192 -> 16 warps, 16 values each)
@@ -431,10 +494,10 @@ class P2PCollectives:
                     self._push_addrs, self._my_push, L.push_buf, slot,
                     self._counters[FAM_PUSH], self._err_dev, self._err_host, self.rank,
                     self.timeout_ns, grid=kw["grid"], num_warps=warps,
-                    itype=kw["itype"], canon=kw["canon"])
+                    itype=kw["itype"], canon=kw["canon"], **self._check_kw(FAM_PUSH))
 
     def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor,
-                       algorithm: str = "direct") -> None:
+                       algorithm: str = "direct", *, total: int = -1, offset: int = 0) -> None:
         """inp is [world, c] (rows may be strided), out is [c]: out = sum of row ``rank``."""
         self._begin()
         c = out.numel()
@@ -449,13 +512,15 @@ class P2PCollectives:
         L = self.layout
         item = out.element_size()
         step = L.slot_max(item)
+        self._call = k_barrier.call_hash("reduce_scatter", _DTYPE_NAMES[out.dtype],
+                                         self.world * c if total < 0 else total)
         with self._dev():
             for lo in range(0, c, step):
                 i, o = inp[:, lo:lo + step], out[lo:lo + step]
                 k_reduce_scatter.reduce_scatter(
                     i, o, o.numel(), inp.stride(0), self._push_addrs, self._my_push, L.push_buf,
                     L.rs_slot // item, self._counters[FAM_PUSH], self._err_dev, self._err_host,
-                    self.rank, self.timeout_ns, **self._kw(out.dtype))
+                    self.rank, self.timeout_ns, **self._kw(out.dtype), **self._check_kw(FAM_PUSH))
 
     # ------------------------------------------------- fused GEMM + collective (fused_gemm.py)
     def matmul_reduce_scatter(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
@@ -482,7 +547,7 @@ class P2PCollectives:
         fused_gemm.warm_up(self, self._counters[FAM_PUSH], op, *args, **gemm)
 
     def all_gather(self, inp: torch.Tensor, out: torch.Tensor,
-                   algorithm: str = "direct") -> None:
+                   algorithm: str = "direct", *, total: int = -1, offset: int = 0) -> None:
         """inp is [c], out is [world, c] (rows may be strided): out[p] = inp of rank p."""
         self._begin()
         c = inp.numel()
@@ -497,13 +562,15 @@ class P2PCollectives:
         L = self.layout
         item = inp.element_size()
         step = L.slot_max(item)
+        self._call = k_barrier.call_hash("all_gather", _DTYPE_NAMES[inp.dtype],
+                                         c if total < 0 else total)
         with self._dev():
             for lo in range(0, c, step):
                 i, o = inp[lo:lo + step], out[:, lo:lo + step]
                 k_all_gather.all_gather(
                     i, o, i.numel(), out.stride(0), self._push_addrs, self._my_push, L.push_buf,
                     L.rs_slot // item, self._counters[FAM_PUSH], self._err_dev, self._err_host,
-                    self.rank, self.timeout_ns, **self._kw(inp.dtype))
+                    self.rank, self.timeout_ns, **self._kw(inp.dtype), **self._check_kw(FAM_PUSH))
 
     def barrier(self) -> None:
         """All ranks meet on the GPU (stream-ordered, graph-safe, bounded by the timeout)."""
@@ -551,9 +618,10 @@ class P2PCollectives:
             word = self._read_error(sync=True)
             if word and not self.broken:
                 info = k_barrier.decode_error(word)
-                self.broken = f"a GPU-side wait timed out ({info})"
-                log.warning("tpcomm: closing a Communicator whose GPU kernels timed out "
-                            "waiting for peer %d", info["peer"])
+                what = "found a call mismatch with" if info["mismatch"] else "timed out waiting for"
+                self.broken = f"a GPU kernel {what} peer {info['peer']} ({info})"
+                log.warning("tpcomm: closing a Communicator whose GPU kernels %s peer %d", what,
+                            info["peer"])
         except Exception:  # noqa: BLE001
             pass
         self.buf.close()

@@ -7,9 +7,11 @@ nothing here launches processes or discovers peers by itself.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import threading
+import time
 
 import torch.distributed as dist
 
@@ -17,6 +19,25 @@ from ..errors import TpcommError
 
 _instances: collections.Counter = collections.Counter()
 _instances_lock = threading.Lock()
+_budget = threading.local()   # .deadline: time.monotonic() by which set-up must be done
+
+
+@contextlib.contextmanager
+def setup_budget(timeout_s: float):
+    """Every :class:`GroupStore` wait inside draws on ONE budget of ``timeout_s`` seconds.
+
+    A set-up (a Communicator) waits in several rendezvous in a row (buffers, P2P verdicts, the
+    fast-path verdict); each bounded by the full timeout, a peer that never came cost one
+    timeout per rendezvous before anyone raised. With one deadline the first wait that runs
+    out spends the budget and the later ones give up at once. Nested budgets keep the outer
+    deadline."""
+    outer = getattr(_budget, "deadline", None)
+    mine = time.monotonic() + timeout_s
+    _budget.deadline = mine if outer is None else min(outer, mine)
+    try:
+        yield
+    finally:
+        _budget.deadline = outer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +88,33 @@ class GroupStore:
         return self._store.get(self.prefix + key)
 
     def wait(self, keys: list[str], what: str = "") -> None:
+        """Wait for the peers' ``keys``, at most the store's timeout or what is left of the
+        set-up budget (:func:`setup_budget`), whichever is shorter."""
+        timeout = self.timeout
+        deadline = getattr(_budget, "deadline", None)
+        spent = ""
+        if deadline is not None:
+            left = datetime.timedelta(seconds=max(0.001, deadline - time.monotonic()))
+            if left < timeout:
+                timeout = left
+                spent = (f" (the rest of the set-up budget of "
+                         f"{self.timeout.total_seconds():g} s)")
         try:
-            self._store.wait([self.prefix + k for k in keys], self.timeout)
+            if timeout.total_seconds() <= 0.001:   # spent: look once, do not wait
+                if not self._store.check([self.prefix + k for k in keys]):
+                    raise TimeoutError("no time left")
+            else:
+                self._store.wait([self.prefix + k for k in keys], timeout)
         except Exception as e:  # torch raises DistStoreError / RuntimeError on timeout
             missing = [k for k in keys if not self._store.check([self.prefix + k])]
+            tails = sorted({k.rsplit("/", 1)[-1] for k in missing})
+            who = (f"rank(s) {', '.join(tails)} did not arrive" if all(t.isdigit() for t in tails)
+                   else "peers did not arrive")
             raise TpcommError(
                 f"tpcomm setup ({what or 'rendezvous'}): rank {self.info.rank} waited "
-                f"{self.timeout.total_seconds():g} s for keys {missing} of the peers: "
-                f"{type(e).__name__}: {e}") from e
+                f"{timeout.total_seconds():g} s{spent} for keys {missing} of the peers ({who}: "
+                f"does every rank create its Communicator?): {type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
 
     def all_gather(self, name: str, value: bytes | str) -> list[bytes]:
         """Every rank's ``value`` in rank order."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .barrier import _bit_or, is_dead, lowest_bit, now_ns
+from .barrier import _bit_or, _hdr_slot, is_dead, lowest_bit, now_ns
 
 
 @triton.jit
@@ -84,6 +84,54 @@ def poll_sum(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead, DTYPE: tl
                 dead = 1
                 pending = False
     return acc, dead, late
+
+
+@triton.jit
+def poll_sum_call(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead, hdr_addr, cep, word,
+                  rank, DTYPE: tl.constexpr, ITYPE: tl.constexpr, R: tl.constexpr,
+                  WP: tl.constexpr):
+    """:func:`poll_sum` and the call check (``barrier.py``) in one loop: the peers' call
+    headers at ``hdr_addr`` are loaded with the data, so checking them costs no extra round
+    trip. Ends when every header of call epoch ``cep`` is there and either a hash differs from
+    ``word``'s (then ``bad`` is that peer and ``theirs`` its header; the data is not waited
+    for: a mismatched peer may never send it) or all the data is there. Returns (acc, dead,
+    late, bad, theirs); ``late`` as poll_sum's (a missing slot or header), ``bad`` -1 if none."""
+    base = typed(base_addr, ITYPE)
+    idx = tl.arange(0, WP)
+    hmask = (idx < R) & (idx != rank)
+    hptrs = (hdr_addr + _hdr_slot(cep, idx, R)).to(tl.pointer_type(tl.int64))
+    ep = cep & 0xFFFF
+    acc = tl.zeros(offs.shape, tl.float32)
+    late = -1
+    bad = -1
+    theirs = word * 0
+    pending = dead == 0
+    while pending:
+        h = tl.load(hptrs, mask=hmask, other=word, volatile=True)
+        acc = tl.zeros(offs.shape, tl.float32)
+        missing = tl.zeros(offs.shape, tl.int32)
+        for q in tl.static_range(R):
+            b = tl.load(base + q * slot_stride + offs, mask=mask, other=0, volatile=True)
+            missing = missing | (((b == -1) & mask).to(tl.int32) << q)
+            acc += b.to(DTYPE, bitcast=True).to(tl.float32)
+        ahead = ((h & 0xFFFF) - ep) & 0xFFFF      # 0: this call; < 0x8000: a newer one
+        hbits = tl.reduce(((ahead >= 0x8000) & hmask).to(tl.int32) << idx, 0, _bit_or)
+        dbits = tl.reduce((hmask & (ahead == 0) & ((h >> 16) != (word >> 16))).to(tl.int32)
+                          << idx, 0, _bit_or)
+        bits = tl.reduce(missing, 0, _bit_or) | hbits
+        if (hbits == 0) & (dbits != 0):
+            bad = lowest_bit(dbits, WP)
+            theirs = tl.sum(tl.where(idx == bad, h, 0), 0)
+            dead = 1
+            pending = False
+        else:
+            pending = bits != 0
+            if pending:
+                if now_ns() - t0 > timeout_ns:
+                    late = lowest_bit(bits, WP)
+                    dead = 1
+                    pending = False
+    return acc, dead, late, bad, theirs
 
 
 @triton.jit

@@ -11,17 +11,19 @@ import triton
 import triton.language as tl
 
 from ._lamport import poll_one, prologue, push, sanitize, typed
-from .barrier import ERR_ALL_GATHER, record_error
+from .barrier import ERR_ALL_GATHER, call_begin, call_check, call_post, record_error
 
 
-@triton.jit(do_not_specialize=["rank"])
+@triton.jit(do_not_specialize=["rank", "call_hash"])
 def _all_gather_push_kernel(
         inp_ptr, out_ptr, c, out_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
-        counter_ptr, err_ptr, err_host, rank, timeout_ns,
+        counter_ptr, err_ptr, err_host, rank, timeout_ns, call_hash,
         R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
-        ITEM: tl.constexpr):
+        ITEM: tl.constexpr, CALL_OFF: tl.constexpr, WP: tl.constexpr):
     pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    cep, word = call_begin(counter_ptr + CALL_OFF, call_hash)
+    call_post(recv_addrs, 2 * buf_stride, cep, word, rank, rank, R, R)
     for start in range(pid * BLOCK, c, G * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < c
@@ -30,6 +32,8 @@ def _all_gather_push_kernel(
             if q != rank:
                 push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, m, ITYPE)
         tl.store(out_ptr + rank * out_stride + offs, bits.to(DTYPE, bitcast=True), mask=m)
+    dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0, timeout_ns, dead,
+                      err_ptr, err_host, ERR_ALL_GATHER, epoch, R, WP)
     mine = my_recv_addr + buf_off
     for q in tl.static_range(R):
         if q != rank:
@@ -43,15 +47,17 @@ def _all_gather_push_kernel(
                 tl.store(out_ptr + q * out_stride + offs, bits.to(DTYPE, bitcast=True), mask=m)
                 tl.store(typed(src, ITYPE) + offs, tl.full([BLOCK], -1, ITYPE), mask=m)
     tl.store(counter_ptr + pid, epoch)
+    tl.store(counter_ptr + CALL_OFF + pid, cep)
 
 
 def all_gather(inp, out, c, out_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
                counters, err_dev, err_host, rank, timeout_ns, *, grid, num_warps, itype, canon,
-               block, warmup=False):
+               block, call_hash, call_off, wp, warmup=False):
     """out[p] = inp of rank p (``c`` elements; rows of ``out`` ``out_stride`` elements apart).
     ``warmup``: compile only."""
     fn = _all_gather_push_kernel.warmup if warmup else _all_gather_push_kernel[(grid,)]
     kw = dict(grid=(grid,)) if warmup else {}
     return fn(inp, out, c, out_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
-              counters, err_dev, err_host, rank, timeout_ns, R=len(recv_addrs), BLOCK=block,
-              ITYPE=itype, CANON=canon, ITEM=out.element_size(), num_warps=num_warps, **kw)
+              counters, err_dev, err_host, rank, timeout_ns, call_hash, R=len(recv_addrs),
+              BLOCK=block, ITYPE=itype, CANON=canon, ITEM=out.element_size(), CALL_OFF=call_off,
+              WP=wp, num_warps=num_warps, **kw)

@@ -30,8 +30,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._lamport import clear_slots, poll_sum, prologue, push, sanitize
-from .barrier import ERR_ADD_RMS_NORM, record_error
+from ._lamport import clear_slots, poll_sum, poll_sum_call, prologue, push, sanitize
+from .barrier import (ERR_ADD_RMS_NORM, call_begin, call_check, call_post, record_error,
+                      record_mismatch)
 
 # Largest hidden size handled by one block (16384 bf16 = 32 KiB per row, 64 float32 values per
 # thread at 8 warps): above it registers spill and the unfused path is as fast.
@@ -39,14 +40,17 @@ MAX_H = 16384
 
 
 # rows not specialized either: one binary for every batch size (decode batches vary)
-@triton.jit(do_not_specialize=["rank", "rows"])
+@triton.jit(do_not_specialize=["rank", "rows", "call_hash"])
 def _all_reduce_add_rms_norm_one_shot_push_kernel(
         x_ptr, res_ptr, w_ptr, normed_ptr, rows, H, eps,
         recv_addrs, my_recv_addr, buf_stride, slot_stride,
-        counter_ptr, err_ptr, err_host, rank, timeout_ns,
+        counter_ptr, err_ptr, err_host, rank, timeout_ns, call_hash,
         R: tl.constexpr, BLOCK_H: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
-        ITEM: tl.constexpr):
+        ITEM: tl.constexpr, CALL_OFF: tl.constexpr, WP: tl.constexpr):
     pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
+    cep, word = call_begin(counter_ptr + CALL_OFF, call_hash)
+    call_post(recv_addrs, 2 * buf_stride, cep, word, rank, rank, R, R)
+    checked = 0
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_H)
     cm = cols < H
@@ -57,8 +61,17 @@ def _all_reduce_add_rms_norm_one_shot_push_kernel(
         bits = sanitize(tl.load(x_ptr + offs, mask=cm), ITYPE, CANON)
         for q in tl.static_range(R):
             push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, cm, ITYPE)
-        acc, dead, late = poll_sum(mine, slot_stride, offs, cm, t0, timeout_ns, dead, DTYPE,
-                                   ITYPE, R)
+        if checked == 0:   # the first poll also checks the peers' calls (one round trip)
+            acc, dead, late, bad, theirs = poll_sum_call(
+                mine, slot_stride, offs, cm, t0, timeout_ns, dead, my_recv_addr + 2 * buf_stride,
+                cep, word, rank, DTYPE, ITYPE, R, WP)
+            if bad >= 0:
+                record_mismatch(err_ptr, err_host, ERR_ADD_RMS_NORM, rank, bad, epoch, word >> 16,
+                                theirs >> 16)
+            checked = 1
+        else:
+            acc, dead, late = poll_sum(mine, slot_stride, offs, cm, t0, timeout_ns, dead, DTYPE,
+                                       ITYPE, R)
         if late >= 0:
             record_error(err_ptr, err_host, ERR_ADD_RMS_NORM, 0, rank, late, epoch)
         y = acc.to(DTYPE)
@@ -70,13 +83,18 @@ def _all_reduce_add_rms_norm_one_shot_push_kernel(
         inv = 1.0 / tl.sqrt(tl.sum(rf * rf, 0) / H + eps)
         tl.store(normed_ptr + offs, (rf * inv * w).to(DTYPE), mask=cm)
         clear_slots(mine, slot_stride, offs, cm, ITYPE, R)
+    if checked == 0:
+        dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0, timeout_ns,
+                          dead, err_ptr, err_host, ERR_ADD_RMS_NORM, epoch, R, WP)
     tl.store(counter_ptr + pid, epoch)
+    tl.store(counter_ptr + CALL_OFF + pid, cep)
 
 
 def all_reduce_add_rms_norm_one_shot_push(x, residual, weight, normed, rows, hidden, eps,
                                           recv_addrs, my_recv_addr, buf_stride, slot_stride,
                                           counters, err_dev, err_host, rank, timeout_ns, *,
-                                          grid, num_warps, itype, canon):
+                                          grid, num_warps, itype, canon, call_hash, call_off,
+                                          wp):
     """x, residual, normed: ``rows`` x ``hidden`` contiguous; weight: [hidden]. x and residual
     are updated in place (see the module docstring); ``rows * hidden`` must fit a push slot."""
     if hidden > MAX_H:
@@ -84,6 +102,6 @@ def all_reduce_add_rms_norm_one_shot_push(x, residual, weight, normed, rows, hid
                          f"got {hidden}")
     _all_reduce_add_rms_norm_one_shot_push_kernel[(grid,)](
         x, residual, weight, normed, rows, hidden, eps, recv_addrs, my_recv_addr, buf_stride,
-        slot_stride, counters, err_dev, err_host, rank, timeout_ns, R=len(recv_addrs),
-        BLOCK_H=triton.next_power_of_2(hidden), ITYPE=itype, CANON=canon,
-        ITEM=x.element_size(), num_warps=num_warps)
+        slot_stride, counters, err_dev, err_host, rank, timeout_ns, call_hash,
+        R=len(recv_addrs), BLOCK_H=triton.next_power_of_2(hidden), ITYPE=itype, CANON=canon,
+        ITEM=x.element_size(), CALL_OFF=call_off, WP=wp, num_warps=num_warps)

@@ -25,23 +25,31 @@ import triton
 import triton.language as tl
 
 from ._lamport import poll_one, prologue, push, sanitize, typed
-from .barrier import ERR_RING, record_error
+from .barrier import ERR_RING, call_begin, call_check, call_post, record_error
 
 
-@triton.jit(do_not_specialize=["rank"])
+@triton.jit(do_not_specialize=["rank", "call_hash"])
 def _all_reduce_ring_push_kernel(
         inp_ptr, out_ptr, n, sl, next_addr, my_recv_addr, buf_stride, ag_off,
-        counter_ptr, err_ptr, err_host, rank, timeout_ns,
+        counter_ptr, err_ptr, err_host, rank, timeout_ns, call_hash, recv_addrs,
         R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
-        ITEM: tl.constexpr):
+        ITEM: tl.constexpr, CALL_OFF: tl.constexpr, WP: tl.constexpr):
     pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     ntiles = tl.cdiv(sl, BLOCK)
     mine = my_recv_addr + buf_off
     nxt = next_addr + buf_off
     prev = (rank + R - 1) % R
+    # the call check with every rank (``recv_addrs``: every rank's receive base), not only the
+    # ring neighbours: a rank whose predecessor matched it would otherwise go on with the data
+    # of a peer that stopped at a mismatch
+    cep, word = call_begin(counter_ptr + CALL_OFF, call_hash)
+    call_post(recv_addrs, 2 * buf_stride, cep, word, rank, rank, R, R)
     # reduce-scatter steps 0..R-2, then the final step (s = R-1) on my own slice
     for s in tl.static_range(R):
+        if s == 1:   # after step 0's pushes, before the first poll
+            dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0,
+                              timeout_ns, dead, err_ptr, err_host, ERR_RING, epoch, R, WP)
         k = (rank + 2 * R - 1 - s) % R
         lo = k * sl
         size = tl.minimum(n - lo, sl)
@@ -80,12 +88,14 @@ def _all_reduce_ring_push_kernel(
                 push(nxt + ag_off + lo * ITEM, offs, bits, m, ITYPE)
             tl.store(typed(src, ITYPE) + offs, tl.full([BLOCK], -1, ITYPE), mask=m)
     tl.store(counter_ptr + pid, epoch)
+    tl.store(counter_ptr + CALL_OFF + pid, cep)
 
 
 def all_reduce_ring(inp, out, n, sl, next_addr, my_recv_addr, buf_stride, ag_off, counters,
                     err_dev, err_host, rank, world, timeout_ns, *, grid, num_warps, itype, canon,
-                    block):
+                    block, call_hash, call_off, wp, recv_addrs):
+    """``recv_addrs``: every rank's receive base (the call check's headers only)."""
     _all_reduce_ring_push_kernel[(grid,)](
         inp, out, n, sl, next_addr, my_recv_addr, buf_stride, ag_off, counters, err_dev,
-        err_host, rank, timeout_ns, R=world, BLOCK=block, ITYPE=itype, CANON=canon,
-        ITEM=inp.element_size(), num_warps=num_warps)
+        err_host, rank, timeout_ns, call_hash, recv_addrs, R=world, BLOCK=block, ITYPE=itype, CANON=canon,
+        ITEM=inp.element_size(), CALL_OFF=call_off, WP=wp, num_warps=num_warps)

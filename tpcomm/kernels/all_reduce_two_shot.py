@@ -25,17 +25,19 @@ import triton
 import triton.language as tl
 
 from ._lamport import clear_slots, poll_one, poll_sum, prologue, push, sanitize, typed
-from .barrier import ERR_TWO_SHOT, record_error
+from .barrier import ERR_TWO_SHOT, call_begin, call_check, call_post, record_error
 
 
-@triton.jit(do_not_specialize=["rank"])
+@triton.jit(do_not_specialize=["rank", "call_hash"])
 def _all_reduce_two_shot_push_kernel(
         inp_ptr, out_ptr, n, sl, recv_addrs, my_recv_addr, buf_stride, rs_slot_stride, ag_off,
-        counter_ptr, err_ptr, err_host, rank, timeout_ns,
+        counter_ptr, err_ptr, err_host, rank, timeout_ns, call_hash,
         R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
-        ITEM: tl.constexpr):
+        ITEM: tl.constexpr, CALL_OFF: tl.constexpr, WP: tl.constexpr):
     pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    cep, word = call_begin(counter_ptr + CALL_OFF, call_hash)
+    call_post(recv_addrs, 2 * buf_stride, cep, word, rank, rank, R, R)
     ntiles = tl.cdiv(sl, BLOCK)
     # a. scatter my input: slice q goes to RS slot `rank` of rank q
     for q in tl.static_range(R):
@@ -47,6 +49,9 @@ def _all_reduce_two_shot_push_kernel(
             m = offs < size
             bits = sanitize(tl.load(inp_ptr + lo + offs, mask=m), ITYPE, CANON)
             push(dst, offs, bits, m, ITYPE)
+    # the peers' calls (barrier.py's call check), before anything of theirs is read
+    dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0, timeout_ns, dead,
+                      err_ptr, err_host, ERR_TWO_SHOT, epoch, R, WP)
     # b. reduce my slice, keep it, and send it to everyone
     lo = rank * sl
     size = tl.minimum(n - lo, sl)
@@ -80,12 +85,14 @@ def _all_reduce_two_shot_push_kernel(
                 tl.store(out_ptr + lo + offs, bits.to(DTYPE, bitcast=True), mask=m)
                 tl.store(typed(src, ITYPE) + offs, tl.full([BLOCK], -1, ITYPE), mask=m)
     tl.store(counter_ptr + pid, epoch)
+    tl.store(counter_ptr + CALL_OFF + pid, cep)
 
 
 def all_reduce_two_shot(inp, out, n, sl, recv_addrs, my_recv_addr, buf_stride, rs_slot_stride,
                         ag_off, counters, err_dev, err_host, rank, timeout_ns, *, grid,
-                        num_warps, itype, canon, block):
+                        num_warps, itype, canon, block, call_hash, call_off, wp):
     _all_reduce_two_shot_push_kernel[(grid,)](
         inp, out, n, sl, recv_addrs, my_recv_addr, buf_stride, rs_slot_stride, ag_off, counters,
-        err_dev, err_host, rank, timeout_ns, R=len(recv_addrs), BLOCK=block, ITYPE=itype,
-        CANON=canon, ITEM=inp.element_size(), num_warps=num_warps)
+        err_dev, err_host, rank, timeout_ns, call_hash, R=len(recv_addrs), BLOCK=block,
+        ITYPE=itype, CANON=canon, ITEM=inp.element_size(), CALL_OFF=call_off, WP=wp,
+        num_warps=num_warps)

@@ -19,6 +19,8 @@ Contract of :func:`blockwise_barrier` (block ``b`` of op ``E`` on rank ``r``)::
   replay waits for the next epoch. Flags only grow, so nothing needs resetting, and a flag that a
   fast peer already raised for a later epoch also satisfies the wait. Every rank runs the same
   sequence of ops with the same fixed grid, so block ``b``'s counter agrees across ranks.
+- Calls compared: every collective kernel checks that its peers serve the same call (op,
+  dtype, total size) before it reads their data (the call check at the end of this file).
 - Bounded: a wait past ``timeout_ns`` (GPU global timer) stops spinning, records one error word
   (op, phase, rank, missing peer, epoch) with a compare-and-swap into the device error word and
   copies it to a host-mapped word the host reads without synchronizing; every later wait in this
@@ -60,7 +62,8 @@ def _host_now_ns():  # interpreter only
 def decode_error(word: int) -> dict:
     """The fields of an error word written by :func:`record_error`."""
     return {"rank": word & 0xFF, "peer": (word >> 8) & 0xFF, "op": (word >> 16) & 0xF,
-            "phase": (word >> 20) & 0xF, "epoch": (word >> 24) & 0xFFFFFFFF}
+            "phase": (word >> 20) & 0xF, "epoch": (word >> 24) & 0xFFFFFFFF,
+            "mismatch": (word >> 20) & 0xF == PHASE_MISMATCH}
 
 
 if INTERPRET:
@@ -184,3 +187,137 @@ def barrier(pad_addrs: tuple, my_pad_addr: int, counter, err_dev, err_host: int,
 def write_word(addr: int, value: int) -> None:
     """Store one int64 at ``addr`` from the GPU (checks that host-mapped memory is reachable)."""
     _write_word_kernel[(1,)](addr, value, num_warps=1)
+
+
+# ---- the call check: every rank's kernel compares the calls of its peers ---------------------
+#
+# Every collective kernel (push family and pull) is launched with a 48-bit call hash of the
+# Communicator call it serves (:func:`call_hash`: op, dtype, total numel of the whole call, not
+# of the chunk). At its start each block stores the header word
+#
+#     (hash << 16) | (call_epoch & 0xFFFF)
+#
+# into slot [call_epoch % 2][block][rank] of the header area of every peer it sends to, and,
+# before it reads any peer's data, waits (bounded) until the peers' headers for its call epoch
+# are there and compares their hashes with its own. ``call_epoch`` comes from a per-block
+# counter that every checked kernel advances (push and pull kernels alike), so calls that ran
+# different algorithms or chunk counts on different ranks still meet in the same header slots.
+# A differing hash records an error word with phase PHASE_MISMATCH (the first error of the
+# rank, as a timeout) and the two hashes in the next device words; the block then waits for
+# nothing more, and every later kernel of the rank returns at once (``dead``). The host raises
+# MismatchError at the next call (or ``check``) and the engine is broken from then on: a
+# mismatched call may have stored into a peer's receive slots, which no later call may trust.
+#
+# Slot reuse: a block stores into parity p at call epoch c + 2 only after its call c + 1, which
+# waited for the peers' headers of c + 1, which they stored after finishing c. A header of a
+# newer epoch than expected (the peer ran ahead: only where a block had nothing to wait for)
+# counts as arrived and is not compared, so the check can miss but never hang or misfire.
+# Cost: one 8-byte store per peer and block, and a load of R words: in the one-shot push
+# kernels (the latency-bound decode path) inside the first data poll (``_lamport.
+# poll_sum_call``: no extra round trip); in the others one wait before the first poll.
+PHASE_MISMATCH = 15
+MAX_BLOCKS: tl.constexpr = tl.constexpr(256)   # header slots per parity: the largest grid
+CALL_OPS = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3, "all_reduce_add_rms_norm": 4}
+CALL_DTYPES = {"float32": 1, "float16": 2, "bfloat16": 3}
+_CALL_OP_NAMES = {v: k for k, v in CALL_OPS.items()}
+_CALL_DTYPE_NAMES = {v: k for k, v in CALL_DTYPES.items()}
+
+
+def call_hash(op: str, dtype: str, total: int) -> int:
+    """The 48-bit hash of one call: op (4 bits), dtype (4 bits), total numel folded to 40 bits
+    (exact below 2**40 elements). Never below 2**44, so Triton passes it as an int64."""
+    numel = (total ^ (total >> 40)) & ((1 << 40) - 1)
+    return (CALL_OPS[op] << 44) | (CALL_DTYPES[dtype] << 40) | numel
+
+
+def describe_call(h: int) -> str:
+    """'all_reduce float32 numel=4096' from a hash (numel exact below 2**40 elements)."""
+    h &= (1 << 48) - 1
+    op = _CALL_OP_NAMES.get(h >> 44, f"op {h >> 44}")
+    dt = _CALL_DTYPE_NAMES.get((h >> 40) & 0xF, f"dtype {(h >> 40) & 0xF}")
+    return f"{op} {dt} numel={h & ((1 << 40) - 1)}"
+
+
+@triton.jit
+def call_begin(call_ptr, h):
+    """(call_epoch, header word) of this block; the kernel stores call_epoch back at its end."""
+    cep = tl.load(call_ptr + tl.program_id(0)) + 1
+    return cep, (h.to(tl.int64) << 16) | (cep & 0xFFFF)
+
+
+@triton.jit
+def _hdr_slot(cep, src, W: tl.constexpr):
+    return (((cep % 2) * MAX_BLOCKS + tl.program_id(0)) * W + src) * 8
+
+
+@triton.jit
+def call_post(addrs, off, cep, word, rank, skip, N: tl.constexpr, W: tl.constexpr):
+    """Store the header word into slot [cep % 2][block][rank] of the header areas at
+    ``addrs[q] + off`` for q < N, q != skip."""
+    for q in tl.static_range(N):
+        if q != skip:
+            tl.store((addrs[q] + off + _hdr_slot(cep, rank, W)).to(tl.pointer_type(tl.int64)),
+                     word)
+
+
+@triton.jit
+def pick(addrs, i, N: tl.constexpr):
+    """``addrs[i]`` for a run-time ``i`` < N (a tuple takes constant indices only)."""
+    a = addrs[0]
+    for q in tl.static_range(1, N):
+        a = tl.where(i == q, addrs[q], a)
+    return a
+
+
+@triton.jit
+def call_check(hdr_addr, cep, word, rank, only, t0, timeout_ns, dead, err_ptr, err_host, op,
+               epoch, W: tl.constexpr, WP: tl.constexpr):
+    """Wait (bounded) for the headers of call epoch ``cep`` in this rank's header area at
+    ``hdr_addr`` from every other rank (``only`` >= 0: from that rank alone) and compare their
+    hashes with ``word``'s. Records a timeout or a mismatch; returns the updated ``dead``."""
+    idx = tl.arange(0, WP)
+    mask = (idx < W) & (idx != rank) & ((only < 0) | (idx == only))
+    ptrs = (hdr_addr + _hdr_slot(cep, idx, W)).to(tl.pointer_type(tl.int64))
+    ep = cep & 0xFFFF
+    h = tl.zeros([WP], tl.int64) + word
+    late = -1
+    pending = dead == 0
+    while pending:
+        h = tl.load(ptrs, mask=mask, other=word, volatile=True)
+        ahead = ((h & 0xFFFF) - ep) & 0xFFFF          # 0: this epoch; < 0x8000: newer
+        bits = tl.reduce(((ahead >= 0x8000) & mask).to(tl.int32) << idx, 0, _bit_or)
+        pending = bits != 0
+        if pending:
+            if now_ns() - t0 > timeout_ns:
+                late = lowest_bit(bits, WP)
+                dead = 1
+                pending = False
+    if late >= 0:
+        record_error(err_ptr, err_host, op, 0, rank, late, epoch)
+    elif dead == 0:
+        same = (((h & 0xFFFF) - ep) & 0xFFFF) == 0
+        differs = mask & same & ((h >> 16) != (word >> 16))
+        bad = tl.reduce(differs.to(tl.int32) << idx, 0, _bit_or)
+        if bad != 0:
+            q = lowest_bit(bad, WP)
+            theirs = tl.sum(tl.where(idx == q, h, 0), 0)
+            record_mismatch(err_ptr, err_host, op, rank, q, epoch, word >> 16, theirs >> 16)
+            dead = 1
+    return dead
+
+
+@triton.jit
+def record_mismatch(err_ptr, err_host, op, rank, peer, epoch, mine, theirs):
+    """Record a mismatch as this rank's first error (phase PHASE_MISMATCH), the two call hashes
+    in the two device words after the error word."""
+    base = epoch.to(tl.int64)
+    zero = base * 0
+    word = ((base & 0xFFFFFFFF) << 24) | ((zero + 15) << 20)
+    word = word | (((zero + op) & 0xF) << 16) | (((zero + peer) & 0xFF) << 8)
+    word = word | ((zero + rank) & 0xFF) | (1 << 62)
+    old = tl.atomic_cas(err_ptr, word * 0, word, sem="relaxed", scope="gpu")
+    if old == 0:
+        tl.store(err_ptr + 1, (zero + mine) & 0xFFFFFFFFFFFF)
+        tl.store(err_ptr + 2, (zero + theirs) & 0xFFFFFFFFFFFF)
+        if err_host != 0:
+            tl.store(err_host.to(tl.pointer_type(tl.int64)), word, cache_modifier=".wt")

@@ -17,7 +17,10 @@ from .select_table import select_cuda
 
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # dtypes torch.distributed reduces but tpcomm's own paths do not: routed to the fallback
-FALLBACK_DTYPES = (torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+FALLBACK_DTYPES = (torch.float64, torch.int64, torch.int32, torch.int8, torch.uint8)
+# dtypes no backend moves: gloo refuses int16 in every collective ("Invalid scalar type") and
+# NCCL has no 16-bit integer type; the Communicator raises TypeError before communicating
+UNSUPPORTED_DTYPES = {torch.int16: "gloo and NCCL have no int16 collectives; cast to int32"}
 ALGORITHMS = SUPPORTED   # device -> op -> algorithms (tpcomm.algorithms.SUPPORTED)
 
 
