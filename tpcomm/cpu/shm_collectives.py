@@ -122,6 +122,9 @@ class ShmCollectives:
         self.rank, self.world = buf.rank, buf.world_size
         self.timeout_s = timeout_s
         self.slot_nbytes = (buf.nbytes // 2) & ~63
+        # largest input in bytes one call can take (the Communicator chunks above it); an
+        # attribute, not a property: the Communicator reads it on every call
+        self.capacity = self.slot_nbytes
         self.seq = 0
         self.broken: str | None = None
         self._pads = [buf.pad_memoryview(p) for p in range(self.world)]
@@ -144,11 +147,6 @@ class ShmCollectives:
     def native(self) -> bool:
         """True when the calls run on the native core, False on the Python path."""
         return self._core is not None
-
-    @property
-    def capacity(self) -> int:
-        """Largest input in bytes one call can take (the Communicator chunks above it)."""
-        return self.slot_nbytes
 
     # ---------------------------------------------------------------- synchronization
     def _post(self, phase: int, seq: int) -> None:
@@ -290,8 +288,9 @@ class ShmCollectives:
         if self.broken:
             raise CommunicatorBrokenError(f"tpcomm Communicator is broken by an earlier error: {self.broken}")
         self.seq = seq = self.seq + 1
-        args = (seq, inp.data_ptr(), out.data_ptr(), SLICE_NS, OPS[op], ALGORITHMS[algorithm],
-                DTYPES[inp.dtype], inp.numel())
+        src = inp.data_ptr()
+        args = (seq, src, src if out is inp else out.data_ptr(), SLICE_NS, OPS[op],
+                ALGORITHMS[algorithm], DTYPES[inp.dtype], inp.numel())
         rc = self._core.run(self._ctx, 0, *args)
         if rc:
             self._native_slow(rc, op, algorithm, inp, args)
