@@ -572,7 +572,10 @@ class Communicator:
                 result = torch.empty_like(x)
                 self._backend.all_reduce_add_rms_norm(x, residual, weight, eps, result)
             elif on_backend:
-                self._run_backend(op, x, out, algorithm)
+                if op == "all_reduce" and nbytes <= backend.capacity:   # one round, inline
+                    backend.all_reduce(x, out, algorithm)
+                else:
+                    self._run_backend(op, x, out, algorithm)
             else:
                 self._dispatch(op, x, out, algorithm, reason)
         except BaseException as e:
