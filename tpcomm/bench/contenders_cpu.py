@@ -214,7 +214,9 @@ def _mpi_main(argv=None) -> int:
         if rank == 0:
             rows.append({"nbytes": nbytes, "count": n, "time_us": t * 1e6, "wrong": wrong})
     if rank == 0:
-        version = MPI.Get_library_version().strip().splitlines()[0].strip()
+        # the library's string may carry a NUL and tabs
+        text = MPI.Get_library_version().replace("\x00", "").replace("\t", " ")
+        version = text.strip().splitlines()[0].strip().rstrip(",")
         import mpi4py
         print(json.dumps({"describe": f"{version}, mpi4py {mpi4py.__version__}, "
                                       f"Allreduce(MPI.IN_PLACE) on numpy views", "rows": rows}))
