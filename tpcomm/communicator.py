@@ -32,6 +32,7 @@ log = logging.getLogger("tpcomm")
 _logged_reasons: set[str] = set()
 _OP_CODES = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3}
 _DTYPE_CODES = {d: i for i, d in enumerate(FAST_DTYPES + FALLBACK_DTYPES)}
+_SUPPORTED_DTYPES = frozenset(FAST_DTYPES + FALLBACK_DTYPES)
 # True only while torch.compile's frontend (dynamo) traces the calling frame: the public
 # methods then emit torch.ops.tpcomm.* (one check per eager call, ~0.1 us:
 # scripts/host_cost_compile.py). Not torch.compiler.is_compiling(): that is one flag for the
@@ -120,6 +121,7 @@ class Communicator:
             raise ValueError(f"max_bytes must be at least 4096, got {max_bytes}")
         self.device = self._pick_device(device)
         self._is_cuda = self.device.type == "cuda"
+        self._is_cpu = self.device.type == "cpu"
         self._debug = settings.debug
         self._fused_norm = settings.fused_norm
         self._lock = threading.Lock()
@@ -237,7 +239,10 @@ class Communicator:
 
     def all_reduce_(self, x: torch.Tensor, *, algorithm: str = "auto") -> torch.Tensor:
         """In-place :meth:`all_reduce`; returns ``x``."""
-        return self.all_reduce(x, out=x, algorithm=algorithm)
+        if _is_compiling():
+            return self.all_reduce(x, out=x, algorithm=algorithm)
+        self._check_tensor("all_reduce", x)   # the eager path of all_reduce(x, out=x), inline
+        return self._run("all_reduce", x, x, algorithm)
 
     def reduce_scatter(self, x: torch.Tensor, *, out: torch.Tensor | None = None,
                        algorithm: str = "auto") -> torch.Tensor:
@@ -488,7 +493,7 @@ class Communicator:
             raise CommunicatorClosedError(f"{op} on a closed Communicator")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{op} takes a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in FAST_DTYPES and x.dtype not in FALLBACK_DTYPES:
+        if x.dtype not in _SUPPORTED_DTYPES:
             why = UNSUPPORTED_DTYPES.get(x.dtype)
             raise TypeError(f"{op} does not support dtype {x.dtype}"
                             f"{f' ({why})' if why else ''}; supported: "
@@ -496,7 +501,8 @@ class Communicator:
                             f"tpcomm's engines, "
                             f"{', '.join(str(d).removeprefix('torch.') for d in FALLBACK_DTYPES)}"
                             f" through torch.distributed")
-        if x.device != self.device:
+        # x.is_cpu is a flag read; x.device builds a torch.device on every call
+        if (not x.is_cpu) if self._is_cpu else (x.device != self.device):
             raise ValueError(f"{op}: tensor is on {x.device} but this Communicator is on {self.device}")
         if not x.is_contiguous():
             raise ValueError(f"{op} needs a contiguous tensor, got shape {tuple(x.shape)} with "
@@ -569,30 +575,31 @@ class Communicator:
         if backend is not None and backend.broken:
             raise CommunicatorBrokenError(f"{name}: Communicator is broken by an earlier error: "
                                           f"{backend.broken}")
-        nbytes = x.numel() * x.element_size()
+        nbytes = x.nbytes
         if self._debug and self.world_size > 1:
             self._debug_check(name, x)
         graph = self._is_cuda and torch.cuda.is_current_stream_capturing()
-        key = (op, nbytes, x.dtype, requested, graph)
-        decision = self._decisions.get(key)
+        dtype = x.dtype
+        decision = self._decisions.get((name, nbytes, dtype, requested, graph))
         if decision is None:
-            decision = self._decide(op, nbytes, x.dtype, requested, name, graph)
-            if len(self._decisions) > 4096:
-                self._decisions.clear()
-            self._decisions[key] = decision
-        algorithm, reason = decision
+            decision = self._decision(op, nbytes, dtype, requested, name, graph)
+        algorithm, reason, st, on_backend = decision
         result = out
         if epilogue is not None:
             result = None
             if self._should_fuse_norm(algorithm, x, epilogue):
-                algorithm = FUSED_NORM
-        rec = self._recorder.start(name, algorithm, nbytes, x.dtype)
-        t0 = time.perf_counter()
+                algorithm, st = FUSED_NORM, self._stats[(name, FUSED_NORM)]
+        rec = self._recorder.start(name, algorithm, nbytes, dtype)
         try:
             if algorithm == FUSED_NORM:
                 residual, weight, eps = epilogue
                 result = torch.empty_like(x)
                 self._backend.all_reduce_add_rms_norm(x, residual, weight, eps, result)
+            elif on_backend:
+                if op == "all_reduce" and nbytes <= backend.capacity:   # one round, inline
+                    backend.all_reduce(x, out, algorithm)
+                else:
+                    self._run_backend(op, x, out, algorithm)
             else:
                 self._dispatch(op, x, out, algorithm, reason)
         except BaseException as e:
@@ -601,18 +608,28 @@ class Communicator:
                 log.error("%s\n%s", e, self.dump())
             raise
         self._recorder.finish(rec)
-        st = self._stats[(name, algorithm)]
         st[0] += 1
         st[1] += nbytes
-        st[2] += time.perf_counter() - t0
+        st[2] += rec[7] - rec[6]   # the recorder's perf_counter readings
         return result
+
+    def _decision(self, op, nbytes, dtype, requested, name, graph) -> tuple:
+        """(algorithm, reason, stats entry, runs on the flat backend) of a call, cached per
+        (name, nbytes, dtype, requested, graph): a repeated call looks up one tuple and
+        recomputes nothing (``_decide`` raises for a bad request, which is never cached)."""
+        algorithm, reason = self._decide(op, nbytes, dtype, requested, name, graph)
+        decision = (algorithm, reason, self._stats[(name, algorithm)],
+                    algorithm not in ("torch", "two_level", "local"))
+        if len(self._decisions) > 4096:
+            self._decisions.clear()
+        self._decisions[(name, nbytes, dtype, requested, graph)] = decision
+        return decision
 
     def _timed(self, name: str, algorithm: str, nbytes: int, dtype, fn, *args) -> None:
         """Run ``fn(*args)`` with the flight recorder and stats bookkeeping of one call (what
         :meth:`_run_locked` does inline: going through this helper costs the collectives'
         hot path about 0.2 us per call, measured on the CPU machine)."""
         rec = self._recorder.start(name, algorithm, nbytes, dtype)
-        t0 = time.perf_counter()
         try:
             fn(*args)
         except BaseException as e:
@@ -624,7 +641,7 @@ class Communicator:
         st = self._stats[(name, algorithm)]
         st[0] += 1
         st[1] += nbytes
-        st[2] += time.perf_counter() - t0
+        st[2] += rec[7] - rec[6]
 
     def _should_fuse_norm(self, algorithm: str, x: torch.Tensor, epilogue: tuple) -> bool:
         """The fused all-reduce + add + RMSNorm kernel takes the call: the all-reduce would
@@ -654,9 +671,8 @@ class Communicator:
         call's numel and its own offset (``total``, ``offset``): the engines compare them
         across ranks, so a size mismatch raises in the first chunk on every rank."""
         b, R = self._backend, self.world_size
-        item = x.element_size()
         total = x.numel()
-        if total * item <= b.capacity:  # the common case: one round, no slicing
+        if x.nbytes <= b.capacity:  # the common case: one round, no slicing
             if op == "all_reduce":
                 b.all_reduce(x, out, algorithm, total=total)
             elif op == "reduce_scatter":
@@ -664,6 +680,7 @@ class Communicator:
             else:
                 b.all_gather(x.view(-1), out.view(R, x.numel()), algorithm, total=total)
             return
+        item = x.element_size()
         if op == "all_reduce":
             xf, of = x.view(-1), out.view(-1)
             step = (b.capacity // item) & ~15

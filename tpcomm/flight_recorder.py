@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import weakref
+from time import perf_counter
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
 _live: "weakref.WeakSet" = weakref.WeakSet()
@@ -20,22 +21,28 @@ _signal_installed = False
 
 class FlightRecorder:
     """A ring buffer of call records; O(1) per call, nothing allocated after warm-up but the
-    record list itself."""
+    record list itself.
+
+    Times are ``time.perf_counter()`` readings (one clock read at each end of a call, which the
+    Communicator also uses for its stats: ``rec[6]`` start, ``rec[7]`` end); :meth:`records`
+    turns them into wall-clock seconds."""
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
         self._ring: list[list | None] = [None] * capacity
         self._n = 0
+        self._wall_offset = time.time() - time.perf_counter()
 
     def start(self, op: str, algorithm: str, nbytes: int, dtype) -> list:
-        rec = [self._n, op, algorithm, nbytes, dtype, RUNNING, time.time(), None, ""]
-        self._ring[self._n % self.capacity] = rec
-        self._n += 1
+        n = self._n
+        rec = [n, op, algorithm, nbytes, dtype, RUNNING, perf_counter(), None, ""]
+        self._ring[n % self.capacity] = rec
+        self._n = n + 1
         return rec
 
     @staticmethod
     def finish(rec: list, error: BaseException | None = None) -> None:
-        rec[7] = time.time()
+        rec[7] = perf_counter()
         if error is None:
             rec[5] = DONE
         else:
@@ -44,13 +51,13 @@ class FlightRecorder:
 
     def records(self) -> list[dict]:
         """Oldest first."""
-        n, cap = self._n, self.capacity
+        n, cap, off = self._n, self.capacity, self._wall_offset
         out = []
         for i in range(max(0, n - cap), n):
             r = self._ring[i % cap]
             out.append({"call": r[0], "op": r[1], "algorithm": r[2], "bytes": r[3],
                         "dtype": str(r[4]).removeprefix("torch."), "state": r[5],
-                        "start": r[6], "end": r[7], "error": r[8]})
+                        "start": r[6] + off, "end": r[7] and r[7] + off, "error": r[8]})
         return out
 
     def render(self, title: str) -> str:

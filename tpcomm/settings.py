@@ -130,6 +130,10 @@ class Settings:
     # GPUs: it has run only with emulated ranks on one GPU so far
     # (benchmarks/results/gpu-h200x1-emulated-2026-12-02.md).
     fused_norm: bool = False
+    # TPCOMM_CPU_NATIVE=0: run the CPU collectives on the pure-Python path instead of the
+    # native core (tpcomm/cpu/_shm_core.c, built at first use with the system compiler); the
+    # Python path is also what runs where no compiler exists.
+    cpu_native: bool = True
 
 
 def _read() -> Settings:
@@ -143,6 +147,7 @@ def _read() -> Settings:
         nccl_p2p_disable=_bool("NCCL_P2P_DISABLE", False),
         p2p_check=_bool("TPCOMM_P2P_CHECK", True),
         fused_norm=_bool("TPCOMM_FUSED_NORM", False),
+        cpu_native=_bool("TPCOMM_CPU_NATIVE", True),
         cache_dir=os.path.expanduser(os.environ.get("TPCOMM_CACHE_DIR") or "~/.cache/tpcomm"),
     )
 

@@ -4,8 +4,13 @@ CPU engine; the Communicator stays usable and the next matched call is exact on 
 The sizes that matter are whole numbers of rounds (the engine works in 1 MiB rounds): before
 the call's total size travelled with every round, 1 MiB against 2 MiB of float32 matched in the
 first round, both ranks returned wrong data and the next call on one rank did too.
+
+Both implementations of the engine's protocol are tested: the native core
+(``TPCOMM_CPU_NATIVE=1``, total and offset are its meta words 5 and 6) and the Python path.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -54,6 +59,8 @@ def _mismatches(rank, world):
     out = []
     with tpcomm.Communicator(timeout_s=20.0) as comm:
         assert comm.backend_name == "shm", comm.backend_name
+        native = comm._backend.native
+        assert not (native and os.environ["TPCOMM_CPU_NATIVE"] == "0"), "native core with =0"
         for salt, (what, *calls) in enumerate(CASES):
             op, numel, dtype = calls[rank]
             x = exact_input(numel, rank, getattr(torch, dtype), salt)
@@ -71,13 +78,18 @@ def _mismatches(rank, world):
                     assert torch.equal(res.view(-1), want.view(-1)), (what, check_op, rank)
             out.append((what, got))
         assert comm.stats()["fallbacks"] == {}, comm.stats()
-    return out
+    return native, out
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
 @pytest.mark.parametrize("debug", ["0", "1"])
-def test_every_mismatch_raises_on_every_rank_and_the_next_call_is_exact(debug):
-    results = run(_mismatches, 2, env={"TPCOMM_DEBUG": debug})
-    for rank, rows in enumerate(results):
+def test_every_mismatch_raises_on_every_rank_and_the_next_call_is_exact(debug, native):
+    results = run(_mismatches, 2, env={"TPCOMM_DEBUG": debug, "TPCOMM_CPU_NATIVE": native})
+    if native == "1" and not all(r[0] for r in results):
+        from tpcomm.cpu import native as native_mod
+        pytest.skip(f"the native core is not available here: {native_mod.why_not()}")
+    assert all(r[0] == (native == "1") for r in results), [r[0] for r in results]
+    for rank, (_, rows) in enumerate(results):
         assert [w for w, _ in rows] == [c[0] for c in CASES]
         for (what, msg), (_, *calls) in zip(rows, CASES):
             assert msg != "no error", (rank, what)

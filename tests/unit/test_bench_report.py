@@ -160,7 +160,7 @@ def test_symm_mem_names_both_variants():
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--backends", "tpcomm,mpi"], "unknown backend 'mpi'"),
+    (["--backends", "tpcomm,openmp"], "unknown backend 'openmp'"),
     (["--backends", "tpcomm,nccl"], "nccl does not run on cpu"),
     (["--backends", "tpcomm,symm_mem"], "symm_mem_one_shot does not run on cpu"),
     (["--backends", "tpcomm,gloo,tpcomm"], "named twice"),

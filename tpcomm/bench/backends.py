@@ -8,6 +8,9 @@
   ops ``torch.ops.symm_mem.one_shot_all_reduce_out`` and ``two_shot_all_reduce_`` on a buffer
   from ``torch.distributed._symmetric_memory.empty`` + ``rendezvous``. ``symm_mem`` names both:
   they are reported as two columns rather than a best-of, so the table shows where each wins.
+- ``deepspeed_shm``, ``mpi_openmpi``, ``mpi_mpich`` (CPU, all_reduce only; ``mpi`` names both
+  MPIs): the CPU contenders of :mod:`tpcomm.bench.contenders_cpu`, where installed. The MPI
+  ones run as their own MPI job after the ranks' sweep (see ``MPI_BACKENDS``).
 - ``_broken`` (test only, not advertised): gloo/nccl with one element of rank 0's result
   changed, to show that a wrong result is caught and makes the run fail.
 
@@ -31,6 +34,7 @@ import torch.distributed as dist
 
 from .. import reference
 from ..communicator import Communicator
+from . import contenders_cpu
 from .meta import nccl_version
 
 
@@ -216,9 +220,15 @@ BACKENDS = {
                               ("all_reduce",)),
     "symm_mem_two_shot": Spec(lambda ctx: SymmMemBackend(ctx, "two_shot"), ("cuda",),
                               ("all_reduce",)),
+    "deepspeed_shm": Spec(contenders_cpu.DeepSpeedShmBackend, ("cpu",), ("all_reduce",)),
+    "mpi_openmpi": Spec(None, ("cpu",), ("all_reduce",)),
+    "mpi_mpich": Spec(None, ("cpu",), ("all_reduce",)),
     "_broken": Spec(BrokenBackend, ("cpu", "cuda")),
 }
-ALIASES = {"symm_mem": ("symm_mem_one_shot", "symm_mem_two_shot")}
+# Run by the process that starts the ranks, as MPI jobs of their own (Spec.make is None).
+MPI_BACKENDS = tuple(contenders_cpu.MPI_IMPLS)
+CONTENDERS = ("deepspeed_shm",) + MPI_BACKENDS
+ALIASES = {"symm_mem": ("symm_mem_one_shot", "symm_mem_two_shot"), "mpi": MPI_BACKENDS}
 DEFAULTS = {"cpu": "tpcomm,gloo", "cuda": "tpcomm,nccl,symm_mem"}
 PUBLIC = [n for n in BACKENDS if not n.startswith("_")] + list(ALIASES)
 _ON_OTHER_DEVICE = {"cpu": "nccl and symm_mem need --device cuda; on cpu compare with gloo",
@@ -242,6 +252,9 @@ def resolve_backends(text: str, device: str, op: str) -> list[str]:
                 raise ValueError(f"backend {n} does not run on {device}: {_ON_OTHER_DEVICE[device]}")
             if op not in spec.ops:
                 raise ValueError(f"backend {n} times {' and '.join(spec.ops)} only, not {op}")
+            why = contenders_cpu.why_unavailable(n) if n in CONTENDERS else None
+            if why:
+                raise ValueError(why)
             if n in names:
                 raise ValueError(f"backend {n} is named twice in --backends {text}")
             names.append(n)

@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 from ..groups.launch import no_multicast, spawn, under_torchrun, usable_cores
 from . import meta as meta_mod
-from . import timing
-from .backends import IN_PLACE, NORM_OP, BenchBackend, Context, make_backend
+from . import contenders_cpu, timing
+from .backends import IN_PLACE, MPI_BACKENDS, NORM_OP, BenchBackend, Context, make_backend
 from ..cli.progress import Progress
 from .report import Row, human_size
 
@@ -74,9 +74,22 @@ def run(config: BenchConfig) -> dict:
 
     Returns ``{"meta": dict | None, "rows": [Row]}`` (meta on rank 0 only).
     """
+    mpi = [b for b in config.backends if b in MPI_BACKENDS]
+    if mpi and under_torchrun():
+        raise ValueError(f"{', '.join(mpi)} start their own MPI job: run tpcomm bench without "
+                         f"torchrun to compare with them")
+    in_ranks = dataclasses.replace(config, backends=tuple(b for b in config.backends
+                                                          if b not in mpi))
     if under_torchrun():
-        return rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), config)
-    return spawn(rank_main, config.world, config, timeout_s=config.timeout_s)[0]
+        return rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), in_ranks)
+    result = spawn(rank_main, config.world, in_ranks, timeout_s=config.timeout_s)[0]
+    for name in mpi:   # after the ranks are gone, so the two never share the cores
+        describe, rows = contenders_cpu.run_mpi(name, config.world, config,
+                                                (ROTATE_BYTES, MAX_ROTATE, PATTERN_MOD))
+        result["meta"]["backends"][name] = describe
+        result["rows"] += [Row(backend=name, op=config.op, dtype=config.dtype, mode="eager",
+                               algo="-", **r) for r in rows]
+    return result
 
 
 def rank_main(rank: int, world: int, config: BenchConfig) -> dict:
@@ -146,8 +159,9 @@ def _timing_method(config: BenchConfig) -> str:
                  f"{config.iters} calls is replayed, eager above")
     else:
         clock = "CUDA events, eager"
-    return (f"{config.warmup} warm-up calls, then {config.reps} x {config.iters} calls after a "
-            f"barrier ({clock}); median repetition, max over ranks; inputs rotate over up to "
+    after = "a barrier and one untimed call" if config.device == "cpu" else "a barrier"
+    return (f"{config.warmup} warm-up calls, then {config.reps} x {config.iters} calls after "
+            f"{after} ({clock}); median repetition, max over ranks; inputs rotate over up to "
             f"{MAX_ROTATE} buffers ({human_size(ROTATE_BYTES)} in all)")
 
 
@@ -191,8 +205,9 @@ def _measure(backend: BenchBackend, nbytes: int, ctx: Context, config: BenchConf
             torch.cuda.synchronize(ctx.device)
             g.reset()
     else:
+        # CPU: one untimed call after each barrier (the ranks leave it at different times)
         seconds = timing.per_call_s(timing.rotating(calls, config.iters), config.iters,
-                                    config.reps, ctx.device)
+                                    config.reps, ctx.device, settle=calls[0])
     return Measured("graph" if graph else "eager", algo, seconds, wrong)
 
 

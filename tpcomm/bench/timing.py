@@ -48,9 +48,11 @@ def capture(calls: Sequence[Callable[[], object]], iters: int,
 
 
 def per_call_s(one_rep: Callable[[], object], iters: int, reps: int,
-               device: torch.device) -> float:
+               device: torch.device, settle: Callable[[], object] | None = None) -> float:
     """Seconds per call on this rank: the median over ``reps`` repetitions (see the module
-    docstring); every rank of the default group must call it alike (it holds barriers)."""
+    docstring); every rank of the default group must call it alike (it holds barriers).
+    ``settle`` (CPU only): one untimed call after each barrier, before the clock starts (the
+    ranks leave a barrier at different times; the first call absorbs that)."""
     samples = []
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -65,6 +67,8 @@ def per_call_s(one_rep: Callable[[], object], iters: int, reps: int,
     else:
         for _ in range(reps):
             dist.barrier()
+            if settle is not None:
+                settle()
             t0 = time.perf_counter()
             one_rep()
             samples.append((time.perf_counter() - t0) / iters)

@@ -29,6 +29,13 @@ the last op that used that slot is ``s - 2``, and every peer finished reading it
 ``arrive[0] = s - 1``, which this rank waited for during op ``s - 1``. So no extra round is needed
 to know a slot is free again.
 
+Two implementations of this protocol, interchangeable rank by rank: the native core
+(``_shm_core.c``, built at first use by :mod:`tpcomm.cpu.native`; one C call per round does the
+meta words, the copy-in, the flag, the bounded wait, the meta check, the reduction and the
+copy-out) and the pure-Python path below (torch ops and memoryview words), which runs where the
+core cannot be built or with ``TPCOMM_CPU_NATIVE=0``. Both write the same words in the same
+order and reduce in the same order with the same rounding, so their results are bitwise equal.
+
 Memory ordering: a rank writes the data, then the meta words, then the arrive flag; a peer reads
 the flag, then the meta and the data. x86-64 keeps stores in order and loads in order (TSO), and
 each Python-level access is a separate C call the compiler cannot move, so this is sufficient
@@ -47,6 +54,7 @@ import torch
 from ..engine import CORE_OPS
 from ..errors import CommunicatorBrokenError, MismatchError, PeerDiedError, PeerTimeoutError
 from ..memory.shm import ShmSymmetricBuffer
+from . import native
 
 W_PID, W_STATE, W_ARRIVE, W_META = 0, 8, 16, 64
 STATE_RUNNING, STATE_CLOSED, STATE_ABORTED = 0, 1, 2
@@ -56,6 +64,11 @@ DTYPES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _OP_NAMES = {v: k for k, v in OPS.items()}
 _ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
 _DTYPE_NAMES = {v: str(k).removeprefix("torch.") for k, v in DTYPES.items()}
+# Meta words of one op: seq, op, algorithm, dtype, numel of the round, total numel of the call,
+# offset of the round (compared word by word across ranks). The native core writes and compares
+# the first META_WORDS words too (total and offset are the two extra values of its run()); a new
+# field is one more value passed to run() and one more word here.
+META_WORDS = 7
 
 # Largest round of one op: bigger calls go in chunks of this size. A 1 MiB round fits the
 # 1 MiB L2 of a core of the 2-core CI machine (AMD EPYC), so the reduction reads the slots from
@@ -65,6 +78,7 @@ SHM_CHUNK_BYTES = 1 << 20
 SPINS_BEFORE_YIELD = 2000     # about 0.2 ms of polling before giving the core away
 SECONDS_BEFORE_SLEEP = 0.01   # after 10 ms of waiting, sleep between polls instead of spinning
 LIVENESS_EVERY_S = 0.2        # how often a waiting rank checks that its peers are alive
+SLICE_NS = int(LIVENESS_EVERY_S * 1e9)   # the native core's longest wait before it returns
 
 
 def should_use_shm() -> str | None:
@@ -123,6 +137,9 @@ class ShmCollectives:
         self.rank, self.world = buf.rank, buf.world_size
         self.timeout_s = timeout_s
         self.slot_nbytes = (buf.nbytes // 2) & ~63
+        # largest input in bytes one call can take (the Communicator chunks above it); an
+        # attribute, not a property: the Communicator reads it on every call
+        self.capacity = self.slot_nbytes
         self.seq = 0
         self.broken: str | None = None
         self._pads = [buf.pad_memoryview(p) for p in range(self.world)]
@@ -133,11 +150,20 @@ class ShmCollectives:
         self._views: dict = {}
         self._mine[W_PID] = os.getpid()
         self._mine[W_STATE] = STATE_RUNNING
+        self._core, self._ctx = None, 0
+        core = native.load()
+        if core is not None and self.world <= core.MAX_WORLD:
+            self._ctx = core.create(self.rank, self.world, META_WORDS, self.slot_nbytes,
+                                    [buf.signal_pad(p).data_ptr() for p in range(self.world)],
+                                    [buf.data(p).data_ptr() for p in range(self.world)])
+            self._core = core
+            # the hot call goes straight to the core: no extra Python frame per call
+            self.all_reduce = self._native_all_reduce
 
     @property
-    def capacity(self) -> int:
-        """Largest input in bytes one call can take (the Communicator chunks above it)."""
-        return self.slot_nbytes
+    def native(self) -> bool:
+        """True when the calls run on the native core, False on the Python path."""
+        return self._core is not None
 
     # ---------------------------------------------------------------- synchronization
     def _post(self, phase: int, seq: int) -> None:
@@ -219,21 +245,28 @@ class ShmCollectives:
         """Every peer posted the same op, algorithm, dtype, round size, call size and round
         offset for ``seq``."""
         m = W_META + 8 * (seq % 2)
-        mine = tuple(self._mine[m:m + 7])
+        mine = tuple(self._mine[m:m + META_WORDS])
         for p in self._peers:
-            theirs = tuple(self._pads[p][m:m + 7])
-            if theirs != mine:
-                def fmt(t):
-                    where = f", round at {t[6]}" if t[5] != t[4] else ""
-                    return (f"{_OP_NAMES.get(t[1], t[1])}/{_ALGORITHM_NAMES.get(t[2], t[2])} "
-                            f"{_DTYPE_NAMES.get(t[3], t[3])} numel={t[5]}{where} (seq {t[0]})")
-                err = MismatchError(
-                    f"tpcomm {op} #{seq}: rank {self.rank} called {fmt(mine)} but rank {p} "
-                    f"called {fmt(theirs)}; every rank must call the same collective with the "
-                    f"same size and dtype")
-                # every rank sees the mismatch at the same seq and raises; the protocol stays
-                # in step, so the Communicator stays usable
-                raise err
+            if tuple(self._pads[p][m:m + META_WORDS]) != mine:
+                raise self._mismatch(seq, op, p)
+
+    def _mismatch(self, seq: int, op: str, p: int) -> MismatchError:
+        """The error for peer ``p``'s meta words of ``seq`` differing from this rank's.
+
+        Every rank sees the mismatch at the same seq and raises; the protocol stays in step,
+        so the Communicator stays usable."""
+        m = W_META + 8 * (seq % 2)
+        mine = tuple(self._mine[m:m + META_WORDS])
+        theirs = tuple(self._pads[p][m:m + META_WORDS])
+
+        def fmt(t):
+            where = f", round at {t[6]}" if t[5] != t[4] else ""
+            return (f"{_OP_NAMES.get(t[1], t[1])}/{_ALGORITHM_NAMES.get(t[2], t[2])} "
+                    f"{_DTYPE_NAMES.get(t[3], t[3])} numel={t[5]}{where} (seq {t[0]})")
+        return MismatchError(
+            f"tpcomm {op} #{seq}: rank {self.rank} called {fmt(mine)} but rank {p} "
+            f"called {fmt(theirs)}; every rank must call the same collective with the "
+            f"same size and dtype")
 
     def _slots(self, seq: int, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
         """Every rank's slot for op ``seq`` as 1-D ``dtype`` views of ``numel`` elements.
@@ -274,11 +307,68 @@ class ShmCollectives:
         self._check_meta(seq, op)
         return seq, slots
 
+    # ---------------------------------------------------------------- native core
+    def _native(self, op: str, algorithm: str, inp: torch.Tensor, out: torch.Tensor,
+                total: int, offset: int) -> None:
+        """One round on the native core (inp and out contiguous); ``total``, ``offset`` as in
+        :meth:`_publish` (the core writes and compares them as meta words 5 and 6)."""
+        if self.broken:
+            raise CommunicatorBrokenError(f"tpcomm Communicator is broken by an earlier error: {self.broken}")
+        self.seq = seq = self.seq + 1
+        src = inp.data_ptr()
+        n = inp.numel()
+        args = (seq, src, src if out is inp else out.data_ptr(), SLICE_NS, OPS[op],
+                ALGORITHMS[algorithm], DTYPES[inp.dtype], n, n if total < 0 else total, offset)
+        rc = self._core.run(self._ctx, 0, *args)
+        if rc:
+            self._native_slow(rc, op, algorithm, inp, args)
+
+    def _native_all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str, *,
+                           total: int = -1, offset: int = 0) -> None:
+        """:meth:`all_reduce` on the native core (what ``self.all_reduce`` is bound to then)."""
+        if self.broken:
+            raise CommunicatorBrokenError(f"tpcomm Communicator is broken by an earlier error: {self.broken}")
+        self.seq = seq = self.seq + 1
+        src = inp.data_ptr()
+        n = inp.numel()
+        args = (seq, src, src if out is inp else out.data_ptr(), SLICE_NS, 1,
+                ALGORITHMS[algorithm], DTYPES[inp.dtype], n, n if total < 0 else total, offset)
+        rc = self._core.run(self._ctx, 0, *args)
+        if rc:
+            self._native_slow(rc, "all_reduce", algorithm, inp, args)
+
+    def _native_slow(self, rc: int, op: str, algorithm: str, inp: torch.Tensor, args) -> None:
+        """A round the core could not finish at once: a wait that ran out of its slice (check
+        the peers' liveness and the timeout, then resume), a peer that stopped, a mismatch."""
+        core, seq = self._core, args[0]
+        nbytes = inp.numel() * inp.element_size()
+        start = time.monotonic() - SLICE_NS * 1e-9   # the core has waited one slice already
+        while rc:
+            kind, p = rc & ~0xFF, rc & 0xFF
+            if kind == core.RC_MISMATCH:
+                raise self._mismatch(seq, op, p)
+            if kind in (core.RC_ABORTED, core.RC_CLOSED):
+                what = "closed its Communicator" if kind == core.RC_CLOSED else "aborted after an error"
+                self._fail(PeerDiedError(op, seq, self.rank, [p], self.timeout_s,
+                                         f"peer {p} {what}", algorithm, nbytes))
+            phase = rc - core.RC_PENDING
+            word = W_ARRIVE + 8 * phase
+            late = [q for q in self._peers if self._pads[q][word] < seq]
+            for q in late:
+                self._check_peer(q, op, seq, algorithm, nbytes)
+            if time.monotonic() - start > self.timeout_s:
+                self._fail(PeerTimeoutError(op, seq, self.rank, late, self.timeout_s,
+                                            f"phase {phase}", algorithm, nbytes))
+            rc = core.run(self._ctx, 1 + phase, *args)
+
     # ---------------------------------------------------------------- collectives
     def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str, *,
                    total: int = -1, offset: int = 0) -> None:
         """out = sum over ranks of inp (contiguous, same numel; out may alias inp).
         ``total``, ``offset``: the whole call's numel and this round's place in it."""
+        if self._core is not None:
+            self._native("all_reduce", algorithm, inp, out, total, offset)
+            return
         n = inp.numel()
         seq, slots = self._publish("all_reduce", algorithm, inp, total, offset)
         wide = inp.dtype != torch.float32 and self.world > 2
@@ -302,6 +392,9 @@ class ShmCollectives:
     def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct", *,
                        total: int = -1, offset: int = 0) -> None:
         """inp is [world, c] (rows may be strided), out is [c]: out = sum over ranks of inp[rank]."""
+        if self._core is not None and inp.is_contiguous():
+            self._native("reduce_scatter", algorithm, inp, out, total, offset)
+            return
         seq, slots = self._publish("reduce_scatter", algorithm, inp, total, offset)
         c = out.numel()
         rows = [s.view(self.world, c)[self.rank] for s in slots]
@@ -311,6 +404,9 @@ class ShmCollectives:
     def all_gather(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str = "direct", *,
                    total: int = -1, offset: int = 0) -> None:
         """inp is [c], out is [world, c] (rows may be strided): out[p] = inp of rank p."""
+        if self._core is not None and out.is_contiguous():
+            self._native("all_gather", algorithm, inp, out, total, offset)
+            return
         seq, slots = self._publish("all_gather", algorithm, inp, total, offset)
         for p in range(self.world):
             out[p].copy_(slots[p])
@@ -325,6 +421,10 @@ class ShmCollectives:
         """Tell the peers this rank is gone and drop the views over the mapping."""
         if self._mine is None:
             return
+        if self._ctx:
+            self._core.destroy(self._ctx)
+            self._core, self._ctx = None, 0
+            self.__dict__.pop("all_reduce", None)
         try:
             if self._mine[W_STATE] == STATE_RUNNING:
                 self._mine[W_STATE] = STATE_CLOSED
