@@ -12,6 +12,7 @@ import triton.language as tl
 
 from ._lamport import poll_one, prologue, push, sanitize, typed
 from .barrier import record_error
+from .launch import LeanKernel
 
 
 @triton.jit(do_not_specialize=["rank"])
@@ -55,3 +56,15 @@ def all_gather(inp, out, c, out_stride, recv_addrs, my_recv_addr, buf_stride, sl
     return fn(inp, out, c, out_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
               counters, err_dev, err_host, rank, timeout_ns, R=len(recv_addrs), BLOCK=block,
               ITYPE=itype, CANON=canon, ITEM=out.element_size(), num_warps=num_warps, **kw)
+
+
+def bind_all_gather(common: dict, *, recv_addrs, my_recv_addr, buf_stride, slot_stride, grid,
+                   num_warps, itype, canon, block, item, device=None,
+                   verify=False) -> LeanKernel:
+    """The all-gather kernel with everything but ``(inp, out, c, out_stride)`` bound."""
+    return LeanKernel(
+        _all_gather_push_kernel, grid, call=("inp_ptr", "out_ptr", "c", "out_stride"),
+        fixed=dict(common, recv_addrs=recv_addrs, my_recv_addr=my_recv_addr,
+                   buf_stride=buf_stride, slot_stride=slot_stride),
+        constexprs=dict(R=len(recv_addrs), BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item),
+        num_warps=num_warps, device=device, verify=verify)

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from ._lamport import clear_slots, poll_sum, prologue, push, sanitize
 from .barrier import record_error
+from .launch import LeanKernel
 
 # Largest hidden size handled by one block (16384 bf16 = 32 KiB per row, 64 float32 values per
 # thread at 8 warps): above it registers spill and the unfused path is as fast.
@@ -87,3 +88,22 @@ def all_reduce_add_rms_norm_one_shot_push(x, residual, weight, normed, rows, hid
         slot_stride, counters, err_dev, err_host, rank, timeout_ns, R=len(recv_addrs),
         BLOCK_H=triton.next_power_of_2(hidden), ITYPE=itype, CANON=canon,
         ITEM=x.element_size(), num_warps=num_warps)
+
+
+def bind_all_reduce_add_rms_norm_one_shot_push(common: dict, *, hidden, recv_addrs, my_recv_addr,
+                                               buf_stride, slot_stride, grid, num_warps, itype,
+                                               canon, item, device=None,
+                                               verify=False) -> LeanKernel:
+    """The fused kernel for rows of ``hidden`` with everything but ``(x, residual, weight,
+    normed, rows, eps)`` bound."""
+    if hidden > MAX_H:
+        raise ValueError(f"fused all_reduce_add_rms_norm handles hidden sizes up to {MAX_H}, "
+                         f"got {hidden}")
+    return LeanKernel(
+        _all_reduce_add_rms_norm_one_shot_push_kernel, grid,
+        call=("x_ptr", "res_ptr", "w_ptr", "normed_ptr", "rows", "eps"),
+        fixed=dict(common, H=hidden, recv_addrs=recv_addrs, my_recv_addr=my_recv_addr,
+                   buf_stride=buf_stride, slot_stride=slot_stride),
+        constexprs=dict(R=len(recv_addrs), BLOCK_H=triton.next_power_of_2(hidden), ITYPE=itype,
+                        CANON=canon, ITEM=item),
+        num_warps=num_warps, device=device, verify=verify)

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._lamport import poll_one, prologue, push, sanitize, typed
 from .barrier import record_error
+from .launch import LeanKernel
 
 
 @triton.jit(do_not_specialize=["rank"])
@@ -89,3 +90,15 @@ def all_reduce_ring(inp, out, n, sl, next_addr, my_recv_addr, buf_stride, ag_off
         inp, out, n, sl, next_addr, my_recv_addr, buf_stride, ag_off, counters, err_dev,
         err_host, rank, timeout_ns, R=world, BLOCK=block, ITYPE=itype, CANON=canon,
         ITEM=inp.element_size(), num_warps=num_warps)
+
+
+def bind_all_reduce_ring(common: dict, *, next_addr, my_recv_addr, buf_stride, ag_off, world,
+                         grid, num_warps, itype, canon, block, item, device=None,
+                         verify=False) -> LeanKernel:
+    """The ring kernel with everything but ``(inp, out, n, sl)`` bound."""
+    return LeanKernel(
+        _all_reduce_ring_push_kernel, grid, call=("inp_ptr", "out_ptr", "n", "sl"),
+        fixed=dict(common, next_addr=next_addr, my_recv_addr=my_recv_addr,
+                   buf_stride=buf_stride, ag_off=ag_off),
+        constexprs=dict(R=world, BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item),
+        num_warps=num_warps, device=device, verify=verify)

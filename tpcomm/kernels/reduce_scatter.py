@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ._lamport import clear_slots, poll_sum, prologue, push, sanitize
 from .barrier import record_error
+from .launch import LeanKernel
 
 
 @triton.jit(do_not_specialize=["rank"])
@@ -49,3 +50,15 @@ def reduce_scatter(inp, out, c, in_stride, recv_addrs, my_recv_addr, buf_stride,
         inp, out, c, in_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride, counters,
         err_dev, err_host, rank, timeout_ns, R=len(recv_addrs), BLOCK=block, ITYPE=itype,
         CANON=canon, ITEM=out.element_size(), num_warps=num_warps)
+
+
+def bind_reduce_scatter(common: dict, *, recv_addrs, my_recv_addr, buf_stride, slot_stride, grid,
+                       num_warps, itype, canon, block, item, device=None,
+                       verify=False) -> LeanKernel:
+    """The reduce-scatter kernel with everything but ``(inp, out, c, in_stride)`` bound."""
+    return LeanKernel(
+        _reduce_scatter_push_kernel, grid, call=("inp_ptr", "out_ptr", "c", "in_stride"),
+        fixed=dict(common, recv_addrs=recv_addrs, my_recv_addr=my_recv_addr,
+                   buf_stride=buf_stride, slot_stride=slot_stride),
+        constexprs=dict(R=len(recv_addrs), BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item),
+        num_warps=num_warps, device=device, verify=verify)
