@@ -56,9 +56,9 @@ class FakeKernel:
         self.dispatched, self.launched, self.compiled = [], [], {}
 
     def _binder(self, *args, **kw):
-        spec = [native_specialize_impl(BaseBackend, a, False,
-                                       not p.do_not_specialize, True)
-                for a, p in zip(args, [p for p in self.params if not p.is_constexpr])]
+        spec = [("constexpr", a) if p.is_constexpr else
+                native_specialize_impl(BaseBackend, a, False, not p.do_not_specialize, True)
+                for a, p in zip(args, self.params)]
         return dict(zip(self.arg_names, args)), spec, kw
 
     def __getitem__(self, grid):
@@ -99,7 +99,7 @@ def test_first_call_dispatches_then_launches_directly(no_cuda_stream):
     assert len(k.dispatched) == 1 and not k.launched
     grid, args, kw = k.dispatched[0]
     assert grid == (16,) and args[0] is x and args[1] is y and args[2] == 64
-    assert kw == dict(BLOCK=1024, R=2, num_warps=8)
+    assert args[3:] == ((4096, 8192), counters, 3, 1024, 2) and kw == dict(num_warps=8)
     lk.launch(x, y, 64)
     lk.launch(x, y, 64)
     assert len(k.dispatched) == 1 and len(k.launched) == 2

@@ -346,7 +346,10 @@ def main(args) -> int:
         raise UsageError(f"--sizes: sizes must be multiples of 64 bytes, got {args.sizes!r}")
     iters = args.iters or (200 if device == "cuda" else 100)
     world = 1 if device == "cuda" else 2
-    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    # CUDA_MODULE_LOADING=EAGER: a lazy module load waits for the running kernels, and an
+    # emulated rank's kernel spins until the next rank's kernel runs (gpu_emulated_ranks.py)
+    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           "CUDA_MODULE_LOADING": "EAGER"}
     try:
         per_rank = spawn(rank_main, world, device, sizes, iters, args.reps, env=env,
                          timeout_s=args.timeout)

@@ -130,7 +130,6 @@ class LeanKernel:
             raise ValueError(f"LeanKernel({getattr(kernel, '__name__', kernel)}): parameters "
                              f"{sorted(missing)} are not bound, {sorted(extra)} are not "
                              f"parameters of the kernel")
-        self._runtime = [n for n in names if n not in self.constexprs]
         self._entries: dict = {}
         self._spec: dict = {}   # key -> Triton's specialization (verify)
         self.reason = self._lean_reason()
@@ -152,16 +151,17 @@ class LeanKernel:
             return f"{self.kernel.__name__}: tl.constexpr parameters are not all last"
         return None
 
-    def _full_args(self, call_args) -> tuple[list, dict]:
+    def _full_args(self, call_args) -> list:
+        """Every parameter's value, in the kernel's order (constexprs included)."""
         vals = dict(zip(self.call, call_args))
         vals.update(self.fixed)
-        return [vals[n] for n in self._runtime], self.constexprs
+        vals.update(self.constexprs)
+        return [vals[n] for n in self._names]
 
     def dispatch(self, *call_args):
         """Launch through Triton's dispatcher (``kernel[grid](...)``); returns what it returns
         (the CompiledKernel on a GPU)."""
-        args, cx = self._full_args(call_args)
-        return self.kernel[self.grid](*args, **cx, num_warps=self.num_warps)
+        return self.kernel[self.grid](*self._full_args(call_args), num_warps=self.num_warps)
 
     # ------------------------------------------------------------ the lean path
     def _bootstrap(self, *call_args):
@@ -280,8 +280,7 @@ def launch({sig}):
     def _triton_spec(self, call_args):
         dev = self.device if self.device is not None else torch.cuda.current_device()
         binder = self.kernel.device_caches[dev][4]
-        args, cx = self._full_args(call_args)
-        _, spec, _ = binder(*args, **cx, num_warps=self.num_warps)
+        _, spec, _ = binder(*self._full_args(call_args), num_warps=self.num_warps)
         return spec
 
     def _verify(self, key, call_args) -> None:
