@@ -176,7 +176,8 @@ def test_no_allocation_per_call_after_warm_up(no_cuda_stream):
     finally:
         tracemalloc.stop()
     assert len(k.dispatched) == 1
-    assert grown < 1024, f"the lean call path kept {grown} bytes over 2000 calls"
+    # a per-call leak would keep at least 32 B x 2000 = 64 KB; allocator noise stays below
+    assert grown < 16384, f"the lean call path kept {grown} bytes over 2000 calls"
 
 
 class _Ring(list):
