@@ -240,6 +240,7 @@ def launch({sig}):
     e[0](g0, g1, g2, {stream}, e[1], e[2], e[3], None, None, e[4], None, None, None,
          {", ".join(order)})
 """
+        self.source = src   # for reading (tests, debugging)
         exec(compile(src, f"<lean launch of {self.kernel.__name__}>", "exec"), ns)
         return ns["key_of"], ns["launch"]
 
