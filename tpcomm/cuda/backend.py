@@ -605,8 +605,11 @@ class P2PCollectives:
         except Exception:  # noqa: BLE001
             pass
         self.buf.close()
+        self._err_word = None
         self._err_host_tensor = None
         self._err_host = 0
+        self._sites.clear()
+        self._plans.clear()
 
 
 class _Tuning(dict):
