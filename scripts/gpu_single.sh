@@ -15,6 +15,10 @@
 #             1024, with the breakdown and the compile seconds (compile_bench.json/.md); the
 #             compile and graph-safety tests (emulated ranks: several graphs of the same
 #             Communicators in any order with eager calls; set-up during a capture refused)
+#   host      the lean launch path (issue 16): bitwise against Triton's dispatcher for every
+#             kernel (emulated ranks 1/2/4, eager and CUDA graphs with inputs changed after
+#             capture), no allocation per call, then tpcomm bench host (host.json/.md, at most
+#             240 s: scripts/gpu_host_path.py)
 # Usage: OUT=/tmp/out bash scripts/gpu_single.sh [step ...]   (default: every step but compile)
 # Logs go to $OUT/<step>.log; JSON where a step writes one. Multicast stays off.
 set -uo pipefail
@@ -23,7 +27,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export OUT=${OUT:-/tmp/tpcomm-gpu-single}   # scripts/gpu_fused.py writes under it too
 mkdir -p "$OUT"
-STEPS=${*:-"emulated gputests overlap check fused"}
+STEPS=${*:-"emulated gputests overlap check fused host"}
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -49,6 +53,7 @@ for s in $STEPS; do
                --markdown "$OUT/overlap.md" ;;
     check) step check 60 python3 -m tpcomm check ;;
     fused) step fused 250 python3 scripts/gpu_fused.py --budget-s 240 ;;
+    host) step host 250 python3 scripts/gpu_host_path.py --budget-s 240 ;;
     compile)
       step compile_attention 75 python3 scripts/gpu_decode_attention.py --sweep --json "$OUT/decode_attention.json"
       step compile_bench 200 python3 -m tpcomm bench model --device cuda -n 1 --model llama3_8b \

@@ -75,6 +75,45 @@ def rs_ag_decisions(rows, op, world):
     return dec
 
 
+# The lookup, the eager column's switch and select_cuda, as written below the tables.
+TAIL = '''
+def _lookup(table, nbytes: int, graph: bool) -> str:
+    for bound, in_graph, eager in table:
+        if bound is None or nbytes < bound:
+            if graph:
+                return in_graph
+            if eager is None:   # not measured eagerly
+                return in_graph if EAGER_UNMEASURED == "graph" else EAGER_UNMEASURED
+            return eager
+    return "torch"
+
+
+# The eager column (calls outside CUDA-graph capture). Eager calls are host-bound: before
+# issue 16 the Communicator, the backend and the Triton launch cost more host time per call
+# than NCCL's eager path. tpcomm bench, world 2, eager, 2026-11-22
+# (benchmarks/results/gpu-h200x2-2026-11-22.md): tpcomm 53.8 / 56.5 / 52.9 / 54.6 / 60.6 /
+# 78.2 / 80.0 us against NCCL 33.8 / 27.9 / 25.4 / 35.1 / 29.5 / 42.1 / 50.1 us at 2K / 8K /
+# 32K / 128K / 512K / 2M / 8M. The lean launch path (kernels/launch.py) and the Communicator's
+# GPU hot path cut that host time; until eager timings on several GPUs exist (the multi-GPU
+# issue), every eager entry is None (not measured) and goes where EAGER_UNMEASURED says.
+# THE SWITCH, one line: EAGER_UNMEASURED = "graph" runs eager calls on the graph column's
+# algorithm (tpcomm's kernels wherever they won in graphs); "torch" keeps them on NCCL.
+# Measured eager entries (a third element other than None) are used as they are.
+EAGER_UNMEASURED = "torch"
+
+
+def select_cuda(op: str, nbytes: int, dtype: torch.dtype, world_size: int,
+                graph: bool = True) -> str:
+    """The GPU algorithm for one call; ``"torch"`` (NCCL) wherever ours was not measured
+    faster. ``graph``: whether the call is being captured into a CUDA graph (the graph
+    column; False: the eager column)."""
+    tables = {"all_reduce": ALL_REDUCE, "reduce_scatter": REDUCE_SCATTER,
+              "all_gather": ALL_GATHER}[op]
+    table = tables.get(world_size)
+    return "torch" if table is None else _lookup(table, nbytes, graph)
+'''
+
+
 def render(measurements) -> str:
     lines = ['"""Measured algorithm table for the GPU backend (pure: no CUDA, no Triton).',
              "",
@@ -91,14 +130,15 @@ def render(measurements) -> str:
               '"""', "from __future__ import annotations", "", "import torch", ""]
 
     def table(name, per_world):
-        lines.append(f"# world -> [(upper bound in bytes, exclusive; None = no limit, algorithm)]")
+        lines.append("# world -> [(upper bound in bytes, exclusive; None = no limit, graph algorithm, "
+                     "eager algorithm)]")
         lines.append(f"{name} = {{")
         for world, ranges in per_world.items():
             lines.append(f"    {world}: [")
             for bound, algo, notes in ranges:
                 for note in notes:
                     lines.append(f"        # {note}")
-                lines.append(f"        ({bound}, {algo!r}),")
+                lines.append(f"        ({bound}, {algo!r}, None),")   # eager: not measured
             lines.append("    ],")
         lines.append("}")
         lines.append("")
@@ -110,35 +150,7 @@ def render(measurements) -> str:
                              for m in measurements if any(r.get("op") for r in m["rows"])})
     table("ALL_GATHER", {m["world"]: _ranges(rs_ag_decisions(m["rows"], "all_gather", m["world"]))
                          for m in measurements if any(r.get("op") for r in m["rows"])})
-    lines += [
-        "",
-        "def _lookup(table, nbytes: int) -> str:",
-        "    for bound, algorithm in table:",
-        "        if bound is None or nbytes < bound:",
-        "            return algorithm",
-        '    return "torch"',
-        "",
-        "",
-        "# Eager calls (outside CUDA-graph capture) are host-bound: the Communicator, the backend",
-        "# and the Triton launch cost more host time per call than NCCL's eager path. tpcomm bench,",
-        "# world 2, eager, 2026-11-22 (benchmarks/results/gpu-h200x2-2026-11-22.md): tpcomm 53.8 /",
-        "# 56.5 / 52.9 / 54.6 / 60.6 / 78.2 / 80.0 us against NCCL 33.8 / 27.9 / 25.4 / 35.1 / 29.5 /",
-        "# 42.1 / 50.1 us at 2K / 8K / 32K / 128K / 512K / 2M / 8M. So graph=False answers NCCL at",
-        "# every size; the tables above are for graph replays (decode), where the GPU time counts.",
-        "",
-        "",
-        "def select_cuda(op: str, nbytes: int, dtype: torch.dtype, world_size: int,",
-        "                graph: bool = True) -> str:",
-        '    """The GPU algorithm for one call; ``"torch"`` (NCCL) wherever ours was not measured',
-        '    faster. ``graph``: whether the call is being captured into a CUDA graph (the',
-        '    default, True, is what the tables were measured for)."""',
-        "    if not graph:",
-        '        return "torch"',
-        '    tables = {"all_reduce": ALL_REDUCE, "reduce_scatter": REDUCE_SCATTER,',
-        '              "all_gather": ALL_GATHER}[op]',
-        "    table = tables.get(world_size)",
-        '    return "torch" if table is None else _lookup(table, nbytes)',
-        ""]
+    lines += ["", *TAIL.splitlines()]
     return "\n".join(lines)
 
 

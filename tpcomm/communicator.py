@@ -137,6 +137,7 @@ class Communicator:
         self._two_level = None                    # HierarchicalAllReduce when nnodes > 1
         self._recorder = flight_recorder.FlightRecorder()
         self._decisions: dict = {}  # (op, nbytes, dtype, requested, graph) -> (algorithm, why)
+        self._fast: dict = {}       # GPU all_reduce: (dtype, numel, requested, graph) -> entry
         self._setup(settings)
         flight_recorder.register(self)
         from .ops import library   # torch.ops.tpcomm.*, and this Communicator's handle there
@@ -233,6 +234,10 @@ class Communicator:
             if self.world_size == 1:
                 return _traced_local(x, out)
             return _traced_out(torch.ops.tpcomm.all_reduce(x, self.handle, algorithm), out)
+        if self._is_cuda and not self._debug:    # the GPU kernels' hot path (issue 16)
+            y = self._all_reduce_gpu(x, out, algorithm)
+            if y is not None:
+                return y
         self._check_tensor("all_reduce", x)
         out = self._out("all_reduce", x, out, x.shape)
         return self._run("all_reduce", x, out, algorithm)
@@ -241,6 +246,10 @@ class Communicator:
         """In-place :meth:`all_reduce`; returns ``x``."""
         if _is_compiling():
             return self.all_reduce(x, out=x, algorithm=algorithm)
+        if self._is_cuda and not self._debug:    # the GPU kernels' hot path (issue 16)
+            y = self._all_reduce_gpu(x, x, algorithm)
+            if y is not None:
+                return y
         self._check_tensor("all_reduce", x)   # the eager path of all_reduce(x, out=x), inline
         return self._run("all_reduce", x, x, algorithm)
 
@@ -624,6 +633,74 @@ class Communicator:
             self._decisions.clear()
         self._decisions[(name, nbytes, dtype, requested, graph)] = decision
         return decision
+
+    def _all_reduce_gpu(self, x, out, algorithm: str):
+        """An eager or captured GPU all_reduce on the kernels, with only what a call must do:
+        the checks that depend on the tensors (type, device, layout, ``out``), the cached
+        decision, the flight record and the stats. Returns None, having done nothing, where the
+        general path must take the call: anything unusual (a subclass, a fallback, a chunked
+        size, a closed or broken Communicator, a thread already inside) and the first call of
+        each (dtype, numel, algorithm, capture) (the general path decides it, with its checks
+        and messages). TPCOMM_DEBUG=1 keeps every call on the general path."""
+        b = self._backend
+        if (b is None or b.broken or self._broken or self._closed
+                or type(x) is not torch.Tensor):
+            return None   # broken or closed: the general path raises
+        dtype = x.dtype
+        key = (dtype, x.numel(), algorithm, torch.cuda.is_current_stream_capturing())
+        entry = self._fast.get(key)
+        if entry is None:
+            entry = self._fast_entry(key)
+        if not entry:
+            return None
+        algo, nbytes, st, idx = entry
+        if x.get_device() != idx or not x.is_contiguous():
+            return None
+        if out is None:
+            out = torch.empty_like(x)
+        elif out is not x and (type(out) is not torch.Tensor or out.dtype is not dtype
+                               or out.get_device() != idx or out.shape != x.shape
+                               or not out.is_contiguous()):
+            return None
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            rec = self._recorder.start("all_reduce", algo, nbytes, dtype)
+            try:
+                b.all_reduce(x, out, algo)
+            except BaseException as e:
+                self._recorder.finish(rec, e)
+                if b.broken:
+                    log.error("%s\n%s", e, self.dump())
+                raise
+            self._recorder.finish(rec)
+            st[0] += 1
+            st[1] += nbytes
+            st[2] += rec[7] - rec[6]   # the recorder's perf_counter readings
+        finally:
+            self._lock.release()
+        return out
+
+    def _fast_entry(self, key: tuple):
+        """(algorithm, nbytes, stats, device index) of the hot path for ``key``, from the
+        decision the general path cached; False where the call is not one kernel round (stored
+        too); None before the general path decided such a call."""
+        dtype, numel, requested, graph = key
+        nbytes = numel * dtype.itemsize
+        decision = self._decisions.get(("all_reduce", nbytes, dtype, requested, graph))
+        if decision is None:
+            return None
+        algo = decision[0]
+        ok = (algo not in ("torch", "local", "two_level") and dtype in FAST_DTYPES
+              and 0 < nbytes <= self._backend.capacity)
+        st = self._stats.get(("all_reduce", algo))
+        if ok and st is None:
+            return None     # the general path has not completed such a call yet
+        if len(self._fast) > 4096:
+            self._fast.clear()
+        entry = (algo, nbytes, st, self.device.index) if ok else False
+        self._fast[key] = entry
+        return entry
 
     def _timed(self, name: str, algorithm: str, nbytes: int, dtype, fn, *args) -> None:
         """Run ``fn(*args)`` with the flight recorder and stats bookkeeping of one call (what

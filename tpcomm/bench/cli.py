@@ -9,7 +9,7 @@ Without torchrun it starts its own ranks on this machine. Every size of every ba
 before it is timed. Exit code: 0 when every result was right, 1 when any was wrong (or a rank
 failed), 2 for bad arguments.
 """
-# Sub-benchmarks (`bench model`, `bench overlap`, `bench two-level`) hang off this parser with
+# Sub-benchmarks (`bench model`, `bench overlap`, `bench two-level`, `bench host`) hang off this parser with
 # parser.add_subparsers(dest="kind", required=False): the collective sweep stays the default.
 from __future__ import annotations
 
@@ -84,12 +84,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     # sub-benchmarks: `tpcomm bench model ...`, `tpcomm bench overlap ...` (their own options
     # come after their name)
     from .model_cli import add_parser as add_model_parser
+    from .host import add_parser as add_host_parser
     from .overlap import add_parser as add_overlap_parser
     from .two_level import add_parser as add_two_level_parser
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=False)
     add_model_parser(kinds)
     add_overlap_parser(kinds)
     add_two_level_parser(kinds)
+    add_host_parser(kinds)
     return p
 
 

@@ -60,6 +60,7 @@ import triton.language as tl
 from ..engine import CORE_OPS, EXTRA_OPS
 from ..errors import CommunicatorBrokenError, MismatchError, PeerTimeoutError, TpcommError
 from ..groups.group import GroupInfo, GroupStore
+from ..settings import get_settings
 from ..kernels import (all_gather as k_all_gather, all_gather_matmul_fused as k_ag_matmul,
                        all_reduce_add_rms_norm as k_add_norm,
                        all_reduce_one_shot as k_one_shot,
@@ -215,7 +216,10 @@ class P2PCollectives:
         self.num_warps = num_warps
         # 16-byte vectors per thread in one tile, per kernel (tile = num_warps * 32 * vecs
         # vectors); more vectors per tile keep more bytes in flight per block
-        self.vecs = {"one_shot/push": 1, "two_shot": 1, "ring": 1, "direct": 1}
+        # (algorithm, dtype) -> (limit in elements, run(inp, out, n, call_hash))
+        self._plans: dict = {}
+        self.vecs = _Tuning(self._plans, {"one_shot/push": 1, "two_shot": 1, "ring": 1,
+                                          "direct": 1})
         self.fused_norm_warps: int | None = None   # None: from the hidden size
         self._kw_cache: dict = {}
         self._closed = False
@@ -243,7 +247,18 @@ class P2PCollectives:
         self._next_push = self._push_addrs[(self.rank + 1) % self.world]
         self._err_host_tensor = None
         self._err_host = 0
+        self._err_word = None       # a ctypes view of the host-mapped error word (read per call)
         self._setup_error_word()
+        # the lean launch path (kernels/launch.py): kernels bound once per (op, algorithm,
+        # dtype, ...) with everything that does not change between calls; a call binds the
+        # tensors' pointers and its sizes and launches (issue 16)
+        self._common = dict(counter_ptr=None, err_ptr=self._err_dev, err_host=self._err_host,
+                            rank=self.rank, timeout_ns=self.timeout_ns)
+        self._verify = get_settings().debug
+        self._dev_index = self.device.index if self._is_cuda else None
+        self._sites: dict = {}
+        self._last_raw = None       # raw handle of the last call's stream
+        self._raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
     # ---------------------------------------------------------------- errors
     def _setup_error_word(self) -> None:
@@ -261,6 +276,7 @@ class P2PCollectives:
                 raise TpcommError(f"read back {int(t[0])}")
             t.zero_()
             self._err_host_tensor, self._err_host = t, t.data_ptr()
+            self._err_word = ctypes.c_int64.from_address(self._err_host)
         except Exception as e:  # noqa: BLE001 - fall back to checks at sync points
             log.warning("tpcomm: GPU cannot write host-mapped memory (%s); peer timeouts are "
                         "reported by check(sync=True) and close() only", e)
@@ -318,14 +334,16 @@ class P2PCollectives:
                                           f"{self.broken}")
         if self._closed:
             raise TpcommError("the GPU backend is closed")
-        if self._err_host:
-            word = ctypes.c_int64.from_address(self._err_host).value
+        if self._err_word is not None:
+            word = self._err_word.value
             if word:
                 self._fail(word)
-        if self._is_cuda:
+        if self._is_cuda and self._raw_stream(self._dev_index) != self._last_raw:
             self._order_streams()
 
     def _order_streams(self) -> None:
+        """A call on another stream than the previous one: order it after the old stream."""
+        self._last_raw = self._raw_stream(self._dev_index)
         stream = torch.cuda.current_stream(self.device)
         last = self._last_stream
         if last is not None and last != stream and not torch.cuda.is_current_stream_capturing():
@@ -356,9 +374,18 @@ class P2PCollectives:
 
     def _dev(self):
         """A guard making this backend's GPU current (a no-op when it already is)."""
-        if self._is_cuda and torch.cuda.current_device() != self.device.index:
+        if self._is_cuda and torch.cuda.current_device() != self._dev_index:
             return torch.cuda.device(self.device)
         return _NULL
+
+    def _site(self, key: tuple, bind, counters_family: int, **kw):
+        """The kernel bound by ``bind`` for ``key`` (made once; kernels/launch.py)."""
+        site = self._sites.get(key)
+        if site is None:
+            common = dict(self._common, counter_ptr=self._counters[counters_family])
+            site = bind(common, device=self._dev_index, verify=self._verify, **kw)
+            self._sites[key] = site
+        return site
 
     # ---------------------------------------------------------------- collectives
     def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str, *,
@@ -373,34 +400,97 @@ class P2PCollectives:
         n = inp.numel()
         if n == 0:
             return
-        self._call = k_barrier.call_hash("all_reduce", _DTYPE_NAMES[inp.dtype],
-                                         n if total < 0 else total)
-        item = inp.element_size()
-        L = self.layout
-        if algorithm == "one_shot":
-            algorithm = "one_shot/push" if n <= L.one_shot_push_max(item) else "one_shot/pull"
-        elif algorithm in _ALIASES:
-            algorithm = _ALIASES[algorithm]
-        if algorithm not in ALGORITHMS:
+        plan = self._plans.get((algorithm, inp.dtype))
+        if plan is None:
+            plan = self._plan_all_reduce(algorithm, inp.dtype)
+        limit, run = plan
+        # the call check's hash (op, dtype, numel of the whole Communicator call): per call,
+        # a launch argument of every kernel, never bound
+        h = k_barrier.call_hash("all_reduce", _DTYPE_NAMES[inp.dtype],
+                                n if total < 0 else total)
+        with self._dev():
+            if n <= limit:     # the common case: one launch, nothing sliced
+                run(inp, out, n, h)
+            elif run is None or algorithm == "one_shot":
+                self._one_shot_pull(inp, out, h)
+            else:
+                for lo in range(0, n, limit):
+                    i, o = inp[lo:lo + limit], out[lo:lo + limit]
+                    run(i, o, i.numel(), h)
+
+    def _plan_all_reduce(self, algorithm: str, dtype: torch.dtype) -> tuple:
+        """(largest n of one launch, run(inp, out, n, call_hash)) of ``algorithm`` for
+        ``dtype`` (once; run is None for one_shot/pull, which always goes through
+        :meth:`_one_shot_pull`)."""
+        name = _ALIASES.get(algorithm, algorithm)
+        if name not in ALGORITHMS:
             raise ValueError(f"all_reduce on the GPU has no algorithm {algorithm!r}; choose one "
                              f"of {ALGORITHMS}")
-        with self._dev():
-            if algorithm == "one_shot/push":
-                self._chunks(inp, out, L.one_shot_push_max(item), self._one_shot_push)
-            elif algorithm == "two_shot":
-                self._chunks(inp, out, L.two_shot_max(item), self._two_shot)
-            elif algorithm == "ring":
-                self._chunks(inp, out, L.ring_max(item), self._ring)
-            else:
-                off = self._user_offset(inp)
-                if off is not None and out.data_ptr() != inp.data_ptr():
-                    self._one_shot_pull(inp, out, 1, off)
-                elif off is not None:
-                    self._chunks(inp, out, _round_down(L.stage // item, 16),
-                                 lambda i, o: self._one_shot_pull(i, o, 2, self._user_offset(i)))
-                else:
-                    self._chunks(inp, out, _round_down(L.stage // item, 16),
-                                 lambda i, o: self._one_shot_pull(i, o, 0, 0))
+        if dtype not in DTYPES:
+            raise ValueError(f"all_reduce on the GPU takes {list(DTYPES)}, got {dtype}")
+        item = dtype.itemsize
+        L, W = self.layout, self.world
+        kw = self._kw(dtype, "one_shot/push" if name == "one_shot" else name)
+        common = dict(grid=kw["grid"], num_warps=kw["num_warps"], itype=kw["itype"],
+                      canon=kw["canon"], block=kw["block"], item=item,
+                      **self._check_consts(FAM_PUSH))
+        if name in ("one_shot", "one_shot/push"):
+            site = self._site(("one_shot/push", dtype, kw["block"]),
+                              k_one_shot.bind_all_reduce_one_shot_push, FAM_PUSH,
+                              recv_addrs=self._push_addrs, my_recv_addr=self._my_push,
+                              buf_stride=L.push_buf, slot_stride=L.push_buf // W // item,
+                              **common)
+            # through a lambda: site.launch is replaced after its first call (launch.py)
+            plan = (L.one_shot_push_max(item), lambda i, o, n, h: site.launch(i, o, n, h))
+        elif name == "one_shot/pull":
+            plan = (0, None)    # always through _one_shot_pull (its modes depend on the input)
+        elif name == "two_shot":
+            site = self._site(("two_shot", dtype, kw["block"]),
+                              k_two_shot.bind_all_reduce_two_shot, FAM_PUSH,
+                              recv_addrs=self._push_addrs, my_recv_addr=self._my_push,
+                              buf_stride=L.push_buf, rs_slot_stride=L.rs_slot // item,
+                              ag_off=W * L.rs_slot, **common)
+            plan = (L.two_shot_max(item),
+                    lambda i, o, n, h: site.launch(i, o, n, _split(n, W), h))
+        else:
+            site = self._site(("ring", dtype, kw["block"]), k_ring.bind_all_reduce_ring, FAM_PUSH,
+                              next_addr=self._next_push, my_recv_addr=self._my_push,
+                              buf_stride=L.push_buf, ag_off=4 * L.ring_max(item), world=W,
+                              recv_addrs=self._push_addrs, **common)
+            plan = (L.ring_max(item),
+                    lambda i, o, n, h: site.launch(i, o, n, _split(n, W), h))
+        self._plans[(algorithm, dtype)] = plan
+        return plan
+
+    def _one_shot_pull(self, inp, out, h: int) -> None:
+        """The pull kernel: zero-copy when ``inp`` lives in the user region, else staged;
+        ``h``: the call check's hash of the call."""
+        item = inp.element_size()
+        step = _round_down(self.layout.stage // item, 16)
+        off = self._user_offset(inp)
+        if off is not None and out.data_ptr() != inp.data_ptr():
+            self._pull_site(1, inp.dtype).launch(inp, out, inp.numel(), h, self._user_src(off))
+        elif off is not None:
+            site = self._pull_site(2, inp.dtype)
+            self._chunks(inp, out, step, lambda i, o: site.launch(
+                i, o, i.numel(), h, self._user_src(self._user_offset(i))))
+        else:
+            site = self._pull_site(0, inp.dtype)
+            self._chunks(inp, out, step, lambda i, o: site.launch(i, o, i.numel(), h))
+
+    def _user_src(self, off: int) -> tuple:
+        return tuple(a + off for a in self._user_addrs)
+
+    def _pull_site(self, mode: int, dtype: torch.dtype):
+        L = self.layout
+        block = self._kw(dtype)["block"]
+        return self._site(
+            ("one_shot/pull", mode, dtype, block), k_one_shot.bind_all_reduce_one_shot_pull,
+            FAM_PULL, src_addrs=self._stage_addrs if mode == 0 else None,
+            my_src_addr=self._my_stage, slot_bytes=L.stage if mode != 1 else 0,
+            pad_addrs=self._flags, my_pad_addr=self._my_flags, hdr_addrs=self._hdr_addrs,
+            mode=mode, grid=L.grid, num_warps=self.num_warps, rp=L.rp, block=block,
+            call_off=L.call_off(FAM_PULL))
 
     @staticmethod
     def _chunks(inp, out, step, fn):
@@ -411,52 +501,15 @@ class P2PCollectives:
         for lo in range(0, n, step):
             fn(inp[lo:lo + step], out[lo:lo + step])
 
-    def _one_shot_push(self, inp, out):
-        L = self.layout
-        k_one_shot.all_reduce_one_shot_push(
-            inp, out, inp.numel(), self._push_addrs, self._my_push, L.push_buf,
-            L.push_buf // self.world // inp.element_size(), self._counters[FAM_PUSH],
-            self._err_dev, self._err_host, self.rank, self.timeout_ns,
-            **self._kw(inp.dtype, "one_shot/push"), **self._check_kw(FAM_PUSH))
-
-    def _one_shot_pull(self, inp, out, mode, user_off):
-        L = self.layout
-        kw = self._kw(inp.dtype)
-        if mode == 0:
-            src, mine, slot = self._stage_addrs, self._my_stage, L.stage
-        else:
-            src = tuple(a + user_off for a in self._user_addrs)
-            mine, slot = self._my_stage, (L.stage if mode == 2 else 0)
-        k_one_shot.all_reduce_one_shot_pull(
-            inp, out, inp.numel(), src, mine, slot, self._flags, self._my_flags,
-            self._counters[FAM_PULL], self._err_dev, self._err_host, self.rank, self.timeout_ns,
-            mode=mode, grid=L.grid, num_warps=self.num_warps, rp=L.rp, block=kw["block"],
-            call_hash=self._call, hdr_addrs=self._hdr_addrs, call_off=L.call_off(FAM_PULL))
-
-    def _two_shot(self, inp, out):
-        L = self.layout
-        n = inp.numel()
-        item = inp.element_size()
-        k_two_shot.all_reduce_two_shot(
-            inp, out, n, _split(n, self.world), self._push_addrs, self._my_push, L.push_buf,
-            L.rs_slot // item, self.world * L.rs_slot, self._counters[FAM_PUSH], self._err_dev,
-            self._err_host, self.rank, self.timeout_ns, **self._kw(inp.dtype, "two_shot"),
-            **self._check_kw(FAM_PUSH))
-
-    def _ring(self, inp, out):
-        L = self.layout
-        n = inp.numel()
-        k_ring.all_reduce_ring(
-            inp, out, n, _split(n, self.world), self._next_push, self._my_push, L.push_buf,
-            4 * L.ring_max(inp.element_size()), self._counters[FAM_PUSH], self._err_dev,
-            self._err_host, self.rank, self.world, self.timeout_ns,
-            **self._kw(inp.dtype, "ring"), **self._check_kw(FAM_PUSH),
-            recv_addrs=self._push_addrs)
+    def _check_consts(self, family: int) -> dict:
+        """The call check's constants of a push-family kernel (bound once: ``call_off`` the
+        family's call counters, ``wp`` the padded world)."""
+        return dict(call_off=self.layout.call_off(family), wp=self.layout.rp)
 
     def _check_kw(self, family: int) -> dict:
-        """The call check's launch arguments of a push-family kernel (``_call`` is set)."""
-        return dict(call_hash=self._call, call_off=self.layout.call_off(family),
-                    wp=self.layout.rp)
+        """The call check's launch arguments of a push-family kernel through its plain
+        launcher (fused_gemm's warm-up; ``_call`` is set)."""
+        return dict(call_hash=self._call, **self._check_consts(family))
 
     def fused_norm_max_hidden(self) -> int:
         """Largest hidden size :meth:`all_reduce_add_rms_norm` takes (one row per block)."""
@@ -479,22 +532,29 @@ class P2PCollectives:
         if hidden > slot:
             raise ValueError(f"all_reduce_add_rms_norm: a row of {hidden} elements does not fit "
                              f"the push slot of {slot}")
-        self._call = k_barrier.call_hash("all_reduce_add_rms_norm", _DTYPE_NAMES[x.dtype],
-                                         x.numel())
+        h = k_barrier.call_hash("all_reduce_add_rms_norm", _DTYPE_NAMES[x.dtype], x.numel())
         x2, r2, n2 = x.view(rows, hidden), residual.view(rows, hidden), normed.view(rows, hidden)
-        kw = self._kw(x.dtype, "one_shot/push")
         # a whole row per block: more warps for wide rows (8192 -> 16 warps, 16 values each)
         warps = self.fused_norm_warps or min(32, max(self.num_warps,
                                                      triton.next_power_of_2(hidden) // 512))
+        site = self._sites.get(("fused_norm", x.dtype, hidden, warps))
+        if site is None:
+            kw = self._kw(x.dtype, "one_shot/push")
+            site = self._site(("fused_norm", x.dtype, hidden, warps),
+                              k_add_norm.bind_all_reduce_add_rms_norm_one_shot_push, FAM_PUSH,
+                              hidden=hidden, recv_addrs=self._push_addrs,
+                              my_recv_addr=self._my_push, buf_stride=L.push_buf,
+                              slot_stride=slot, grid=kw["grid"], num_warps=warps,
+                              itype=kw["itype"], canon=kw["canon"], item=item,
+                              **self._check_consts(FAM_PUSH))
+        eps = float(eps)
         with self._dev():
+            if rows <= per_round:
+                site.launch(x2, r2, weight, n2, rows, eps, h)
+                return
             for lo in range(0, rows, per_round):
                 hi = min(rows, lo + per_round)
-                k_add_norm.all_reduce_add_rms_norm_one_shot_push(
-                    x2[lo:hi], r2[lo:hi], weight, n2[lo:hi], hi - lo, hidden, float(eps),
-                    self._push_addrs, self._my_push, L.push_buf, slot,
-                    self._counters[FAM_PUSH], self._err_dev, self._err_host, self.rank,
-                    self.timeout_ns, grid=kw["grid"], num_warps=warps,
-                    itype=kw["itype"], canon=kw["canon"], **self._check_kw(FAM_PUSH))
+                site.launch(x2[lo:hi], r2[lo:hi], weight, n2[lo:hi], hi - lo, eps, h)
 
     def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor,
                        algorithm: str = "direct", *, total: int = -1, offset: int = 0) -> None:
@@ -509,18 +569,31 @@ class P2PCollectives:
         if inp.stride(1) != 1:
             raise ValueError("reduce_scatter needs rows of contiguous elements")
         out = out.view(-1)
-        L = self.layout
-        item = out.element_size()
-        step = L.slot_max(item)
-        self._call = k_barrier.call_hash("reduce_scatter", _DTYPE_NAMES[out.dtype],
-                                         self.world * c if total < 0 else total)
+        step = self.layout.slot_max(out.element_size())
+        site = self._slot_site("reduce_scatter", out.dtype)
+        h = k_barrier.call_hash("reduce_scatter", _DTYPE_NAMES[out.dtype],
+                                self.world * c if total < 0 else total)
         with self._dev():
+            if c <= step:
+                site.launch(inp, out, c, inp.stride(0), h)
+                return
             for lo in range(0, c, step):
                 i, o = inp[:, lo:lo + step], out[lo:lo + step]
-                k_reduce_scatter.reduce_scatter(
-                    i, o, o.numel(), inp.stride(0), self._push_addrs, self._my_push, L.push_buf,
-                    L.rs_slot // item, self._counters[FAM_PUSH], self._err_dev, self._err_host,
-                    self.rank, self.timeout_ns, **self._kw(out.dtype), **self._check_kw(FAM_PUSH))
+                site.launch(i, o, o.numel(), inp.stride(0), h)
+
+    def _slot_site(self, op: str, dtype: torch.dtype):
+        """The bound reduce-scatter or all-gather kernel of ``dtype`` (push, direct)."""
+        kw = self._kw(dtype)
+        key = (op, dtype, kw["block"])
+        site = self._sites.get(key)
+        if site is None:
+            bind = (k_reduce_scatter.bind_reduce_scatter if op == "reduce_scatter"
+                    else k_all_gather.bind_all_gather)
+            site = self._site(key, bind, FAM_PUSH, recv_addrs=self._push_addrs,
+                              my_recv_addr=self._my_push, buf_stride=self.layout.push_buf,
+                              slot_stride=self.layout.rs_slot // dtype.itemsize,
+                              item=dtype.itemsize, **kw, **self._check_consts(FAM_PUSH))
+        return site
 
     # ------------------------------------------------- fused GEMM + collective (fused_gemm.py)
     def matmul_reduce_scatter(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
@@ -559,26 +632,28 @@ class P2PCollectives:
         out = out.view(self.world, c) if out.dim() != 2 else out
         if out.stride(1) != 1:
             raise ValueError("all_gather needs rows of contiguous elements")
-        L = self.layout
-        item = inp.element_size()
-        step = L.slot_max(item)
-        self._call = k_barrier.call_hash("all_gather", _DTYPE_NAMES[inp.dtype],
-                                         c if total < 0 else total)
+        step = self.layout.slot_max(inp.element_size())
+        site = self._slot_site("all_gather", inp.dtype)
+        h = k_barrier.call_hash("all_gather", _DTYPE_NAMES[inp.dtype],
+                                c if total < 0 else total)
         with self._dev():
+            if c <= step:
+                site.launch(inp, out, c, out.stride(0), h)
+                return
             for lo in range(0, c, step):
                 i, o = inp[lo:lo + step], out[:, lo:lo + step]
-                k_all_gather.all_gather(
-                    i, o, i.numel(), out.stride(0), self._push_addrs, self._my_push, L.push_buf,
-                    L.rs_slot // item, self._counters[FAM_PUSH], self._err_dev, self._err_host,
-                    self.rank, self.timeout_ns, **self._kw(inp.dtype), **self._check_kw(FAM_PUSH))
+                site.launch(i, o, i.numel(), out.stride(0), h)
 
     def barrier(self) -> None:
         """All ranks meet on the GPU (stream-ordered, graph-safe, bounded by the timeout)."""
         self._begin()
+        site = self._sites.get(("barrier",))
+        if site is None:
+            site = self._site(("barrier",), k_barrier.bind_barrier, FAM_BARRIER,
+                              pad_addrs=self._flags, my_pad_addr=self._my_flags,
+                              slot=self.layout.barrier_slot, rp=self.layout.rp)
         with self._dev():
-            k_barrier.barrier(self._flags, self._my_flags, self._counters[FAM_BARRIER],
-                              self._err_dev, self._err_host, self.rank, self.timeout_ns,
-                              self.layout.barrier_slot, self.layout.rp)
+            site.launch()
 
     # ---------------------------------------------------------------- zero-copy
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -625,8 +700,23 @@ class P2PCollectives:
         except Exception:  # noqa: BLE001
             pass
         self.buf.close()
+        self._err_word = None
         self._err_host_tensor = None
         self._err_host = 0
+        self._sites.clear()
+        self._plans.clear()
+
+
+class _Tuning(dict):
+    """Tuning values per kernel (``vecs``); setting one drops the cached launch plans."""
+
+    def __init__(self, plans: dict, values: dict):
+        super().__init__(values)
+        self._plans = plans
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._plans.clear()
 
 
 class _Null:

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from ._lamport import poll_one, prologue, push, sanitize, typed
 from .barrier import ERR_ALL_GATHER, call_begin, call_check, call_post, record_error
+from .launch import LeanKernel
 
 
 @triton.jit(do_not_specialize=["rank", "call_hash"])
@@ -61,3 +62,18 @@ def all_gather(inp, out, c, out_stride, recv_addrs, my_recv_addr, buf_stride, sl
               counters, err_dev, err_host, rank, timeout_ns, call_hash, R=len(recv_addrs),
               BLOCK=block, ITYPE=itype, CANON=canon, ITEM=out.element_size(), CALL_OFF=call_off,
               WP=wp, num_warps=num_warps, **kw)
+
+
+def bind_all_gather(common: dict, *, recv_addrs, my_recv_addr, buf_stride, slot_stride, grid,
+                    num_warps, itype, canon, block, item, call_off, wp, device=None,
+                    verify=False) -> LeanKernel:
+    """The all-gather kernel with everything but ``(inp, out, c, out_stride, call_hash)``
+    bound (``call_hash``: the call check's hash of this call, kernels/barrier.call_hash)."""
+    return LeanKernel(
+        _all_gather_push_kernel, grid,
+        call=("inp_ptr", "out_ptr", "c", "out_stride", "call_hash"),
+        fixed=dict(common, recv_addrs=recv_addrs, my_recv_addr=my_recv_addr,
+                   buf_stride=buf_stride, slot_stride=slot_stride),
+        constexprs=dict(R=len(recv_addrs), BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item,
+                        CALL_OFF=call_off, WP=wp),
+        num_warps=num_warps, device=device, verify=verify)

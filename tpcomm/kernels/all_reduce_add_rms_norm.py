@@ -33,6 +33,7 @@ import triton.language as tl
 from ._lamport import clear_slots, poll_sum, poll_sum_call, prologue, push, sanitize
 from .barrier import (ERR_ADD_RMS_NORM, call_begin, call_check, call_post, record_error,
                       record_mismatch)
+from .launch import LeanKernel
 
 # Largest hidden size handled by one block (16384 bf16 = 32 KiB per row, 64 float32 values per
 # thread at 8 warps): above it registers spill and the unfused path is as fast.
@@ -105,3 +106,22 @@ def all_reduce_add_rms_norm_one_shot_push(x, residual, weight, normed, rows, hid
         slot_stride, counters, err_dev, err_host, rank, timeout_ns, call_hash,
         R=len(recv_addrs), BLOCK_H=triton.next_power_of_2(hidden), ITYPE=itype, CANON=canon,
         ITEM=x.element_size(), CALL_OFF=call_off, WP=wp, num_warps=num_warps)
+
+
+def bind_all_reduce_add_rms_norm_one_shot_push(common: dict, *, hidden, recv_addrs, my_recv_addr,
+                                               buf_stride, slot_stride, grid, num_warps, itype,
+                                               canon, item, call_off, wp, device=None,
+                                               verify=False) -> LeanKernel:
+    """The fused kernel for rows of ``hidden`` with everything but ``(x, residual, weight,
+    normed, rows, eps, call_hash)`` bound."""
+    if hidden > MAX_H:
+        raise ValueError(f"fused all_reduce_add_rms_norm handles hidden sizes up to {MAX_H}, "
+                         f"got {hidden}")
+    return LeanKernel(
+        _all_reduce_add_rms_norm_one_shot_push_kernel, grid,
+        call=("x_ptr", "res_ptr", "w_ptr", "normed_ptr", "rows", "eps", "call_hash"),
+        fixed=dict(common, H=hidden, recv_addrs=recv_addrs, my_recv_addr=my_recv_addr,
+                   buf_stride=buf_stride, slot_stride=slot_stride),
+        constexprs=dict(R=len(recv_addrs), BLOCK_H=triton.next_power_of_2(hidden), ITYPE=itype,
+                        CANON=canon, ITEM=item, CALL_OFF=call_off, WP=wp),
+        num_warps=num_warps, device=device, verify=verify)

@@ -26,6 +26,7 @@ import triton.language as tl
 from ._lamport import clear_slots, poll_sum, poll_sum_call, prologue, push, sanitize, typed
 from .barrier import (ERR_ONE_SHOT_PULL, ERR_ONE_SHOT_PUSH, NPHASE, blockwise_barrier, call_begin,
                       call_check, call_post, pick, record_error, record_mismatch)
+from .launch import LeanKernel
 
 
 @triton.jit(do_not_specialize=["rank", "call_hash"])
@@ -142,3 +143,35 @@ def all_reduce_one_shot_pull(inp, out, n, src_addrs, my_src_addr, slot_bytes, pa
         inp, out, n, src_addrs, my_src_addr, slot_bytes, pad_addrs, my_pad_addr, counters,
         err_dev, err_host, rank, timeout_ns, call_hash, hdr_addrs, MODE=mode, R=len(src_addrs),
         RP=rp, BLOCK=block, CALL_OFF=call_off, num_warps=num_warps)
+
+
+def bind_all_reduce_one_shot_push(common: dict, *, recv_addrs, my_recv_addr, buf_stride,
+                                  slot_stride, grid, num_warps, itype, canon, block, item,
+                                  call_off, wp, device=None, verify=False) -> LeanKernel:
+    """The push kernel with everything but ``(inp, out, n, call_hash)`` bound:
+    ``.launch(inp, out, n, call_hash)``. ``common``: counter_ptr, err_ptr, err_host, rank,
+    timeout_ns (``launch.py``); ``call_hash`` varies per call (kernels/barrier.call_hash)."""
+    return LeanKernel(
+        _all_reduce_one_shot_push_kernel, grid, call=("inp_ptr", "out_ptr", "n", "call_hash"),
+        fixed=dict(common, recv_addrs=recv_addrs, my_recv_addr=my_recv_addr,
+                   buf_stride=buf_stride, slot_stride=slot_stride),
+        constexprs=dict(R=len(recv_addrs), BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item,
+                        CALL_OFF=call_off, WP=wp),
+        num_warps=num_warps, device=device, verify=verify)
+
+
+def bind_all_reduce_one_shot_pull(common: dict, *, src_addrs, my_src_addr, slot_bytes,
+                                  pad_addrs, my_pad_addr, hdr_addrs, mode, grid, num_warps, rp,
+                                  block, call_off, device=None, verify=False) -> LeanKernel:
+    """The pull kernel of ``mode`` with everything but ``(inp, out, n, call_hash)`` bound, and
+    with ``src_addrs=None`` also ``src_addrs`` per call:
+    ``.launch(inp, out, n, call_hash[, src_addrs])``."""
+    call = ("inp_ptr", "out_ptr", "n", "call_hash") + (("src_addrs",) if src_addrs is None else ())
+    fixed = dict(common, my_src_addr=my_src_addr, slot_bytes=slot_bytes, pad_addrs=pad_addrs,
+                 my_pad_addr=my_pad_addr, hdr_addrs=hdr_addrs)
+    if src_addrs is not None:
+        fixed["src_addrs"] = src_addrs
+    return LeanKernel(
+        _all_reduce_one_shot_pull_kernel, grid, call=call, fixed=fixed,
+        constexprs=dict(MODE=mode, R=len(pad_addrs), RP=rp, BLOCK=block, CALL_OFF=call_off),
+        num_warps=num_warps, device=device, verify=verify)

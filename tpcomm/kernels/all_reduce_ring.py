@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._lamport import poll_one, prologue, push, sanitize, typed
 from .barrier import ERR_RING, call_begin, call_check, call_post, record_error
+from .launch import LeanKernel
 
 
 @triton.jit(do_not_specialize=["rank", "call_hash"])
@@ -97,5 +98,19 @@ def all_reduce_ring(inp, out, n, sl, next_addr, my_recv_addr, buf_stride, ag_off
     """``recv_addrs``: every rank's receive base (the call check's headers only)."""
     _all_reduce_ring_push_kernel[(grid,)](
         inp, out, n, sl, next_addr, my_recv_addr, buf_stride, ag_off, counters, err_dev,
-        err_host, rank, timeout_ns, call_hash, recv_addrs, R=world, BLOCK=block, ITYPE=itype, CANON=canon,
-        ITEM=inp.element_size(), CALL_OFF=call_off, WP=wp, num_warps=num_warps)
+        err_host, rank, timeout_ns, call_hash, recv_addrs, R=world, BLOCK=block, ITYPE=itype,
+        CANON=canon, ITEM=inp.element_size(), CALL_OFF=call_off, WP=wp, num_warps=num_warps)
+
+
+def bind_all_reduce_ring(common: dict, *, next_addr, my_recv_addr, buf_stride, ag_off, world,
+                         recv_addrs, grid, num_warps, itype, canon, block, item, call_off, wp,
+                         device=None, verify=False) -> LeanKernel:
+    """The ring kernel with everything but ``(inp, out, n, sl, call_hash)`` bound
+    (``recv_addrs``: every rank's receive base, for the call check's headers only)."""
+    return LeanKernel(
+        _all_reduce_ring_push_kernel, grid, call=("inp_ptr", "out_ptr", "n", "sl", "call_hash"),
+        fixed=dict(common, next_addr=next_addr, my_recv_addr=my_recv_addr,
+                   buf_stride=buf_stride, ag_off=ag_off, recv_addrs=recv_addrs),
+        constexprs=dict(R=world, BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item,
+                        CALL_OFF=call_off, WP=wp),
+        num_warps=num_warps, device=device, verify=verify)

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._lamport import clear_slots, poll_one, poll_sum, prologue, push, sanitize, typed
 from .barrier import ERR_TWO_SHOT, call_begin, call_check, call_post, record_error
+from .launch import LeanKernel
 
 
 @triton.jit(do_not_specialize=["rank", "call_hash"])
@@ -96,3 +97,17 @@ def all_reduce_two_shot(inp, out, n, sl, recv_addrs, my_recv_addr, buf_stride, r
         err_dev, err_host, rank, timeout_ns, call_hash, R=len(recv_addrs), BLOCK=block,
         ITYPE=itype, CANON=canon, ITEM=inp.element_size(), CALL_OFF=call_off, WP=wp,
         num_warps=num_warps)
+
+
+def bind_all_reduce_two_shot(common: dict, *, recv_addrs, my_recv_addr, buf_stride,
+                             rs_slot_stride, ag_off, grid, num_warps, itype, canon, block, item,
+                             call_off, wp, device=None, verify=False) -> LeanKernel:
+    """The two-shot kernel with everything but ``(inp, out, n, sl, call_hash)`` bound."""
+    return LeanKernel(
+        _all_reduce_two_shot_push_kernel, grid,
+        call=("inp_ptr", "out_ptr", "n", "sl", "call_hash"),
+        fixed=dict(common, recv_addrs=recv_addrs, my_recv_addr=my_recv_addr,
+                   buf_stride=buf_stride, rs_slot_stride=rs_slot_stride, ag_off=ag_off),
+        constexprs=dict(R=len(recv_addrs), BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item,
+                        CALL_OFF=call_off, WP=wp),
+        num_warps=num_warps, device=device, verify=verify)

@@ -34,6 +34,8 @@ import time
 import triton
 import triton.language as tl
 
+from .launch import LeanKernel
+
 # Under TRITON_INTERPRET=1 (tests of the protocol on a CPU) there is no inline PTX; the global
 # timer comes from the host clock instead.
 INTERPRET: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
@@ -187,6 +189,15 @@ def barrier(pad_addrs: tuple, my_pad_addr: int, counter, err_dev, err_host: int,
 def write_word(addr: int, value: int) -> None:
     """Store one int64 at ``addr`` from the GPU (checks that host-mapped memory is reachable)."""
     _write_word_kernel[(1,)](addr, value, num_warps=1)
+
+
+def bind_barrier(common: dict, *, pad_addrs: tuple, my_pad_addr: int, slot: int, rp: int,
+                 device=None, verify=False) -> LeanKernel:
+    """The standalone barrier with everything bound: ``.launch()``."""
+    return LeanKernel(_barrier_kernel, 1, call=(),
+                      fixed=dict(common, pad_addrs=pad_addrs, my_pad_addr=my_pad_addr),
+                      constexprs=dict(SLOT=slot, R=len(pad_addrs), RP=rp), num_warps=1,
+                      device=device, verify=verify)
 
 
 # ---- the call check: every rank's kernel compares the calls of its peers ---------------------

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ._lamport import clear_slots, poll_sum, prologue, push, sanitize
 from .barrier import ERR_REDUCE_SCATTER, call_begin, call_check, call_post, record_error
+from .launch import LeanKernel
 
 
 @triton.jit(do_not_specialize=["rank", "call_hash"])
@@ -55,3 +56,18 @@ def reduce_scatter(inp, out, c, in_stride, recv_addrs, my_recv_addr, buf_stride,
         err_dev, err_host, rank, timeout_ns, call_hash, R=len(recv_addrs), BLOCK=block,
         ITYPE=itype, CANON=canon, ITEM=out.element_size(), CALL_OFF=call_off, WP=wp,
         num_warps=num_warps)
+
+
+def bind_reduce_scatter(common: dict, *, recv_addrs, my_recv_addr, buf_stride, slot_stride, grid,
+                        num_warps, itype, canon, block, item, call_off, wp, device=None,
+                        verify=False) -> LeanKernel:
+    """The reduce-scatter kernel with everything but ``(inp, out, c, in_stride, call_hash)``
+    bound."""
+    return LeanKernel(
+        _reduce_scatter_push_kernel, grid,
+        call=("inp_ptr", "out_ptr", "c", "in_stride", "call_hash"),
+        fixed=dict(common, recv_addrs=recv_addrs, my_recv_addr=my_recv_addr,
+                   buf_stride=buf_stride, slot_stride=slot_stride),
+        constexprs=dict(R=len(recv_addrs), BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item,
+                        CALL_OFF=call_off, WP=wp),
+        num_warps=num_warps, device=device, verify=verify)

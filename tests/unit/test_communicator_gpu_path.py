@@ -1,0 +1,142 @@
+"""The Communicator's GPU all_reduce hot path (``_all_reduce_gpu``, issue 16) on the CPU.
+
+The path runs only for a CUDA Communicator; here it is called directly, on CPU tensors, with a
+stand-in engine and the device index of a CPU tensor (-1): which calls it takes and which it
+leaves to the general path (returning None, having done nothing), its bookkeeping, and that it
+allocates nothing per call.
+"""
+import os
+import tracemalloc
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import tpcomm
+from tpcomm.groups.launch import free_port
+
+
+class Engine:
+    name, broken, capacity, p2p_check = "p2p", None, 1 << 20, None
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def supports(op):
+        return op == "all_reduce"
+
+    def all_reduce(self, x, out, algorithm, *, total=-1, offset=0):
+        self.calls.append((x.data_ptr(), out.data_ptr(), algorithm))
+        if len(self.calls) > 8:
+            del self.calls[:4]
+
+    def close(self):
+        pass
+
+
+@pytest.fixture()
+def comm(monkeypatch):
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    c = tpcomm.Communicator()
+    c._backend = Engine()
+    c.device = types.SimpleNamespace(index=-1, type="cuda")   # what x.get_device() says
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    try:
+        yield c
+    finally:
+        c._backend = None
+        c.close()
+        dist.destroy_process_group()
+
+
+def _decide(comm, x, algo="one_shot", requested="one_shot"):
+    """What the general path leaves behind after one such call: its decision, its stats row."""
+    comm._decisions[("all_reduce", x.numel() * x.element_size(), x.dtype, requested, False)] = \
+        (algo, "")
+    comm._stats[("all_reduce", algo)]
+
+
+def test_takes_a_decided_call_and_keeps_the_books(comm):
+    x, out = torch.ones(64), torch.empty(64)
+    assert comm._all_reduce_gpu(x, out, "one_shot") is None      # not decided yet
+    assert comm._backend.calls == []
+    _decide(comm, x)
+    assert comm._all_reduce_gpu(x, out, "one_shot") is out
+    assert comm._backend.calls[-1] == (x.data_ptr(), out.data_ptr(), "one_shot")
+    assert comm._all_reduce_gpu(x, x, "one_shot") is x          # in place
+    y = comm._all_reduce_gpu(x, None, "one_shot")               # a new output
+    assert y.shape == x.shape and y.data_ptr() not in (x.data_ptr(), out.data_ptr())
+    st = comm.stats()["ops"]["all_reduce"]["one_shot"]
+    assert st["calls"] == 3 and st["bytes"] == 3 * 256      # (the stand-in decision: 0 before)
+    recs = comm._recorder.records()
+    assert [r["state"] for r in recs[-3:]] == ["done"] * 3 and recs[-1]["bytes"] == 256
+
+
+@pytest.mark.parametrize("case", ["subclass", "strided", "out shape", "out dtype",
+                                  "out strided", "torch decision", "local decision",
+                                  "chunked", "broken", "closed", "busy"])
+def test_leaves_the_unusual_to_the_general_path(comm, case):
+    x, out = torch.ones(64), torch.empty(64)
+    _decide(comm, x)
+    if case == "subclass":
+        x = torch.nn.Parameter(x, requires_grad=False)
+    elif case == "strided":
+        x = torch.ones(128)[::2]
+    elif case == "out shape":
+        out = torch.empty(8, 8)
+    elif case == "out dtype":
+        out = torch.empty(64, dtype=torch.float16)
+    elif case == "out strided":
+        out = torch.empty(128)[::2]
+    elif case in ("torch decision", "local decision"):
+        _decide(comm, x, algo=case.split()[0])
+    elif case == "chunked":
+        comm._backend.capacity = 128
+    elif case == "broken":
+        comm._backend.broken = "a peer timed out"
+    elif case == "closed":
+        comm._closed = True
+    elif case == "busy":
+        comm._lock.acquire()
+    try:
+        assert comm._all_reduce_gpu(x, out, "one_shot") is None
+    finally:
+        comm._closed = False
+        if case == "busy":
+            comm._lock.release()
+    assert comm._backend.calls == []
+    assert all(v["calls"] == 0 for v in comm.stats()["ops"]["all_reduce"].values())
+
+
+def test_no_allocation_per_call(comm):
+    x, out = torch.ones(64), torch.empty(64)
+    _decide(comm, x)
+    tracemalloc.start()
+    try:
+        # past the flight recorder's ring of 64 records: every record in it traced
+        for _ in range(200):
+            comm._all_reduce_gpu(x, out, "one_shot")
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):
+            comm._all_reduce_gpu(x, out, "one_shot")
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # a per-call leak would keep at least 32 B x 2000 = 64 KB; allocator noise stays below
+    assert grown < 16384, f"the GPU hot path kept {grown} bytes over 2000 calls"
+
+
+def test_debug_mode_stays_on_the_general_path(comm):
+    x = torch.ones(64)
+    _decide(comm, x)
+    comm._is_cuda, comm._debug = True, True
+    calls = []
+    comm._all_reduce_gpu = lambda *a: calls.append(a)
+    comm._check_tensor = lambda *a: (_ for _ in ()).throw(RuntimeError("general path"))
+    with pytest.raises(RuntimeError, match="general path"):
+        comm.all_reduce(x, algorithm="one_shot")
+    assert calls == []
