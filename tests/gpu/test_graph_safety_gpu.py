@@ -10,15 +10,22 @@ capture styles of the compilers, where users of other Lamport-style all-reduces 
 - A Communicator created during a capture, or a buffer registered with ``comm.empty``, raises
   a clear TpcommError at once, and the capture, the buffers and later calls are unharmed.
 
-Each test runs in a fresh process with CUDA_MODULE_LOADING=EAGER: a lazy module load waits
-for the running kernels, and an emulated rank's kernel spins until the next rank's kernel
-(launched after it) runs. The compiled function uses backend="aot_eager" here (inductor's
-kernels would be loaded per rank on first use, that same wait); inductor inside CUDA graphs
-is tested at world 1 (tests/gpu/test_compile_gpu.py) and on 2 GPUs. Skipped, visibly, without
-a GPU.
+Each test runs in a fresh process started with CUDA_MODULE_LOADING=EAGER in its environment
+(set in this process around the start: the child imports this module, which asks torch whether
+CUDA is there, so CUDA starts before the child could set it; the child checks what the driver
+uses and skips, saying so, if it is not EAGER). A module load may wait for the running kernels,
+and an emulated rank's kernel spins until the next rank's kernel (launched after it) runs; so
+before any call that chains several ops, every kernel is warmed up at every size and algorithm
+the test later runs or captures (what "auto" picks in a capture included), one op per run of
+the ranks (tests/_emulated.py). The compiled function uses backend="aot_eager" here (inductor's
+kernels would be loaded per rank on first use, that same wait), and it compiles once per rank's
+Communicator: that warm-up runs with a longer timeout. Inductor inside CUDA graphs is tested at
+world 1 (tests/gpu/test_compile_gpu.py) and on 2 GPUs. Skipped, visibly, without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 
 import pytest
@@ -32,9 +39,42 @@ ENV = {"CUDA_MODULE_LOADING": "EAGER", "NCCL_NVLS_ENABLE": "0",
 HIDDEN = 4096
 
 
+@contextlib.contextmanager
+def _environ(env: dict):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _in_fresh_process(fn, *args):
+    """fn(0, 1, *args) in a new process whose environment has ENV from its start; skips the
+    test (saying why) where the child's CUDA driver does not load eagerly."""
     from tpcomm.launch import spawn
-    return spawn(fn, 1, *args, env=ENV, timeout_s=400)[0]
+    with _environ(ENV):   # inherited by the child at its start, before CUDA starts there
+        out = spawn(fn, 1, *args, env=ENV, timeout_s=400)[0]
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    return out
+
+
+def _eager_loading_or_skip() -> dict | None:
+    """None where the driver loads every kernel at once (CUDA_MODULE_LOADING=EAGER took), else
+    a {"skip": reason} for the test to return."""
+    from _emulated import module_loading_mode
+    torch.zeros(1, device="cuda")   # CUDA started
+    mode = module_loading_mode()
+    if mode == "LAZY":
+        return {"skip": "the CUDA driver of the test process loads modules lazily although "
+                        "CUDA_MODULE_LOADING=EAGER was set before the process started: emulated "
+                        "ranks would stall on a kernel's first load while their peers spin"}
+    return None
 
 
 def _sum(numel, world, dtype, salt, device):
@@ -46,7 +86,11 @@ def _sum(numel, world, dtype, salt, device):
 def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 19) + 5), 8)):
     from _emulated import EmulatedRanks
     from tpcomm.reference import add_rms_norm
+    from tpcomm.select import select_algorithm
     from tpcomm.testing import exact
+    skip = _eager_loading_or_skip()
+    if skip:
+        return skip
     g = EmulatedRanks(world)
     dev, R, comms = g.device, world, g.comms
     bf = torch.bfloat16
@@ -109,7 +153,7 @@ def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 1
     wrong, checked = [], [0]
 
     def verify(what, salt):
-        g.check()
+        g.check(f"{what} (salt {salt})")
         for r, b in enumerate(bufs):
             exp = {}
             if what in ("ar", "eager_ar"):
@@ -145,8 +189,46 @@ def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 1
                 if not ok:
                     wrong.append(f"{what} rank {r} {k} (salt {salt})")
 
-    # warm-up: every part eagerly once (kernels compiled and loaded, torch.compile traced),
-    # outside any capture; the "auto" parts as eager calls go to kernels forced per part
+    # warm-up, one op per run of the ranks: every kernel at every size, with the algorithm the
+    # eager parts force and the one "auto" picks in a capture (eagerly "auto" would go to
+    # torch.distributed), so that no kernel is compiled or loaded while a rank's kernel spins
+    def captured(op, t):
+        return select_algorithm(op, t.numel() * t.element_size(), t.dtype, R,
+                                comms[0]._topology, graph=True)
+
+    def algos(forced, op, t):
+        picked = captured(op, t)
+        return [forced] + ([picked] if picked not in (forced, "torch") else [])
+
+    fill(0)
+    b0 = bufs[0]
+    for alg in algos("one_shot", "all_reduce", b0["a"]):
+        g.warm(lambda r: comms[r].all_reduce(bufs[r]["a"], out=bufs[r]["a_out"], algorithm=alg))
+    for alg in algos("two_shot", "all_reduce", b0["b"]):
+        g.warm(lambda r: comms[r].all_reduce(bufs[r]["b"], out=bufs[r]["b_out"], algorithm=alg))
+    for alg in algos("one_shot", "all_reduce", b0["c"]):
+        g.warm(lambda r: comms[r].all_reduce_(bufs[r]["c"], algorithm=alg))
+    for alg in algos("direct", "reduce_scatter", b0["rs"]):
+        g.warm(lambda r: comms[r].reduce_scatter(bufs[r]["rs"], out=bufs[r]["rs_out"],
+                                                 algorithm=alg))
+    for alg in algos("direct", "all_gather", b0["ag"]):
+        g.warm(lambda r: comms[r].all_gather(bufs[r]["ag"], out=bufs[r]["ag_out"],
+                                             algorithm=alg))
+    for alg in algos("one_shot", "all_reduce", b0["x"]):   # norm: an all_reduce with epilogue
+        g.warm(lambda r: comms[r].all_reduce_add_rms_norm(bufs[r]["x"], bufs[r]["res"], w, 1e-5,
+                                                          algorithm=alg))
+        g.warm(lambda r: comms[r].all_reduce_add_rms_norm(bufs[r]["cx"], bufs[r]["cres"], w,
+                                                          1e-5, algorithm=alg))
+    for alg in algos("one_shot", "all_reduce", b0["cy"]):
+        g.warm(lambda r: comms[r].all_reduce(bufs[r]["cy"], out=bufs[r]["cy_out"],
+                                             algorithm=alg))
+    # torch.compile traces once per rank's Communicator, on the host between the ranks'
+    # launches: the ranks already launched wait longer than usual, once
+    with g.patient(120.0):
+        g.run(lambda r: comp(r, "one_shot"))
+        g.check("the first call of the compiled function (it compiles for every rank)")
+    # then every part eagerly once, checked (the "auto" parts as eager calls go to kernels
+    # forced per part); the compiled function's "auto" variant is traced during its capture
     fill(0)
     g.run(lambda r: ar(r, "one_shot"))
     verify("eager_ar", 0)
@@ -162,7 +244,7 @@ def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 1
     for name, fn in parts.items():
         graph = torch.cuda.CUDAGraph()
         fill(1)
-        g.check()
+        g.check(f"before capturing {name}")
         with torch.cuda.graph(graph):
             g.run(fn)
         graphs[name] = graph
@@ -203,6 +285,9 @@ def _capture_errors_body(rank, world_size):
     import tpcomm
     from tpcomm.errors import TpcommError
     from tpcomm.testing import exact
+    skip = _eager_loading_or_skip()
+    if skip:
+        return skip
     g = EmulatedRanks(2)
     dev = g.device
     out = {}
@@ -229,7 +314,7 @@ def _capture_errors_body(rank, world_size):
     for r, t in enumerate(after):
         t.copy_(exact(1000, r, torch.bfloat16, 5, device=dev))
     g.run(lambda r: g.comms[r].all_reduce_(after[r], algorithm="one_shot"))
-    g.check()
+    g.check("the all-reduce after the refused set-up")
     want = _sum(1000, 2, torch.bfloat16, 5, dev)
     out["exact_after"] = all(torch.equal(t, want) for t in after)
     graph.replay()          # the capture ended cleanly and holds what it recorded
