@@ -123,7 +123,8 @@ def test_compiled_model_world1_gives_the_tokens_of_the_eager_model():
     for key in ((False, False), (False, True), (True, False), (True, True)):
         # float32: the GPU decode kernel and inductor's fusions keep the CPU model's tokens
         assert (r32[key][0] == ref_tokens).all(), (key, r32[key][0], ref_tokens)
-    assert r32["graph_breaks"] == 0 and r32["unique_graphs"] == 2
+    # one graph for decode and one for prefill, shared by the layers; the decode prologue
+    assert r32["graph_breaks"] == 0 and r32["unique_graphs"] == 3, r32["unique_graphs"]
     # prefill logits of the compiled model within float32 rounding of the eager ones (bfloat16:
     # `tpcomm bench model --compile` compares the compiled llama3_8b with the eager one)
     for graph in (False, True):

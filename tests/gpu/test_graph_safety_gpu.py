@@ -10,7 +10,7 @@ capture styles of the compilers, where users of other Lamport-style all-reduces 
 - A Communicator created during a capture, or a buffer registered with ``comm.empty``, raises
   a clear TpcommError at once, and the capture, the buffers and later calls are unharmed.
 
-Each test runs in a fresh process started with CUDA_MODULE_LOADING=EAGER in its environment
+The tests run in ONE fresh process started with CUDA_MODULE_LOADING=EAGER in its environment
 (set in this process around the start: the child imports this module, which asks torch whether
 CUDA is there, so CUDA starts before the child could set it; the child checks what the driver
 uses and skips, saying so, if it is not EAGER). A module load may wait for the running kernels,
@@ -58,7 +58,7 @@ def _in_fresh_process(fn, *args):
     test (saying why) where the child's CUDA driver does not load eagerly."""
     from tpcomm.launch import spawn
     with _environ(ENV):   # inherited by the child at its start, before CUDA starts there
-        out = spawn(fn, 1, *args, env=ENV, timeout_s=400)[0]
+        out = spawn(fn, 1, *args, env=ENV, timeout_s=220)[0]
     if "skip" in out:
         pytest.skip(out["skip"])
     return out
@@ -88,9 +88,6 @@ def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 1
     from tpcomm.reference import add_rms_norm
     from tpcomm.select import select_algorithm
     from tpcomm.testing import exact
-    skip = _eager_loading_or_skip()
-    if skip:
-        return skip
     g = EmulatedRanks(world)
     dev, R, comms = g.device, world, g.comms
     bf = torch.bfloat16
@@ -268,10 +265,40 @@ def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 1
     return {"wrong": wrong, "checked": checked[0], "order": order, "stats": stats}
 
 
+def _all_body(rank, world_size):
+    """Every test's body in ONE fresh process (each start loads all of torch's kernels, which
+    CUDA_MODULE_LOADING=EAGER makes seconds long): {name: result or {"error": text}}."""
+    import traceback
+    skip = _eager_loading_or_skip()
+    if skip:
+        return skip
+    out = {}
+    for name, fn, args in (("graphs_2", _graphs_body, (2, 64, 2)),
+                           ("graphs_4", _graphs_body, (4, 64, 4)),
+                           ("capture_errors", _capture_errors_body, ())):
+        try:
+            out[name] = fn(rank, world_size, *args)
+        except Exception as e:  # noqa: BLE001 - the test of that part reports it
+            out[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return _in_fresh_process(_all_body)
+
+
+def _part(results, name) -> dict:
+    out = results[name]
+    if "error" in out:
+        pytest.fail(out["error"], pytrace=False)
+    return out
+
+
 @needs_gpu
 @pytest.mark.parametrize("world", [2, 4])
-def test_graphs_replayed_in_any_order_with_eager_calls(world):
-    out = _in_fresh_process(_graphs_body, world, 64, world)
+def test_graphs_replayed_in_any_order_with_eager_calls(results, world):
+    out = _part(results, f"graphs_{world}")
     assert not out["wrong"], out["wrong"][:10]
     assert out["checked"] > 64 * world * 2
     assert len(set(out["order"])) == 8      # every graph and every eager part ran
@@ -285,9 +312,6 @@ def _capture_errors_body(rank, world_size):
     import tpcomm
     from tpcomm.errors import TpcommError
     from tpcomm.testing import exact
-    skip = _eager_loading_or_skip()
-    if skip:
-        return skip
     g = EmulatedRanks(2)
     dev = g.device
     out = {}
@@ -325,8 +349,8 @@ def _capture_errors_body(rank, world_size):
 
 
 @needs_gpu
-def test_setup_during_capture_is_a_clear_error():
-    out = _in_fresh_process(_capture_errors_body)
+def test_setup_during_capture_is_a_clear_error(results):
+    out = _part(results, "capture_errors")
     assert "creating a Communicator during CUDA graph capture" in out["create"], out["create"]
     assert "comm.empty" in out["empty"] and "during CUDA graph capture" in out["empty"]
     assert out["offsets"][0] == out["offsets"][1] == 2048   # 1000 bf16, rounded up to 256 B
