@@ -281,6 +281,7 @@ def test_decode_attention_constants_come_from_the_measured_table_by_batch():
     from tpcomm.kernels.decode_attention import TUNED, plan_splits, tuned_constants
     assert tuned_constants(1) == (128, 2, 8) and tuned_constants(8) == (64, 1, 4)
     assert tuned_constants(4) == tuned_constants(1) and tuned_constants(64) == tuned_constants(8)
+    assert tuned_constants(1, element_size=4) == (64, 2, 4)   # float32: the old point
     for _, (block_n, programs, _) in TUNED:   # every point splits an 8B layer's cache sanely
         for batch in (1, 8, 32):
             splits, split_len = plan_splits(batch, 8, 1088, 132, block_n=block_n,

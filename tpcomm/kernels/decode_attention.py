@@ -46,12 +46,17 @@ MAX_SPLITS = 64
 # 32 q / 8 KV heads, D 128, bf16, context 1024, us per layer): batch 1 best at (128, 2, 8),
 # 9.5 us (the old (64, 2, 4): 11.2 us); batch 8 best at (64, 1, 4), 16.0 us (old: 16.5 us).
 # Batches 2-7 were not measured and take batch 1's point (fewer (sequence, head) pairs than
-# SMs: long splits, wide blocks).
+# SMs: long splits, wide blocks). 16-bit caches only: a float32 tile of 128 positions x 128 is
+# twice the shared memory of the measured ones (three pipeline stages of K and V tiles: 384 KiB,
+# more than an SM has), so float32 keeps (BLOCK_N, PROGRAMS_PER_SM, 4), 192 KiB.
 TUNED = ((1, (128, 2, 8)), (8, (64, 1, 4)))
 
 
-def tuned_constants(batch: int) -> tuple[int, int, int]:
-    """(block_n, programs_per_sm, num_warps) for ``batch`` sequences (the table ``TUNED``)."""
+def tuned_constants(batch: int, element_size: int = 2) -> tuple[int, int, int]:
+    """(block_n, programs_per_sm, num_warps) for ``batch`` sequences of a cache of
+    ``element_size``-byte values (the table ``TUNED``; 4-byte values: the defaults)."""
+    if element_size > 2:
+        return BLOCK_N, PROGRAMS_PER_SM, 4
     point = TUNED[0][1]
     for b, p in TUNED:
         if batch >= b:
@@ -202,7 +207,7 @@ def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     override the tuning constants, which otherwise come from ``TUNED`` by batch size
     (``scripts/gpu_decode_attention.py --sweep`` measures them)."""
     B = qkv.shape[0]
-    t_block_n, t_programs, t_warps = tuned_constants(B)
+    t_block_n, t_programs, t_warps = tuned_constants(B, k_cache.element_size())
     block_n = t_block_n if block_n is None else block_n
     programs_per_sm = t_programs if programs_per_sm is None else programs_per_sm
     num_warps = t_warps if num_warps is None else num_warps
