@@ -20,7 +20,9 @@ nothing may hold up the host between the first rank's launch and the last one's:
   calls that chain several, and run the process with CUDA_MODULE_LOADING=EAGER, set before CUDA
   starts (:func:`module_loading_mode` says what the driver uses; setting it later does nothing);
 - host work per rank (torch.compile compiles once per rank's Communicator) must end within the
-  timeout: :meth:`EmulatedRanks.patient` lengthens it for such a warm-up.
+  timeout: :meth:`EmulatedRanks.patient` lengthens it for such a warm-up, and
+  :meth:`EmulatedRanks.eager_auto_as_captured` lets a function on "auto" compile before its
+  capture.
 """
 from __future__ import annotations
 
@@ -125,6 +127,28 @@ class EmulatedRanks:
         finally:
             for b, (t, n) in zip(backs, saved):
                 b.timeout_s, b.timeout_ns = t, n
+
+    @contextlib.contextmanager
+    def eager_auto_as_captured(self):
+        """Eager calls on "auto" pick what a captured call would (tpcomm's kernels) instead of
+        torch.distributed, which emulated ranks lack. For the eager warm-up call that compiles a
+        torch.compile'd function before it is captured, as an engine's warm-up does (with a
+        real group that call would go to NCCL); compiling during a capture is refused (dynamo
+        reads the CUDA RNG state, which a capture does not allow). The cached decisions are
+        dropped on exit."""
+        import tpcomm.communicator as communicator
+        select = communicator.select_algorithm
+
+        def as_captured(op, nbytes, dtype, world_size, topology, graph=True):
+            return select(op, nbytes, dtype, world_size, topology, True)
+
+        communicator.select_algorithm = as_captured
+        try:
+            yield
+        finally:
+            communicator.select_algorithm = select
+            for c in self.comms:
+                c._decisions.clear()
 
     def check(self, what: str = "") -> None:
         """Wait for the GPU; if a rank's kernel gave up waiting, raise TimeoutError (from the

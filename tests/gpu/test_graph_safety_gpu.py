@@ -219,13 +219,18 @@ def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 1
     for alg in algos("one_shot", "all_reduce", b0["cy"]):
         g.warm(lambda r: comms[r].all_reduce(bufs[r]["cy"], out=bufs[r]["cy_out"],
                                              algorithm=alg))
-    # torch.compile traces once per rank's Communicator, on the host between the ranks'
-    # launches: the ranks already launched wait longer than usual, once
+    # torch.compile traces once per (rank's Communicator, algorithm), on the host between the
+    # ranks' launches: the ranks already launched wait longer than usual, once. The "auto"
+    # variant compiles here too, before its capture (as an engine's warm-up compiles before
+    # capturing; dynamo cannot compile during a capture), eager "auto" picking the kernels
     with g.patient(120.0):
         g.run(lambda r: comp(r, "one_shot"))
         g.check("the first call of the compiled function (it compiles for every rank)")
+        with g.eager_auto_as_captured():
+            g.run(lambda r: comp(r, "auto"))
+            g.check("the compiled function's first call on 'auto' (compiles for every rank)")
     # then every part eagerly once, checked (the "auto" parts as eager calls go to kernels
-    # forced per part); the compiled function's "auto" variant is traced during its capture
+    # forced per part)
     fill(0)
     g.run(lambda r: ar(r, "one_shot"))
     verify("eager_ar", 0)
@@ -235,8 +240,8 @@ def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 1
     verify("eager_norm", 0)
     g.run(lambda r: comp(r, "one_shot"))
     verify("eager_comp", 0)
-    # captured, "auto" picks the kernels (eagerly it would pick torch.distributed): the
-    # compiled function's "auto" variant is traced during its capture
+    # captured, "auto" picks the kernels (eagerly it would pick torch.distributed); the
+    # compiled function's "auto" variant was compiled in the warm-up
     graphs = {}
     for name, fn in parts.items():
         graph = torch.cuda.CUDAGraph()
