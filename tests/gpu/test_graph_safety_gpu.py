@@ -10,15 +10,22 @@ capture styles of the compilers, where users of other Lamport-style all-reduces 
 - A Communicator created during a capture, or a buffer registered with ``comm.empty``, raises
   a clear TpcommError at once, and the capture, the buffers and later calls are unharmed.
 
-Each test runs in a fresh process with CUDA_MODULE_LOADING=EAGER: a lazy module load waits
-for the running kernels, and an emulated rank's kernel spins until the next rank's kernel
-(launched after it) runs. The compiled function uses backend="aot_eager" here (inductor's
-kernels would be loaded per rank on first use, that same wait); inductor inside CUDA graphs
-is tested at world 1 (tests/gpu/test_compile_gpu.py) and on 2 GPUs. Skipped, visibly, without
-a GPU.
+The tests run in ONE fresh process started with CUDA_MODULE_LOADING=EAGER in its environment
+(set in this process around the start: the child imports this module, which asks torch whether
+CUDA is there, so CUDA starts before the child could set it; the child checks what the driver
+uses and skips, saying so, if it is not EAGER). A module load may wait for the running kernels,
+and an emulated rank's kernel spins until the next rank's kernel (launched after it) runs; so
+before any call that chains several ops, every kernel is warmed up at every size and algorithm
+the test later runs or captures (what "auto" picks in a capture included), one op per run of
+the ranks (tests/_emulated.py). The compiled function uses backend="aot_eager" here (inductor's
+kernels would be loaded per rank on first use, that same wait), and it compiles once per rank's
+Communicator: that warm-up runs with a longer timeout. Inductor inside CUDA graphs is tested at
+world 1 (tests/gpu/test_compile_gpu.py) and on 2 GPUs. Skipped, visibly, without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 
 import pytest
@@ -32,9 +39,42 @@ ENV = {"CUDA_MODULE_LOADING": "EAGER", "NCCL_NVLS_ENABLE": "0",
 HIDDEN = 4096
 
 
+@contextlib.contextmanager
+def _environ(env: dict):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _in_fresh_process(fn, *args):
+    """fn(0, 1, *args) in a new process whose environment has ENV from its start; skips the
+    test (saying why) where the child's CUDA driver does not load eagerly."""
     from tpcomm.groups.launch import spawn
-    return spawn(fn, 1, *args, env=ENV, timeout_s=400)[0]
+    with _environ(ENV):   # inherited by the child at its start, before CUDA starts there
+        out = spawn(fn, 1, *args, env=ENV, timeout_s=220)[0]
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    return out
+
+
+def _eager_loading_or_skip() -> dict | None:
+    """None where the driver loads every kernel at once (CUDA_MODULE_LOADING=EAGER took), else
+    a {"skip": reason} for the test to return."""
+    from _emulated import module_loading_mode
+    torch.zeros(1, device="cuda")   # CUDA started
+    mode = module_loading_mode()
+    if mode == "LAZY":
+        return {"skip": "the CUDA driver of the test process loads modules lazily although "
+                        "CUDA_MODULE_LOADING=EAGER was set before the process started: emulated "
+                        "ranks would stall on a kernel's first load while their peers spin"}
+    return None
 
 
 def _sum(numel, world, dtype, salt, device):
@@ -46,6 +86,7 @@ def _sum(numel, world, dtype, salt, device):
 def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 19) + 5), 8)):
     from _emulated import EmulatedRanks
     from tpcomm.reference import add_rms_norm
+    from tpcomm.selection.select import select_algorithm
     from tpcomm.testing import exact
     g = EmulatedRanks(world)
     dev, R, comms = g.device, world, g.comms
@@ -109,7 +150,7 @@ def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 1
     wrong, checked = [], [0]
 
     def verify(what, salt):
-        g.check()
+        g.check(f"{what} (salt {salt})")
         for r, b in enumerate(bufs):
             exp = {}
             if what in ("ar", "eager_ar"):
@@ -145,8 +186,51 @@ def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 1
                 if not ok:
                     wrong.append(f"{what} rank {r} {k} (salt {salt})")
 
-    # warm-up: every part eagerly once (kernels compiled and loaded, torch.compile traced),
-    # outside any capture; the "auto" parts as eager calls go to kernels forced per part
+    # warm-up, one op per run of the ranks: every kernel at every size, with the algorithm the
+    # eager parts force and the one "auto" picks in a capture (eagerly "auto" would go to
+    # torch.distributed), so that no kernel is compiled or loaded while a rank's kernel spins
+    def captured(op, t):
+        return select_algorithm(op, t.numel() * t.element_size(), t.dtype, R,
+                                comms[0]._topology, graph=True)
+
+    def algos(forced, op, t):
+        picked = captured(op, t)
+        return [forced] + ([picked] if picked not in (forced, "torch") else [])
+
+    fill(0)
+    b0 = bufs[0]
+    for alg in algos("one_shot", "all_reduce", b0["a"]):
+        g.warm(lambda r: comms[r].all_reduce(bufs[r]["a"], out=bufs[r]["a_out"], algorithm=alg))
+    for alg in algos("two_shot", "all_reduce", b0["b"]):
+        g.warm(lambda r: comms[r].all_reduce(bufs[r]["b"], out=bufs[r]["b_out"], algorithm=alg))
+    for alg in algos("one_shot", "all_reduce", b0["c"]):
+        g.warm(lambda r: comms[r].all_reduce_(bufs[r]["c"], algorithm=alg))
+    for alg in algos("direct", "reduce_scatter", b0["rs"]):
+        g.warm(lambda r: comms[r].reduce_scatter(bufs[r]["rs"], out=bufs[r]["rs_out"],
+                                                 algorithm=alg))
+    for alg in algos("direct", "all_gather", b0["ag"]):
+        g.warm(lambda r: comms[r].all_gather(bufs[r]["ag"], out=bufs[r]["ag_out"],
+                                             algorithm=alg))
+    for alg in algos("one_shot", "all_reduce", b0["x"]):   # norm: an all_reduce with epilogue
+        g.warm(lambda r: comms[r].all_reduce_add_rms_norm(bufs[r]["x"], bufs[r]["res"], w, 1e-5,
+                                                          algorithm=alg))
+        g.warm(lambda r: comms[r].all_reduce_add_rms_norm(bufs[r]["cx"], bufs[r]["cres"], w,
+                                                          1e-5, algorithm=alg))
+    for alg in algos("one_shot", "all_reduce", b0["cy"]):
+        g.warm(lambda r: comms[r].all_reduce(bufs[r]["cy"], out=bufs[r]["cy_out"],
+                                             algorithm=alg))
+    # torch.compile traces once per (rank's Communicator, algorithm), on the host between the
+    # ranks' launches: the ranks already launched wait longer than usual, once. The "auto"
+    # variant compiles here too, before its capture (as an engine's warm-up compiles before
+    # capturing; dynamo cannot compile during a capture), eager "auto" picking the kernels
+    with g.patient(120.0):
+        g.run(lambda r: comp(r, "one_shot"))
+        g.check("the first call of the compiled function (it compiles for every rank)")
+        with g.eager_auto_as_captured():
+            g.run(lambda r: comp(r, "auto"))
+            g.check("the compiled function's first call on 'auto' (compiles for every rank)")
+    # then every part eagerly once, checked (the "auto" parts as eager calls go to kernels
+    # forced per part)
     fill(0)
     g.run(lambda r: ar(r, "one_shot"))
     verify("eager_ar", 0)
@@ -156,13 +240,13 @@ def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 1
     verify("eager_norm", 0)
     g.run(lambda r: comp(r, "one_shot"))
     verify("eager_comp", 0)
-    # captured, "auto" picks the kernels (eagerly it would pick torch.distributed): the
-    # compiled function's "auto" variant is traced during its capture
+    # captured, "auto" picks the kernels (eagerly it would pick torch.distributed); the
+    # compiled function's "auto" variant was compiled in the warm-up
     graphs = {}
     for name, fn in parts.items():
         graph = torch.cuda.CUDAGraph()
         fill(1)
-        g.check()
+        g.check(f"before capturing {name}")
         with torch.cuda.graph(graph):
             g.run(fn)
         graphs[name] = graph
@@ -186,10 +270,40 @@ def _graphs_body(rank, world_size, world, steps, seed, sizes=((3000 + 7, (1 << 1
     return {"wrong": wrong, "checked": checked[0], "order": order, "stats": stats}
 
 
+def _all_body(rank, world_size):
+    """Every test's body in ONE fresh process (each start loads all of torch's kernels, which
+    CUDA_MODULE_LOADING=EAGER makes seconds long): {name: result or {"error": text}}."""
+    import traceback
+    skip = _eager_loading_or_skip()
+    if skip:
+        return skip
+    out = {}
+    for name, fn, args in (("graphs_2", _graphs_body, (2, 64, 2)),
+                           ("graphs_4", _graphs_body, (4, 64, 4)),
+                           ("capture_errors", _capture_errors_body, ())):
+        try:
+            out[name] = fn(rank, world_size, *args)
+        except Exception as e:  # noqa: BLE001 - the test of that part reports it
+            out[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return _in_fresh_process(_all_body)
+
+
+def _part(results, name) -> dict:
+    out = results[name]
+    if "error" in out:
+        pytest.fail(out["error"], pytrace=False)
+    return out
+
+
 @needs_gpu
 @pytest.mark.parametrize("world", [2, 4])
-def test_graphs_replayed_in_any_order_with_eager_calls(world):
-    out = _in_fresh_process(_graphs_body, world, 64, world)
+def test_graphs_replayed_in_any_order_with_eager_calls(results, world):
+    out = _part(results, f"graphs_{world}")
     assert not out["wrong"], out["wrong"][:10]
     assert out["checked"] > 64 * world * 2
     assert len(set(out["order"])) == 8      # every graph and every eager part ran
@@ -229,7 +343,7 @@ def _capture_errors_body(rank, world_size):
     for r, t in enumerate(after):
         t.copy_(exact(1000, r, torch.bfloat16, 5, device=dev))
     g.run(lambda r: g.comms[r].all_reduce_(after[r], algorithm="one_shot"))
-    g.check()
+    g.check("the all-reduce after the refused set-up")
     want = _sum(1000, 2, torch.bfloat16, 5, dev)
     out["exact_after"] = all(torch.equal(t, want) for t in after)
     graph.replay()          # the capture ended cleanly and holds what it recorded
@@ -240,8 +354,8 @@ def _capture_errors_body(rank, world_size):
 
 
 @needs_gpu
-def test_setup_during_capture_is_a_clear_error():
-    out = _in_fresh_process(_capture_errors_body)
+def test_setup_during_capture_is_a_clear_error(results):
+    out = _part(results, "capture_errors")
     assert "creating a Communicator during CUDA graph capture" in out["create"], out["create"]
     assert "comm.empty" in out["empty"] and "during CUDA graph capture" in out["empty"]
     assert out["offsets"][0] == out["offsets"][1] == 2048   # 1000 bf16, rounded up to 256 B

@@ -248,3 +248,73 @@ def test_compare_states_the_reason_when_tokens_differ():
     bad = compare(tokens, {"a": logits["a"], "b": logits["a"] * 2}, "a", "b", "bfloat16")
     assert not bad["ok"] and bad["verdict"].startswith("WRONG")
     assert compare(tokens, logits, "a", "a", "float32")["verdict"] == "identical"
+
+
+# ---------------------------------------------------------------- breakdown, attention tuning
+def test_breakdown_counts_each_kernel_once_not_the_cpu_op_around_it():
+    """The compiled model's decode attention runs as the registered op tpcomm::decode_attention:
+    its CPU event carries its kernels' device time as "self device time" too; counting it read
+    the compiled attention at 2x the eager one (one H200, 2026-12-02)."""
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    from tpcomm.models.breakdown import categorize
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [E(key="tpcomm::decode_attention", device_type=cpu, self_device_time_total=300.0),
+              E(key="_decode_attention_split_kernel", device_type=gpu,
+                self_device_time_total=250.0),
+              E(key="_decode_attention_combine_kernel", device_type=gpu,
+                self_device_time_total=50.0),
+              E(key="tpcomm::all_reduce_add_rms_norm", device_type=cpu,
+                self_device_time_total=40.0),
+              E(key="_all_reduce_add_rms_norm_kernel", device_type=gpu,
+                self_device_time_total=40.0),
+              E(key="aten::mm", device_type=cpu, self_device_time_total=1000.0),
+              E(key="nvjet_tst_128x64_64x8_1x2_h_bz_coopA_NTT", device_type=gpu,
+                self_device_time_total=1000.0),
+              E(key="triton_poi_fused_mul_silu_0", device_type=gpu, self_device_time_total=9.0)]
+    assert categorize(events, cuda=True) == {"gemm": 1.0, "attention": 0.3, "comm": 0.04}
+
+
+def test_decode_attention_constants_come_from_the_measured_table_by_batch():
+    from tpcomm.kernels.decode_attention import TUNED, plan_splits, tuned_constants
+    assert tuned_constants(1) == (128, 2, 8) and tuned_constants(8) == (64, 1, 4)
+    assert tuned_constants(4) == tuned_constants(1) and tuned_constants(64) == tuned_constants(8)
+    assert tuned_constants(1, element_size=4) == (64, 2, 4)   # float32: the old point
+    for _, (block_n, programs, _) in TUNED:   # every point splits an 8B layer's cache sanely
+        for batch in (1, 8, 32):
+            splits, split_len = plan_splits(batch, 8, 1088, 132, block_n=block_n,
+                                            programs_per_sm=programs)
+            assert split_len % block_n == 0 and splits * split_len >= 1088
+            assert (splits - 1) * split_len < 1088
+
+
+def test_compare_past_the_tolerance_measures_both_against_the_float32_logits():
+    """32 bf16 layers: compiled and eager prefill logits may differ past LOGITS_TOL (0.125 on
+    4.6, one H200); then the one under test must be no further from the float32 logits than
+    REF_ERROR_FACTOR x the baseline, and a real bug (logits off at their own scale) still fails."""
+    from tpcomm.bench.model import compare
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 50, generator=g) * 2
+    eager = ref + 0.08 * torch.randn(2, 50, generator=g).clamp(-1, 1)
+    compiled = ref + 0.06 * torch.randn(2, 50, generator=g).clamp(-1, 1)
+    tokens = {"c": torch.tensor([[1]]), "e": torch.tensor([[2]])}
+    logits = {"c": compiled, "e": eager}
+    assert not compare(tokens, logits, "c", "e", "bfloat16")["ok"]   # past 4 roundings
+    ok = compare(tokens, logits, "c", "e", "bfloat16", reference=ref)
+    assert ok["ok"] and "within 2x" in ok["verdict"], ok["verdict"]
+    assert ok["float32_error"]["c"] <= 0.061 < ok["float32_error"]["e"] <= 0.081
+    broken = {"c": ref.roll(1, dims=-1), "e": eager}   # e.g. logits of the wrong position
+    bad = compare(tokens, broken, "c", "e", "bfloat16", reference=ref)
+    assert not bad["ok"] and bad["verdict"].startswith("WRONG"), bad["verdict"]
+
+
+def test_reference_model_takes_the_weights_of_a_bfloat16_model():
+    """``_reference_logits`` copies the state of the model under test into a float32 one."""
+    cfg = get_config("tiny")
+    bf = build_model(cfg, TorchDistComm(), seed=3, dtype=torch.bfloat16)
+    ref = LlamaTP(cfg, TorchDistComm(), dtype=torch.float32)
+    ref.load_state_dict(bf.state_dict())
+    for (n, a), (_, b) in zip(ref.state_dict().items(), bf.state_dict().items()):
+        assert a.dtype == torch.float32 and torch.equal(a, b.float()), n

@@ -25,8 +25,8 @@ one graph serves every step.
 
 RoPE (rotate-half layout, as Hugging Face): x' = x * cos + rotate_half(x) * sin, computed in
 float32 and rounded once. The split count is fixed by the launcher from the cache length and
-the SM count (about two programs per SM), so one grid serves every step of a graph (and one
-binary every batch size).
+the SM count (one or two programs per SM), so one grid serves every step of a graph; the block
+size, programs per SM and warps come from a small table by batch size (``TUNED``, measured).
 
 Shapes: qkv [B, (HQ + 2 HK) * D] (rows contiguous: q heads, then k, then v); cos, sin [D] (this
 step's position); k_cache, v_cache [>= B, HK, S, D] (D contiguous), written at ``pos``; pos:
@@ -41,6 +41,27 @@ import triton.language as tl
 BLOCK_N = 64          # cache positions per step of a program (64 x 128 bf16 = 16 KiB of K)
 PROGRAMS_PER_SM = 2   # enough split programs to keep every SM reading the cache
 MAX_SPLITS = 64
+# (block_n, programs per SM, warps) by batch size: the entry of the largest batch <= B. Measured
+# on one H200, 2026-12-02 (scripts/gpu_decode_attention.py --sweep; Llama-3-8B layer at world 1,
+# 32 q / 8 KV heads, D 128, bf16, context 1024, us per layer): batch 1 best at (128, 2, 8),
+# 9.5 us (the old (64, 2, 4): 11.2 us); batch 8 best at (64, 1, 4), 16.0 us (old: 16.5 us).
+# Batches 2-7 were not measured and take batch 1's point (fewer (sequence, head) pairs than
+# SMs: long splits, wide blocks). 16-bit caches only: a float32 tile of 128 positions x 128 is
+# twice the shared memory of the measured ones (three pipeline stages of K and V tiles: 384 KiB,
+# more than an SM has), so float32 keeps (BLOCK_N, PROGRAMS_PER_SM, 4), 192 KiB.
+TUNED = ((1, (128, 2, 8)), (8, (64, 1, 4)))
+
+
+def tuned_constants(batch: int, element_size: int = 2) -> tuple[int, int, int]:
+    """(block_n, programs_per_sm, num_warps) for ``batch`` sequences of a cache of
+    ``element_size``-byte values (the table ``TUNED``; 4-byte values: the defaults)."""
+    if element_size > 2:
+        return BLOCK_N, PROGRAMS_PER_SM, 4
+    point = TUNED[0][1]
+    for b, p in TUNED:
+        if batch >= b:
+            point = p
+    return point
 
 
 @triton.jit
@@ -178,12 +199,18 @@ def plan_splits(batch: int, kv_heads: int, cache_len: int, sms: int, *,
 
 def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                          out: torch.Tensor, sm_scale: float, *, block_n: int = BLOCK_N,
-                          programs_per_sm: int = PROGRAMS_PER_SM, num_warps: int = 4) -> None:
+                          out: torch.Tensor, sm_scale: float, *, block_n: int | None = None,
+                          programs_per_sm: int | None = None,
+                          num_warps: int | None = None) -> None:
     """RoPE of this step's q and k, k and v into the cache at ``pos``, out = softmax(q K^T *
     sm_scale) V over cache positions [0, pos] (shapes: the module docstring). The keywords
-    override the tuning constants (``scripts/gpu_decode_attention.py --sweep``)."""
+    override the tuning constants, which otherwise come from ``TUNED`` by batch size
+    (``scripts/gpu_decode_attention.py --sweep`` measures them)."""
     B = qkv.shape[0]
+    t_block_n, t_programs, t_warps = tuned_constants(B, k_cache.element_size())
+    block_n = t_block_n if block_n is None else block_n
+    programs_per_sm = t_programs if programs_per_sm is None else programs_per_sm
+    num_warps = t_warps if num_warps is None else num_warps
     HK, S, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     HQ = qkv.shape[1] // D - 2 * HK
     G = HQ // HK

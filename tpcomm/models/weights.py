@@ -213,8 +213,14 @@ def save_checkpoint(path: str, cfg: LlamaConfig, tensors: dict[str, torch.Tensor
 
 
 def build_model(cfg: LlamaConfig, comm, *, checkpoint: str | None = None, seed: int = 0,
-                dtype=torch.float32, device="cpu", fused: bool = True) -> LlamaTP:
-    """A sharded model with weights from ``checkpoint`` (a directory) or seeded random ones."""
+                dtype=torch.float32, device="cpu", fused: bool = True,
+                random_device=None) -> LlamaTP:
+    """A sharded model with weights from ``checkpoint`` (a directory) or seeded random ones.
+
+    ``random_device``: where random weights are drawn (default ``device``; CUDA's generator
+    draws other numbers than the CPU's for one seed, so "cpu" gives a GPU model the weights of
+    the CPU model of the same seed, slower)."""
     model = LlamaTP(cfg, comm, dtype=dtype, device=device, fused=fused)
-    reader = SafetensorsReader(checkpoint) if checkpoint else RandomReader(seed, device)
+    reader = (SafetensorsReader(checkpoint) if checkpoint
+              else RandomReader(seed, device if random_device is None else random_device))
     return load_weights(model, reader).eval()
