@@ -11,13 +11,14 @@ reduce-scatter ran in rounds of one push slot (1024 rows at N = 8192 with the de
 buffer: 4 launches at M = 4096, 16 at 16384, each ending in a drained wave) and took the
 table's 1024-row config at every M, although at world 1 its kernel stores every tile straight
 into ``out`` and uses no slot. Schedule "single" (now the default at world 1) runs one launch
-over all rows with the table's config for M, as the all-gather's GEMM does.
+over all rows with the table's config for M, not flattened, as the all-gather's GEMM does.
 
 Variants (``VARIANTS``; each timed at every M):
 
     torch_mm            cuBLAS, the baseline of every ratio
     rs_rounds           the fused op as before the fix: schedule="rounds", the 1024-row config
     rs_single           the new default at world 1: one launch, the table's config for M
+                        without flattening (the all-gather GEMM's loop)
     core_table          the plain core (``_gemm.matmul``, local store) with the table's config
     ag_w1               the fused all-gather + GEMM at world 1 (the path that met the target)
     rs_single_<cfg>     one launch with a fixed config (s3/s4, flattened or not, group 16)

@@ -20,10 +20,10 @@ def eng1():
 
 def test_gemm_config_per_op_follows_the_table(eng1):
     """At world 1 the fused reduce-scatter (and all-reduce) runs one launch over all rows
-    (schedule "auto" = "single"), so it takes the table's config for M, as the all-gather's
-    GEMM does (which always loops without flattening); with schedule "rounds" its rounds are
-    1024 rows at N = 8192 in bf16 and take the 1024-row config at every M; all on the push
-    grid."""
+    (schedule "auto" = "single"), so it takes the table's config for M without flattening, as
+    the all-gather's GEMM does (a config or flatten given is kept); with schedule "rounds" its
+    rounds are 1024 rows at N = 8192 in bf16 and take the 1024-row config at every M; all on
+    the push grid."""
     from tpcomm.cuda import fused_gemm
     from tpcomm.kernels import _gemm
     bf = torch.bfloat16
@@ -34,7 +34,13 @@ def test_gemm_config_per_op_follows_the_table(eng1):
         for op in ("matmul_reduce_scatter", "matmul_all_reduce"):
             for sched in ({}, {"schedule": "auto"}, {"schedule": "single"}):
                 cfg = fused_gemm.gemm_config(eng1, op, a, b, **sched)
-                assert cfg == dataclasses.replace(want, num_sms=132), (op, M, sched, cfg)
+                assert cfg == dataclasses.replace(want, num_sms=132, flatten=False), \
+                    (op, M, sched, cfg)
+            flat = fused_gemm.gemm_config(eng1, op, a, b, flatten=True)
+            assert flat == dataclasses.replace(want, num_sms=132, flatten=True)
+            given = _gemm.GemmConfig(num_stages=4)
+            assert fused_gemm.gemm_config(eng1, op, a, b, config=given) == \
+                dataclasses.replace(given, num_sms=132)
             cfg = fused_gemm.gemm_config(eng1, op, a, b, schedule="rounds")
             assert cfg == _gemm.GemmConfig(flatten=False, num_sms=132), (op, M, cfg)
         ag = fused_gemm.gemm_config(eng1, "all_gather_matmul", a, b)
@@ -111,3 +117,28 @@ def test_world1_table_ratios():
     assert lines[2] == ("| matmul_reduce_scatter | 1024 | 7168 | 8192 | 170.0 | 182.0 | 166.0 | "
                         "175.0 | 1.054 | 0.962 | 1.029 | c |")
     assert "| WRONG |" in lines[3] and lines[-1].startswith("- inductor M=4096: {'skipped'")
+
+
+def test_world1_launches_per_schedule(eng1, monkeypatch):
+    """At world 1 "single" (the default) is one launch over all rows with the table's config
+    for M; "rounds" is a launch per 1024 rows (a push slot of N = 8192 bf16 elements) with the
+    1024-row config. The launcher is recorded, not run."""
+    from tpcomm.cuda import fused_gemm
+    launches = []
+
+    def record(p, out, out_row, lo, rows, m, *args, **kw):
+        launches.append((out_row, lo, rows, m, p.config.num_stages, p.config.flatten))
+    monkeypatch.setattr(fused_gemm.k_rs, "matmul_reduce_scatter", record)
+    bf = torch.bfloat16
+    a, b = torch.empty(16384, 7168, dtype=bf), torch.empty(7168, 8192, dtype=bf)
+    out = torch.empty(16384, 8192, dtype=bf)
+    for kw in ({}, {"schedule": "auto"}, {"schedule": "single"}):
+        launches.clear()
+        eng1.matmul_reduce_scatter(a, b, out, **kw)
+        assert launches == [(0, 0, 16384, 16384, 4, False)], (kw, launches)
+    launches.clear()
+    eng1.matmul_reduce_scatter(a, b, out, schedule="rounds")
+    assert launches == [(lo, lo, 1024, 16384, 3, False) for lo in range(0, 16384, 1024)]
+    launches.clear()
+    eng1.matmul_all_reduce(a[:4096], b, out[:4096])
+    assert launches == [(0, 0, 4096, 4096, 3, False)]

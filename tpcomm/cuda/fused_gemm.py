@@ -14,7 +14,8 @@ in bf16), so a call runs in rounds of rows that fit:
     matmul_reduce_scatter   rows * N <= slot per owner; one GEMM kernel per round, the receive
                             inside it (256-row rounds at N = 8192, world 4); at world 1 the
                             kernel stores every tile straight into ``out`` (no slot is used):
-                            one launch over all rows (schedule "single", the default there)
+                            one launch over all rows (schedule "single", the default there,
+                            the table's config for M without flattening, as the all-gather)
     all_gather_matmul       rows * K <= slot per source; per round a push kernel (side stream),
                             the GEMM kernel and a kernel that clears the received rows; at
                             world 1 nothing is pushed: one round, the GEMM alone
@@ -118,9 +119,14 @@ def matmul_reduce_scatter(eng, counters, a: torch.Tensor, b: torch.Tensor, out: 
 def _rs_plan(eng, a, b, gemm, schedule):
     """The GEMM plan of the fused reduce-scatter: the table's config for one launch's rows
     (all m rows with schedule "single"; else a round's R * rows, rows * N fitting a push
-    slot), on the push family's grid."""
+    slot), on the push family's grid. With "single" the table's config loops without
+    flattening unless ``gemm`` names a config or ``flatten``: the all-gather GEMM's loop, the
+    one that met issue 14's target at every M on 2026-12-02 (its flattened form is within the
+    noise as a plain GEMM: 694.9 against 701.7 us at M = 4096)."""
     R, m, N = eng.world, a.shape[0] // eng.world, b.shape[1]
     if schedule == "single":
+        if "config" not in gemm and "flatten" not in gemm:
+            gemm = dict(gemm, flatten=False)
         return k_rs.plan(a, b, m, eng.layout.grid, **gemm)
     per_round = max(1, _slot(eng, a.element_size()) // max(1, N))
     return k_rs.plan(a, b, R * min(m, per_round), eng.layout.grid, **gemm)
