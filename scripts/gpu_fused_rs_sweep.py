@@ -19,7 +19,8 @@ Variants (``VARIANTS``; each timed at every M):
     rs_rounds           the fused op as before the fix: schedule="rounds", the 1024-row config
     rs_single           the new default at world 1: one launch, the table's config for M
                         without flattening (the all-gather GEMM's loop)
-    core_table          the plain core (``_gemm.matmul``, local store) with the table's config
+    core_single         the plain core (``_gemm.matmul``, local store) with rs_single's config
+                        (the fused kernel without its communication)
     ag_w1               the fused all-gather + GEMM at world 1 (the path that met the target)
     rs_single_<cfg>     one launch with a fixed config (s3/s4, flattened or not, group 16)
     rs_rounds_s4_nofl   rounds with the 16384-row config (does the config or the rounds cost?)
@@ -76,7 +77,7 @@ VARIANTS = {
     "torch_mm": ("mm", {}),
     "rs_rounds": ("rs", {"schedule": "rounds"}),
     "rs_single": ("rs", {"schedule": "single"}),
-    "core_table": ("core", {}),
+    "core_single": ("core", {"config": "rs_single"}),
     "ag_w1": ("ag", {}),
     "rs_single_s3_nofl": ("rs", {"schedule": "single", "config": _S3_NOFL}),
     "rs_single_s4_nofl": ("rs", {"schedule": "single",
@@ -159,7 +160,10 @@ def worker(names, ms, smoke=False):
             y = torch.empty_like(mm[M])
             return (lambda: torch.mm(a, b, out=y)), y, None, "cublas"
         if kind == "core":
-            cfg = kw.get("config") or _gemm.pick_config(a.dtype, M, n, k)
+            cfg = kw["config"]
+            if cfg == "rs_single":   # the default fused op's config at world 1
+                cfg = fused_gemm.gemm_config(eng, "matmul_reduce_scatter", a, b,
+                                             schedule="single")
             p = _gemm.plan(a, b, cfg)
             c = torch.empty_like(mm[M])
             return (lambda: _gemm.matmul(p, c)), c, None, cfg.name()

@@ -76,15 +76,16 @@ def test_table_ratios_and_failures(sweep):
                  bitwise_vs_unfused=True, ok=True),
             dict(variant="rs_single", M=1024, us=99.0, graph_us=97.5, config="b",
                  bitwise_vs_unfused=True, ok=True),
-            dict(variant="core_table", M=1024, ok=False, error="wrong", config="b")]
+            dict(variant="core_single", M=1024, ok=False, error="wrong", config="b")]
     lines = sweep.table(rows, [1024])
     assert lines[2] == "| torch_mm | 100.0 | 98.0 | 1.000 | 0.909 | n/a | cublas |"
     assert lines[3] == "| rs_rounds | 110.0 | 109.0 | 1.100 | 1.000 | yes | a |"
     assert lines[4] == "| rs_single | 99.0 | 97.5 | 0.990 | 0.900 | yes | b |"
-    assert lines[5].startswith("| core_table | FAILED wrong")
+    assert lines[5].startswith("| core_single | FAILED wrong")
     json.dumps(rows)
 
 
 def test_no_warp_specialized_variant(sweep):
     for kind, kw in sweep.VARIANTS.values():
-        assert not (kw.get("config") or {}).get("warp_specialize"), kw
+        cfg = kw.get("config")
+        assert cfg is None or cfg == "rs_single" or not cfg.get("warp_specialize"), kw
