@@ -15,11 +15,12 @@ Steps, each printing its progress and seconds:
    reference at the first M (max |err| / max |ref| <= 1e-2) and against torch.mm at every M,
    then timed per M.
 3. the fused op at world 1 (``P2PCollectives.matmul_reduce_scatter`` over an emulated buffer
-   of the default 32 MiB: rounds of 1024 rows at N = 8192) with the three configs fastest as a
-   plain GEMM at the round's rows: checked bitwise against the plain core with the same
-   config, timed per M, next to the plain core with that config in the same rounds (the fused
-   kernel without its push and receive) and, as the unfused reference, torch.mm then tpcomm's
-   reduce_scatter.
+   of the default 32 MiB, ``schedule="rounds"``: rounds of 1024 rows at N = 8192; the default
+   at world 1 is now one launch, see scripts/gpu_fused_rs_sweep.py) with the three configs
+   fastest as a plain GEMM at the round's rows: checked bitwise against the plain core with
+   the same config, timed per M, next to the plain core with that config in the same rounds
+   (the fused kernel without its push and receive) and, as the unfused reference, torch.mm
+   then tpcomm's reduce_scatter.
 4. correctness on odd shapes with small-integer inputs (sums exact in fp32, so the result must
    equal float64's rounded once, bitwise): fp16 / bf16 / fp32 (ieee and tf32), M = 1000,
    N = 8190 / 8191, K = 7000, b = w.t(), a strided; the plain core in each operand mode and
@@ -190,15 +191,15 @@ def fused_world1(ms, inputs, best, res, failures):
                 out = torch.empty(M, N, dtype=a.dtype, device=DEV)
                 plain = torch.empty(M, N, dtype=a.dtype, device=DEV)
                 _gemm.matmul(_gemm.plan(a, b, cfg), plain)
-                back.matmul_reduce_scatter(a, b, out, config=cfg)
+                back.matmul_reduce_scatter(a, b, out, config=cfg, schedule="rounds")
                 back.check(sync=True)
                 same = bool(torch.equal(out, plain))
                 row["bitwise_vs_plain"][M] = same
                 if not same:
                     failures.append(f"fused w1 {cfg.name()} M={M}: differs from the plain core "
                                     f"(max err {rel_err(out, plain):.3g})")
-                row["us"][M] = time_us(lambda: back.matmul_reduce_scatter(a, b, out,
-                                                                          config=cfg))
+                row["us"][M] = time_us(lambda: back.matmul_reduce_scatter(
+                    a, b, out, config=cfg, schedule="rounds"))
                 rounds = [(_gemm.plan(a[lo:lo + per_round], b, cfg), plain[lo:lo + per_round])
                           for lo in range(0, M, per_round)]
 

@@ -110,6 +110,13 @@ def main():
             check_matmul_rs(backs, tensors, 37, 37, 40, f32, 7)
             check_matmul_rs(backs, tensors, 19, 40, 56, bf16, 8, b_t=True, tile=host)
             check_matmul_rs(backs, tensors, 21, 24, 48, f32, 9, tile=device)
+        if world == 1:   # both schedules: one launch (the default) and slot-sized rounds
+            rounds_ = dict(TILE, schedule="rounds")
+            check_matmul_rs(backs, tensors, 150, 40, 24, f32, 14)                  # 1 launch
+            check_matmul_rs(backs, tensors, 150, 40, 24, f32, 14, tile=rounds_)    # 4 rounds
+            check_matmul_rs(backs, tensors, 150, 40, 24, bf16, 15,
+                            tile=dict(host, schedule="single"))
+            check_matmul_all_reduce(backs, tensors, 150, 40, 24, f32, 16, tile=rounds_)
         check_all_gather_matmul(backs, tensors, 5, 19, 16, f32, 10)
         check_all_reduce(backs, "one_shot/push", 301, bf16, 13)
         regions_clean(backs, tensors)

@@ -1,6 +1,7 @@
 """The host side of the fused GEMM + collective ops (``tpcomm/cuda/fused_gemm.py``): which tile
 config each op's GEMM runs, the pad's flag area, the refusals, the world-1 table's arithmetic.
 No kernel runs here (the kernels: tests/unit/fused_ops_sim.py under Triton's interpreter)."""
+import dataclasses
 import importlib.util
 
 import pytest
@@ -18,25 +19,61 @@ def eng1():
 
 
 def test_gemm_config_per_op_follows_the_table(eng1):
-    """Rounds of the fused reduce-scatter (and all-reduce) are 1024 rows at N = 8192 in bf16,
-    so they take the table's 1024-row config at every M; the all-gather's GEMM runs the whole
-    shard at world 1 (its M's config), always without flattening; all on the push grid."""
+    """At world 1 the fused reduce-scatter (and all-reduce) runs one launch over all rows
+    (schedule "auto" = "single"), so it takes the table's config for M without flattening, as
+    the all-gather's GEMM does (a config or flatten given is kept); with schedule "rounds" its
+    rounds are 1024 rows at N = 8192 in bf16 and take the 1024-row config at every M; all on
+    the push grid."""
     from tpcomm.cuda import fused_gemm
     from tpcomm.kernels import _gemm
     bf = torch.bfloat16
     b = torch.empty(7168, 8192, dtype=bf)
     for M in (1024, 4096, 16384):
         a = torch.empty(M, 7168, dtype=bf)
+        want = _gemm.pick_config(bf, M, 8192, 7168)
         for op in ("matmul_reduce_scatter", "matmul_all_reduce"):
-            cfg = fused_gemm.gemm_config(eng1, op, a, b)
+            for sched in ({}, {"schedule": "auto"}, {"schedule": "single"}):
+                cfg = fused_gemm.gemm_config(eng1, op, a, b, **sched)
+                assert cfg == dataclasses.replace(want, num_sms=132, flatten=False), \
+                    (op, M, sched, cfg)
+            flat = fused_gemm.gemm_config(eng1, op, a, b, flatten=True)
+            assert flat == dataclasses.replace(want, num_sms=132, flatten=True)
+            given = _gemm.GemmConfig(num_stages=4)
+            assert fused_gemm.gemm_config(eng1, op, a, b, config=given) == \
+                dataclasses.replace(given, num_sms=132)
+            cfg = fused_gemm.gemm_config(eng1, op, a, b, schedule="rounds")
             assert cfg == _gemm.GemmConfig(flatten=False, num_sms=132), (op, M, cfg)
         ag = fused_gemm.gemm_config(eng1, "all_gather_matmul", a, b)
-        want = _gemm.pick_config(bf, M, 8192, 7168)
         assert ag.flatten is False and ag.num_stages == want.num_stages and ag.num_sms == 132
+    # the table differs between the schedules at M = 16384 (4 stages) and 4096 (flattened)
+    assert _gemm.pick_config(bf, 16384, 8192, 7168).num_stages == 4
+    assert _gemm.pick_config(bf, 4096, 8192, 7168).flatten is True
     # overrides reach the plan; the grid stays the push family's
     a = torch.empty(4096, 7168, dtype=bf)
     cfg = fused_gemm.gemm_config(eng1, "matmul_reduce_scatter", a, b, block_n=128, num_sms=7)
     assert cfg.block_n == 128 and cfg.num_sms == 132
+
+
+def test_schedule_refusals():
+    """"single" runs at world 1 only (beyond it the rounds must fit the push slot); an
+    unknown schedule names the choices; at world 1 "single" takes rows wider than a slot."""
+    from tpcomm.cuda import fused_gemm
+    from tpcomm.cuda.emulated import make_emulated_group
+    backs, _ = make_emulated_group(2, 4096, 2)
+    a, b = torch.ones(4, 3), torch.ones(3, 4)
+    with pytest.raises(ValueError, match=r"schedule='single' runs at world 1 only"):
+        backs[0].matmul_reduce_scatter(a, b, torch.empty(2, 4), schedule="single")
+    with pytest.raises(ValueError, match=r"schedule='single' runs at world 1 only"):
+        backs[0].matmul_all_reduce(a, b, torch.empty(4, 4), schedule="single")
+    with pytest.raises(ValueError, match=r"schedule must be one of \('auto', 'rounds', "
+                                         r"'single'\), got 'wave'"):
+        backs[0].matmul_reduce_scatter(a, b, torch.empty(2, 4), schedule="wave")
+    one, _ = make_emulated_group(1, 4096, 2)   # slots of 2048 float32 elements
+    wide = torch.empty(3000, 3), torch.empty(3, 3000)   # planned, not run (no kernel here)
+    assert fused_gemm.gemm_config(one[0], "matmul_reduce_scatter", *wide).block_m > 0
+    with pytest.raises(ValueError, match=r"a row of 3000 elements does not fit the push slot"):
+        one[0].matmul_reduce_scatter(torch.ones(4, 3), torch.ones(3, 3000),
+                                     torch.empty(4, 3000), schedule="rounds")
 
 
 def test_pad_holds_the_all_gather_flags():
@@ -84,3 +121,28 @@ def test_world1_table_ratios():
     assert lines[2] == ("| matmul_reduce_scatter | 1024 | 7168 | 8192 | 170.0 | 182.0 | 166.0 | "
                         "175.0 | 1.054 | 0.962 | 1.029 | c |")
     assert "| WRONG |" in lines[3] and lines[-1].startswith("- inductor M=4096: {'skipped'")
+
+
+def test_world1_launches_per_schedule(eng1, monkeypatch):
+    """At world 1 "single" (the default) is one launch over all rows with the table's config
+    for M; "rounds" is a launch per 1024 rows (a push slot of N = 8192 bf16 elements) with the
+    1024-row config. The launcher is recorded, not run."""
+    from tpcomm.cuda import fused_gemm
+    launches = []
+
+    def record(p, out, out_row, lo, rows, m, *args, **kw):
+        launches.append((out_row, lo, rows, m, p.config.num_stages, p.config.flatten))
+    monkeypatch.setattr(fused_gemm.k_rs, "matmul_reduce_scatter", record)
+    bf = torch.bfloat16
+    a, b = torch.empty(16384, 7168, dtype=bf), torch.empty(7168, 8192, dtype=bf)
+    out = torch.empty(16384, 8192, dtype=bf)
+    for kw in ({}, {"schedule": "auto"}, {"schedule": "single"}):
+        launches.clear()
+        eng1.matmul_reduce_scatter(a, b, out, **kw)
+        assert launches == [(0, 0, 16384, 16384, 4, False)], (kw, launches)
+    launches.clear()
+    eng1.matmul_reduce_scatter(a, b, out, schedule="rounds")
+    assert launches == [(lo, lo, 1024, 16384, 3, False) for lo in range(0, 16384, 1024)]
+    launches.clear()
+    eng1.matmul_all_reduce(a[:4096], b, out[:4096])
+    assert launches == [(0, 0, 4096, 4096, 3, False)]

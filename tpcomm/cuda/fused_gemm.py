@@ -12,7 +12,10 @@ rank (8 MiB / item per rank at world 1 with the default 32 MiB buffer: 1024 rows
 in bf16), so a call runs in rounds of rows that fit:
 
     matmul_reduce_scatter   rows * N <= slot per owner; one GEMM kernel per round, the receive
-                            inside it (1024-row rounds at N = 8192, world 1)
+                            inside it (256-row rounds at N = 8192, world 4); at world 1 the
+                            kernel stores every tile straight into ``out`` (no slot is used):
+                            one launch over all rows (schedule "single", the default there,
+                            the table's config for M without flattening, as the all-gather)
     all_gather_matmul       rows * K <= slot per source; per round a push kernel (side stream),
                             the GEMM kernel and a kernel that clears the received rows; at
                             world 1 nothing is pushed: one round, the GEMM alone
@@ -22,7 +25,11 @@ in bf16), so a call runs in rounds of rows that fit:
 
 ``gemm``: a ``config`` (``kernels/_gemm.GemmConfig``) and/or fields of it that replace the
 tile table's choice (block_m, block_n, block_k, num_warps, num_stages, tma, ...); the grid is
-always the push family's fixed grid G (its counters are per program).
+always the push family's fixed grid G (its counters are per program). The reduce-scatter (and
+the all-reduce built on it) also take ``schedule`` (``SCHEDULES``): "rounds", launches of
+slot-sized rounds at every world (the only schedule beyond world 1, and the only one before
+issue 14's world-1 fix: 1024-row rounds at N = 8192, 16 launches at M = 16384); "single", one
+launch over all rows, world 1 only; "auto" (default), "single" at world 1, else "rounds".
 """
 from __future__ import annotations
 
@@ -64,6 +71,22 @@ def _slot(eng, item: int) -> int:
     return eng.layout.push_buf // eng.world // item
 
 
+SCHEDULES = ("auto", "rounds", "single")
+
+
+def _schedule(eng, gemm: dict) -> str:
+    """``gemm``'s ``schedule`` (popped; see the module docstring) resolved for this engine."""
+    s = gemm.pop("schedule", "auto")
+    if s not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {s!r}")
+    if s == "auto":
+        return "single" if eng.world == 1 else "rounds"
+    if s == "single" and eng.world != 1:
+        raise ValueError(f"schedule='single' runs at world 1 only (beyond it every round's rows "
+                         f"must fit the push slot); this group has world {eng.world}")
+    return s
+
+
 def _launched(k, warmup: bool):
     """In warm-up mode, load the compiled kernel's module now (``k`` is Triton's
     CompiledKernel): a module load waits for the kernels already running, which, with ranks
@@ -88,13 +111,23 @@ def matmul_reduce_scatter(eng, counters, a: torch.Tensor, b: torch.Tensor, out: 
         raise ValueError(f"matmul_reduce_scatter: M = {M} rows do not split over {eng.world} "
                          f"ranks")
     _check_out("matmul_reduce_scatter", a, b, out, (M // eng.world, N))
-    _reduce_scatter_rounds(eng, counters, a, b, out, 0, k_barrier.OP_MATMUL_RS, warmup, gemm)
+    schedule = _schedule(eng, gemm)
+    _reduce_scatter_rounds(eng, counters, a, b, out, 0, k_barrier.OP_MATMUL_RS, warmup, gemm,
+                           schedule)
 
 
-def _rs_plan(eng, a, b, gemm):
-    """The GEMM plan of the fused reduce-scatter: the table's config for one round's rows
-    (R * rows, rows * N fitting a push slot), on the push family's grid."""
+def _rs_plan(eng, a, b, gemm, schedule):
+    """The GEMM plan of the fused reduce-scatter: the table's config for one launch's rows
+    (all m rows with schedule "single"; else a round's R * rows, rows * N fitting a push
+    slot), on the push family's grid. With "single" the table's config loops without
+    flattening unless ``gemm`` names a config or ``flatten``: the all-gather GEMM's loop, the
+    one that met issue 14's target at every M on 2026-12-02 (its flattened form is within the
+    noise as a plain GEMM: 694.9 against 701.7 us at M = 4096)."""
     R, m, N = eng.world, a.shape[0] // eng.world, b.shape[1]
+    if schedule == "single":
+        if "config" not in gemm and "flatten" not in gemm:
+            gemm = dict(gemm, flatten=False)
+        return k_rs.plan(a, b, m, eng.layout.grid, **gemm)
     per_round = max(1, _slot(eng, a.element_size()) // max(1, N))
     return k_rs.plan(a, b, R * min(m, per_round), eng.layout.grid, **gemm)
 
@@ -112,17 +145,21 @@ def gemm_config(eng, op: str, a: torch.Tensor, b: torch.Tensor, **gemm) -> _gemm
     """The tile configuration the GEMM of fused ``op`` runs for ``a`` x ``b`` (benchmarks time
     the plain core with it: the fused kernel without its communication). The all-gather's
     GEMM, and the reduce-scatter's beyond world 1, loop over tiles without flattening
-    (``flatten=False`` whatever the table says)."""
+    (``flatten=False`` whatever the table says). ``schedule``: the reduce-scatter's."""
     if op == "all_gather_matmul":
         return dataclasses.replace(_ag_plan(eng, a, b, dict(gemm)).config, flatten=False)
+    gemm = dict(gemm)
+    schedule = _schedule(eng, gemm)
     rows = a.shape[0] // eng.world * eng.world
-    cfg = _rs_plan(eng, a[:rows], b, dict(gemm)).config
+    cfg = _rs_plan(eng, a[:rows], b, gemm, schedule).config
     return cfg if eng.world == 1 else dataclasses.replace(cfg, flatten=False)
 
 
-def _reduce_scatter_rounds(eng, counters, a, b, out, out_row0, op, warmup, gemm) -> None:
+def _reduce_scatter_rounds(eng, counters, a, b, out, out_row0, op, warmup, gemm,
+                           schedule) -> None:
     """The rounds of the fused reduce-scatter of checked operands into rows ``out_row0 ..`` of
-    the contiguous ``out``; ``op``: the op code a timeout records."""
+    the contiguous ``out`` (one round of all rows with ``schedule`` "single": world 1, where
+    no slot is used); ``op``: the op code a timeout records."""
     if not warmup:
         eng._begin()
     R = eng.world
@@ -131,13 +168,13 @@ def _reduce_scatter_rounds(eng, counters, a, b, out, out_row0, op, warmup, gemm)
         return
     L = eng.layout
     slot = _slot(eng, out.element_size())
-    if N > slot:
+    if N > slot and schedule == "rounds":
         raise ValueError(f"{k_barrier.OP_NAMES[op][0]}: a row of {N} elements does not fit the "
                          f"push slot of {slot}")
     kw = eng._kw(out.dtype)
     with eng._dev():
-        p = _rs_plan(eng, a, b, gemm)
-        per_round = _whole_tiles(slot // N, p.config.block_m)
+        p = _rs_plan(eng, a, b, gemm, schedule)
+        per_round = m if schedule == "single" else _whole_tiles(slot // N, p.config.block_m)
         for lo in range(0, m, per_round):
             hi = min(m, lo + per_round)
             _launched(k_rs.matmul_reduce_scatter(
@@ -245,9 +282,10 @@ def matmul_all_reduce(eng, counters, a: torch.Tensor, b: torch.Tensor, out: torc
     M, N = a.shape[0], b.shape[1]
     _check_out("matmul_all_reduce", a, b, out, (M, N))
     m = M // R
+    schedule = _schedule(eng, gemm)
     if m and N:
         _reduce_scatter_rounds(eng, counters, a[:R * m], b, out, rank * m,
-                               k_barrier.OP_MATMUL_AR, warmup, dict(gemm))
+                               k_barrier.OP_MATMUL_AR, warmup, dict(gemm), schedule)
         if R > 1:
             _all_gather(eng, counters, out[rank * m:(rank + 1) * m].view(-1),
                         out[:R * m].view(R, m * N), warmup)

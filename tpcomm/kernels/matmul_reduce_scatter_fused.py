@@ -6,7 +6,8 @@ followed by a reduce-scatter over rows). Done apart, the GEMM writes [M, N] to m
 reduce-scatter reads it back and sends it; nothing is sent before the last tile is computed.
 
 Algorithm: one persistent kernel per round of rows (``rows`` rows of every owner's block, so
-that ``rows * N`` elements fit one push slot; the caller loops over rounds),
+that ``rows * N`` elements fit one push slot; the caller loops over rounds; at world 1 no slot
+is used, every tile goes straight to ``out``, and one launch covers all rows),
 ``_matmul_reduce_scatter_kernel``, on the fixed grid G of the push family (counters per
 program, below). Program p computes tiles ``p, p + G, p + 2G, ...`` of the round on the GEMM
 core of ``_gemm.py`` (A and B through TMA where TMA can express them, wgmma through ``tl.dot``,
@@ -65,11 +66,12 @@ def _store_tile(acc, dst, r0, c0, rows, N, DTYPE: tl.constexpr, ITYPE: tl.conste
                 CANON: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Rows r0.. and columns c0.. of an owner's [rows, N] block, rounded to DTYPE (after
     ``+ 0.0``: a -0 becomes +0, as in a sum from zero), as bits (never the sentinel), at the
-    ITYPE pointer ``dst`` (element 0 of the block: a peer's slot, or this rank's ``out``)."""
+    ITYPE pointer ``dst`` (element 0 of the block: a peer's slot, or this rank's ``out``).
+    64-bit offsets: at world 1 one launch covers all rows (``rows * N`` may pass 2**31)."""
     bits = sanitize((acc + 0.0).to(DTYPE), ITYPE, CANON)
     ri = r0 + tl.arange(0, BLOCK_M)
     cj = c0 + tl.arange(0, BLOCK_N)
-    tl.store(dst + ri[:, None] * N + cj[None, :], bits,
+    tl.store(dst + ri.to(tl.int64)[:, None] * N + cj[None, :], bits,
              mask=(ri < rows)[:, None] & (cj < N)[None, :])
 
 

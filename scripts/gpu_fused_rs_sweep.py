@@ -1,0 +1,365 @@
+"""One GPU, at most 200 s: the fused GEMM + reduce-scatter at world 1 (issue 14's remaining miss),
+its schedules and tile configs against torch.mm, the current schedule and the plain core, bf16
+[M, 7168] x [7168, 8192], M = 1024 / 4096 / 16384, in one run.
+
+    OUT=/tmp/out PYTHONUNBUFFERED=1 python3 scripts/gpu_fused_rs_sweep.py
+        [--ms 1024,4096,16384] [--limit-s 190] [--variants rs_rounds,rs_single,...]
+
+Why: on 2026-12-02 the fused reduce-scatter ran 1.069 / 1.099 x inductor at M = 4096 / 16384
+while the fused all-gather + GEMM (the same GEMM core) met <= 1.0 x. Until issue 14's fix the
+reduce-scatter ran in rounds of one push slot (1024 rows at N = 8192 with the default 32 MiB
+buffer: 4 launches at M = 4096, 16 at 16384, each ending in a drained wave) and took the
+table's 1024-row config at every M, although at world 1 its kernel stores every tile straight
+into ``out`` and uses no slot. Schedule "single" (now the default at world 1) runs one launch
+over all rows with the table's config for M, not flattened, as the all-gather's GEMM does.
+
+Variants (``VARIANTS``; each timed at every M):
+
+    torch_mm            cuBLAS, the baseline of every ratio
+    rs_rounds           the fused op as before the fix: schedule="rounds", the 1024-row config
+    rs_single           the new default at world 1: one launch, the table's config for M
+                        without flattening (the all-gather GEMM's loop)
+    core_single         the plain core (``_gemm.matmul``, local store) with rs_single's config
+                        (the fused kernel without its communication)
+    ag_w1               the fused all-gather + GEMM at world 1 (the path that met the target)
+    rs_single_<cfg>     one launch with a fixed config (s3/s4, flattened or not, group 16)
+    rs_rounds_s4_nofl   rounds with the 16384-row config (does the config or the rounds cost?)
+    core_s3_nofl        the plain core with the rounds' config (the 2026-12-02 "core" column)
+
+Checks (before timing, every variant at every M): the fused ops bitwise equal to the unfused
+reference (the plain core with the same tile config: at world 1 the reduce-scatter of one rank
+is its own product, rounded once), everything within 2e-2 of max |torch.mm|. Also recorded,
+not required: bitwise equal to the core with the 1024-row config (same BLOCK_K, so the same
+summation order: expected true for every variant here).
+
+Timing: CUDA events around back-to-back calls (about 25 ms), median of 7 repetitions
+(``tpcomm.bench.fused_gemm.time_us``, as in the 2026-12-02 tables), and the same for replays of
+a CUDA graph of one call (no host launch cost: separates the rounds' GPU cost from their
+Python launches). Inputs are not rotated (b is 117 MB, twice the L2).
+
+Guarding: the measurements run in a worker subprocess that reports a JSON line per result;
+a variant running longer than ITEM_LIMIT_S ends the worker (faulthandler prints where it
+was), the parent records the variant as hung and starts a new worker for the rest while time
+is left; the whole run stops at --limit-s (default 190 s) with what it has. No
+warp-specialized config anywhere (``_gemm.plan`` refuses them: one hung the GPU process on
+2026-12-02).
+
+Writes $OUT/fused_rs_sweep.json and $OUT/fused_rs_sweep.md; prints the table and PASS/FAIL.
+Exit status 1 when a result was wrong (or nothing was measured).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+K, N = 7168, 8192
+MS = (1024, 4096, 16384)
+ITEM_LIMIT_S = 60        # one variant at every M (compile, check, time)
+RESTART_MIN_S = 25       # a new worker needs this much time left (start-up, inputs, torch.mm)
+TOL = 2e-2               # against torch.mm, relative to max |torch.mm|
+
+# name -> (kind, gemm keyword arguments); configs as GemmConfig fields (warp_specialize never)
+_S3_NOFL = dict(flatten=False)
+VARIANTS = {
+    "torch_mm": ("mm", {}),
+    "rs_rounds": ("rs", {"schedule": "rounds"}),
+    "rs_single": ("rs", {"schedule": "single"}),
+    "core_single": ("core", {"config": "rs_single"}),
+    "ag_w1": ("ag", {}),
+    "rs_single_s3_nofl": ("rs", {"schedule": "single", "config": _S3_NOFL}),
+    "rs_single_s4_nofl": ("rs", {"schedule": "single",
+                                 "config": dict(flatten=False, num_stages=4)}),
+    "rs_single_s3_flat": ("rs", {"schedule": "single", "config": {}}),
+    "rs_single_s4_flat": ("rs", {"schedule": "single", "config": dict(num_stages=4)}),
+    "rs_single_g16_s4_nofl": ("rs", {"schedule": "single",
+                                     "config": dict(group_m=16, flatten=False, num_stages=4)}),
+    "rs_rounds_s4_nofl": ("rs", {"schedule": "rounds",
+                                 "config": dict(flatten=False, num_stages=4)}),
+    "core_s3_nofl": ("core", {"config": _S3_NOFL}),
+}
+
+
+def emit(**kw):
+    print("RESULT " + json.dumps(kw), flush=True)
+
+
+# ---------------------------------------------------------------- worker (the GPU process)
+
+
+def worker(names, ms, smoke=False):
+    """The measurements (``smoke``: on the CPU under TRITON_INTERPRET=1 at a small K and N,
+    one timed call, no graph: the code path alone, for a machine without a GPU)."""
+    import faulthandler
+
+    import torch
+
+    from tpcomm.bench.fused_gemm import MAX_BYTES, inputs, rel_err, time_us, world1_engine
+    from tpcomm.cuda import fused_gemm
+    from tpcomm.kernels import _gemm
+
+    k, n = (K, N) if not smoke else (128, 512)
+    if smoke:
+        # the interpreter patches of the CPU sims (numpy >= 2.4 and Triton 3.6's interpreter)
+        sys.path.insert(0, os.path.join(HERE, "..", "tests", "unit"))
+        import gpu_protocol_sim  # noqa: F401
+
+        from tpcomm.cuda.emulated import make_emulated_group
+        dev = torch.device("cpu")
+        eng = make_emulated_group(1, MAX_BYTES, 4)[0][0]
+        emit(event="device", name="cpu (smoke)", sms=4, torch=torch.__version__, K=k, N=n)
+
+        def time_us(fn):   # noqa: F811 - one call, the path only
+            t0 = time.perf_counter()
+            fn()
+            return round((time.perf_counter() - t0) * 1e6, 1)
+    else:
+        dev = torch.device("cuda", 0)
+        props = torch.cuda.get_device_properties(dev)
+        emit(event="device", name=props.name, sms=props.multi_processor_count,
+             torch=torch.__version__, triton=__import__("triton").__version__, K=k, N=n)
+        eng = world1_engine(dev)
+    data = {M: inputs(M, k, n, torch.bfloat16, dev) for M in ms}
+    mm = {M: torch.mm(*data[M]) for M in ms}
+    ref_cfg = _gemm.GemmConfig(flatten=False)      # the rounds' (1024-row) config
+    common = {}
+    for M in ms:
+        c = torch.empty_like(mm[M])
+        _gemm.matmul(_gemm.plan(*data[M], ref_cfg), c)
+        common[M] = c
+    if not smoke:
+        torch.cuda.synchronize()
+
+    def graph_us(fn):
+        """Replays of a graph of one call (``fn`` already ran: compiled and loaded)."""
+        torch.cuda.synchronize(dev)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return time_us(g.replay)
+
+    def build(kind, kw, M):
+        """(call, output, reference output or None, config name)"""
+        a, b = data[M]
+        kw = dict(kw)
+        if isinstance(kw.get("config"), dict):
+            kw["config"] = _gemm.GemmConfig(**kw["config"])
+        if kind == "mm":
+            y = torch.empty_like(mm[M])
+            return (lambda: torch.mm(a, b, out=y)), y, None, "cublas"
+        if kind == "core":
+            cfg = kw["config"]
+            if cfg == "rs_single":   # the default fused op's config at world 1
+                cfg = fused_gemm.gemm_config(eng, "matmul_reduce_scatter", a, b,
+                                             schedule="single")
+            p = _gemm.plan(a, b, cfg)
+            c = torch.empty_like(mm[M])
+            return (lambda: _gemm.matmul(p, c)), c, None, cfg.name()
+        op = {"rs": "matmul_reduce_scatter", "ag": "all_gather_matmul"}[kind]
+        cfg = fused_gemm.gemm_config(eng, op, a, b, **kw)
+        ref = torch.empty_like(mm[M])
+        _gemm.matmul(_gemm.plan(a, b, dataclasses.replace(cfg, num_sms=None)), ref)
+        out = torch.full_like(mm[M], 7.0)
+        fn = getattr(eng, op)
+        return (lambda: fn(a, b, out, **kw)), out, ref, cfg.name()
+
+    for name in names:
+        kind, kw = VARIANTS[name]
+        emit(event="start", variant=name)
+        faulthandler.dump_traceback_later(ITEM_LIMIT_S * (10 if smoke else 1), exit=True)
+        for M in ms:
+            t0 = time.perf_counter()
+            row = dict(event="row", variant=name, M=M, kind=kind)
+            try:
+                fn, out, ref, row["config"] = build(kind, kw, M)
+                fn()
+                eng.check(sync=True)
+                row["compile_s"] = round(time.perf_counter() - t0, 1)
+                row["err_vs_torch_mm"] = rel_err(out, mm[M])
+                row["bitwise_vs_1024_config_core"] = bool(torch.equal(out, common[M]))
+                row["bitwise_vs_unfused"] = (None if ref is None else
+                                             bool(torch.equal(out, ref)))
+                row["ok"] = row["err_vs_torch_mm"] <= TOL and row["bitwise_vs_unfused"] is not False
+                if row["ok"]:
+                    row["us"] = time_us(fn)
+                    try:
+                        if not smoke:
+                            row["graph_us"] = graph_us(fn)
+                    except Exception as e:  # noqa: BLE001 - graphs are a second opinion
+                        row["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    eng.check(sync=True)
+            except Exception as e:  # noqa: BLE001 - a variant that fails is reported
+                row["ok"] = False
+                row["error"] = f"{type(e).__name__}: {str(e).strip()[-300:]}"
+            row["s"] = round(time.perf_counter() - t0, 1)
+            emit(**row)
+            if not smoke:
+                torch.cuda.empty_cache()
+        faulthandler.cancel_dump_traceback_later()
+        emit(event="done", variant=name)
+
+
+# ---------------------------------------------------------------- parent (guard, table)
+
+
+def _stop(p):
+    """Kill the worker's process group (the worker this script started, by its id)."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def show(r):
+    print(f"  {r['variant']:24s} M={r['M']:6d} " + (
+        f"{r['us']:8.1f} us  graph {r.get('graph_us', float('nan')):8.1f}  "
+        f"bitwise={r['bitwise_vs_unfused']}  {r['config']}" if r.get("us") else
+        f"FAILED {r.get('error', 'wrong')}") + f"  [{r['s']} s]", flush=True)
+
+
+def run_workers(names, ms, deadline, cmd=None, smoke=False):
+    """Workers until every variant ran, hung or the deadline came: (result lines, hung
+    variants, variants not run). A worker prints ``RESULT {json}`` lines (start, row, done per
+    variant); one that ends inside a variant had it hang or crash: that variant is not tried
+    again. ``cmd(todo)``: the worker's command line (tests)."""
+    cmd = cmd or (lambda todo: [sys.executable, os.path.abspath(__file__), "--worker",
+                                "--variants", ",".join(todo), "--ms", ",".join(map(str, ms))]
+                          + (["--smoke"] if smoke else []))
+    lines, todo, hung = [], list(names), []
+    while todo and deadline - time.perf_counter() > RESTART_MIN_S:
+        p = subprocess.Popen(cmd(todo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+        timer = threading.Timer(max(1.0, deadline - time.perf_counter()), _stop, (p,))
+        timer.start()
+        current = None
+        try:
+            for line in p.stdout:
+                if not line.startswith("RESULT "):
+                    print("  | " + line.rstrip(), flush=True)
+                    continue
+                r = json.loads(line[len("RESULT "):])
+                lines.append(r)
+                if r["event"] == "start":
+                    current = r["variant"]
+                elif r["event"] == "done":
+                    todo.remove(r["variant"])
+                    current = None
+                elif r["event"] == "row":
+                    show(r)
+            p.wait()
+        finally:
+            timer.cancel()
+            _stop(p)
+        if time.perf_counter() >= deadline - 0.5:
+            print("  worker stopped at --limit-s", flush=True)
+            break
+        if current is not None:                    # it hung or crashed: not again
+            hung.append(current)
+            todo.remove(current)
+            print(f"  {current}: worker ended inside it (rc {p.returncode})", flush=True)
+        elif p.returncode:
+            print(f"  worker failed (rc {p.returncode})", flush=True)
+            break
+    return lines, hung, todo
+
+
+def table(rows, ms):
+    by = {(r["variant"], r["M"]): r for r in rows}
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    base = {M: by.get(("torch_mm", M), {}).get("us") for M in ms}
+    cur = {M: by.get(("rs_rounds", M), {}).get("us") for M in ms}
+    head = "| variant | " + " | ".join(
+        f"M={M} us | graph us | /torch.mm | /rs_rounds | bitwise" for M in ms) + " | config |"
+    out = [head, "|---|" + "---:|---:|---:|---:|---|" * len(ms) + "---|"]
+    for n in names:
+        cells, cfgs = [], []
+        for M in ms:
+            r = by.get((n, M))
+            if r is None:
+                cells.append("| | | | ")
+                continue
+            cfgs.append(r.get("config", "?"))
+            if not r.get("us"):
+                cells.append(f"FAILED {r.get('error', 'wrong')[:60]} | | | | ")
+                continue
+            us, g = r["us"], r.get("graph_us")
+            cells.append(f"{us:.1f} | {g if g is not None else '-'} | "
+                         f"{us / base[M]:.3f} | " if base[M] else f"{us:.1f} | {g} | - | ")
+            cells[-1] += (f"{us / cur[M]:.3f} | " if cur[M] else "- | ")
+            bw = r.get("bitwise_vs_unfused")
+            cells[-1] += "n/a" if bw is None else ("yes" if bw else "NO")
+        out.append(f"| {n} | " + " | ".join(cells) + f" | {' / '.join(dict.fromkeys(cfgs))} |")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--limit-s", type=float, default=190.0,
+                    help="stop every worker by then (the device call's hard limit is 200 s)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true",
+                    help="no GPU: the worker's code path on the CPU (needs TRITON_INTERPRET=1; "
+                         "use small --ms such as 128,256)")
+    args = ap.parse_args()
+    ms = [int(x) for x in args.ms.split(",") if x]
+    names = [x for x in args.variants.split(",") if x]
+    bad = [x for x in names if x not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
+    if args.worker:
+        worker(names, ms, smoke=args.smoke)
+        return 0
+    t0 = time.perf_counter()
+    print(f"fused RS sweep: {len(names)} variants x M = {ms}, limit {args.limit_s:.0f} s",
+          flush=True)
+    lines, hung, left = run_workers(names, ms, t0 + args.limit_s, smoke=args.smoke)
+    rows = [r for r in lines if r["event"] == "row"]
+    dev = next((r for r in lines if r["event"] == "device"), {})
+    wrong = [f"{r['variant']} M={r['M']}: {r.get('error', 'wrong')}" for r in rows
+             if not r["ok"]]
+    lines_md = table(rows, ms)
+    res = {"device": dev, "K": dev.get("K", K), "N": dev.get("N", N), "dtype": "bfloat16",
+           "ms": ms, "rows": rows,
+           "hung": hung, "not_run": left, "wrong": wrong,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "fused_rs_sweep.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.join(out_dir, "fused_rs_sweep.md"), "w") as f:
+            f.write(f"# Fused GEMM + reduce-scatter at world 1: schedules and configs\n\n"
+                    f"{json.dumps(dev)}; bf16; us per call (CUDA events around "
+                    f"back-to-back calls, median of 7; graph: replays of one captured call)\n\n"
+                    + "\n".join(lines_md) + "\n")
+    print("\n".join(lines_md))
+    print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
+    for h in hung:
+        print(f"FAIL {h}: hung or crashed its worker")
+    for w in wrong:
+        print(f"FAIL {w}")
+    if not rows:
+        print("FAIL nothing measured")
+        return 1
+    print(("PASS" if not wrong else "FAIL") + f": {len(rows)} results, {len(wrong)} wrong, "
+          f"{len(hung)} hung, {len(left)} not run, {res['seconds']} s")
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
