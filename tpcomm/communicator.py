@@ -612,9 +612,7 @@ class Communicator:
             else:
                 self._dispatch(op, x, out, algorithm, reason)
         except BaseException as e:
-            self._recorder.finish(rec, e)
-            if self._broken or (self._backend is not None and self._backend.broken):
-                log.error("%s\n%s", e, self.dump())
+            self._failed(rec, e)
             raise
         self._recorder.finish(rec)
         st[0] += 1
@@ -669,14 +667,9 @@ class Communicator:
             try:
                 b.all_reduce(x, out, algo)
             except BaseException as e:
-                self._recorder.finish(rec, e)
-                if b.broken:
-                    log.error("%s\n%s", e, self.dump())
+                self._failed(rec, e)
                 raise
-            self._recorder.finish(rec)
-            st[0] += 1
-            st[1] += nbytes
-            st[2] += rec[7] - rec[6]   # the recorder's perf_counter readings
+            self._done(rec, st, nbytes)
         finally:
             self._lock.release()
         return out
@@ -702,6 +695,22 @@ class Communicator:
         self._fast[key] = entry
         return entry
 
+    def _failed(self, rec: list, e: BaseException) -> None:
+        """A call that raised: its flight record ends with the error; where the error broke the
+        Communicator, the error and the flight recorder's dump go to the log."""
+        self._recorder.finish(rec, e)
+        if self._broken or (self._backend is not None and self._backend.broken):
+            log.error("%s\n%s", e, self.dump())
+
+    def _done(self, rec: list, st: list, nbytes: int) -> None:
+        """A call that returned: its flight record ends, its stats entry counts it (seconds
+        from the recorder's perf_counter readings). :meth:`_run_locked` does the same inline
+        (the CPU hot path)."""
+        self._recorder.finish(rec)
+        st[0] += 1
+        st[1] += nbytes
+        st[2] += rec[7] - rec[6]
+
     def _timed(self, name: str, algorithm: str, nbytes: int, dtype, fn, *args) -> None:
         """Run ``fn(*args)`` with the flight recorder and stats bookkeeping of one call (what
         :meth:`_run_locked` does inline: going through this helper costs the collectives'
@@ -710,15 +719,9 @@ class Communicator:
         try:
             fn(*args)
         except BaseException as e:
-            self._recorder.finish(rec, e)
-            if self._backend is not None and self._backend.broken:
-                log.error("%s\n%s", e, self.dump())
+            self._failed(rec, e)
             raise
-        self._recorder.finish(rec)
-        st = self._stats[(name, algorithm)]
-        st[0] += 1
-        st[1] += nbytes
-        st[2] += rec[7] - rec[6]
+        self._done(rec, self._stats[(name, algorithm)], nbytes)
 
     def _should_fuse_norm(self, algorithm: str, x: torch.Tensor, epilogue: tuple) -> bool:
         """The fused all-reduce + add + RMSNorm kernel takes the call: the all-reduce would
