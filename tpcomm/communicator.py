@@ -28,6 +28,11 @@ from .settings import get_settings
 from .groups.topology import layout_of
 from .multinode.hierarchical import HierarchicalAllReduce as _TwoLevel
 
+# torch.cuda.is_current_stream_capturing() is a Python wrapper of this C function; the GPU hot
+# path calls it directly (one call per eager all_reduce). A CPU build of torch has only a dummy.
+_capturing = (torch._C._cuda_isCurrentStreamCapturing if torch.version.cuda is not None
+              else lambda: torch.cuda.is_current_stream_capturing())
+
 log = logging.getLogger("tpcomm")
 _logged_reasons: set[str] = set()
 _OP_CODES = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3}
@@ -633,19 +638,23 @@ class Communicator:
         return decision
 
     def _all_reduce_gpu(self, x, out, algorithm: str):
-        """An eager or captured GPU all_reduce on the kernels, with only what a call must do:
-        the checks that depend on the tensors (type, device, layout, ``out``), the cached
+        """An eager or captured GPU all_reduce on the kernels (or world 1's copy), with only
+        what a call must do: the checks that depend on the tensors (type, device, layout, ``out``), the cached
         decision, the flight record and the stats. Returns None, having done nothing, where the
         general path must take the call: anything unusual (a subclass, a fallback, a chunked
         size, a closed or broken Communicator, a thread already inside) and the first call of
         each (dtype, numel, algorithm, capture) (the general path decides it, with its checks
         and messages). TPCOMM_DEBUG=1 keeps every call on the general path."""
         b = self._backend
-        if (b is None or b.broken or self._broken or self._closed
-                or type(x) is not torch.Tensor):
+        if self._broken or self._closed or type(x) is not torch.Tensor:
             return None   # broken or closed: the general path raises
+        if b is None:
+            if self.world_size != 1:
+                return None   # everything goes to torch.distributed
+        elif b.broken:
+            return None
         dtype = x.dtype
-        key = (dtype, x.numel(), algorithm, torch.cuda.is_current_stream_capturing())
+        key = (dtype, x.numel(), algorithm, _capturing())
         entry = self._fast.get(key)
         if entry is None:
             entry = self._fast_entry(key)
@@ -665,7 +674,11 @@ class Communicator:
         try:
             rec = self._recorder.start("all_reduce", algo, nbytes, dtype)
             try:
-                b.all_reduce(x, out, algo)
+                if algo == "local":   # world 1: the sum is x itself
+                    if out is not x:
+                        out.copy_(x)
+                else:
+                    b.all_reduce(x, out, algo)
             except BaseException as e:
                 self._failed(rec, e)
                 raise
@@ -684,8 +697,11 @@ class Communicator:
         if decision is None:
             return None
         algo = decision[0]
-        ok = (algo not in ("torch", "local", "two_level") and dtype in FAST_DTYPES
-              and 0 < nbytes <= self._backend.capacity)
+        if algo == "local":   # world 1 (no engine): one copy, or nothing in place
+            ok = dtype in FAST_DTYPES and nbytes > 0
+        else:
+            ok = (algo not in ("torch", "two_level") and dtype in FAST_DTYPES
+                  and self._backend is not None and 0 < nbytes <= self._backend.capacity)
         st = self._stats.get(("all_reduce", algo))
         if ok and st is None:
             return None     # the general path has not completed such a call yet
