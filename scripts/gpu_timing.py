@@ -11,6 +11,7 @@ result is checked against NCCL before it is timed.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -183,6 +184,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"world": args.world, "dtype": args.dtype, "rows": rows,
+                       "date": datetime.date.today().isoformat(),
                        "device": torch.cuda.get_device_name(0)}, f, indent=1)
 
 

@@ -1,7 +1,15 @@
 """Write tpcomm/selection/select_table.py from scripts/gpu_timing.py measurements.
 
     python scripts/make_select_table.py timing-w2.json timing-w4.json \
-        [-o tpcomm/selection/select_table.py]
+        [--eager bench-eager-w4-one_shot.json ...] [-o tpcomm/selection/select_table.py]
+
+The graph column comes from the gpu_timing.py files (one per world size). The eager column
+comes from ``--eager`` files: ``tpcomm bench --json`` runs without --graph, ``--backends
+tpcomm,nccl`` with tpcomm's algorithm forced (``--algorithm one_shot``, ``two_shot``, ``ring``
+for all_reduce; ``direct`` for reduce_scatter / all_gather), any world sizes, one file per run;
+the algorithm of each row is the one the run reports it used (rows where tpcomm fell back to
+torch are skipped). Without --eager, or for a world or op no eager file covers, every eager
+entry is None (not measured: the table's EAGER_UNMEASURED switch decides).
 
 Rule, per world size and measured size s (sorted): the fastest of tpcomm's algorithms wins if it
 is under 0.97 x NCCL's time there (a 3 % margin against noise), else "torch". A size n uses the
@@ -28,6 +36,66 @@ def _human(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift} {unit}"
     return f"{n} B"
+
+
+def _lookup(decisions, size):
+    """The decision of the smallest measured size >= size (above the largest, the largest's)."""
+    for d in decisions:
+        if d[0] >= size:
+            return d
+    return decisions[-1]
+
+
+def merge_columns(graph, eager):
+    """Graph and eager decisions [(size, algo, note)] -> [(size, (graph algo, eager algo or
+    None), note)] over every size either measured, each looked up as the table will be."""
+    if not eager:
+        return [(size, (algo, None), note) for size, algo, note in graph]
+    out = []
+    for size in sorted({d[0] for d in graph} | {d[0] for d in eager}):
+        g, e = _lookup(graph, size), _lookup(eager, size)
+        notes = [n for d, kind in ((g, ""), (e, "eager ")) if d[0] == size for n in [kind + d[2]]]
+        out.append((size, (g[1], e[1]), "; ".join(notes)))
+    return out
+
+
+# tpcomm bench's "algo" column (the algorithm(s) a row used) -> the table's names
+BENCH_ALGOS = {"one_shot": "one_shot", "one_shot_push": "one_shot", "one_shot_pull": "one_shot",
+               "two_shot": "two_shot", "ring": "ring", "direct": "direct"}
+
+
+def eager_decisions(bench_runs, op, world):
+    """Eager decisions [(size, algo, note)] for ``op`` at ``world`` from tpcomm bench JSON runs:
+    per size the fastest forced tpcomm algorithm wins where it is under MARGIN x the fastest
+    NCCL time of those runs, else "torch". Sizes keyed as the Communicator's selection sees
+    them (all_gather: the input of one rank; the bench names an all_gather by its output)."""
+    ours, nccl = {}, {}
+    for run in bench_runs:
+        meta = run["meta"]
+        if meta.get("op") != op or meta.get("world_size") != world:
+            continue
+        for r in run["rows"]:
+            if r.get("mode") != "eager" or r.get("wrong"):
+                continue
+            size = r["nbytes"] // world if op == "all_gather" else r["nbytes"]
+            if r["backend"] == "nccl":
+                nccl[size] = min(nccl.get(size, r["time_us"]), r["time_us"])
+            elif r["backend"] == "tpcomm":
+                algo = BENCH_ALGOS.get(r.get("algo", "-").split("/")[0])
+                if algo is not None:
+                    mine = ours.setdefault(size, {})
+                    mine[algo] = min(mine.get(algo, r["time_us"]), r["time_us"])
+    dec = []
+    for size in sorted(set(ours) & set(nccl)):
+        times = ours[size]
+        best = min(times, key=times.get)
+        listed = ", ".join(f"{k} {v:.1f}" for k, v in sorted(times.items(), key=lambda kv: kv[1]))
+        note = f"{_human(size)}: {listed}, nccl {nccl[size]:.1f} us"
+        algo = best if times[best] < MARGIN * nccl[size] else "torch"
+        if size > GRAPH_DECISION_MAX and algo != "torch":
+            algo, note = "torch", note + f" (above {_human(GRAPH_DECISION_MAX)}: NCCL)"
+        dec.append((size, algo, note))
+    return dec
 
 
 def _ranges(decisions):
@@ -95,7 +163,8 @@ def _lookup(table, nbytes: int, graph: bool) -> str:
 # 78.2 / 80.0 us against NCCL 33.8 / 27.9 / 25.4 / 35.1 / 29.5 / 42.1 / 50.1 us at 2K / 8K /
 # 32K / 128K / 512K / 2M / 8M. The lean launch path (kernels/launch.py) and the Communicator's
 # GPU hot path cut that host time; until eager timings on several GPUs exist (the multi-GPU
-# issue), every eager entry is None (not measured) and goes where EAGER_UNMEASURED says.
+# issue), an eager entry is None (not measured) and goes where EAGER_UNMEASURED says;
+# make_select_table.py --eager fills the column from eager tpcomm bench runs.
 # THE SWITCH, one line: EAGER_UNMEASURED = "graph" runs eager calls on the graph column's
 # algorithm (tpcomm's kernels wherever they won in graphs); "torch" keeps them on NCCL.
 # Measured eager entries (a third element other than None) are used as they are.
@@ -114,13 +183,17 @@ def select_cuda(op: str, nbytes: int, dtype: torch.dtype, world_size: int,
 '''
 
 
-def render(measurements) -> str:
+def render(measurements, eager_runs=()) -> str:
     lines = ['"""Measured algorithm table for the GPU backend (pure: no CUDA, no Triton).',
              "",
              "Written by scripts/make_select_table.py from scripts/gpu_timing.py runs (bf16, us per",
              "call: CUDA-graph replays up to 32 MiB, eager above; tpcomm and NCCL in the same run):"]
     for m in measurements:
         lines.append(f"    world {m['world']}: {m['device']}, {m.get('date', '?')} ({m['file']})")
+    for run in eager_runs:
+        m = run["meta"]
+        lines.append(f"    eager: {m.get('op')}, world {m.get('world_size')}, "
+                     f"{m.get('date', '?')[:10]} ({run['file']}: {m.get('command', '?')})")
     lines += ["A size uses the decision of the smallest measured size at or above it; tpcomm's",
               f"algorithm wins only where it was under {MARGIN} x NCCL's time, else \"torch\" (NCCL);",
               f"above {_human(GRAPH_DECISION_MAX)} always NCCL: the graph timings there ran from an",
@@ -135,33 +208,37 @@ def render(measurements) -> str:
         lines.append(f"{name} = {{")
         for world, ranges in per_world.items():
             lines.append(f"    {world}: [")
-            for bound, algo, notes in ranges:
+            for bound, (algo, eager), notes in ranges:
                 for note in notes:
                     lines.append(f"        # {note}")
-                lines.append(f"        ({bound}, {algo!r}, None),")   # eager: not measured
+                lines.append(f"        ({bound}, {algo!r}, {eager!r}),")   # None: not measured
             lines.append("    ],")
         lines.append("}")
         lines.append("")
 
-    table("ALL_REDUCE", {m["world"]: _ranges(all_reduce_decisions(m["rows"]))
+    def both(graph, op, world):
+        return _ranges(merge_columns(graph, eager_decisions(eager_runs, op, world)))
+
+    table("ALL_REDUCE", {m["world"]: both(all_reduce_decisions(m["rows"]), "all_reduce",
+                                          m["world"])
                          for m in measurements})
-    table("REDUCE_SCATTER", {m["world"]: _ranges(rs_ag_decisions(m["rows"], "reduce_scatter",
-                                                                 m["world"]))
-                             for m in measurements if any(r.get("op") for r in m["rows"])})
-    table("ALL_GATHER", {m["world"]: _ranges(rs_ag_decisions(m["rows"], "all_gather", m["world"]))
-                         for m in measurements if any(r.get("op") for r in m["rows"])})
+    for name, op in (("REDUCE_SCATTER", "reduce_scatter"), ("ALL_GATHER", "all_gather")):
+        table(name, {m["world"]: both(rs_ag_decisions(m["rows"], op, m["world"]), op, m["world"])
+                     for m in measurements if any(r.get("op") for r in m["rows"])})
     lines += ["", *TAIL.splitlines()]
     return "\n".join(lines)
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("files", nargs="+")
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("files", nargs="+", help="scripts/gpu_timing.py --json files (graph column)")
+    p.add_argument("--eager", nargs="+", default=[], metavar="BENCH.json",
+                   help="tpcomm bench --json files of eager runs, algorithm forced (eager column)")
     p.add_argument("-o", "--output",
-                   default=os.path.join(os.path.dirname(__file__), "..", "tpcomm", "cuda",
+                   default=os.path.join(os.path.dirname(__file__), "..", "tpcomm", "selection",
                                         "select_table.py"))
     p.add_argument("--date", default="2026-11-22")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     ms = []
     for f in args.files:
         with open(f) as fh:
@@ -170,8 +247,16 @@ def main():
         m.setdefault("date", args.date)
         ms.append(m)
     ms.sort(key=lambda m: m["world"])
+    eager_runs = []
+    for f in args.eager:
+        with open(f) as fh:
+            run = json.load(fh)
+        if any(r.get("mode") != "eager" for r in run["rows"]):
+            p.error(f"--eager {f}: has graph rows; give runs without --graph")
+        run["file"] = os.path.basename(f)
+        eager_runs.append(run)
     with open(args.output, "w") as fh:
-        fh.write(render(ms))
+        fh.write(render(ms, eager_runs))
     print(open(args.output).read())
 
 

@@ -8,6 +8,14 @@
   ops ``torch.ops.symm_mem.one_shot_all_reduce_out`` and ``two_shot_all_reduce_`` on a buffer
   from ``torch.distributed._symmetric_memory.empty`` + ``rendezvous``. ``symm_mem`` names both:
   they are reported as two columns rather than a best-of, so the table shows where each wins.
+- ``nccl_symm`` (GPU, all_reduce only): NCCL's symmetric-memory kernels (NCCL 2.27+), reached
+  through torch: ``symm_mem.set_backend("NCCL")``, a buffer from ``symm_mem.empty`` +
+  ``rendezvous`` (NCCL window registration), then ``dist.all_reduce`` on it in place. The
+  symmetric-memory backend is fixed for the whole process by the first allocation, and
+  tpcomm's own buffers and ``symm_mem_*`` need the CUDA one: ``nccl_symm`` runs only with
+  ``nccl`` (``--backends nccl_symm,nccl``), in a run of its own; elsewhere it is refused
+  before any rank starts, as it is without NCCL >= 2.27 or a torch whose ``set_backend``
+  takes "NCCL". Whether NCCL really ran its symmetric kernels shows in NCCL_DEBUG=INFO.
 - ``deepspeed_shm``, ``mpi_openmpi``, ``mpi_mpich`` (CPU, all_reduce only; ``mpi`` names both
   MPIs): the CPU contenders of :mod:`tpcomm.bench.contenders_cpu`, where installed. The MPI
   ones run as their own MPI job after the ranks' sweep (see ``MPI_BACKENDS``).
@@ -205,6 +213,85 @@ class SymmMemBackend(BenchBackend):
         return self.variant
 
 
+NCCL_SYMM_MIN = (2, 27)
+NCCL_SYMM_PARTNERS = ("nccl",)   # the backends nccl_symm can share a process with
+
+
+def _nccl_tuple() -> tuple[int, ...] | None:
+    """NCCL's version as torch was built with it; None where torch has no NCCL (a CPU build)."""
+    try:
+        v = torch.cuda.nccl.version()
+    except Exception:  # noqa: BLE001 - CPU-only torch: no _nccl_version
+        return None
+    return tuple(v) if isinstance(v, tuple) else None
+
+
+def _symm_mem_takes_nccl() -> bool:
+    """Whether this torch's ``symm_mem.set_backend`` accepts "NCCL" (named in its signature)."""
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+    except ImportError:
+        return False
+    fn = getattr(symm_mem, "set_backend", None)
+    if fn is None:
+        return False
+    import inspect
+    try:
+        sig = str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        sig = ""
+    return "NCCL" in sig or "NCCL" in (fn.__doc__ or "")
+
+
+def why_nccl_symm_unavailable(nccl: tuple[int, ...] | None = None,
+                              takes_nccl: bool | None = None) -> str | None:
+    """None where ``nccl_symm`` can run; else why not and what it needs (checked before any rank
+    starts; ``nccl`` / ``takes_nccl`` default to this torch's)."""
+    nccl = _nccl_tuple() if nccl is None else nccl
+    takes_nccl = _symm_mem_takes_nccl() if takes_nccl is None else takes_nccl
+    need = f"NCCL >= {'.'.join(map(str, NCCL_SYMM_MIN))}"
+    if nccl is None:
+        return (f"backend nccl_symm needs torch built with NCCL ({need}); torch "
+                f"{torch.__version__} has no NCCL")
+    if tuple(nccl[:2]) < NCCL_SYMM_MIN:
+        return (f"backend nccl_symm needs {need} (symmetric kernels); torch {torch.__version__} "
+                f"has NCCL {'.'.join(map(str, nccl))}")
+    if not takes_nccl:
+        return (f"backend nccl_symm needs a torch whose symm_mem.set_backend takes \"NCCL\" "
+                f"(torch >= 2.9); torch {torch.__version__} does not")
+    return None
+
+
+class NcclSymmBackend(BenchBackend):
+    """torch.distributed NCCL all_reduce on a buffer of NCCL's symmetric memory (a registered
+    window), where NCCL 2.27+ may run its symmetric kernels."""
+
+    name = "nccl_symm"
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        import torch.distributed._symmetric_memory as symm_mem
+        self.symm_mem = symm_mem
+        self.group_name = dist.group.WORLD.group_name
+        try:
+            symm_mem.set_backend("NCCL")
+        except Exception as e:  # noqa: BLE001 - say which step failed, on every rank alike
+            raise RuntimeError(f"nccl_symm: symm_mem.set_backend('NCCL') failed (torch "
+                               f"{torch.__version__}, NCCL {nccl_version()}): {e}") from e
+
+    def describe(self) -> str:
+        return (f"torch.distributed nccl {nccl_version()} all_reduce on a symm_mem buffer of the "
+                f"NCCL backend (symmetric kernels where NCCL picks them; see NCCL_DEBUG=INFO)")
+
+    def buffers(self, op, numel_in, numel_out, dtype):
+        buf = self.symm_mem.empty(numel_in, dtype=dtype, device=self.ctx.device)
+        self.symm_mem.rendezvous(buf, self.group_name)
+        return buf, buf
+
+    def make_call(self, op, inp, out):
+        return lambda: dist.all_reduce(inp)
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     make: Callable[[Context], BenchBackend]
@@ -220,6 +307,7 @@ BACKENDS = {
                               ("all_reduce",)),
     "symm_mem_two_shot": Spec(lambda ctx: SymmMemBackend(ctx, "two_shot"), ("cuda",),
                               ("all_reduce",)),
+    "nccl_symm": Spec(NcclSymmBackend, ("cuda",), ("all_reduce",)),
     "deepspeed_shm": Spec(contenders_cpu.DeepSpeedShmBackend, ("cpu",), ("all_reduce",)),
     "mpi_openmpi": Spec(None, ("cpu",), ("all_reduce",)),
     "mpi_mpich": Spec(None, ("cpu",), ("all_reduce",)),
@@ -253,11 +341,18 @@ def resolve_backends(text: str, device: str, op: str) -> list[str]:
             if op not in spec.ops:
                 raise ValueError(f"backend {n} times {' and '.join(spec.ops)} only, not {op}")
             why = contenders_cpu.why_unavailable(n) if n in CONTENDERS else None
+            if n == "nccl_symm":
+                why = why_nccl_symm_unavailable()
             if why:
                 raise ValueError(why)
             if n in names:
                 raise ValueError(f"backend {n} is named twice in --backends {text}")
             names.append(n)
+    others = [n for n in names if n not in ("nccl_symm",) + NCCL_SYMM_PARTNERS]
+    if "nccl_symm" in names and others:
+        raise ValueError(f"backend nccl_symm fixes torch's symmetric-memory backend to NCCL for "
+                         f"the whole run, and {', '.join(others)} need(s) the CUDA one: time it "
+                         f"in a run of its own, --backends nccl_symm,nccl")
     return names
 
 
