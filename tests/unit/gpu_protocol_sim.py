@@ -284,7 +284,36 @@ def check_mismatch(world):
         print(f"mismatch {name} world {world}: {kinds}", flush=True)
 
 
+def check_mixed_world4(rounds=2):
+    """World 4: one_shot push calls of varying sizes (blocks with and without data, several
+    tiles per block, chunked calls) interleaved with fused-norm calls of varying rows and
+    hidden sizes and with the other algorithms on ONE group, as the GPU script's correctness
+    phase and soak do: the call headers (parity slots per block, shared call counters) and the
+    push regions (data epochs per family) must stay in step across all of them."""
+    backs, _ = make_group(4, 16 << 10, 4, timeout_s=20.0)
+    push_max = (16 << 10) // 4 // 2 // 16 * 16       # bf16 elements of one push slot
+    salt = 1000
+    bf16 = torch.bfloat16
+    for k in range(rounds):
+        for numel in (1, 300, 2 * push_max + 5, 70, push_max - 3):
+            salt += 1
+            check_all_reduce(backs, "one_shot/push", numel, bf16, salt, offset=salt % 3)
+        for rows, hidden in ((3, 97), (1, 33), (6, 64)):
+            salt += 1
+            check_add_rms_norm(backs, rows, hidden, bf16, salt)
+            salt += 1
+            check_all_reduce(backs, "one_shot/push", 17 + 100 * rows, bf16, salt)
+        for algo in ("two_shot", "ring", "one_shot/pull", "one_shot/push"):
+            salt += 1
+            check_all_reduce(backs, algo, 1000 + 13 * k, bf16, salt)
+        print(f"mixed world 4 round {k}: ok", flush=True)
+
+
 def main():
+    if "mixed4" in sys.argv:
+        check_mixed_world4()
+        print("ALL OK")
+        return
     if "mismatch" in sys.argv:
         for world in (2, 3):
             check_mismatch(world)

@@ -4,7 +4,11 @@
 - gpu_protocol_sim.py: every collective kernel (indexing, push/poll/clear, epoch rotation,
   chunking, the fused all-reduce + add + RMSNorm, the timeout path); with ``mismatch``: the
   call check (calls that differ in size, rounds, kernel family, dtype or op raise
-  MismatchError, and the engine refuses later calls);
+  MismatchError, and the engine refuses later calls); with ``mixed4``: world 4, one-shot push
+  calls of varying sizes interleaved with fused-norm calls and the other algorithms on one group
+  (the call headers and push regions in step across kernel families; the interpreter runs a
+  kernel's blocks one after another and has no warps, so a block's warps going out of step on
+  the GPU is out of its reach: scripts/gpu_emulated_ranks.py checks that);
 - p2p_probe_sim.py: the data-moving P2P check (a healthy mapping passes, a mapping that does not
   reach the peer is found and names the writing rank);
 - fused_gemm_sim.py: the fused GEMM + reduce-scatter (exact for worlds 2 and 3, every operand
@@ -31,6 +35,7 @@ HERE = os.path.dirname(__file__)
 @pytest.mark.parametrize("script, args, timeout_s", [
     ("gpu_protocol_sim.py", ["quick"], 900),
     ("gpu_protocol_sim.py", ["mismatch"], 600),
+    ("gpu_protocol_sim.py", ["mixed4"], 600),
     ("p2p_probe_sim.py", [], 300),
     ("fused_gemm_sim.py", [], 600),
     ("fused_ops_sim.py", [], 600),

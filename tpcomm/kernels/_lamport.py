@@ -96,6 +96,7 @@ def poll_sum_call(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead, hdr_
     ``word``'s (then ``bad`` is that peer and ``theirs`` its header; the data is not waited
     for: a mismatched peer may never send it) or all the data is there. Returns (acc, dead,
     late, bad, theirs); ``late`` as poll_sum's (a missing slot or header), ``bad`` -1 if none."""
+    tl.static_assert(WP <= 16, "poll_sum_call packs per-rank bits into 16-bit fields")
     base = typed(base_addr, ITYPE)
     idx = tl.arange(0, WP)
     hmask = (idx < R) & (idx != rank)
@@ -115,10 +116,19 @@ def poll_sum_call(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead, hdr_
             missing = missing | (((b == -1) & mask).to(tl.int32) << q)
             acc += b.to(DTYPE, bitcast=True).to(tl.float32)
         ahead = ((h & 0xFFFF) - ep) & 0xFFFF      # 0: this call; < 0x8000: a newer one
+        # the [WP] header vector is replicated in every warp, and its reduction is a warp
+        # shuffle: these two words are per warp (each warp loaded the headers itself). Folded
+        # into the block-wide reduction of the data below, so every warp takes the same
+        # branch: warps that left this loop at different rounds would meet the next
+        # block-wide reduction's bar.sync out of step (wrong sums, stalls; seen at world 4)
         hbits = tl.reduce(((ahead >= 0x8000) & hmask).to(tl.int32) << idx, 0, _bit_or)
         dbits = tl.reduce((hmask & (ahead == 0) & ((h >> 16) != (word >> 16))).to(tl.int32)
                           << idx, 0, _bit_or)
-        bits = tl.reduce(missing, 0, _bit_or) | hbits
+        fields = tl.reduce(missing.to(tl.int64) | (hbits.to(tl.int64) << 16)
+                           | (dbits.to(tl.int64) << 32), 0, _bit_or)
+        hbits = ((fields >> 16) & 0xFFFF).to(tl.int32)
+        dbits = ((fields >> 32) & 0xFFFF).to(tl.int32)
+        bits = (fields & 0xFFFF).to(tl.int32) | hbits
         if (hbits == 0) & (dbits != 0):
             bad = lowest_bit(dbits, WP)
             theirs = tl.sum(tl.where(idx == bad, h, 0), 0)

@@ -226,6 +226,10 @@ def bind_barrier(common: dict, *, pad_addrs: tuple, my_pad_addr: int, slot: int,
 # Cost: one 8-byte store per peer and block, and a load of R words: in the one-shot push
 # kernels (the latency-bound decode path) inside the first data poll (``_lamport.
 # poll_sum_call``: no extra round trip); in the others one wait before the first poll.
+# Warps: a [WP] vector of headers is held (and loaded) by every warp of the block, and its
+# tl.reduce is a warp shuffle, so a verdict drawn from it alone is per warp; in a loop that
+# also runs a block-wide reduction (bar.sync) every branch must be taken by all warps alike, so
+# poll_sum_call folds the header verdicts into the block-wide reduction of the data.
 PHASE_MISMATCH = 15
 MAX_BLOCKS: tl.constexpr = tl.constexpr(256)   # header slots per parity: the largest grid
 CALL_OPS = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3, "all_reduce_add_rms_norm": 4}
