@@ -535,8 +535,10 @@ class P2PCollectives:
         h = k_barrier.call_hash("all_reduce_add_rms_norm", _DTYPE_NAMES[x.dtype], x.numel())
         x2, r2, n2 = x.view(rows, hidden), residual.view(rows, hidden), normed.view(rows, hidden)
         # a whole row per block: more warps for wide rows (8192 -> 16 warps, 16 values each)
-        warps = self.fused_norm_warps or min(32, max(self.num_warps,
-                                                     triton.next_power_of_2(hidden) // 512))
+        # rows of <= 32 values: one warp (a [<= 32] vector has no block-wide reduction, so the
+        # warps of a wider block would poll and clear the slots out of step)
+        warps = self.fused_norm_warps or (1 if triton.next_power_of_2(hidden) <= 32 else min(
+            32, max(self.num_warps, triton.next_power_of_2(hidden) // 512)))
         site = self._sites.get(("fused_norm", x.dtype, hidden, warps))
         if site is None:
             kw = self._kw(x.dtype, "one_shot/push")
