@@ -143,44 +143,16 @@ def rs_ag_decisions(rows, op, world):
     return dec
 
 
-# The lookup, the eager column's switch and select_cuda, as written below the tables.
-TAIL = '''
-def _lookup(table, nbytes: int, graph: bool) -> str:
-    for bound, in_graph, eager in table:
-        if bound is None or nbytes < bound:
-            if graph:
-                return in_graph
-            if eager is None:   # not measured eagerly
-                return in_graph if EAGER_UNMEASURED == "graph" else EAGER_UNMEASURED
-            return eager
-    return "torch"
+# The lookup, the eager column's switch and select_cuda, as written below the tables: the
+# current module's own text from its lookup on (one copy of that code, kept by the module)
+def _tail() -> str:
+    import tpcomm.selection.select_table as current
+    with open(current.__file__) as f:
+        src = f.read()
+    return "\n" + src[src.index("def _lookup("):]
 
 
-# The eager column (calls outside CUDA-graph capture). Eager calls are host-bound: before
-# issue 16 the Communicator, the backend and the Triton launch cost more host time per call
-# than NCCL's eager path. tpcomm bench, world 2, eager, 2026-11-22
-# (benchmarks/results/gpu-h200x2-2026-11-22.md): tpcomm 53.8 / 56.5 / 52.9 / 54.6 / 60.6 /
-# 78.2 / 80.0 us against NCCL 33.8 / 27.9 / 25.4 / 35.1 / 29.5 / 42.1 / 50.1 us at 2K / 8K /
-# 32K / 128K / 512K / 2M / 8M. The lean launch path (kernels/launch.py) and the Communicator's
-# GPU hot path cut that host time; until eager timings on several GPUs exist (the multi-GPU
-# issue), an eager entry is None (not measured) and goes where EAGER_UNMEASURED says;
-# make_select_table.py --eager fills the column from eager tpcomm bench runs.
-# THE SWITCH, one line: EAGER_UNMEASURED = "graph" runs eager calls on the graph column's
-# algorithm (tpcomm's kernels wherever they won in graphs); "torch" keeps them on NCCL.
-# Measured eager entries (a third element other than None) are used as they are.
-EAGER_UNMEASURED = "torch"
-
-
-def select_cuda(op: str, nbytes: int, dtype: torch.dtype, world_size: int,
-                graph: bool = True) -> str:
-    """The GPU algorithm for one call; ``"torch"`` (NCCL) wherever ours was not measured
-    faster. ``graph``: whether the call is being captured into a CUDA graph (the graph
-    column; False: the eager column)."""
-    tables = {"all_reduce": ALL_REDUCE, "reduce_scatter": REDUCE_SCATTER,
-              "all_gather": ALL_GATHER}[op]
-    table = tables.get(world_size)
-    return "torch" if table is None else _lookup(table, nbytes, graph)
-'''
+TAIL = _tail()
 
 
 def render(measurements, eager_runs=()) -> str:
