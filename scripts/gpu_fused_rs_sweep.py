@@ -68,6 +68,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 K, N = 7168, 8192
 MS = (1024, 4096, 16384)
 ITEM_LIMIT_S = 60        # one variant at every M (compile, check, time)
+INDUCTOR_LIMIT_S = 240   # inductor's max-autotune at one M (--interleave)
 RESTART_MIN_S = 25       # a new worker needs this much time left (start-up, inputs, torch.mm)
 TOL = 2e-2               # against torch.mm, relative to max |torch.mm|
 
@@ -89,7 +90,22 @@ VARIANTS = {
     "rs_rounds_s4_nofl": ("rs", {"schedule": "rounds",
                                  "config": dict(flatten=False, num_stages=4)}),
     "core_s3_nofl": ("core", {"config": _S3_NOFL}),
+    # --interleave candidates (2026-12-03, second session): inductor in the same run, and the
+    # core's TMA-store epilogue (a host descriptor over C, with and without the split halves)
+    "inductor": ("inductor", {}),
+    "core_tst": ("core", {"config": "rs_single", "tma_store": True}),
+    "core_tst_split": ("core", {"config": "rs_single", "tma_store": True, "split": True}),
+    "core_tst_s4_nofl": ("core", {"config": dict(flatten=False, num_stages=4),
+                                  "tma_store": True}),
+    "core_tst_s4_flat": ("core", {"config": dict(num_stages=4), "tma_store": True}),
+    "core_tst_256x128": ("core", {"config": dict(block_m=256, block_n=128),
+                                  "tma_store": True}),
+    "core_tst_g16": ("core", {"config": dict(group_m=16), "tma_store": True}),
 }
+# --interleave default set: the current default, its core, inductor, cuBLAS and the candidates
+INTERLEAVED = ("torch_mm", "inductor", "rs_single", "core_single", "ag_w1", "core_tst",
+               "core_tst_split", "core_tst_s4_nofl", "core_tst_s4_flat", "core_tst_256x128",
+               "core_tst_g16")
 
 
 def emit(**kw):
@@ -99,7 +115,7 @@ def emit(**kw):
 # ---------------------------------------------------------------- worker (the GPU process)
 
 
-def worker(names, ms, smoke=False):
+def worker(names, ms, smoke=False, interleave=0):
     """The measurements (``smoke``: on the CPU under TRITON_INTERPRET=1 at a small K and N,
     one timed call, no graph: the code path alone, for a machine without a GPU)."""
     import faulthandler
@@ -159,14 +175,23 @@ def worker(names, ms, smoke=False):
         if kind == "mm":
             y = torch.empty_like(mm[M])
             return (lambda: torch.mm(a, b, out=y)), y, None, "cublas"
+        if kind == "inductor":   # inductor's best Triton GEMM (minutes of autotuning)
+            from tpcomm.bench.fused_gemm import inductor_mm
+            f = inductor_mm()
+            y = f(a, b)
+            return (lambda: f(a, b)), y, None, "inductor max-autotune (Triton templates)"
         if kind == "core":
             cfg = kw["config"]
             if cfg == "rs_single":   # the default fused op's config at world 1
                 cfg = fused_gemm.gemm_config(eng, "matmul_reduce_scatter", a, b,
                                              schedule="single")
+            if kw.get("split"):
+                cfg = dataclasses.replace(cfg, epilogue_split=True)
             p = _gemm.plan(a, b, cfg)
             c = torch.empty_like(mm[M])
-            return (lambda: _gemm.matmul(p, c)), c, None, cfg.name()
+            tst = bool(kw.get("tma_store"))
+            name = cfg.name() + ("_tmastore" if tst else "")
+            return (lambda: _gemm.matmul(p, c, tma_store=tst)), c, None, name
         op = {"rs": "matmul_reduce_scatter", "ag": "all_gather_matmul"}[kind]
         cfg = fused_gemm.gemm_config(eng, op, a, b, **kw)
         ref = torch.empty_like(mm[M])
@@ -175,6 +200,9 @@ def worker(names, ms, smoke=False):
         fn = getattr(eng, op)
         return (lambda: fn(a, b, out, **kw)), out, ref, cfg.name()
 
+    if interleave:
+        return interleaved(names, ms, interleave, build, graph_us, eng, mm, common, smoke,
+                           time_us)
     for name in names:
         kind, kw = VARIANTS[name]
         emit(event="start", variant=name)
@@ -209,6 +237,95 @@ def worker(names, ms, smoke=False):
                 torch.cuda.empty_cache()
         faulthandler.cancel_dump_traceback_later()
         emit(event="done", variant=name)
+
+
+def interleaved(names, ms, rounds, build, graph_us, eng, mm, common, smoke, time_us):
+    """``--interleave``: at each M, every variant built and checked first (each under its own
+    faulthandler limit; inductor's autotuning gets INDUCTOR_LIMIT_S), then timed in ``rounds``
+    round-robin passes (the order rotated each pass), one ~25 ms sample per variant per pass,
+    and the same for replays of a one-call CUDA graph: clock and thermal drift fall on every
+    variant alike. A row's ``us`` / ``graph_us`` is the median over the passes; ``spread``
+    the (max - min) / median of its samples."""
+    import faulthandler
+    import statistics
+
+    import torch
+    emit(event="start", variant="interleaved")
+    for M in ms:
+        built = {}
+        for name in names:
+            kind, kw = VARIANTS[name]
+            limit = INDUCTOR_LIMIT_S if kind == "inductor" else ITEM_LIMIT_S
+            faulthandler.dump_traceback_later(limit * (10 if smoke else 1), exit=True)
+            t0 = time.perf_counter()
+            row = dict(event="row", variant=name, M=M, kind=kind)
+            try:
+                fn, out, ref, row["config"] = build(kind, kw, M)
+                fn()
+                eng.check(sync=True)
+                row["compile_s"] = round(time.perf_counter() - t0, 1)
+                row["err_vs_torch_mm"] = rel = (0.0 if out is None else
+                                                _rel(out, mm[M]))
+                row["bitwise_vs_1024_config_core"] = (None if out is None else
+                                                      bool(torch.equal(out, common[M])))
+                row["bitwise_vs_unfused"] = (None if ref is None else
+                                             bool(torch.equal(out, ref)))
+                row["ok"] = rel <= TOL and row["bitwise_vs_unfused"] is not False
+                if row["ok"]:
+                    built[name] = (fn, row)
+                else:
+                    emit(**row)
+            except Exception as e:  # noqa: BLE001 - a variant that fails is reported
+                row["ok"] = False
+                row["error"] = f"{type(e).__name__}: {str(e).strip()[-300:]}"
+                emit(**row)
+            faulthandler.cancel_dump_traceback_later()
+        graphs = {}
+        if not smoke:
+            for name, (fn, row) in built.items():
+                try:
+                    torch.cuda.synchronize()
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        fn()
+                    g.replay()
+                    graphs[name] = g
+                except Exception as e:  # noqa: BLE001 - graphs are a second opinion
+                    row["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        samples = {n: [] for n in built}
+        gsamples = {n: [] for n in graphs}
+        order = list(built)
+        faulthandler.dump_traceback_later(ITEM_LIMIT_S * (10 if smoke else 1), exit=True)
+        t0 = time.perf_counter()
+        for r in range(rounds):
+            k = r % len(order)
+            for name in order[k:] + order[:k]:
+                samples[name].append(time_us(built[name][0], reps=1) if not smoke else
+                                     time_us(built[name][0]))
+                if name in graphs:
+                    gsamples[name].append(time_us(graphs[name].replay, reps=1))
+        faulthandler.cancel_dump_traceback_later()
+        eng.check(sync=True)
+        for name, (fn, row) in built.items():
+            xs = samples[name]
+            med = statistics.median(xs)
+            row["us"] = round(med, 1)
+            row["spread"] = round((max(xs) - min(xs)) / med, 3)
+            row["samples"] = xs
+            if gsamples.get(name):
+                row["graph_us"] = round(statistics.median(gsamples[name]), 1)
+                row["graph_samples"] = gsamples[name]
+            row["s"] = round(time.perf_counter() - t0, 1)
+            emit(**row)
+        del built, graphs
+        if not smoke:
+            torch.cuda.empty_cache()
+    emit(event="done", variant="interleaved")
+
+
+def _rel(got, ref):
+    from tpcomm.bench.fused_gemm import rel_err
+    return rel_err(got, ref)
 
 
 # ---------------------------------------------------------------- parent (guard, table)
@@ -281,24 +398,27 @@ def table(rows, ms):
     names = list(dict.fromkeys(r["variant"] for r in rows))
     base = {M: by.get(("torch_mm", M), {}).get("us") for M in ms}
     cur = {M: by.get(("rs_rounds", M), {}).get("us") for M in ms}
+    ind = {M: by.get(("inductor", M), {}).get("us") for M in ms}
     head = "| variant | " + " | ".join(
-        f"M={M} us | graph us | /torch.mm | /rs_rounds | bitwise" for M in ms) + " | config |"
-    out = [head, "|---|" + "---:|---:|---:|---:|---|" * len(ms) + "---|"]
+        f"M={M} us | graph us | /torch.mm | /rs_rounds | /inductor | bitwise" for M in ms) \
+        + " | config |"
+    out = [head, "|---|" + "---:|---:|---:|---:|---:|---|" * len(ms) + "---|"]
     for n in names:
         cells, cfgs = [], []
         for M in ms:
             r = by.get((n, M))
             if r is None:
-                cells.append("| | | | ")
+                cells.append("| | | | | ")
                 continue
             cfgs.append(r.get("config", "?"))
             if not r.get("us"):
-                cells.append(f"FAILED {r.get('error', 'wrong')[:60]} | | | | ")
+                cells.append(f"FAILED {r.get('error', 'wrong')[:60]} | | | | | ")
                 continue
             us, g = r["us"], r.get("graph_us")
             cells.append(f"{us:.1f} | {g if g is not None else '-'} | "
                          f"{us / base[M]:.3f} | " if base[M] else f"{us:.1f} | {g} | - | ")
             cells[-1] += (f"{us / cur[M]:.3f} | " if cur[M] else "- | ")
+            cells[-1] += (f"{us / ind[M]:.3f} | " if ind[M] else "- | ")
             bw = r.get("bitwise_vs_unfused")
             cells[-1] += "n/a" if bw is None else ("yes" if bw else "NO")
         out.append(f"| {n} | " + " | ".join(cells) + f" | {' / '.join(dict.fromkeys(cfgs))} |")
@@ -308,26 +428,39 @@ def table(rows, ms):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", default=",".join(map(str, MS)))
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=None)
     ap.add_argument("--limit-s", type=float, default=190.0,
                     help="stop every worker by then (the device call's hard limit is 200 s)")
+    ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                    help="build every variant at an M, then time them round-robin for ROUNDS "
+                         "passes (median per variant; default variants: INTERLEAVED, inductor "
+                         "included); 0: one variant after another (the 2026-12-03 sweep)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true",
                     help="no GPU: the worker's code path on the CPU (needs TRITON_INTERPRET=1; "
                          "use small --ms such as 128,256)")
     args = ap.parse_args()
     ms = [int(x) for x in args.ms.split(",") if x]
-    names = [x for x in args.variants.split(",") if x]
+    names = [x for x in (args.variants or ",".join(
+        INTERLEAVED if args.interleave else [v for v in VARIANTS if v not in INTERLEAVED[5:]
+                                             and v != "inductor"])).split(",") if x]
     bad = [x for x in names if x not in VARIANTS]
     if bad:
         ap.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
     if args.worker:
-        worker(names, ms, smoke=args.smoke)
+        worker(names, ms, smoke=args.smoke, interleave=args.interleave)
         return 0
     t0 = time.perf_counter()
     print(f"fused RS sweep: {len(names)} variants x M = {ms}, limit {args.limit_s:.0f} s",
           flush=True)
-    lines, hung, left = run_workers(names, ms, t0 + args.limit_s, smoke=args.smoke)
+    if args.interleave:
+        cmd = (lambda todo: [sys.executable, os.path.abspath(__file__), "--worker",
+                             "--interleave", str(args.interleave), "--variants", ",".join(names),
+                             "--ms", ",".join(map(str, ms))] + (["--smoke"] if args.smoke else []))
+        lines, hung, left = run_workers(["interleaved"], ms, t0 + args.limit_s, cmd=cmd,
+                                        smoke=args.smoke)
+    else:
+        lines, hung, left = run_workers(names, ms, t0 + args.limit_s, smoke=args.smoke)
     rows = [r for r in lines if r["event"] == "row"]
     dev = next((r for r in lines if r["event"] == "device"), {})
     wrong = [f"{r['variant']} M={r['M']}: {r.get('error', 'wrong')}" for r in rows

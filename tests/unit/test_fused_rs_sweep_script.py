@@ -78,10 +78,14 @@ def test_table_ratios_and_failures(sweep):
                  bitwise_vs_unfused=True, ok=True),
             dict(variant="core_single", M=1024, ok=False, error="wrong", config="b")]
     lines = sweep.table(rows, [1024])
-    assert lines[2] == "| torch_mm | 100.0 | 98.0 | 1.000 | 0.909 | n/a | cublas |"
-    assert lines[3] == "| rs_rounds | 110.0 | 109.0 | 1.100 | 1.000 | yes | a |"
-    assert lines[4] == "| rs_single | 99.0 | 97.5 | 0.990 | 0.900 | yes | b |"
+    assert lines[2] == "| torch_mm | 100.0 | 98.0 | 1.000 | 0.909 | - | n/a | cublas |"
+    assert lines[3] == "| rs_rounds | 110.0 | 109.0 | 1.100 | 1.000 | - | yes | a |"
+    assert lines[4] == "| rs_single | 99.0 | 97.5 | 0.990 | 0.900 | - | yes | b |"
     assert lines[5].startswith("| core_single | FAILED wrong")
+    rows.append(dict(variant="inductor", M=1024, us=90.0, graph_us=90.0, config="i",
+                     bitwise_vs_unfused=None, ok=True))
+    lines = sweep.table(rows, [1024])
+    assert lines[4] == "| rs_single | 99.0 | 97.5 | 0.990 | 0.900 | 1.100 | yes | b |"
     json.dumps(rows)
 
 
@@ -89,3 +93,4 @@ def test_no_warp_specialized_variant(sweep):
     for kind, kw in sweep.VARIANTS.values():
         cfg = kw.get("config")
         assert cfg is None or cfg == "rs_single" or not cfg.get("warp_specialize"), kw
+    assert set(sweep.INTERLEAVED) <= set(sweep.VARIANTS)
