@@ -274,10 +274,12 @@ def interleaved(names, ms, rounds, build, graph_us, eng, mm, common, smoke, time
                 if row["ok"]:
                     built[name] = (fn, row)
                 else:
+                    row["s"] = round(time.perf_counter() - t0, 1)
                     emit(**row)
             except Exception as e:  # noqa: BLE001 - a variant that fails is reported
                 row["ok"] = False
                 row["error"] = f"{type(e).__name__}: {str(e).strip()[-300:]}"
+                row["s"] = round(time.perf_counter() - t0, 1)
                 emit(**row)
             faulthandler.cancel_dump_traceback_later()
         graphs = {}
@@ -344,7 +346,7 @@ def show(r):
     print(f"  {r['variant']:24s} M={r['M']:6d} " + (
         f"{r['us']:8.1f} us  graph {r.get('graph_us', float('nan')):8.1f}  "
         f"bitwise={r['bitwise_vs_unfused']}  {r['config']}" if r.get("us") else
-        f"FAILED {r.get('error', 'wrong')}") + f"  [{r['s']} s]", flush=True)
+        f"FAILED {r.get('error', 'wrong')}") + f"  [{r.get('s', '-')} s]", flush=True)
 
 
 def run_workers(names, ms, deadline, cmd=None, smoke=False):
