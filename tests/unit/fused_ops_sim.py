@@ -68,6 +68,19 @@ def check_matmul_all_reduce(backs, tensors, M, n, k, dtype, seed, *, b_t=False, 
     regions_clean(backs, tensors)
 
 
+def check_rs_rows_after_out_kept(backs, m, n, k, dtype, seed, tile):
+    """World 1: ``out`` is the first m rows of a larger tensor; the rows after it keep their
+    values (a TMA store clips a box at its descriptor's shape only, so the descriptor must
+    cover exactly the rows the launch writes)."""
+    a, b = small((m, k), seed, dtype), small((k, n), seed + 50, dtype)
+    big = torch.full((m + 16, n), 77.0, dtype=dtype)
+    out = big[:m]
+    errs = run_ranks([lambda: backs[0].matmul_reduce_scatter(a, b, out, **tile)])
+    assert not any(errs), errs
+    assert torch.equal(out, (a.double() @ b.double()).to(dtype)), ("rs rows", m, n, k, tile)
+    assert bool((big[m:] == 77.0).all()), ("rows after out written", tile)
+
+
 def rounds(backs, k, item=4):
     L = backs[0].layout
     return L.push_buf // L.world // item // k
@@ -116,6 +129,15 @@ def main():
             check_matmul_rs(backs, tensors, 150, 40, 24, f32, 14, tile=rounds_)    # 4 rounds
             check_matmul_rs(backs, tensors, 150, 40, 24, bf16, 15,
                             tile=dict(host, schedule="single"))
+            # the TMA-store epilogue (the default "single" fields: half tiles; whole tiles;
+            # off): 150 rows end inside a tile, the descriptor clips the box at its last row
+            check_matmul_rs(backs, tensors, 150, 48, 24, bf16, 17,
+                            tile=dict(host, tma_store=True, epilogue_split=False))
+            check_matmul_rs(backs, tensors, 150, 48, 24, bf16, 18,
+                            tile=dict(host, tma_store=False))
+            for split in (False, True):
+                check_rs_rows_after_out_kept(backs, 150, 48, 24, bf16, 19,
+                                             dict(host, tma_store=True, epilogue_split=split))
             check_matmul_all_reduce(backs, tensors, 150, 40, 24, f32, 16, tile=rounds_)
         check_all_gather_matmul(backs, tensors, 5, 19, 16, f32, 10)
         check_all_reduce(backs, "one_shot/push", 301, bf16, 13)

@@ -20,8 +20,9 @@ def eng1():
 
 def test_gemm_config_per_op_follows_the_table(eng1):
     """At world 1 the fused reduce-scatter (and all-reduce) runs one launch over all rows
-    (schedule "auto" = "single"), so it takes the table's config for M without flattening, as
-    the all-gather's GEMM does (a config or flatten given is kept); with schedule "rounds" its
+    (schedule "auto" = "single"): a measured SINGLE_CONFIGS entry, else the table's config for M
+    with half-tile TMA stores and without flattening (a config or a field given is kept); with
+    schedule "rounds" its
     rounds are 1024 rows at N = 8192 in bf16 and take the 1024-row config at every M; all on
     the push grid."""
     from tpcomm.cuda import fused_gemm
@@ -31,13 +32,17 @@ def test_gemm_config_per_op_follows_the_table(eng1):
     for M in (1024, 4096, 16384):
         a = torch.empty(M, 7168, dtype=bf)
         want = _gemm.pick_config(bf, M, 8192, 7168)
+        single = fused_gemm.SINGLE_CONFIGS.get((bf, M, 8192, 7168))
+        single = dataclasses.replace(
+            single or dataclasses.replace(want, **fused_gemm.SINGLE_DEFAULT), num_sms=132)
+        assert single.tma_store
         for op in ("matmul_reduce_scatter", "matmul_all_reduce"):
             for sched in ({}, {"schedule": "auto"}, {"schedule": "single"}):
                 cfg = fused_gemm.gemm_config(eng1, op, a, b, **sched)
-                assert cfg == dataclasses.replace(want, num_sms=132, flatten=False), \
-                    (op, M, sched, cfg)
-            flat = fused_gemm.gemm_config(eng1, op, a, b, flatten=True)
-            assert flat == dataclasses.replace(want, num_sms=132, flatten=True)
+                assert cfg == single, (op, M, sched, cfg)
+            if M != 16384:
+                flat = fused_gemm.gemm_config(eng1, op, a, b, flatten=True)
+                assert flat == dataclasses.replace(single, flatten=True)
             given = _gemm.GemmConfig(num_stages=4)
             assert fused_gemm.gemm_config(eng1, op, a, b, config=given) == \
                 dataclasses.replace(given, num_sms=132)
@@ -124,8 +129,8 @@ def test_world1_table_ratios():
 
 
 def test_world1_launches_per_schedule(eng1, monkeypatch):
-    """At world 1 "single" (the default) is one launch over all rows with the table's config
-    for M; "rounds" is a launch per 1024 rows (a push slot of N = 8192 bf16 elements) with the
+    """At world 1 "single" (the default) is one launch over all rows with its config for M
+    (at 16384 the measured 3-stage, flattened, TMA-store one); "rounds" is a launch per 1024 rows (a push slot of N = 8192 bf16 elements) with the
     1024-row config. The launcher is recorded, not run."""
     from tpcomm.cuda import fused_gemm
     launches = []
@@ -139,7 +144,7 @@ def test_world1_launches_per_schedule(eng1, monkeypatch):
     for kw in ({}, {"schedule": "auto"}, {"schedule": "single"}):
         launches.clear()
         eng1.matmul_reduce_scatter(a, b, out, **kw)
-        assert launches == [(0, 0, 16384, 16384, 4, False)], (kw, launches)
+        assert launches == [(0, 0, 16384, 16384, 3, True)], (kw, launches)
     launches.clear()
     eng1.matmul_reduce_scatter(a, b, out, schedule="rounds")
     assert launches == [(lo, lo, 1024, 16384, 3, False) for lo in range(0, 16384, 1024)]

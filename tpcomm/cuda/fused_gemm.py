@@ -116,17 +116,36 @@ def matmul_reduce_scatter(eng, counters, a: torch.Tensor, b: torch.Tensor, out: 
                            schedule)
 
 
+# Schedule "single" (world 1): the tiles leave through TMA stores of half tiles (the core's
+# TMA-store epilogue), the table's config otherwise, its loop not flattened. Measured on one
+# H200 on 2026-12-03 (scripts/gpu_fused_rs_sweep.py --interleave 9: every variant timed
+# round-robin in one run with inductor's best Triton GEMM; benchmarks/results/
+# fused-rs-interleaved-h200x1-2026-12-03.md), bf16, K = 7168, N = 8192, us per call against
+# inductor: the core with pointer stores 737.9 / inductor 734.8 at M = 4096, with half-tile TMA
+# stores 716.8 (0.976 x; 1024: 0.953 x); the fused kernel's own pointer epilogue (sanitized bits)
+# 817.5 (1.113 x). At M = 16384 the 4-stage config with a whole-tile TMA store does not fit
+# shared memory (262 KB of 227); group 16, 3 stages, flattened, whole tiles: 0.987 x.
+SINGLE_DEFAULT = dict(flatten=False, epilogue_split=True, tma_store=True)
+SINGLE_CONFIGS = {
+    (torch.bfloat16, 16384, 8192, 7168): _gemm.GemmConfig(group_m=16, tma_store=True),
+}
+
+
 def _rs_plan(eng, a, b, gemm, schedule):
     """The GEMM plan of the fused reduce-scatter: the table's config for one launch's rows
     (all m rows with schedule "single"; else a round's R * rows, rows * N fitting a push
-    slot), on the push family's grid. With "single" the table's config loops without
-    flattening unless ``gemm`` names a config or ``flatten``: the all-gather GEMM's loop, the
-    one that met issue 14's target at every M on 2026-12-02 (its flattened form is within the
-    noise as a plain GEMM: 694.9 against 701.7 us at M = 4096)."""
+    slot), on the push family's grid. With "single" (world 1) a measured SINGLE_CONFIGS entry,
+    else the table's config with SINGLE_DEFAULT's fields (half-tile TMA stores, the loop not
+    flattened: the all-gather GEMM's loop), unless ``gemm`` names a config; fields in ``gemm``
+    replace either."""
     R, m, N = eng.world, a.shape[0] // eng.world, b.shape[1]
     if schedule == "single":
-        if "config" not in gemm and "flatten" not in gemm:
-            gemm = dict(gemm, flatten=False)
+        if "config" not in gemm:
+            measured = SINGLE_CONFIGS.get((a.dtype, _gemm.m_bucket(m), N, a.shape[1]))
+            if measured is not None:
+                gemm = dict(gemm, config=measured)
+            else:
+                gemm = {**SINGLE_DEFAULT, **gemm}
         return k_rs.plan(a, b, m, eng.layout.grid, **gemm)
     per_round = max(1, _slot(eng, a.element_size()) // max(1, N))
     return k_rs.plan(a, b, R * min(m, per_round), eng.layout.grid, **gemm)

@@ -60,14 +60,16 @@ class GemmConfig:
     warp_specialize: bool = False   # tl.range(warp_specialize=): refused (check_config: hangs)
     flatten: bool = True            # tl.range(flatten=): one pipelined loop over tiles x K
     epilogue_split: bool = False    # the epilogue in two [BLOCK_M, BLOCK_N / 2] halves
+    tma_store: bool = False         # local tiles leave through a host TMA descriptor over C
     num_sms: int | None = None      # programs of the persistent grid (None: the device's SMs)
 
     def name(self) -> str:
         ws = "_ws" if self.warp_specialize else ""
         fl = "" if self.flatten else "_nofl"
         sp = "_split" if self.epilogue_split else ""
+        st = "_tmastore" if self.tma_store else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k}_s{self.num_stages}"
-                f"_w{self.num_warps}_g{self.group_m}_{self.tma}{ws}{fl}{sp}")
+                f"_w{self.num_warps}_g{self.group_m}_{self.tma}{ws}{fl}{sp}{st}")
 
 
 # Measured tile table: (dtype, M bucket, N, K) -> config. M is the rows of one launch (a round
@@ -383,16 +385,26 @@ def _matmul_kernel(
                         C_DESC)
 
 
-def matmul(p: Plan, c: torch.Tensor, *, tma_store: bool = False, warmup: bool = False):
+def store_desc(c: torch.Tensor, cfg: GemmConfig):
+    """A host TMA descriptor over the 2-D ``c`` for the epilogue's boxes (a tile, or half a tile
+    with ``epilogue_split``), or None where TMA cannot describe ``c``. TMA clips a box at the
+    descriptor's shape only: ``c`` must be exactly the rows a launch may write."""
+    if not _tma_ok(c):
+        return None
+    bn = cfg.block_n // 2 if cfg.epilogue_split else cfg.block_n
+    return TensorDescriptor(c, list(c.shape), [c.stride(0), 1], [cfg.block_m, bn])
+
+
+def matmul(p: Plan, c: torch.Tensor, *, tma_store: bool | None = None, warmup: bool = False):
     """c [M, N] = the planned a @ b through the core, stored locally (pointer stores, or a
-    host-side TMA descriptor with ``tma_store`` where C allows one). ``warmup``: compile only."""
+    host-side TMA descriptor with ``tma_store``, default the config's, where C allows one).
+    ``warmup``: compile only."""
     cfg = p.config
     M, N = c.shape
     c_arg, c_desc = c, False
-    if tma_store and _tma_ok(c):
-        bn = cfg.block_n // 2 if cfg.epilogue_split else cfg.block_n
-        c_arg = TensorDescriptor(c, list(c.shape), [c.stride(0), 1], [cfg.block_m, bn])
-        c_desc = True
+    desc = store_desc(c, cfg) if (cfg.tma_store if tma_store is None else tma_store) else None
+    if desc is not None:
+        c_arg, c_desc = desc, True
     grid = p.grid(num_tiles(M, N, 1, cfg))
     fn = _matmul_kernel.warmup if warmup else _matmul_kernel[grid]
     kw = dict(grid=grid) if warmup else {}

@@ -111,17 +111,21 @@ def _matmul_reduce_scatter_kernel(
         WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
         DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         R: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr, ITEM: tl.constexpr,
-        SUB_M: tl.constexpr):
+        SUB_M: tl.constexpr, OUT_DESC: tl.constexpr):
     """Owner d's rows ``a[d*m + lo : d*m + lo + rows]`` times b, pushed to owner d's slot
     ``rank`` (this rank's own: into ``out`` rows ``out_row ..``, where its receive sums them);
     persistent over the R * cdiv(rows, BLOCK_M) * cdiv(N, BLOCK_N) tiles with NUM_SMS (= G)
-    programs."""
+    programs. ``OUT_DESC`` (world 1 only): ``out`` is a host TMA descriptor over exactly the
+    ``rows`` rows this launch writes (from ``out_row``), the tiles leave through TMA stores."""
     a, b = device_descs(a, b, M, N, K, stride_am, stride_bk, stride_bn, BLOCK_M, BLOCK_N,
                         BLOCK_K, A_DESC, B_DESC, B_T)
     pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
     slot_off = buf_off + rank * slot_stride * ITEM
     mine = my_recv_addr + buf_off
-    own = (out + out_row.to(tl.int64) * N).to(tl.pointer_type(ITYPE))
+    if OUT_DESC:
+        own = out
+    else:
+        own = (out + out_row.to(tl.int64) * N).to(tl.pointer_type(ITYPE))
     tiles = tile_count(rows, N, R, BLOCK_M, BLOCK_N)
     tile_c = pid - NUM_SMS   # the epilogue's own counter (as in Triton's persistent tutorial)
     own_r0 = -1              # the owned tile stored one step before (its rows; -1: none)
@@ -134,17 +138,26 @@ def _matmul_reduce_scatter_kernel(
                        EVEN_K, INPUT_PRECISION)
         tile_c += NUM_SMS
         d, r0, c0 = tile_coords(tile_c, rows, N, R, BLOCK_M, BLOCK_N, GROUP_M)
-        if d == rank:
-            dst = own
+        if OUT_DESC:   # world 1: no slot, no sentinel to avoid (a -0 becomes +0 as below)
+            if EPI_SPLIT:
+                left, right = halves(acc, BLOCK_M, BLOCK_N)
+                own.store([r0, c0], (left + 0.0).to(DTYPE))
+                own.store([r0, c0 + BLOCK_N // 2], (right + 0.0).to(DTYPE))
+            else:
+                own.store([r0, c0], (acc + 0.0).to(DTYPE))
         else:
-            dst = typed(pick(recv_addrs, d, R) + slot_off, ITYPE)
-        if EPI_SPLIT:
-            left, right = halves(acc, BLOCK_M, BLOCK_N)
-            _store_tile(left, dst, r0, c0, rows, N, DTYPE, ITYPE, CANON, BLOCK_M, BLOCK_N // 2)
-            _store_tile(right, dst, r0, c0 + BLOCK_N // 2, rows, N, DTYPE, ITYPE, CANON,
-                        BLOCK_M, BLOCK_N // 2)
-        else:
-            _store_tile(acc, dst, r0, c0, rows, N, DTYPE, ITYPE, CANON, BLOCK_M, BLOCK_N)
+            if d == rank:
+                dst = own
+            else:
+                dst = typed(pick(recv_addrs, d, R) + slot_off, ITYPE)
+            if EPI_SPLIT:
+                left, right = halves(acc, BLOCK_M, BLOCK_N)
+                _store_tile(left, dst, r0, c0, rows, N, DTYPE, ITYPE, CANON, BLOCK_M,
+                            BLOCK_N // 2)
+                _store_tile(right, dst, r0, c0 + BLOCK_N // 2, rows, N, DTYPE, ITYPE, CANON,
+                            BLOCK_M, BLOCK_N // 2)
+            else:
+                _store_tile(acc, dst, r0, c0, rows, N, DTYPE, ITYPE, CANON, BLOCK_M, BLOCK_N)
         if R > 1:   # world 1: the own tile is the result (nothing to receive)
             if own_r0 >= 0:
                 dead = _receive_tile(mine, slot_stride, own, own_r0, own_c0, rows, N, t0,
@@ -195,9 +208,15 @@ def matmul_reduce_scatter(p: _gemm.Plan, out, out_row, lo, rows, m, recv_addrs, 
     fn = (_matmul_reduce_scatter_kernel.warmup if warmup else
           _matmul_reduce_scatter_kernel[grid])
     kw = dict(grid=grid) if warmup else {}
+    out_arg, out_desc = out, False
+    if R == 1 and p.config.tma_store:   # a descriptor over exactly this launch's rows
+        desc = _gemm.store_desc(out.view(-1, p.n)[out_row:out_row + rows], p.config)
+        if desc is not None:
+            out_arg, out_desc = desc, True
     # flattening the tile loop with a receive (a spin loop) inside defeats Triton 3.6's
     # pipeliner: 2 TMA loads in flight, 48 KiB of shared memory, spills (compile_check, R = 4)
     meta = dict(p.meta, FLATTEN=p.meta["FLATTEN"] and R == 1)
-    return fn(*p.args, out, out_row, lo, m, rows, tuple(recv_addrs), my_recv_addr, buf_stride,
-              slot_stride, counters, err_dev, err_host, rank, timeout_ns, op, R=R, ITYPE=itype,
-              CANON=canon, ITEM=p.item, SUB_M=sub_rows(p, R), **meta, **kw)
+    return fn(*p.args, out_arg, out_row, lo, m, rows, tuple(recv_addrs), my_recv_addr,
+              buf_stride, slot_stride, counters, err_dev, err_host, rank, timeout_ns, op, R=R,
+              ITYPE=itype, CANON=canon, ITEM=p.item, SUB_M=sub_rows(p, R), OUT_DESC=out_desc,
+              **meta, **kw)
