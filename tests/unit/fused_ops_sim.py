@@ -135,6 +135,11 @@ def main():
                             tile=dict(host, tma_store=True, epilogue_split=False))
             check_matmul_rs(backs, tensors, 150, 48, 24, bf16, 18,
                             tile=dict(host, tma_store=False))
+            # the all-gather's GEMM at world 1 takes the same epilogue and loop choices
+            check_all_gather_matmul(backs, tensors, 150, 48, 24, bf16, 20,
+                                    tile=dict(host, tma_store=True, flatten=True))
+            check_all_gather_matmul(backs, tensors, 150, 48, 24, bf16, 21,
+                                    tile=dict(host, tma_store=False, epilogue_split=True))
             for split in (False, True):
                 check_rs_rows_after_out_kept(backs, 150, 48, 24, bf16, 19,
                                              dict(host, tma_store=True, epilogue_split=split))

@@ -17,8 +17,11 @@ K = 7168, N = 8192), in one run:
 
 Checked before timing: ``fused`` bitwise equal to ``core`` (same config, same arithmetic: one
 rounding of the same float32 tile), ``core`` within 2e-2 of max |torch.mm| (another summation
-order). Times: CUDA events around back-to-back calls (about 25 ms), median of 7 repetitions;
-inputs not rotated (b alone is 117 MB at the issue's shape, twice the L2).
+order). Times (``interleaved_us``): at each M every call is timed in 7 round-robin passes, one
+sample of back-to-back calls (about 25 ms, CUDA events) per call per pass, the median per call:
+the same clock and thermal drift fall on every column (on 2026-12-03 samples of one call in one
+run spread 4-37 %, as much as the configurations differ). Inputs not rotated (b alone is
+117 MB at the issue's shape, twice the L2).
 """
 from __future__ import annotations
 
@@ -74,9 +77,9 @@ def inputs(M: int, k: int, n: int, dtype, device, seed: int = 0):
     return a, b
 
 
-def op_row(eng, op: str, a: torch.Tensor, b: torch.Tensor, mm_out: torch.Tensor,
-           **time_kw) -> dict:
-    """One op at one M: fused and core, checked, then timed."""
+def op_calls(eng, op: str, a: torch.Tensor, b: torch.Tensor, mm_out: torch.Tensor):
+    """One op at one M, checked: (row, fused call, core call); the calls are None where the
+    check failed (the row says why)."""
     from ..cuda import fused_gemm
     from ..kernels import _gemm
     M, N = a.shape[0], b.shape[1]
@@ -92,11 +95,22 @@ def op_row(eng, op: str, a: torch.Tensor, b: torch.Tensor, mm_out: torch.Tensor,
     row["bitwise_fused_vs_core"] = bool(torch.equal(out, core))
     row["core_err_vs_torch_mm"] = rel_err(core, mm_out)
     row["ok"] = row["bitwise_fused_vs_core"] and row["core_err_vs_torch_mm"] <= TOL
-    if row["ok"]:
-        row["fused_us"] = time_us(lambda: fused(a, b, out), **time_kw)
-        row["core_us"] = time_us(lambda: _gemm.matmul(p, core), **time_kw)
-        eng.check(sync=True)
-    return row
+    if not row["ok"]:
+        return row, None, None
+    return row, (lambda: fused(a, b, out)), (lambda: _gemm.matmul(p, core))
+
+
+def interleaved_us(calls: dict, *, rounds: int = 7, target_ms: float = 25.0) -> dict:
+    """Median us per call of every callable in ``calls``, timed round-robin: ``rounds`` passes,
+    the order rotated each pass, one ~``target_ms`` sample of back-to-back calls per callable
+    per pass (``time_us`` with one repetition), so clock and thermal drift fall on all alike."""
+    keys = list(calls)
+    samples: dict = {k: [] for k in keys}
+    for r in range(rounds):
+        j = r % max(1, len(keys))
+        for k in keys[j:] + keys[:j]:
+            samples[k].append(time_us(calls[k], target_ms=target_ms, reps=1))
+    return {k: round(statistics.median(v), 1) for k, v in samples.items()}
 
 
 def inductor_mm():
@@ -113,65 +127,73 @@ def inductor_mm():
     return torch.compile(mm, mode="max-autotune-no-cudagraphs", dynamic=False)
 
 
-def inductor_us(a: torch.Tensor, b: torch.Tensor, mm_out: torch.Tensor, **time_kw) -> dict:
-    """Inductor's best Triton GEMM for the shape (``inductor_mm``): time per call, autotune +
-    compile seconds, error."""
-    f = inductor_mm()
-    t0 = time.perf_counter()
-    y = f(a, b)
-    torch.cuda.synchronize()
-    compile_s = round(time.perf_counter() - t0, 1)
-    return {"us": time_us(lambda: f(a, b), **time_kw), "compile_s": compile_s,
-            "err_vs_torch_mm": rel_err(y, mm_out)}
-
-
 def world1_table(ms, k: int, n: int, dtype=torch.bfloat16, *, device=None, ops=OPS,
                  inductor_ms=(), deadline: float | None = None, progress=None,
-                 on_row=None, **time_kw) -> dict:
-    """Every M of ``ms``: torch.mm, then each op's fused and core times; inductor at the Ms of
-    ``inductor_ms`` last (each skipped once ``time.perf_counter()`` passes ``deadline``).
-    ``progress(line)`` and ``on_row(result)`` after each measurement (a script that may be
-    stopped keeps what was measured). Returns {"torch_mm_us", "rows", "inductor"}."""
+                 on_row=None, rounds: int = 7, target_ms: float = 25.0) -> dict:
+    """Every M of ``ms``: torch.mm, each op's fused and core calls (checked first) and, at the
+    Ms of ``inductor_ms`` (skipped once ``time.perf_counter()`` passes ``deadline``), inductor's
+    best Triton GEMM, all timed together by ``interleaved_us`` (``rounds`` passes).
+    ``progress(line)`` and ``on_row(result)`` after each M (a script that may be stopped keeps
+    what was measured). Returns {"torch_mm_us", "rows", "inductor", "method"}."""
     device = torch.device(device or "cuda")
     eng = world1_engine(device)
-    res = {"torch_mm_us": {}, "rows": [], "inductor": {}}
+    res = {"torch_mm_us": {}, "rows": [], "inductor": {},
+           "method": f"interleaved: {rounds} round-robin passes, one ~{target_ms:g} ms sample "
+                     "per call per pass (CUDA events), median"}
     say = progress or (lambda line: None)
     try:
         for M in ms:
+            t0 = time.perf_counter()
             a, b = inputs(M, k, n, dtype, device)
             mm_out = torch.mm(a, b)
-            res["torch_mm_us"][M] = time_us(lambda: torch.mm(a, b), **time_kw)
-            say(f"torch.mm M={M}: {res['torch_mm_us'][M]} us")
+            calls = {"torch_mm": lambda: torch.mm(a, b)}
+            rows = []
             for op in ops:
-                t0 = time.perf_counter()
                 try:
-                    row = op_row(eng, op, a, b, mm_out, **time_kw)
+                    row, fused, core = op_calls(eng, op, a, b, mm_out)
                 except Exception as e:  # noqa: BLE001 - a compile or launch failure: say so
-                    row = {"op": op, "M": M, "K": k, "N": n, "config": "-", "ok": False,
-                           "bitwise_fused_vs_core": None, "core_err_vs_torch_mm": float("nan"),
-                           "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    row, fused, core = ({"op": op, "M": M, "K": k, "N": n, "config": "-",
+                                         "ok": False, "bitwise_fused_vs_core": None,
+                                         "core_err_vs_torch_mm": float("nan"),
+                                         "error": f"{type(e).__name__}: {str(e)[:300]}"},
+                                        None, None)
+                rows.append(row)
+                if fused is not None:
+                    calls[(op, "fused")], calls[(op, "core")] = fused, core
+            if M in inductor_ms:
+                if deadline is not None and time.perf_counter() > deadline:
+                    res["inductor"][M] = {"skipped": "past the deadline"}
+                else:
+                    try:
+                        f = inductor_mm()
+                        t1 = time.perf_counter()
+                        y = f(a, b)
+                        torch.cuda.synchronize()
+                        res["inductor"][M] = {"compile_s": round(time.perf_counter() - t1, 1),
+                                              "err_vs_torch_mm": rel_err(y, mm_out)}
+                        calls["inductor"] = lambda: f(a, b)
+                    except Exception as e:  # noqa: BLE001 - reported in the table
+                        res["inductor"][M] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            times = interleaved_us(calls, rounds=rounds, target_ms=target_ms)
+            eng.check(sync=True)
+            res["torch_mm_us"][M] = times["torch_mm"]
+            if "inductor" in times:
+                res["inductor"][M]["us"] = times["inductor"]
+            for row in rows:
+                if (row["op"], "fused") in times:
+                    row["fused_us"] = times[(row["op"], "fused")]
+                    row["core_us"] = times[(row["op"], "core")]
                 res["rows"].append(row)
-                say(f"{op} M={M}: fused {row.get('fused_us', 'WRONG')} us, core "
+                say(f"{row['op']} M={M}: fused {row.get('fused_us', 'WRONG')} us, core "
                     f"{row.get('core_us', '-')} us ({row['config']}; bitwise = core: "
-                    f"{row['bitwise_fused_vs_core']}{'; ' + row['error'] if 'error' in row else ''}"
-                    f") [{time.perf_counter() - t0:.1f} s]")
-                if on_row:
-                    on_row(res)
-            del a, b, mm_out
-            torch.cuda.empty_cache()
-        for M in inductor_ms:
-            if deadline is not None and time.perf_counter() > deadline:
-                res["inductor"][M] = {"skipped": "past the deadline"}
-                say(f"inductor M={M}: skipped (past the deadline)")
-                continue
-            a, b = inputs(M, k, n, dtype, device)
-            try:
-                res["inductor"][M] = inductor_us(a, b, torch.mm(a, b), **time_kw)
-            except Exception as e:  # noqa: BLE001 - reported in the table
-                res["inductor"][M] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-            say(f"inductor M={M}: {res['inductor'][M]}")
+                    f"{row['bitwise_fused_vs_core']}"
+                    f"{'; ' + row['error'] if 'error' in row else ''})")
+            say(f"M={M}: torch.mm {times['torch_mm']} us, inductor "
+                f"{res['inductor'].get(M, {}).get('us', '-')} us [{time.perf_counter() - t0:.1f} s]")
             if on_row:
                 on_row(res)
+            del a, b, mm_out, calls
+            torch.cuda.empty_cache()
     finally:
         eng.close()
     return res

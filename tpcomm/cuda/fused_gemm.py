@@ -131,6 +131,17 @@ SINGLE_CONFIGS = {
 }
 
 
+def _single(gemm: dict, dtype, m: int, n: int, k: int) -> dict:
+    """``gemm`` for one world-1 launch over all m rows: a measured SINGLE_CONFIGS entry, else
+    SINGLE_DEFAULT's fields under those given; as given where it names a config."""
+    if "config" in gemm:
+        return gemm
+    measured = SINGLE_CONFIGS.get((dtype, _gemm.m_bucket(m), n, k))
+    if measured is not None:
+        return dict(gemm, config=measured)
+    return {**SINGLE_DEFAULT, **gemm}
+
+
 def _rs_plan(eng, a, b, gemm, schedule):
     """The GEMM plan of the fused reduce-scatter: the table's config for one launch's rows
     (all m rows with schedule "single"; else a round's R * rows, rows * N fitting a push
@@ -140,33 +151,31 @@ def _rs_plan(eng, a, b, gemm, schedule):
     replace either."""
     R, m, N = eng.world, a.shape[0] // eng.world, b.shape[1]
     if schedule == "single":
-        if "config" not in gemm:
-            measured = SINGLE_CONFIGS.get((a.dtype, _gemm.m_bucket(m), N, a.shape[1]))
-            if measured is not None:
-                gemm = dict(gemm, config=measured)
-            else:
-                gemm = {**SINGLE_DEFAULT, **gemm}
-        return k_rs.plan(a, b, m, eng.layout.grid, **gemm)
+        return k_rs.plan(a, b, m, eng.layout.grid, **_single(gemm, a.dtype, m, N, a.shape[1]))
     per_round = max(1, _slot(eng, a.element_size()) // max(1, N))
     return k_rs.plan(a, b, R * min(m, per_round), eng.layout.grid, **gemm)
 
 
 def _ag_plan(eng, a_shard, b, gemm):
-    """The GEMM plan of the fused all-gather + GEMM: the table's config for one round's rows
-    (world 1: the whole shard), on the push family's grid."""
+    """The GEMM plan of the fused all-gather + GEMM: the table's config for one round's rows,
+    its loop not flattened (a flag wait inside); at world 1 (one round of the whole shard,
+    nothing to wait for) the reduce-scatter's "single" config (``_single``)."""
     R, (m, K) = eng.world, a_shard.shape
+    if R == 1:
+        return k_ag.plan(a_shard, b, m, eng.layout.grid,
+                         **_single(gemm, a_shard.dtype, m, b.shape[1], K))
     slot_rows = _slot(eng, a_shard.element_size()) // max(1, K)
-    return k_ag.plan(a_shard, b, m if R == 1 else R * min(m, max(1, slot_rows)),
-                     eng.layout.grid, **gemm)
+    return k_ag.plan(a_shard, b, R * min(m, max(1, slot_rows)), eng.layout.grid, **gemm)
 
 
 def gemm_config(eng, op: str, a: torch.Tensor, b: torch.Tensor, **gemm) -> _gemm.GemmConfig:
     """The tile configuration the GEMM of fused ``op`` runs for ``a`` x ``b`` (benchmarks time
-    the plain core with it: the fused kernel without its communication). The all-gather's
-    GEMM, and the reduce-scatter's beyond world 1, loop over tiles without flattening
-    (``flatten=False`` whatever the table says). ``schedule``: the reduce-scatter's."""
+    the plain core with it: the fused kernel without its communication). Beyond world 1 both
+    loop over tiles without flattening (``flatten=False`` whatever the table says).
+    ``schedule``: the reduce-scatter's."""
     if op == "all_gather_matmul":
-        return dataclasses.replace(_ag_plan(eng, a, b, dict(gemm)).config, flatten=False)
+        cfg = _ag_plan(eng, a, b, dict(gemm)).config
+        return cfg if eng.world == 1 else dataclasses.replace(cfg, flatten=False)
     gemm = dict(gemm)
     schedule = _schedule(eng, gemm)
     rows = a.shape[0] // eng.world * eng.world

@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from . import _gemm
-from ._gemm import device_descs, mainloop, pick, tile_coords
+from ._gemm import device_descs, halves, mainloop, pick, tile_coords
 from ._lamport import prologue, typed
 from ._tile_sync import fence_async_proxy, signal_flag, wait_flag, wait_flags_below
 from .barrier import OP_ALL_GATHER_MATMUL, record_error
@@ -107,11 +107,14 @@ def _all_gather_matmul_kernel(
         B_DESC: tl.constexpr, B_T: tl.constexpr, EVEN_K: tl.constexpr,
         WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
         DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        R: tl.constexpr, RECV_DESC: tl.constexpr, MAX_T: tl.constexpr):
+        R: tl.constexpr, RECV_DESC: tl.constexpr, MAX_T: tl.constexpr,
+        OUT_DESC: tl.constexpr):
     """out rows ``q*m + lo ..`` (+ ``rows``) = shard q's rows ``lo..lo+rows`` times b for every
     q, read from this rank's region as their flags arrive (world 1: from ``a``, this rank's
     [m, K]); persistent over R * cdiv(rows, BLOCK_M) * cdiv(N, BLOCK_N) tiles with NUM_SMS
-    (= G) programs."""
+    (= G) programs. ``OUT_DESC`` (world 1 only): ``out`` is a host TMA descriptor over exactly
+    the ``rows`` rows from ``lo``, the tiles leave through TMA stores (halves with EPI_SPLIT);
+    FLATTEN is honoured at world 1 only (beyond it the loop holds a flag wait)."""
     a, b = device_descs(a, b, M, N, K, stride_am, stride_bk, stride_bn, BLOCK_M, BLOCK_N,
                         BLOCK_K, A_DESC, B_DESC, B_T)
     pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
@@ -121,7 +124,7 @@ def _all_gather_matmul_kernel(
             recv = tl.make_tensor_descriptor(recv, shape=[R * srows, K], strides=[K, 1],
                                              block_shape=[BLOCK_M, BLOCK_K])
     per_shard = tl.cdiv(rows, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(pid, R * per_shard, NUM_SMS, flatten=False):
+    for tile in tl.range(pid, R * per_shard, NUM_SMS, flatten=FLATTEN):
         s = tile // per_shard
         q = (rank + s) % R
         _, r0, c0 = tile_coords(tile - s * per_shard, rows, N, 1, BLOCK_M, BLOCK_N, GROUP_M)
@@ -139,10 +142,18 @@ def _all_gather_matmul_kernel(
             acc = mainloop(recv, b, q * srows + r0, rows - r0, c0, N, K, K, 1, stride_bk,
                            stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, RECV_DESC, B_DESC, B_T, EVEN_K,
                            INPUT_PRECISION)
-        ri = r0 + tl.arange(0, BLOCK_M)
-        cj = c0 + tl.arange(0, BLOCK_N)
-        ptrs = out + (q * m + lo + ri).to(tl.int64)[:, None] * stride_om + cj[None, :]
-        tl.store(ptrs, acc.to(DTYPE), mask=(ri < rows)[:, None] & (cj < N)[None, :])
+        if OUT_DESC:
+            if EPI_SPLIT:
+                left, right = halves(acc, BLOCK_M, BLOCK_N)
+                out.store([r0, c0], left.to(DTYPE))
+                out.store([r0, c0 + BLOCK_N // 2], right.to(DTYPE))
+            else:
+                out.store([r0, c0], acc.to(DTYPE))
+        else:
+            ri = r0 + tl.arange(0, BLOCK_M)
+            cj = c0 + tl.arange(0, BLOCK_N)
+            ptrs = out + (q * m + lo + ri).to(tl.int64)[:, None] * stride_om + cj[None, :]
+            tl.store(ptrs, acc.to(DTYPE), mask=(ri < rows)[:, None] & (cj < N)[None, :])
     if R > 1:
         if pid == 0:   # this rank's push has read the epoch: the counters may move on
             dead, late = wait_flags_below(my_flags + rank * MAX_T * 8, tl.cdiv(rows, BLOCK_M),
@@ -224,6 +235,12 @@ def all_gather_matmul(p: _gemm.Plan, out, lo, rows, m, world, my_recv_addr, srow
         _gemm.ensure_allocator()
     fn = _all_gather_matmul_kernel.warmup if warmup else _all_gather_matmul_kernel[grid]
     kw = dict(grid=grid) if warmup else {}
-    return fn(*p.args, out, out.stride(0), lo, m, rows, my_recv_addr, srows, my_flags,
+    out_arg, out_desc = out, False
+    if world == 1 and p.config.tma_store:   # a descriptor over exactly this launch's rows
+        desc = _gemm.store_desc(out[lo:lo + rows], p.config)
+        if desc is not None:
+            out_arg, out_desc = desc, True
+    meta = dict(p.meta, FLATTEN=p.meta["FLATTEN"] and world == 1)
+    return fn(*p.args, out_arg, out.stride(0), lo, m, rows, my_recv_addr, srows, my_flags,
               buf_stride, counters, err_dev, err_host, rank, timeout_ns, R=world,
-              RECV_DESC=recv, MAX_T=MAX_T, **p.meta, **kw)
+              RECV_DESC=recv, MAX_T=MAX_T, OUT_DESC=out_desc, **meta, **kw)
