@@ -116,22 +116,26 @@ def test_refusals_name_the_op_and_the_limit():
 
 def test_world1_table_ratios():
     from tpcomm.bench.fused_gemm import table_lines
-    res = {"torch_mm_us": {1024: 170.0}, "inductor": {1024: {"us": 182.0},
-                                                      4096: {"skipped": "past the deadline"}},
+    res = {"torch_mm_us": {1024: 170.0}, "torch_mm_graph_us": {"1024": 160.0},
+           "inductor": {1024: {"us": 182.0, "graph_us": 164.0},
+                        4096: {"skipped": "past the deadline"}},
            "rows": [{"op": "matmul_reduce_scatter", "M": 1024, "K": 7168, "N": 8192,
-                     "fused_us": 175.0, "core_us": 166.0, "config": "c", "ok": True},
+                     "fused_us": 175.0, "core_us": 166.0, "fused_graph_us": 162.0,
+                     "config": "c", "ok": True},
                     {"op": "all_gather_matmul", "M": 1024, "K": 7168, "N": 8192,
                      "config": "c", "ok": False}]}
     lines = table_lines(res)
     assert lines[2] == ("| matmul_reduce_scatter | 1024 | 7168 | 8192 | 170.0 | 182.0 | 166.0 | "
-                        "175.0 | 1.054 | 0.962 | 1.029 | c |")
+                        "175.0 | 1.054 | 0.962 | 1.029 | 160.0 | 164.0 | 162.0 | 0.988 | "
+                        "1.012 | c |")
     assert "| WRONG |" in lines[3] and lines[-1].startswith("- inductor M=4096: {'skipped'")
 
 
 def test_world1_launches_per_schedule(eng1, monkeypatch):
     """At world 1 "single" (the default) is one launch over all rows with its config for M
-    (at 16384 the measured 3-stage, flattened, TMA-store one); "rounds" is a launch per 1024 rows (a push slot of N = 8192 bf16 elements) with the
-    1024-row config. The launcher is recorded, not run."""
+    (at 16384 the measured 3-stage, flattened, TMA-store one); "rounds" is a launch per 1024
+    rows (a push slot of N = 8192 bf16 elements) with the 1024-row config. The launcher is
+    recorded, not run."""
     from tpcomm.cuda import fused_gemm
     launches = []
 

@@ -115,7 +115,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also time tpcomm with this many chunks forced (default 4 at world 1, "
                         "where the automatic choice is 1)")
     p.add_argument("--iters", type=positive_int, default=10, help="calls per repetition")
-    p.add_argument("--reps", type=positive_int, default=5, help="repetitions (median reported)")
+    p.add_argument("--reps", type=positive_int, default=5,
+                   help="repetitions (median reported); with --fused-gemm also its round-robin "
+                        "passes (at least 7)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds the whole run may take when it starts its own ranks")
@@ -370,7 +372,8 @@ def _fused_gemm_table(config: OverlapBenchConfig, device, world: int):
     from . import fused_gemm
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if config.progress else None
     return fused_gemm.world1_table(config.ms, config.k, config.n, DTYPES[config.dtype],
-                                   device=device, inductor_ms=config.inductor_ms, progress=say)
+                                   device=device, inductor_ms=config.inductor_ms, progress=say,
+                                   rounds=max(config.reps, 7))
 
 
 def run(config: OverlapBenchConfig) -> dict:
