@@ -284,10 +284,10 @@ def test_names_are_the_vocabulary_of_tpcomm_algorithms():
     """tpcomm's kernels carry tpcomm.algorithms' names (what stats and errors print), the
     baselines `tpcomm bench`'s contender names; `tpcomm plan` prints those and no other."""
     from tpcomm import algorithms
-    from tpcomm.bench import backends as contenders
+    from tpcomm.bench import contenders
     for a in cost_model.TPCOMM_ALGORITHMS:
         algorithms.check("all_reduce", a, "cuda")            # raises for a name it lacks
-    assert set(cost_model.BASELINES) <= set(contenders.BACKENDS)
+    assert set(cost_model.BASELINES) <= set(contenders.CONTENDERS)
     rows = plan_cli.plan_rows(cost_model.Cluster(1, 4, cost_model.h200()), [2 * K, 64 * M])
     names = set(rows[0]["candidates"])
     assert names == set(cost_model.TPCOMM_ALGORITHMS) | set(cost_model.BASELINES)
