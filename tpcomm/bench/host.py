@@ -24,7 +24,7 @@ Rows on a GPU (world 1, one process; a group of one over NCCL):
   (``cuda/emulated.py``), ``algorithm="one_shot"`` (the push kernel up to 256 KiB), next to
   that engine called directly: the difference is the Communicator's own cost;
 - tpcomm's GPU engine over 2 emulated ranks on one GPU (each rank its own stream), per rank
-  call: one_shot_push, one_shot_pull, two_shot, ring; and the loop's stream switch alone.
+  call: one_shot/push, one_shot/pull, two_shot, ring; and the loop's stream switch alone.
 
 Rows on a CPU (2 ranks, each also in a group of one): ``torch.add``, tpcomm
 ``Communicator.all_reduce`` at world 1 (local) and world 2 (shared memory), gloo at world 1 and
@@ -49,7 +49,7 @@ from .args import check_outputs, positive_int, resolve_device
 from .output import markdown_table, text_table, write_outputs
 from .report import human_size
 
-ALGOS = ("one_shot_push", "one_shot_pull", "two_shot", "ring")
+ALGOS = ("one_shot/push", "one_shot/pull", "two_shot", "ring")   # tpcomm.algorithms' names
 BASE_1 = "triton 1-arg, dispatcher"
 BASE_16 = "triton 16-arg, CompiledKernel.run"
 
