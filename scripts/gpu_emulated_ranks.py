@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tpcomm.errors import (CommunicatorBrokenError, MismatchError,  # noqa: E402
                            PeerTimeoutError)
-from tpcomm.cuda.emulated import make_emulated_group  # noqa: E402
+from tpcomm.cuda.emulated import StreamRanks  # noqa: E402
 from tpcomm.reference import add_rms_norm  # noqa: E402
 from tpcomm.testing import exact  # noqa: E402
 
@@ -49,33 +49,12 @@ GRID = 16          # blocks per rank: 4 ranks x 16 blocks stay resident on 132 S
 DEV = torch.device("cuda", 0)
 
 
-class Ranks:
+class Ranks(StreamRanks):
     """R emulated ranks: backends and one stream each; ``run`` launches fn(r) on rank r's
-    stream for every r, then (outside capture) joins the streams to the current one."""
+    stream for every r, then joins the streams to the current one (tpcomm.cuda.emulated)."""
 
     def __init__(self, world, max_bytes, timeout_s=20.0):
-        self.world = world
-        self.backs, self.tensors = make_emulated_group(world, max_bytes, GRID, device=DEV,
-                                                       timeout_s=timeout_s)
-        self.streams = [torch.cuda.Stream(DEV) for _ in range(world)]
-
-    def run(self, fn):
-        main = torch.cuda.current_stream(DEV)
-        start = torch.cuda.Event()
-        start.record(main)
-        for r, s in enumerate(self.streams):
-            s.wait_event(start)
-            with torch.cuda.stream(s):
-                fn(r)
-        for s in self.streams:
-            ev = torch.cuda.Event()
-            ev.record(s)
-            main.wait_event(ev)
-
-    def check(self):
-        torch.cuda.synchronize(DEV)
-        for b in self.backs:
-            b.check(sync=True)
+        super().__init__(world, max_bytes, GRID, device=DEV, timeout_s=timeout_s)
 
 
 def _want_sum(numel, world, dtype, salt, offset=0):
@@ -556,6 +535,26 @@ def mismatch_case(world, failures, tally):
     tally[f"mismatch_w{world}"] = res
 
 
+def _graph_us(fn, calls: int = 100, reps: int = 5) -> float:
+    """Microseconds per call of ``fn``: ``calls`` calls captured in one CUDA graph, replayed once
+    untimed, then ``reps`` timed replays (CUDA events; the median, rounded to 0.01 us)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize(DEV)
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / calls)
+    return round(sorted(times)[reps // 2], 2)
+
+
 LATENCY_SIZES = (1024, 8192, 65536, 262144)   # bf16 elements: 2 KiB .. 512 KiB
 
 
@@ -578,21 +577,7 @@ def latency_case(world, failures, tally):
             want = _want_sum(n, world, torch.bfloat16, 3)
             if not all(torch.equal(o, want) for o in outs):
                 failures.append(f"latency {algo} {n}: wrong sum")
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(100):
-                    step()
-            graph.replay()
-            torch.cuda.synchronize(DEV)
-            times = []
-            for _ in range(5):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graph.replay()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1000 / 100)
-            res[f"{algo}_{2 * n // 1024}KiB_us"] = round(sorted(times)[2], 2)
+            res[f"{algo}_{2 * n // 1024}KiB_us"] = _graph_us(step)
             g.check()
     tally[f"latency_w{world}_emulated"] = res
     print(f"latency w{world} (graph replays, us per call): {json.dumps(res)}", flush=True)
@@ -625,21 +610,7 @@ def fused_timing(g: Ranks, tally):
         for name, fn in (("fused", fused), ("unfused", unfused)):
             fn()
             torch.cuda.synchronize(DEV)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(100):
-                    fn()
-            graph.replay()
-            torch.cuda.synchronize(DEV)
-            times = []
-            for _ in range(5):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graph.replay()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1000 / 100)
-            res[f"{name}_rows{rows}_us"] = round(sorted(times)[2], 2)
+            res[f"{name}_rows{rows}_us"] = _graph_us(fn)
         g.check()
     tally[f"fused_norm_timing_w{world}_emulated"] = res
 

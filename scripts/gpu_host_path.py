@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tpcomm.cuda.emulated import make_emulated_group  # noqa: E402
+from tpcomm.cuda.emulated import StreamRanks, make_emulated_group  # noqa: E402
 from tpcomm.testing import exact  # noqa: E402
 
 DEV = torch.device("cuda", 0)
@@ -59,32 +59,17 @@ def report(name: str, ok: bool | None, detail: str = "") -> None:
     print(f"{word} {name}{': ' + detail if detail else ''}", flush=True)
 
 
-class Group:
-    """``world`` emulated ranks, one stream each; ``dispatch``: every kernel through Triton's
-    dispatcher."""
+class Group(StreamRanks):
+    """``world`` emulated ranks, one stream each (tpcomm.cuda.emulated); ``dispatch``: every
+    kernel through Triton's dispatcher."""
 
     def __init__(self, world: int, dispatch: bool):
-        self.world = world
-        self.backs, _ = make_emulated_group(world, MAX_BYTES, GRID, device=DEV, timeout_s=10.0)
-        self.streams = [torch.cuda.Stream(DEV) for _ in range(world)]
+        super().__init__(world, MAX_BYTES, GRID, device=DEV, timeout_s=10.0)
         for b in self.backs:
             if dispatch:
                 _force_dispatch(b)
             else:
                 b._verify = True
-
-    def run(self, fn) -> None:
-        main = torch.cuda.current_stream(DEV)
-        start = torch.cuda.Event()
-        start.record(main)
-        for r, s in enumerate(self.streams):
-            s.wait_event(start)
-            with torch.cuda.stream(s):
-                fn(r)
-        for s in self.streams:
-            ev = torch.cuda.Event()
-            ev.record(s)
-            main.wait_event(ev)
 
     def sites(self) -> list:
         return [s for b in self.backs for s in b._sites.values()]
@@ -228,6 +213,17 @@ def _exact(got: list, want) -> bool:
     return want is None or all(torch.equal(rg[0], want) for rg in got)
 
 
+def _agree(lean: Group, disp: Group, L: tuple, D: tuple, salt: int, what: str) -> bool:
+    """The two groups' outputs of a case bitwise equal, and exact sums where the case has them
+    (``L``, ``D``: the case made on each group); else a FAIL line ``what``."""
+    got_l, got_d = _outputs(lean, L[1]), _outputs(disp, D[1])
+    want = L[3](salt) if L[3] else None
+    if _same(got_l, got_d) and _exact(got_l, want):
+        return True
+    report(what, False, "lean and dispatcher differ" if not _same(got_l, got_d) else "wrong sum")
+    return False
+
+
 def check_world(world: int, deadline: float) -> None:
     lean, disp = Group(world, dispatch=False), Group(world, dispatch=True)
     eager_ok, graph_ok, n_cases = True, True, 0
@@ -244,13 +240,8 @@ def check_world(world: int, deadline: float) -> None:
                 for g, c in ((lean, L), (disp, D)):
                     c[2](salt + k)
                     g.run(c[0])
-                got_l, got_d = _outputs(lean, L[1]), _outputs(disp, D[1])
-                want = L[3](salt + k) if L[3] else None
-                if not (_same(got_l, got_d) and _exact(got_l, want)):
+                if not _agree(lean, disp, L, D, salt + k, f"world {world} eager {name} call {k}"):
                     eager_ok = False
-                    report(f"world {world} eager {name} call {k}", False,
-                           "lean and dispatcher differ" if not _same(got_l, got_d)
-                           else "wrong sum")
                     break
             # graph: capture one call per rank per group, change inputs, replay twice
             graphs = []
@@ -264,13 +255,8 @@ def check_world(world: int, deadline: float) -> None:
                 for (g, c), graph in zip(((lean, L), (disp, D)), graphs):
                     c[2](s)
                     graph.replay()
-                got_l, got_d = _outputs(lean, L[1]), _outputs(disp, D[1])
-                want = L[3](s) if L[3] else None
-                if not (_same(got_l, got_d) and _exact(got_l, want)):
+                if not _agree(lean, disp, L, D, s, f"world {world} graph {name} replay {k}"):
                     graph_ok = False
-                    report(f"world {world} graph {name} replay {k}", False,
-                           "lean and dispatcher differ" if not _same(got_l, got_d)
-                           else "wrong sum")
                     break
             n_cases += 1
         if not n_cases:

@@ -34,6 +34,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+from tpcomm.cuda.emulated import run_on_streams
 from tpcomm.errors import PeerTimeoutError
 
 GRID = 16          # blocks per rank: 4 ranks x 16 blocks stay resident on any recent GPU
@@ -93,17 +94,7 @@ class EmulatedRanks:
 
     def run(self, fn) -> None:
         """fn(r) on rank r's stream, for every rank; the current stream waits for all."""
-        main = torch.cuda.current_stream(self.device)
-        start = torch.cuda.Event()
-        start.record(main)
-        for r, s in enumerate(self.streams):
-            s.wait_event(start)
-            with torch.cuda.stream(s):
-                fn(r)
-        for s in self.streams:
-            ev = torch.cuda.Event()
-            ev.record(s)
-            main.wait_event(ev)
+        run_on_streams(self.streams, fn, self.device)
 
     def warm(self, fn) -> None:
         """``run(fn)`` then :meth:`check`: fn(r) should make ONE call, so that a kernel it

@@ -53,7 +53,7 @@ def test_sweep_tpcomm_against_gloo(tmp_path):
     assert all("gloo" in r["speedup"] for r in tpcomm_rows)
     meta = doc["meta"]
     assert meta["world_size"] == 2 and meta["command"].startswith("tpcomm bench --backends")
-    assert meta["backends"]["tpcomm"].startswith("tpcomm.Communicator, backend 'shm'")
+    assert meta["backends"]["tpcomm"].startswith("tpcomm.Communicator, engine 'shm'")
     for text in ("# tpcomm", "x gloo", "#wrong", "# summary"):
         assert text in proc.stdout
     assert "| size | tpcomm (us) | gloo (us) | x gloo |" in (tmp_path / "run.md").read_text()

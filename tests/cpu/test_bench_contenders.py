@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tpcomm.bench import backends, contenders_cpu
+from tpcomm.bench import contenders, contenders_cpu
 
 pytestmark = pytest.mark.cpu
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -18,16 +18,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_a_missing_contender_says_what_to_install(monkeypatch):
     monkeypatch.setattr(contenders_cpu.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="pip install mpi4py"):
-        backends.resolve_backends("tpcomm,mpi", "cpu", "all_reduce")
+        contenders.resolve_contenders("tpcomm,mpi", "cpu", "all_reduce")
     with pytest.raises(ValueError, match="pip install deepspeed"):
-        backends.resolve_backends("tpcomm,deepspeed_shm", "cpu", "all_reduce")
+        contenders.resolve_contenders("tpcomm,deepspeed_shm", "cpu", "all_reduce")
 
 
 def test_contenders_are_cpu_all_reduce_only():
     with pytest.raises(ValueError, match="all_reduce only"):
-        backends.resolve_backends("tpcomm,mpi_openmpi", "cpu", "all_gather")
+        contenders.resolve_contenders("tpcomm,mpi_openmpi", "cpu", "all_gather")
     with pytest.raises(ValueError, match="does not run on cuda"):
-        backends.resolve_backends("tpcomm,mpi_mpich", "cuda", "all_reduce")
+        contenders.resolve_contenders("tpcomm,mpi_mpich", "cuda", "all_reduce")
 
 
 def _deepspeed_built() -> bool:
@@ -37,7 +37,7 @@ def _deepspeed_built() -> bool:
 
 
 def test_installed_contenders_run_in_one_table(tmp_path):
-    names = [n for n in backends.CONTENDERS if contenders_cpu.why_unavailable(n) is None]
+    names = [n for n in contenders.EXTERNAL if contenders_cpu.why_unavailable(n) is None]
     if "deepspeed_shm" in names and not _deepspeed_built():
         names.remove("deepspeed_shm")
     if not names:

@@ -3,37 +3,37 @@ refused before any rank starts, with what it needs, wherever it cannot run; neve
 backends that need torch's CUDA symmetric-memory backend in the same process."""
 import pytest
 
-from tpcomm.bench import backends
+from tpcomm.bench import contenders
 
 
 def test_refusals_name_what_is_needed():
-    old = backends.why_nccl_symm_unavailable(nccl=(2, 26, 5), takes_nccl=True)
+    old = contenders.why_nccl_symm_unavailable(nccl=(2, 26, 5), takes_nccl=True)
     assert "NCCL >= 2.27" in old and "2.26.5" in old
-    no_backend = backends.why_nccl_symm_unavailable(nccl=(2, 27, 3), takes_nccl=False)
+    no_backend = contenders.why_nccl_symm_unavailable(nccl=(2, 27, 3), takes_nccl=False)
     assert "set_backend" in no_backend and "torch >= 2.9" in no_backend
-    assert backends.why_nccl_symm_unavailable(nccl=(2, 28, 3), takes_nccl=True) is None
+    assert contenders.why_nccl_symm_unavailable(nccl=(2, 28, 3), takes_nccl=True) is None
 
 
 def test_a_cpu_torch_refuses_instead_of_crashing(monkeypatch):
-    monkeypatch.setattr(backends, "_nccl_tuple", lambda: None)
+    monkeypatch.setattr(contenders, "_nccl_tuple", lambda: None)
     with pytest.raises(ValueError, match="nccl_symm needs torch built with NCCL"):
-        backends.resolve_backends("nccl_symm,nccl", "cuda", "all_reduce")
+        contenders.resolve_contenders("nccl_symm,nccl", "cuda", "all_reduce")
 
 
 def test_resolution_where_available(monkeypatch):
-    monkeypatch.setattr(backends, "_nccl_tuple", lambda: (2, 27, 7))
-    monkeypatch.setattr(backends, "_symm_mem_takes_nccl", lambda: True)
-    assert backends.resolve_backends("nccl_symm,nccl", "cuda", "all_reduce") == ["nccl_symm",
+    monkeypatch.setattr(contenders, "_nccl_tuple", lambda: (2, 27, 7))
+    monkeypatch.setattr(contenders, "_symm_mem_takes_nccl", lambda: True)
+    assert contenders.resolve_contenders("nccl_symm,nccl", "cuda", "all_reduce") == ["nccl_symm",
                                                                                   "nccl"]
     for other in ("tpcomm", "symm_mem", "symm_mem_two_shot"):
-        with pytest.raises(ValueError, match="run of its own, --backends nccl_symm,nccl"):
-            backends.resolve_backends(f"nccl_symm,{other}", "cuda", "all_reduce")
+        with pytest.raises(ValueError, match="run of its own, --contenders nccl_symm,nccl"):
+            contenders.resolve_contenders(f"nccl_symm,{other}", "cuda", "all_reduce")
     with pytest.raises(ValueError, match="all_reduce only"):
-        backends.resolve_backends("nccl_symm,nccl", "cuda", "all_gather")
+        contenders.resolve_contenders("nccl_symm,nccl", "cuda", "all_gather")
     with pytest.raises(ValueError, match="does not run on cpu"):
-        backends.resolve_backends("nccl_symm", "cpu", "all_reduce")
+        contenders.resolve_contenders("nccl_symm", "cpu", "all_reduce")
 
 
 def test_this_torch_is_judged_without_error():
-    why = backends.why_nccl_symm_unavailable()
-    assert why is None or why.startswith("backend nccl_symm needs")
+    why = contenders.why_nccl_symm_unavailable()
+    assert why is None or why.startswith("contender nccl_symm needs")

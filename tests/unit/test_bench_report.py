@@ -7,7 +7,7 @@ import pytest
 
 from tpcomm.bench import cli as bench_cli
 from tpcomm.bench import plot, report
-from tpcomm.bench.backends import resolve_backends
+from tpcomm.bench.contenders import resolve_contenders
 from tpcomm.cli.progress import Progress
 from tpcomm.bench.report import Row
 from tpcomm.cli import UsageError, build_parser, main
@@ -143,7 +143,7 @@ def _config(argv):
 
 def test_cpu_defaults():
     c = _config(["--device", "cpu"])
-    assert c.backends == ("tpcomm", "gloo") and c.dtype == "float32" and c.world == 2
+    assert c.contenders == ("tpcomm", "gloo") and c.dtype == "float32" and c.world == 2
     assert c.sizes[0] == 8 and c.sizes[-1] == 16 << 20 and c.algorithm == "auto"
     assert c.command == "tpcomm bench --device cpu"
 
@@ -154,13 +154,21 @@ def test_sizes_follow_op_and_world():
     assert c.sizes == (16, 32, 64)   # one float32 per rank at least
 
 
+def test_contenders_flag_and_its_former_name():
+    """--contenders names what is compared; --backends, its documented former name, still
+    works and means the same."""
+    new = _config(["--device", "cpu", "--contenders", "gloo,tpcomm"])
+    old = _config(["--device", "cpu", "--backends", "gloo,tpcomm"])
+    assert new.contenders == old.contenders == ("gloo", "tpcomm")
+
+
 def test_symm_mem_names_both_variants():
-    assert resolve_backends("tpcomm,nccl,symm_mem", "cuda", "all_reduce") == [
+    assert resolve_contenders("tpcomm,nccl,symm_mem", "cuda", "all_reduce") == [
         "tpcomm", "nccl", "symm_mem_one_shot", "symm_mem_two_shot"]
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--backends", "tpcomm,openmp"], "unknown backend 'openmp'"),
+    (["--backends", "tpcomm,openmp"], "unknown contender 'openmp'"),
     (["--backends", "tpcomm,nccl"], "nccl does not run on cpu"),
     (["--backends", "tpcomm,symm_mem"], "symm_mem_one_shot does not run on cpu"),
     (["--backends", "tpcomm,gloo,tpcomm"], "named twice"),
@@ -168,7 +176,7 @@ def test_symm_mem_names_both_variants():
     (["-b", "12X"], "cannot read '12X' as a size"),
     (["-b", "1", "-e", "2"], "smallest size"),
     (["--graph"], "needs --device cuda"),
-    (["--backends", "gloo", "--algorithm", "one_shot"], "not in --backends"),
+    (["--backends", "gloo", "--algorithm", "one_shot"], "not in --contenders"),
     (["--algorithm", "ring"], "no algorithm 'ring'"),
     (["--op", "all_gather", "--algorithm", "two_shot"], "no algorithm 'two_shot'"),
     (["-f", "2", "-i", "4K"], "not allowed with argument"),

@@ -96,8 +96,8 @@ def _prog(name):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["bench", "--device", "cpu", "--backends", ""], "--backends '': an empty name"),
-    (["bench", "--device", "cpu", "--backends", "tpcomm,"], "--backends 'tpcomm,': an empty name"),
+    (["bench", "--device", "cpu", "--backends", ""], "--contenders '': an empty name"),
+    (["bench", "--device", "cpu", "--backends", "tpcomm,"], "--contenders 'tpcomm,': an empty name"),
     (["bench", "model", "--device", "cpu", "--comm", ""], "--comm '': '' is not a backend"),
     (["bench", "overlap", "--device", "cpu", "--ops", ""], "--ops '': choose among"),
     (["bench", "overlap", "--device", "cpu", "--M", ""], "expected integers >= 1"),

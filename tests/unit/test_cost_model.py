@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tpcomm.cli import plan as plan_cli
-from tpcomm.selection import cost_data, cost_model
+from tpcomm.selection import cost_data, cost_data_tpcomm, cost_model
 
 K, M = 1 << 10, 1 << 20
 TARGET = 0.25          # issue 7: within 25% for sizes >= 64 KiB
@@ -30,7 +30,7 @@ def test_fit_is_within_25_percent_of_every_measurement_from_64k():
         pred = cost_model.predict_intra(algo, nbytes, gpus, p)
         assert abs(pred - t) / t <= TARGET, (gpus, algo, mode, nbytes, t, pred)
         checked += 1
-    assert checked == 30     # 2 and 4 GPUs, NCCL + one_shot + two_shot, 128 KiB .. 128 MiB
+    assert checked == 30     # 2 and 4 GPUs, NCCL + symm_mem one/two-shot, 128 KiB .. 128 MiB
 
 
 def test_held_out_rows_are_predicted_within_25_percent_too():
@@ -70,7 +70,7 @@ def test_picks_match_the_measured_fastest_within_5_percent():
     for gpus in (2, 4):
         sizes = sorted({r[3] for r in cost_data.H200_ALLREDUCE if r[0] == gpus and r[3] >= 64 * K})
         for n in sizes:
-            measured = {a: _measured(gpus, a, n) for a in ("nccl", "one_shot", "two_shot")}
+            measured = {a: _measured(gpus, a, n) for a in cost_model.BASELINES}
             measured = {a: t for a, t in measured.items() if t is not None}
             if len(measured) < 3:
                 continue
@@ -127,7 +127,7 @@ def test_plan_cli_tables(capsys):
                 capsys)
     assert "8 node(s) x 8 h200" in out and "two_level_tree" in out and "nccl_ring" in out
     out = _plan(["--gpus-per-node", "4", "--measured", "--sizes", "64K,1M"], capsys)
-    assert "one_shot" in out and "largest |error|" in out and "(target: 25%)" in out
+    assert "symm_mem_one_shot" in out and "largest |error|" in out and "(target: 25%)" in out
     doc = json.loads(_plan(["--nodes", "2", "--nic", "8x400Gb/s", "--json"], capsys))
     assert [r["nbytes"] for r in doc["plan"]][0] == 4 * K and doc["plan"][0]["pick"]
 
@@ -146,14 +146,14 @@ def test_refit_from_bench_json(tmp_path, capsys):
                   "nbytes": n, "time_us": 2 * t, "wrong": 3}]
     doc = {"meta": {"world_size": 4, "device": "cuda", "hardware": H200_HARDWARE}, "rows": rows}
     got, dropped = plan_cli.rows_from_bench_json(doc)
-    assert {r[1] for r in got} == {"two_shot"} and all(r[4] > 5 for r in got)
+    assert {r[1] for r in got} == {"symm_mem_two_shot"} and all(r[4] > 5 for r in got)
     assert dropped == ["3 row(s): wrong elements",
                        "3 row(s): torch symm_mem where tpcomm's own kernel was measured"]
     path = tmp_path / "gpu-h200x4.json"
     path.write_text(json.dumps(doc))
     merged, source, notes = plan_cli.merged_rows([str(path)])
-    assert not [r for r in merged if r[:2] == (4, "two_shot") and r[4] < 5]
-    assert [r for r in merged if r[:2] == (4, "one_shot")]          # kept from the baseline
+    assert not [r for r in merged if r[:2] == (4, "symm_mem_two_shot") and r[4] < 5]
+    assert [r for r in merged if r[:2] == (4, "symm_mem_one_shot")]   # kept from the baseline
     assert str(path) in source
     out = _plan(["--gpus-per-node", "4", "--measured", "--fit", str(path)], capsys)
     assert str(path) in out
@@ -245,26 +245,26 @@ def test_tpcomm_held_out_size_error_is_reported_and_bounded():
 
 def test_tpcomm_check_has_teeth():
     x = cost_model.tpcomm_vector()
-    i = 4 * cost_model.TPCOMM_ALGORITHMS.index("tpcomm_two_shot") + 2
+    i = 4 * cost_model.TPCOMM_ALGORITHMS.index("two_shot") + 2
     wrong = list(x)
     wrong[i] /= 2                       # two-shot link twice as fast as fitted
     errs = [abs(cost_model._tp_pred(r, wrong) - r[5]) / r[5]
-            for r in cost_model.tpcomm_points() if r[2] == "tpcomm_two_shot" and r[4] >= 8 * M]
+            for r in cost_model.tpcomm_points() if r[2] == "two_shot" and r[4] >= 8 * M]
     assert max(errs) > TARGET
 
 
 def test_tpcomm_store_bandwidth_is_below_the_link():
     """The push kernels reach 150-370 GB/s of stores, under NV18's 478 GB/s (H200 baselines)."""
     t = cost_model.tpcomm_table(cost_model.tpcomm_vector())
-    for a in ("tpcomm_one_shot_push", "tpcomm_two_shot", "tpcomm_one_shot_pull"):
+    for a in ("one_shot/push", "two_shot", "one_shot/pull"):
         assert 150 < cost_model.US_PER_BYTE_AT_1GBS / t[a][2] <= 478, a
 
 
 def test_planner_picks_one_shot_for_tiny_and_two_level_for_multinode_large():
     p = cost_model.h200()
     one = cost_model.Cluster(1, 4, p)
-    assert cost_model.plan(2 * K, one).algorithm == "tpcomm_one_shot_push"
-    assert cost_model.plan(4 * M, one).algorithm in ("tpcomm_two_shot", "two_shot")
+    assert cost_model.plan(2 * K, one).algorithm == "one_shot/push"
+    assert cost_model.plan(4 * M, one).algorithm in ("two_shot", "symm_mem_two_shot")
     c = cost_model.Cluster(8, 8, p, cost_model.parse_nic("8x400Gb/s"))
     big = cost_model.plan(1 * M, c)
     assert big.algorithm.startswith("two_level")
@@ -274,5 +274,56 @@ def test_planner_picks_one_shot_for_tiny_and_two_level_for_multinode_large():
 
 def test_plan_cli_prints_tpcomm_rows(capsys):
     out = _plan(["--gpus-per-node", "4", "--measured", "--sizes", "64K"], capsys)
-    assert "timing-h200x4-w4-2026-11-22.json" in out and "tpcomm_one_shot_push" in out
+    assert "timing-h200x4-w4-2026-11-22.json" in out and "one_shot/push" in out
+    assert "tpcomm_" not in out.replace("tpcomm_fit", "")
     assert "largest |loso|" in out and "cross-check" in out
+
+
+# ---------------------------------------------------------------------------- names
+def test_names_are_the_vocabulary_of_tpcomm_algorithms():
+    """tpcomm's kernels carry tpcomm.algorithms' names (what stats and errors print), the
+    baselines `tpcomm bench`'s contender names; `tpcomm plan` prints those and no other."""
+    from tpcomm import algorithms
+    from tpcomm.bench import contenders
+    for a in cost_model.TPCOMM_ALGORITHMS:
+        algorithms.check("all_reduce", a, "cuda")            # raises for a name it lacks
+    assert set(cost_model.BASELINES) <= set(contenders.CONTENDERS)
+    rows = plan_cli.plan_rows(cost_model.Cluster(1, 4, cost_model.h200()), [2 * K, 64 * M])
+    names = set(rows[0]["candidates"])
+    assert names == set(cost_model.TPCOMM_ALGORITHMS) | set(cost_model.BASELINES)
+    assert rows[0]["pick"] == "one_shot/push"
+
+
+def test_rows_in_the_old_names_are_read_as_before():
+    """Rows written before tpcomm.algorithms ("tpcomm_two_shot", ...; symm_mem's kernels as
+    "one_shot", "two_shot") fit and predict as the same rows in today's names."""
+    new = {"one_shot/push": "tpcomm_one_shot_push", "one_shot/pull": "tpcomm_one_shot_pull",
+           "two_shot": "tpcomm_two_shot", "ring": "tpcomm_ring", "nccl": "nccl",
+           "symm_mem_one_shot": "one_shot", "symm_mem_two_shot": "two_shot"}
+    old = [(r[0], r[1], new[r[2]], *r[3:]) for r in cost_data_tpcomm.ROWS]
+    assert cost_model.canonical_tpcomm_rows(old) == cost_data_tpcomm.ROWS
+    # (to rounding: the fit's float sums may differ in the last bit between calls)
+    assert cost_model.fit_tpcomm(old) == pytest.approx(cost_model.fit_tpcomm(cost_data_tpcomm.ROWS),
+                                                       rel=1e-9, abs=1e-15)
+    assert cost_model.tpcomm_us("tpcomm_ring", 1 * M, 4) == cost_model.tpcomm_us("ring", 1 * M, 4)
+    old_base = [(g, new[a], *rest) for g, a, *rest in cost_data.H200_ALLREDUCE]
+    a, b = cost_model.fit(old_base), cost_model.fit()
+    assert [a.b_nv, *a.one_shot, *a.two_shot] == pytest.approx([b.b_nv, *b.one_shot,
+                                                                 *b.two_shot], rel=1e-9)
+    # today's names are left alone: "two_shot" is tpcomm's kernel, not symm_mem's
+    assert cost_model.canonical_tpcomm_rows(cost_data_tpcomm.ROWS) == cost_data_tpcomm.ROWS
+
+
+def test_recorded_bench_json_still_refits():
+    """A `tpcomm bench --json` file recorded before the renames (benchmarks/results/) is read by
+    --fit: its NCCL and symm_mem rows keep their contender names, tpcomm's own rows take the
+    one-shot / two-shot terms."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results",
+                        "gpu-h200x2-2026-11-22.json")
+    with open(path) as f:
+        doc = json.load(f)
+    rows, _dropped = plan_cli.rows_from_bench_json(doc)
+    names = {r[1] for r in rows}
+    assert names and names <= set(cost_model.BASELINES) and cost_model.NCCL in names
+    assert cost_model.fit(rows).b_nv > 0

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tpcomm.bench import backends
+from tpcomm.bench import contenders
 from tpcomm.cli.main import build_parser
 from tpcomm.selection.select import check_algorithm
 
@@ -93,8 +93,8 @@ def _script_flags(path: str) -> set[str]:
 
 
 def test_every_command_is_accepted_by_its_parser(monkeypatch):
-    monkeypatch.setattr(backends, "_nccl_tuple", lambda: (2, 27, 7))   # as on the H200 host
-    monkeypatch.setattr(backends, "_symm_mem_takes_nccl", lambda: True)
+    monkeypatch.setattr(contenders, "_nccl_tuple", lambda: (2, 27, 7))   # as on the H200 host
+    monkeypatch.setattr(contenders, "_symm_mem_takes_nccl", lambda: True)
     rc, rows = _dry_run("call1", "call2", "call3", "extra")
     assert rc == 0 and rows
     parser = build_parser()
@@ -107,7 +107,7 @@ def test_every_command_is_accepted_by_its_parser(monkeypatch):
             args = parser.parse_args(argv[3:])          # SystemExit (a failure) if refused
             assert "-n" not in argv or int(argv[argv.index("-n") + 1]) == gpus, name
             if getattr(args, "kind", None) is None and args.command == "bench":
-                names = backends.resolve_backends(args.backends, "cuda", args.op)
+                names = contenders.resolve_contenders(args.contenders, "cuda", args.op)
                 if args.algorithm != "auto":
                     assert "tpcomm" in names
                     check_algorithm(args.op, args.algorithm, "cuda")

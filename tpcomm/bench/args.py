@@ -93,6 +93,23 @@ def resolve_world(nranks: int | None, device: str, oversubscribe: bool = False) 
     return world
 
 
+def resolve_ranks(args) -> tuple[str, int]:
+    """(device, world) from the flags of :func:`add_ranks`, with the output files of
+    :func:`add_outputs` checked (:func:`check_outputs`): everything shared, before any rank
+    starts."""
+    device = resolve_device(args.device)
+    world = resolve_world(args.nranks, device, args.oversubscribe)
+    check_outputs(args)
+    return device, world
+
+
+def check_outputs(args) -> None:
+    """Each of --json, --markdown, --plot that ``args`` has and names can be written
+    (:func:`check_output_path`)."""
+    for flag in ("json", "markdown", "plot"):
+        check_output_path(f"--{flag}", getattr(args, flag, None))
+
+
 def check_output_path(flag: str, path: str | None) -> None:
     """An output file (--json, --markdown, --plot) that can be written, checked before the run:
     its directory exists and is writable, and the path is not a directory (UsageError)."""

@@ -1,11 +1,11 @@
-"""tpcomm bench: sweep message sizes like nccl-tests and compare backends.
+"""tpcomm bench: sweep message sizes like nccl-tests and compare contenders.
 
   tpcomm bench                                  # cpu: tpcomm vs gloo, 2 ranks, 8 B .. 16 MiB
-  tpcomm bench --backends tpcomm,gloo -n 2 -b 4K -e 16M -f 2 --json run.json --plot run.png
+  tpcomm bench --contenders tpcomm,gloo -n 2 -b 4K -e 16M -f 2 --json run.json --plot run.png
   tpcomm bench --device cuda --graph            # GPU: tpcomm vs nccl and torch symm_mem
   torchrun --nproc-per-node 4 -m tpcomm bench   # under torchrun: its ranks, its world size
 
-Without torchrun it starts its own ranks on this machine. Every size of every backend is checked
+Without torchrun it starts its own ranks on this machine. Every size of every contender is checked
 before it is timed. Exit code: 0 when every result was right, 1 when any was wrong (or a rank
 failed), 2 for bad arguments.
 """
@@ -14,20 +14,17 @@ failed), 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
 import sys
-
-import torch
 
 from ..cli.command import UsageError
 from ..groups.launch import RankFailed
 from ..selection.select import OPS, check_algorithm
 from ..settings import parse_size
 from . import plot, report, runner
-from .args import add_outputs, add_ranks, check_output_path, positive_int, resolve_world
-from .backends import DEFAULTS, NORM_OP, PUBLIC, resolve_backends
+from .args import add_outputs, add_ranks, positive_int, resolve_ranks
+from .contenders import DEFAULTS, NORM_OP, PUBLIC, resolve_contenders
+from .output import write_outputs
 
 DEFAULT_MAX_BYTES = {"cpu": "16M", "cuda": "128M"}
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
@@ -42,15 +39,16 @@ def _count(text: str) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "bench", help="time all_reduce / reduce_scatter / all_gather against other backends",
+        "bench", help="time all_reduce / reduce_scatter / all_gather against other contenders",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Sizes take K, M, G suffixes (powers of 1024) and round down to whole elements "
                "(per rank for\nreduce_scatter and all_gather); the size of a reduce_scatter is "
                "its input, of an all_gather its\noutput, as in nccl-tests.")
     add_ranks(p)
-    p.add_argument("--backends", help=f"comma-separated, the first is the one under test and "
-                   f"the others its baselines; known: {', '.join(PUBLIC)} (default: "
-                   f"{DEFAULTS['cpu']} on cpu, {DEFAULTS['cuda']} on cuda)")
+    p.add_argument("--contenders", "--backends", dest="contenders", metavar="NAMES",
+                   help=f"comma-separated, the first is the one under test and the others its "
+                   f"baselines; known: {', '.join(PUBLIC)} (default: {DEFAULTS['cpu']} on cpu, "
+                   f"{DEFAULTS['cuda']} on cuda). --backends: the same flag, its former name")
     p.add_argument("--op", choices=OPS + (NORM_OP,), default="all_reduce",
                    help=f"{NORM_OP}: all-reduce + residual add + RMSNorm on [size / H, H] rows")
     p.add_argument("--hidden", type=positive_int, default=8192,
@@ -131,29 +129,18 @@ def _parse(flag: str, text: str) -> int:
 
 
 # ---------------------------------------------------------------- arguments -> config
-def _device(args) -> str:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but torch sees no CUDA GPU")
-    if args.graph and device != "cuda":
-        raise UsageError("--graph captures CUDA graphs: it needs --device cuda")
-    return device
-
-
 def config_from_args(args) -> runner.BenchConfig:
     """Check the arguments and resolve every default; UsageError says what is wrong."""
-    device = _device(args)
-    world = resolve_world(args.nranks, device, args.oversubscribe)
-    for flag, path in (("--json", args.json), ("--markdown", args.markdown),
-                       ("--plot", args.plot)):
-        check_output_path(flag, path)
+    device, world = resolve_ranks(args)
+    if args.graph and device != "cuda":
+        raise UsageError("--graph captures CUDA graphs: it needs --device cuda")
     try:
-        backends = resolve_backends(DEFAULTS[device] if args.backends is None else args.backends,
-                                    device, args.op)
+        contenders = resolve_contenders(
+            DEFAULTS[device] if args.contenders is None else args.contenders, device, args.op)
         if args.algorithm != "auto":
-            if "tpcomm" not in backends:
-                raise ValueError("--algorithm applies to the tpcomm backend, which is not in "
-                                 "--backends")
+            if "tpcomm" not in contenders:
+                raise ValueError("--algorithm applies to the tpcomm contender, which is not in "
+                                 "--contenders")
             check_algorithm("all_reduce" if args.op == NORM_OP else args.op, args.algorithm,
                             device)
     except ValueError as e:
@@ -170,7 +157,7 @@ def config_from_args(args) -> runner.BenchConfig:
     unit = runner.DTYPES[dtype].itemsize * {"all_reduce": 1, NORM_OP: args.hidden}.get(args.op,
                                                                                     world)
     return runner.BenchConfig(
-        op=args.op, dtype=dtype, device=device, world=world, backends=tuple(backends),
+        op=args.op, dtype=dtype, device=device, world=world, contenders=tuple(contenders),
         sizes=tuple(align_sizes(sizes, unit)), iters=args.iters, warmup=args.warmup,
         reps=args.reps, algorithm=args.algorithm, graph=args.graph,
         progress=not args.no_progress, command=shlex.join(["tpcomm", *args.argv]),
@@ -187,7 +174,11 @@ def main(args) -> int:
         return 1
     rows = result["rows"]
     if result["meta"] is not None:   # rank 0 reports
-        _write_outputs(args, result["meta"], rows, list(config.backends))
+        meta, names = result["meta"], list(config.contenders)
+        write_outputs(args, report.format_text(meta, rows, names),
+                      doc=report.to_json(meta, rows, names),
+                      plot=lambda path: plot.plot(meta, rows, names, path),
+                      markdown=lambda name: report.format_markdown(meta, rows, names, name))
     wrong = sum(r.wrong for r in rows)
     if wrong:
         bad = sorted({f"{r.backend} at {report.human_size(r.nbytes)}" for r in rows if r.wrong})
@@ -195,19 +186,3 @@ def main(args) -> int:
         return 1
     return 0
 
-
-def _write_outputs(args, meta: dict, rows: list, backends: list[str]) -> None:
-    sys.stdout.write(report.format_text(meta, rows, backends))
-    sys.stdout.flush()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.to_json(meta, rows, backends), f, indent=1)
-            f.write("\n")
-    if args.plot:
-        plot.plot(meta, rows, backends, args.plot)
-    if args.markdown:
-        plot_name = None
-        if args.plot:
-            plot_name = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.markdown)))
-        with open(args.markdown, "w") as f:
-            f.write(report.format_markdown(meta, rows, backends, plot_name))

@@ -6,7 +6,7 @@ come from the system, e.g. Debian's ``openmpi-bin`` and ``mpich``).
 - ``deepspeed_shm``: ``torch.ops.deepspeed.inference_all_reduce_`` from DeepSpeed's
   ``ShareMemCommBuilder`` (a C++ extension that torch builds on first use, minutes on a small
   machine, then cached in ~/.cache/torch_extensions). It runs inside the benchmark's ranks like
-  every other backend.
+  every other contender.
 - ``mpi_openmpi``, ``mpi_mpich``: MPI needs its own launcher, so these do not run in the
   benchmark's ranks. After the ranks' sweep, the process that started them runs
   ``<mpiexec> -np R python -m tpcomm.bench.contenders_cpu ...`` once per implementation; rank 0 of
@@ -35,8 +35,8 @@ import time
 
 import torch
 
-# This module imports nothing from the rest of the benchmark (backends.py and runner.py import
-# it): the DeepSpeed backend has BenchBackend's methods without inheriting them, and the MPI job
+# This module imports nothing from the rest of the benchmark (contenders.py and runner.py import
+# it): the DeepSpeed contender has Contender's methods without inheriting them, and the MPI job
 # receives the runner's buffer rotation and input pattern as arguments.
 MPI_TIMEOUT_S = 600.0
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -44,7 +44,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclasses.dataclass(frozen=True)
 class MpiImpl:
-    name: str          # backend name in the table
+    name: str          # contender name in the table
     launchers: tuple   # mpiexec names to look for, first found wins
     abi: str           # MPI4PY_MPIABI
     extra_args: tuple  # launcher flags
@@ -81,9 +81,9 @@ def why_unavailable(name: str) -> str | None:
 
 
 # ---------------------------------------------------------------- DeepSpeed, in the ranks
-class DeepSpeedShmBackend:
+class DeepSpeedShmContender:
     """DeepSpeed's shared-memory all-reduce op (all ranks on one machine), in place; the
-    interface of tpcomm.bench.backends.BenchBackend."""
+    interface of tpcomm.bench.contenders.Contender."""
 
     name = "deepspeed_shm"
 

@@ -24,7 +24,7 @@ Rows on a GPU (world 1, one process; a group of one over NCCL):
   (``cuda/emulated.py``), ``algorithm="one_shot"`` (the push kernel up to 256 KiB), next to
   that engine called directly: the difference is the Communicator's own cost;
 - tpcomm's GPU engine over 2 emulated ranks on one GPU (each rank its own stream), per rank
-  call: one_shot_push, one_shot_pull, two_shot, ring; and the loop's stream switch alone.
+  call: one_shot/push, one_shot/pull, two_shot, ring; and the loop's stream switch alone.
 
 Rows on a CPU (2 ranks, each also in a group of one): ``torch.add``, tpcomm
 ``Communicator.all_reduce`` at world 1 (local) and world 2 (shared memory), gloo at world 1 and
@@ -36,7 +36,6 @@ Results are not checked here (the launches are the point); the GPU script
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -46,10 +45,11 @@ from typing import Callable
 
 import torch
 
-from .args import check_output_path, positive_int, resolve_device
-from .report import _markdown_table, _text_table, human_size
+from .args import check_outputs, positive_int, resolve_device
+from .output import markdown_table, text_table, write_outputs
+from .report import human_size
 
-ALGOS = ("one_shot_push", "one_shot_pull", "two_shot", "ring")
+ALGOS = ("one_shot/push", "one_shot/pull", "two_shot", "ring")   # tpcomm.algorithms' names
 BASE_1 = "triton 1-arg, dispatcher"
 BASE_16 = "triton 16-arg, CompiledKernel.run"
 
@@ -336,8 +336,7 @@ def main(args) -> int:
     from ..groups.launch import RankFailed, spawn
     from ..settings import parse_size
     device = resolve_device(args.device)
-    check_output_path("--json", args.json)
-    check_output_path("--markdown", args.markdown)
+    check_outputs(args)
     try:
         sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError as e:
@@ -364,14 +363,9 @@ def main(args) -> int:
              f"# hardware: {meta['hardware']}",
              "# versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
              f"# timing: {meta['timing']}"]
-    sys.stdout.write("\n".join(lines) + "\n" + _text_table(head, None, cells) + "\n")
-    sys.stdout.flush()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
-            f.write("\n")
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("# tpcomm bench host\n\n" + "\n".join(f"- {ln[2:]}" for ln in lines[1:])
-                    + "\n\n" + _markdown_table(head, cells, left=1) + "\n")
+    write_outputs(args, "\n".join(lines) + "\n" + text_table(head, None, cells) + "\n",
+                  doc={"meta": meta, "rows": rows},
+                  markdown=lambda _plot: ("# tpcomm bench host\n\n"
+                                          + "\n".join(f"- {ln[2:]}" for ln in lines[1:])
+                                          + "\n\n" + markdown_table(head, cells, left=1) + "\n"))
     return 0

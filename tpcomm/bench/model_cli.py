@@ -14,13 +14,12 @@ arguments.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 
-from .args import (add_outputs, add_ranks, check_output_path, int_list, positive_int,
-                   resolve_device, resolve_world)
+from .args import add_outputs, add_ranks, int_list, positive_int, resolve_ranks
+from .output import write_outputs
 from ..cli.command import UsageError, execute
 from ..groups.launch import RankFailed
 from .model import DTYPES, ModelBenchConfig, run
@@ -106,12 +105,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args) -> ModelBenchConfig:
     """Check the arguments and resolve the defaults; UsageError says what is wrong."""
-    device = resolve_device(args.device)
+    device, world = resolve_ranks(args)
     d = DEFAULTS[device]
-    world = resolve_world(args.nranks, device, args.oversubscribe)
-    for flag, path in (("--json", args.json), ("--markdown", args.markdown),
-                       ("--plot", args.plot)):
-        check_output_path(flag, path)
     text = ",".join(COMM_CHOICES[device]) if args.comm is None else args.comm
     comms = tuple(c.strip() for c in text.split(","))
     bad = [c for c in comms if c not in COMM_CHOICES[device]]
@@ -156,20 +151,10 @@ def run_model_bench(args) -> int:
         return 0 if all(c["ok"] for c in result["checks"]) else 1
     from . import model_report as report
     meta, rows, checks = result["meta"], result["rows"], result["checks"]
-    sys.stdout.write(report.format_text(meta, rows, checks))
-    sys.stdout.flush()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "checks": checks}, f, indent=1)
-            f.write("\n")
-    if args.plot:
-        report.plot(meta, rows, args.plot)
-    if args.markdown:
-        plot_name = None
-        if args.plot:
-            plot_name = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.markdown)))
-        with open(args.markdown, "w") as f:
-            f.write(report.format_markdown(meta, rows, checks, plot_name))
+    write_outputs(args, report.format_text(meta, rows, checks),
+                  doc={"meta": meta, "rows": rows, "checks": checks},
+                  plot=lambda path: report.plot(meta, rows, path),
+                  markdown=lambda name: report.format_markdown(meta, rows, checks, name))
     wrong = [c for c in checks if not c["ok"]]
     for c in wrong:
         print(f"tpcomm bench model: {c['phase']} {c['size']}: {c['other']} vs {c['base']}: "

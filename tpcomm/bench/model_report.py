@@ -6,6 +6,8 @@ agreement of the greedy tokens.
 """
 from __future__ import annotations
 
+from .output import columns, markdown_table
+
 
 def _backends(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["comm"] for r in rows))
@@ -115,11 +117,8 @@ def format_text(meta: dict, rows: list[dict], checks: list[dict]) -> str:
         head, body = _section(meta, rows, checks, phase)
         if not head:
             continue
-        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head[:-1])]
         lines += ["#", f"# {_title(meta, phase)}",
-                  "# " + "  ".join(h.rjust(w) for h, w in zip(head, widths)) + "  " + head[-1]]
-        lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(b, widths)) + "  " + b[-1]
-                  for b in body]
+                  *columns(head, body, lead=("# ", "  "), free_last=True)]
     return "\n".join(lines) + "\n"
 
 
@@ -132,10 +131,7 @@ def format_markdown(meta: dict, rows: list[dict], checks: list[dict],
         head, body = _section(meta, rows, checks, phase)
         if not head:
             continue
-        out += ["", f"## {_title(meta, phase)}", "",
-                "| " + " | ".join(head) + " |",
-                "|" + "|".join("---:" for _ in head[:-1]) + "|---|"]
-        out += ["| " + " | ".join(b) + " |" for b in body]
+        out += ["", f"## {_title(meta, phase)}", "", markdown_table(head, body, free_last=True)]
     if plot_name:
         out += ["", f"![TPOT and TTFT]({plot_name})"]
     return "\n".join(out) + "\n"

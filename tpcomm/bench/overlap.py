@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import sys
@@ -50,8 +49,8 @@ from ..groups.launch import RankFailed, init_rank, no_multicast, spawn, under_to
 from ..ops.overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
                            overlap_chunks)
 from . import timing
-from .args import (add_outputs, add_ranks, check_output_path, int_list, positive_int,
-                   resolve_device, resolve_world)
+from .args import add_outputs, add_ranks, int_list, positive_int, resolve_ranks
+from .output import columns, markdown_table, write_outputs
 
 OPS = ("matmul_all_reduce", "matmul_reduce_scatter", "all_gather_matmul")
 COLLECTIVE = {"matmul_all_reduce": "all_reduce", "matmul_reduce_scatter": "reduce_scatter",
@@ -134,11 +133,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> OverlapBenchConfig:
-    device = resolve_device(args.device)
+    device, world = resolve_ranks(args)
     d = DEFAULTS[device]
-    world = resolve_world(args.nranks, device, args.oversubscribe)
-    check_output_path("--json", args.json)
-    check_output_path("--markdown", args.markdown)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
     bad = [o for o in ops if o not in OPS]
     if bad or not ops:
@@ -447,11 +443,8 @@ def format_text(meta: dict, rows: list[dict], fused: dict | None = None) -> str:
     lines = ["# tpcomm bench overlap"] + [f"# {h}" for h in _header(meta)]
     for op in dict.fromkeys(r["op"] for r in rows):
         head, body = _table(rows, op, forced, meta.get("base", "torch"))
-        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
         lines += ["", f"# {op} (times per call, us; x E unfused = time of engine E unfused / "
-                      f"time of the overlapped variant)",
-                  "  ".join(h.rjust(w) for h, w in zip(head, widths))]
-        lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
+                      f"time of the overlapped variant)", *columns(head, body)]
         lines += [f"  {note}" for note in _notes(rows, op)]
     return "\n".join(lines + _fused_gemm_lines(fused, "# ")) + "\n"
 
@@ -461,8 +454,8 @@ def format_markdown(meta: dict, rows: list[dict], fused: dict | None = None) -> 
     out = ["# tpcomm bench overlap", ""] + [f"- {h}" for h in _header(meta)] + [""]
     for op in dict.fromkeys(r["op"] for r in rows):
         head, body = _table(rows, op, forced, meta.get("base", "torch"))
-        out += [f"## {op}", "", "| " + " | ".join(h.strip() for h in head) + " |",
-                "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body] + [""]
+        out += [f"## {op}", "", markdown_table([h.strip() for h in head], body, left=len(head)),
+                ""]
         out += [f"- {note}" for note in _notes(rows, op)] + [""]
     return "\n".join(out + _fused_gemm_lines(fused, "## "))
 
@@ -478,16 +471,9 @@ def main(args) -> int:
     if result["meta"] is not None:
         meta = result["meta"]
         fused = result.get("fused_gemm_w1")
-        sys.stdout.write(format_text(meta, rows, fused))
-        sys.stdout.flush()
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows, "fused_gemm_w1": fused}, f, indent=1,
-                          default=str)
-                f.write("\n")
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(format_markdown(meta, rows, fused))
+        write_outputs(args, format_text(meta, rows, fused),
+                      doc={"meta": meta, "rows": rows, "fused_gemm_w1": fused},
+                      markdown=lambda _plot: format_markdown(meta, rows, fused))
     wrong = [f"{r['op']} M={r['M']}: {n} (rel. error {e:.3g})" for r in rows
              for n, e in r["rel_err"].items() if not e <= TOL[config.dtype]]
     fused = result.get("fused_gemm_w1") or {}

@@ -1,4 +1,4 @@
-"""``--plot``: latency (log-log) and bus bandwidth against size, one line per backend.
+"""``--plot``: latency (log-log) and bus bandwidth against size, one line per contender.
 
 matplotlib is optional (``pip install tpcomm[plot]``) and imported only here, only when asked.
 """

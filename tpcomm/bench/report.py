@@ -10,24 +10,26 @@ Conventions, as in nccl-tests:
 - ``time`` is per call in microseconds: the median over repetitions on each rank, then the
   maximum over ranks.
 
-The first backend named is the one under test: its table and the summary carry one speed-up
-column per other backend, ``x gloo`` = time(gloo) / time(first), so 12.5 reads "12.5 times
+The first contender named is the one under test: its table and the summary carry one speed-up
+column per other contender, ``x gloo`` = time(gloo) / time(first), so 12.5 reads "12.5 times
 faster than gloo".
 """
 from __future__ import annotations
 
 import dataclasses
 
+from .output import markdown_table, text_table
+
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    backend: str
+    backend: str     # the contender (the JSON key stays "backend": results files, plan --fit)
     op: str
     dtype: str
     nbytes: int
     count: int
     mode: str        # "eager", or "graph" (CUDA-graph replays of many calls)
-    algo: str        # the algorithm that ran ("-" when the backend does not say)
+    algo: str        # the algorithm that ran ("-" when the contender does not say)
     time_us: float   # per call, max over ranks of the per-rank median
     wrong: int       # elements that differed from the expected result, summed over ranks
 
@@ -58,7 +60,7 @@ def human_size(nbytes: int) -> str:
 
 
 def speedups(rows: list[Row], backends: list[str]) -> dict[tuple[str, int], float]:
-    """(other backend, nbytes) -> time(other) / time(first backend)."""
+    """(other contender, nbytes) -> time(other) / time(first contender)."""
     times = {(r.backend, r.nbytes): r.time_us for r in rows}
     first = backends[0]
     return {(b, n): t / times[(first, n)]
@@ -84,42 +86,24 @@ def _backend_cells(rows: list[Row], world: int, others: list[str],
     return cells
 
 
-def _text_table(titles: list[str], units: list[str] | None, cells: list[list[str]]) -> str:
-    """nccl-tests layout: right-aligned columns, header lines starting with '#'."""
-    heads = [titles] + ([units] if units else [])
-    widths = [max(len(r[i]) for r in heads + cells) + 2 for i in range(len(titles))]
-    widths[0] = max(widths[0], 12)
-
-    def line(parts, lead):
-        return lead + "".join(p.rjust(w) for p, w in zip(parts, widths))[1:]
-    return "\n".join([line(h, "#") for h in heads] + [line(c, " ") for c in cells])
-
-
-def _markdown_table(titles: list[str], cells: list[list[str]], left: int = 0) -> str:
-    """Columns right-aligned except the first ``left`` ones."""
-    align = ["---" if i < left else "---:" for i in range(len(titles))]
-    rows = [titles, align] + cells
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
-
-
 def _by_backend(rows: list[Row], backend: str) -> list[Row]:
     return [r for r in rows if r.backend == backend]
 
 
 def backend_table(rows: list[Row], backends: list[str], backend: str, world: int,
                   markdown: bool = False) -> str:
-    """The nccl-tests table of one backend; the first backend's has the speed-up columns."""
+    """The nccl-tests table of one contender; the first one's has the speed-up columns."""
     others = list(backends[1:]) if backend == backends[0] else []
     cells = _backend_cells(_by_backend(rows, backend), world, others, speedups(rows, backends))
     titles = [t for t, _ in _COLUMNS] + [f"x {b}" for b in others]
     if markdown:
-        return _markdown_table([f"{t} {u}".strip() for t, u in _COLUMNS] + titles[len(_COLUMNS):],
+        return markdown_table([f"{t} {u}".strip() for t, u in _COLUMNS] + titles[len(_COLUMNS):],
                                cells)
-    return _text_table(titles, [u for _, u in _COLUMNS] + [""] * len(others), cells)
+    return text_table(titles, [u for _, u in _COLUMNS] + [""] * len(others), cells)
 
 
 def summary_table(rows: list[Row], backends: list[str], markdown: bool = False) -> str:
-    """size | time per backend (us) | speed-up of the first backend over each other one."""
+    """size | time per contender (us) | speed-up of the first contender over each other one."""
     times = {(r.backend, r.nbytes): r.time_us for r in rows}
     ratio = speedups(rows, backends)
     others = backends[1:]
@@ -131,8 +115,8 @@ def summary_table(rows: list[Row], backends: list[str], markdown: bool = False) 
                      + [f"{times[(b, n)]:.2f}" if (b, n) in times else "-" for b in backends]
                      + [f"{ratio[(b, n)]:.2f}" if (b, n) in ratio else "-" for b in others])
     if markdown:
-        return _markdown_table(titles, cells)
-    return _text_table(titles, None, cells)
+        return markdown_table(titles, cells)
+    return text_table(titles, None, cells)
 
 
 # ---------------------------------------------------------------- header and documents
@@ -151,28 +135,28 @@ def header_lines(meta: dict) -> list[str]:
         f"os: {meta['os']}; load average (1 min) at the end: {meta['load_avg_1m']}, this "
         f"run's ranks included",
         f"timing: {t['method']}",
-        "check: every size of every backend is checked once before timing (exact-sum inputs, "
+        "check: every size of every contender is checked once before timing (exact-sum inputs, "
         "output poisoned with NaN); #wrong counts wrong elements over all ranks",
     ]
-    lines += [f"backend {name}: {desc}" for name, desc in meta["backends"].items()]
+    lines += [f"contender {name}: {desc}" for name, desc in meta["backends"].items()]
     return lines
 
 
 def format_text(meta: dict, rows: list[Row], backends: list[str]) -> str:
-    """Everything printed on stdout: header, one table per backend, the summary."""
+    """Everything printed on stdout: header, one table per contender, the summary."""
     world = meta["world_size"]
     parts = ["\n".join("# " + line for line in header_lines(meta))]
     for b in backends:
         parts.append(f"#\n# {b}\n" + backend_table(rows, backends, b, world))
     parts.append("#\n# summary: time per call (us)"
-                 + (f", speed-up of {backends[0]} over each other backend" if len(backends) > 1
+                 + (f", speed-up of {backends[0]} over each other contender" if len(backends) > 1
                     else "") + "\n" + summary_table(rows, backends))
     return "\n".join(parts) + "\n"
 
 
 def format_markdown(meta: dict, rows: list[Row], backends: list[str],
                     plot_name: str | None = None) -> str:
-    """A results file for benchmarks/results/: header, summary, one table per backend."""
+    """A results file for benchmarks/results/: header, summary, one table per contender."""
     world = meta["world_size"]
     head = header_lines(meta)
     out = [f"# {head[0]}", "", "```", meta["command"], "```", ""]

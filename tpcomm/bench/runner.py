@@ -1,7 +1,7 @@
-"""What every rank of ``tpcomm bench`` does: set up, then for each size and backend check one
+"""What every rank of ``tpcomm bench`` does: set up, then for each size and contender check one
 call and time many.
 
-Per (size, backend), on every rank:
+Per (size, contender), on every rank:
 
 1. Buffers: inputs rotate over up to ``MAX_ROTATE`` buffers (``ROTATE_BYTES`` in all) so that
    sizes that fit in a cache are not timed from data a previous call left there; every buffer is
@@ -17,7 +17,7 @@ Per (size, backend), on every rank:
    The time of a size is the median repetition on each rank, then the maximum over ranks.
 
 CPU ranks use ``max(1, cores // local ranks)`` torch threads each, so that ranks spawned on one
-machine do not fight over its cores; this applies to every backend alike.
+machine do not fight over its cores; this applies to every contender alike.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ..groups.launch import no_multicast, spawn, under_torchrun, usable_cores
 from . import meta as meta_mod
 from . import contenders_cpu, timing
-from .backends import IN_PLACE, MPI_BACKENDS, NORM_OP, BenchBackend, Context, make_backend
+from .contenders import IN_PLACE, MPI_CONTENDERS, NORM_OP, Contender, Context, make_contender
 from ..cli.progress import Progress
 from .report import Row, human_size
 
@@ -48,7 +48,7 @@ class BenchConfig:
     dtype: str
     device: str                 # "cpu" or "cuda"
     world: int
-    backends: tuple[str, ...]
+    contenders: tuple[str, ...]
     sizes: tuple[int, ...]      # bytes, already multiples of what the op needs
     iters: int
     warmup: int
@@ -62,7 +62,7 @@ class BenchConfig:
 
 
 class Measured(NamedTuple):
-    """One (size, backend) on one rank."""
+    """One (size, contender) on one rank."""
     mode: str
     algo: str
     seconds: float
@@ -74,11 +74,11 @@ def run(config: BenchConfig) -> dict:
 
     Returns ``{"meta": dict | None, "rows": [Row]}`` (meta on rank 0 only).
     """
-    mpi = [b for b in config.backends if b in MPI_BACKENDS]
+    mpi = [b for b in config.contenders if b in MPI_CONTENDERS]
     if mpi and under_torchrun():
         raise ValueError(f"{', '.join(mpi)} start their own MPI job: run tpcomm bench without "
                          f"torchrun to compare with them")
-    in_ranks = dataclasses.replace(config, backends=tuple(b for b in config.backends
+    in_ranks = dataclasses.replace(config, contenders=tuple(b for b in config.contenders
                                                           if b not in mpi))
     if under_torchrun():
         return rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), in_ranks)
@@ -112,21 +112,21 @@ def rank_main(rank: int, world: int, config: BenchConfig) -> dict:
 
 def _sweep(rank: int, world: int, device: torch.device, config: BenchConfig) -> dict:
     ctx = Context(rank, world, device, config.algorithm, config.hidden)
-    progress = Progress(len(config.sizes) * len(config.backends), config.progress and rank == 0)
-    backends: list[BenchBackend] = []
+    progress = Progress(len(config.sizes) * len(config.contenders), config.progress and rank == 0)
+    contenders: list[Contender] = []
     measured: dict[tuple[str, int], Measured] = {}
     try:
-        for name in config.backends:
-            backends.append(make_backend(name, ctx))
+        for name in config.contenders:
+            contenders.append(make_contender(name, ctx))
         for nbytes in config.sizes:
-            for b in backends:
+            for b in contenders:
                 progress.show(f"{config.op} {human_size(nbytes)} {b.name}")
                 measured[(b.name, nbytes)] = _measure(b, nbytes, ctx, config)
                 progress.advance()
-        descriptions = {b.name: b.describe() for b in backends}
+        descriptions = {b.name: b.describe() for b in contenders}
     finally:
         progress.close()
-        for b in backends:
+        for b in contenders:
             b.close()
     times = torch.tensor([m.seconds for m in measured.values()], dtype=torch.float64)
     wrong = torch.tensor([m.wrong for m in measured.values()], dtype=torch.int64)
@@ -165,7 +165,7 @@ def _timing_method(config: BenchConfig) -> str:
             f"{MAX_ROTATE} buffers ({human_size(ROTATE_BYTES)} in all)")
 
 
-# ---------------------------------------------------------------- one size, one backend
+# ---------------------------------------------------------------- one size, one contender
 def counts(op: str, nbytes: int, itemsize: int, world: int) -> tuple[int, int]:
     """(input numel, output numel) of one call whose whole buffer is ``nbytes``."""
     total = nbytes // itemsize
@@ -176,21 +176,21 @@ def counts(op: str, nbytes: int, itemsize: int, world: int) -> tuple[int, int]:
     return total // world, total
 
 
-def _measure(backend: BenchBackend, nbytes: int, ctx: Context, config: BenchConfig) -> Measured:
+def _measure(contender: Contender, nbytes: int, ctx: Context, config: BenchConfig) -> Measured:
     """Check one call, then time many, on this rank."""
     dtype = DTYPES[config.dtype]
     numel_in, numel_out = counts(config.op, nbytes, dtype.itemsize, ctx.world)
     nbuf = max(1, min(MAX_ROTATE, ROTATE_BYTES // max(nbytes, 1)))
-    pairs = [backend.buffers(config.op, numel_in, numel_out, dtype) for _ in range(nbuf)]
+    pairs = [contender.buffers(config.op, numel_in, numel_out, dtype) for _ in range(nbuf)]
     src = _pattern(0, numel_in, ctx.rank, ctx.device).to(dtype)
     for inp, _ in pairs:
         inp.copy_(src)
-    calls = [backend.make_call(config.op, inp, out) for inp, out in pairs]
+    calls = [contender.make_call(config.op, inp, out) for inp, out in pairs]
 
     inp, out = pairs[0]
     if out is not inp:
         out.fill_(float("nan"))
-    algo = backend.run_once(calls[0])
+    algo = contender.run_once(calls[0])
     expected = _expected(config.op, ctx, numel_in).to(dtype)
     wrong = int((out.view(-1) != expected).sum().item())
 

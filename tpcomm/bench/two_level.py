@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from . import timing
+from .output import columns, markdown_table, write_outputs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -120,14 +121,8 @@ def format_table(rows, world, dtype, markdown=False) -> str:
                       f"{a1:.2f}", f"{b1:.2f}", f"{r['flat']:.1f}", f"{b2:.2f}",
                       f"{r['flat'] / r['two_level']:.2f}", str(r["wrong"])])
     if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
-        out += ["| " + " | ".join(c) + " |" for c in lines]
-        return "\n".join(out)
-    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h)
-              for i, h in enumerate(head)]
-    out = ["# " + "  ".join(h.rjust(w) for h, w in zip(head, widths))]
-    out += ["  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in lines]
-    return "\n".join(out)
+        return markdown_table(head, lines)
+    return "\n".join(columns(head, lines, lead=("# ", "  ")))
 
 
 def header(args, world, info) -> list[str]:
@@ -167,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .args import add_oversubscribe, positive_int
+    from .args import add_outputs, add_oversubscribe, positive_int
     p.add_argument("--nproc", type=positive_int, default=None,
                    help="ranks to spawn when not under torchrun (default 4 on cuda, 2 on cpu)")
     add_oversubscribe(p)
@@ -186,15 +181,14 @@ def _add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--reps", type=positive_int, default=5)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--graph", action="store_true", help="replay CUDA graphs of the calls")
-    p.add_argument("--markdown", metavar="FILE.md")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_outputs(p, progress="no progress bar on stderr")
     p.set_defaults(func=run, parser=p)
     return p
 
 
 def _resolve(args) -> None:
     """Defaults and checks, before any rank starts (UsageError says what is wrong)."""
-    from .args import check_output_path
+    from .args import check_outputs
     from ..cli.command import UsageError
     from ..groups.launch import check_cpu_ranks, under_torchrun
     from ..settings import parse_size
@@ -211,7 +205,7 @@ def _resolve(args) -> None:
         raise UsageError(f"-f must be at least 2, got {args.stepfactor}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
-    check_output_path("--markdown", args.markdown)
+    check_outputs(args)
     args.dtype = args.dtype or d["dtype"]
     args.torchrun = under_torchrun()
     if args.torchrun:
@@ -250,12 +244,12 @@ def run(args) -> int:
         return 0
     rows, info = res
     head = header(args, world, info)
-    print("\n".join("# " + h for h in head))
-    print(format_table(rows, world, args.dtype))
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(f"# {head[0]}\n\n" + "\n".join(f"- {h}" for h in head[1:]) + "\n\n"
-                    + format_table(rows, world, args.dtype, markdown=True) + "\n")
+    write_outputs(args, "\n".join("# " + h for h in head) + "\n"
+                  + format_table(rows, world, args.dtype) + "\n",
+                  doc={"header": head, "rows": rows},
+                  markdown=lambda _plot: (f"# {head[0]}\n\n" + "\n".join(f"- {h}" for h in head[1:])
+                                          + "\n\n" + format_table(rows, world, args.dtype,
+                                                                  markdown=True) + "\n"))
     return 1 if any(r["wrong"] for r in rows) else 0
 
 

@@ -70,8 +70,10 @@ def _usage_error(msg: str):
 
 
 # ---------------------------------------------------------------------------- bench results
-_BACKEND_TO_ALGORITHM = {"nccl": "nccl", "symm_mem_one_shot": "one_shot",
-                         "symm_mem_two_shot": "two_shot"}
+# the baselines are named as `tpcomm bench` names its contenders (cost_model.BASELINES); tpcomm's
+# own one_shot / two_shot rows are fitted as the one-shot / two-shot terms, in the place of
+# torch symm_mem's (whose names those terms carry)
+_OWN_TO_TERM = {"one_shot": cost_model.SYMM_ONE_SHOT, "two_shot": cost_model.SYMM_TWO_SHOT}
 
 
 def _run_device(meta: dict, gpu: str) -> str | None:
@@ -114,11 +116,11 @@ def rows_from_bench_json(doc: dict, gpu: str = "h200") -> tuple[list[tuple], lis
             dropped["wrong elements"] += 1
             continue
         backend, algo = r.get("backend"), r.get("algo", "-")
-        if backend == "tpcomm" and algo in ("one_shot", "two_shot"):
-            name = algo
+        if backend == "tpcomm" and algo in _OWN_TO_TERM:
+            name = _OWN_TO_TERM[algo]
             own.add(name)
-        elif backend in _BACKEND_TO_ALGORITHM:
-            name = _BACKEND_TO_ALGORITHM[backend]
+        elif backend in cost_model.BASELINES:
+            name = backend
         else:
             dropped["a backend or algorithm without terms in the model"] += 1
             continue
@@ -184,7 +186,8 @@ def format_plan(cluster: cost_model.Cluster, rows: list[dict], gpu: str) -> str:
     lines.append("# predicted microseconds per all-reduce (CUDA graph); [chunk]: the two-level "
                  "pipeline's chunk, none: one chunk")
     width = max([17] + [len(n) + 2 for n in names])
-    head = f"{'size':>8}  {'pick':<15} {'time':>9} {'chunk':>6}" + "".join(
+    pw = max([15] + [len(r["pick"]) for r in rows])
+    head = f"{'size':>8}  {'pick':<{pw}} {'time':>9} {'chunk':>6}" + "".join(
         f"{n:>{width}}" for n in names)
     lines.append("#" + head[1:])
     for r in rows:
@@ -193,7 +196,7 @@ def format_plan(cluster: cost_model.Cluster, rows: list[dict], gpu: str) -> str:
             c = r["candidates"][n]
             chunk = f" [{_fmt_size(c['chunk_bytes'])}]" if c["chunk_bytes"] else ""
             cells.append(f"{c['time_us']:.1f}{chunk}")
-        lines.append(f"{_fmt_size(r['nbytes']):>8}  {r['pick']:<15} {r['time_us']:>9.1f} "
+        lines.append(f"{_fmt_size(r['nbytes']):>8}  {r['pick']:<{pw}} {r['time_us']:>9.1f} "
                      f"{_fmt_size(r['chunk_bytes']) if r['chunk_bytes'] else '-':>6}"
                      + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
@@ -204,10 +207,10 @@ def format_fit(params: cost_model.Params, table: list[dict]) -> str:
              *("#   " + s for s in params.describe().splitlines()),
              "# error = (predicted - measured) / measured; loo = the same with that row left "
              "out of the fit",
-             f"# {'gpus':>4} {'algorithm':<9} {'mode':<5} {'size':>6} {'measured':>9} "
+             f"# {'gpus':>4} {'algorithm':<17} {'mode':<5} {'size':>6} {'measured':>9} "
              f"{'predicted':>9} {'error':>7} {'loo':>7}"]
     for r in table:
-        lines.append(f"  {r['gpus']:>4} {r['algorithm']:<9} {r['mode']:<5} "
+        lines.append(f"  {r['gpus']:>4} {r['algorithm']:<17} {r['mode']:<5} "
                      f"{_fmt_size(r['nbytes']):>6} {r['measured_us']:>9.1f} "
                      f"{r['predicted_us']:>9.1f} {100 * r['error']:>+6.1f}% "
                      f"{100 * r.get('loo_error', math.nan):>+6.1f}%")
@@ -251,7 +254,7 @@ def format_tpcomm_fit(table: list[dict], cross: list[dict]) -> str:
                  f"{_worst(table, 'world_error')} (target: 25%)")
     lines.append("# cross-check, not fitted: NCCL / symm_mem rows of the same runs, predicted by "
                  "the terms fitted to benchmarks/results/baselines-h200x4-2026-11-22.md")
-    for fam in ("nccl", "one_shot", "two_shot"):
+    for fam in cost_model.BASELINES:
         rows = [r for r in cross if r["algorithm"] == fam]
         lines.append(f"#   {fam}: {len(rows)} rows, largest |error| >= 64K "
                      f"{_worst(rows, 'error')}")

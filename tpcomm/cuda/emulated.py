@@ -7,11 +7,14 @@ instead of memory mapped from other processes. Each emulated rank gets its own
 ranks' buffers through raw addresses exactly as they reach peers through NVLink.
 
 Used by the protocol tests under Triton's CPU interpreter (ranks are threads over CPU tensors,
-``tests/unit/gpu_protocol_sim.py``) and by ``scripts/gpu_emulated_ranks.py`` (ranks are CUDA
-streams of one GPU: the kernels compiled for the GPU, its memory model between the SMs of one
-chip, CUDA-graph replays; not NVLink, not separate processes, and no timing claim).
+``tests/unit/gpu_protocol_sim.py``) and, with :class:`StreamRanks` (ranks are CUDA streams of
+one GPU: the kernels compiled for the GPU, its memory model between the SMs of one chip,
+CUDA-graph replays; not NVLink, not separate processes, and no timing claim), by
+``scripts/gpu_emulated_ranks.py``, ``scripts/gpu_host_path.py`` and ``tests/_emulated.py``.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -58,3 +61,48 @@ def make_emulated_group(world: int, max_bytes: int, grid: int, *, device="cpu",
     backs = [P2PCollectives(EmulatedBuffer(r, tensors, pad), layout, timeout_s, max_bytes,
                             num_warps=warps) for r in range(world)]
     return backs, tensors
+
+
+def run_on_streams(streams: list, fn: Callable[[int], object], device) -> None:
+    """``fn(r)`` on ``streams[r]`` for every rank r, then ``device``'s current stream waits for
+    all of them.
+
+    The ranks' kernels wait for each other, so they must run at the same time: every stream
+    starts after the work queued so far on the current stream (one event), rank r's calls are
+    queued on its own stream, and the current stream joins them (one event each). Inside a CUDA
+    graph capture the fork and join become the graph's edges, so a replay runs the ranks
+    concurrently too."""
+    main = torch.cuda.current_stream(device)
+    start = torch.cuda.Event()
+    start.record(main)
+    for r, s in enumerate(streams):
+        s.wait_event(start)
+        with torch.cuda.stream(s):
+            fn(r)
+    for s in streams:
+        ev = torch.cuda.Event()
+        ev.record(s)
+        main.wait_event(ev)
+
+
+class StreamRanks:
+    """``world`` emulated ranks on one GPU: the GPU engines of :func:`make_emulated_group`
+    (``backs``, over ``tensors``) and one CUDA stream each; :meth:`run` fans a call out to every
+    rank's stream (:func:`run_on_streams`), :meth:`check` waits and raises a rank's error."""
+
+    def __init__(self, world: int, max_bytes: int, grid: int, *, device,
+                 timeout_s: float = 20.0):
+        self.world, self.device = world, torch.device(device)
+        self.backs, self.tensors = make_emulated_group(world, max_bytes, grid,
+                                                       device=self.device, timeout_s=timeout_s)
+        self.streams = [torch.cuda.Stream(self.device) for _ in range(world)]
+
+    def run(self, fn: Callable[[int], object]) -> None:
+        """fn(r) on rank r's stream, for every rank; the current stream waits for all."""
+        run_on_streams(self.streams, fn, self.device)
+
+    def check(self) -> None:
+        """Wait for the GPU, then raise the first rank's recorded error (PeerTimeoutError, ...)."""
+        torch.cuda.synchronize(self.device)
+        for b in self.backs:
+            b.check(sync=True)

@@ -3,16 +3,16 @@
 Every algorithm's time is a sum of terms ``latency + bytes x (1 / bandwidth)`` over the links it
 uses, in microseconds, for S bytes on N GPUs per node and M nodes:
 
-    one_shot   a1 + S·((N-1)·b_nv + c1)                 reads N-1 peer copies over NVLink
-    two_shot   a2 + S·(2(N-1)/N·b_nv + c2)              reduce-scatter + all-gather over NVLink
+    symm_mem_one_shot   a1 + S·((N-1)·b_nv + c1)        reads N-1 peer copies over NVLink
+    symm_mem_two_shot   a2 + S·(2(N-1)/N·b_nv + c2)     reduce-scatter + all-gather over NVLink
     nccl/ring  min over protocols p of a_p + 2(N-1)·h_p + 2(N-1)/N·S·b_p     (LL and Simple)
     nic ring   2(M-1)·l_nic + 2(M-1)/M·s / B_nic        s = bytes each GPU sends over the network
     nic tree   2·ceil(log2 M)·l_nic + 2·s / B_nic       double binary tree: latency ~ log M
     two_level  RS(c) + X(c) + AG(c) + (k-1)·max(RS(c) + AG(c), X(c)),  k = ceil(S/c) chunks of c,
                RS = AG = half a two_shot, X = nic ring or tree on c/N bytes per GPU
 
-``b_nv`` (NVLink, per byte a GPU moves through its port) is one constant shared by one_shot and
-two_shot; ``c1``, ``c2`` are the per-byte costs of each kernel's local work, ``a`` their fixed
+``b_nv`` (NVLink, per byte a GPU moves through its port) is one constant shared by the one-shot
+and two-shot terms (named for torch symm_mem's kernels, which they are fitted to); ``c1``, ``c2`` are the per-byte costs of each kernel's local work, ``a`` their fixed
 costs (launch, barriers); NCCL's ring is fitted as two protocols whose minimum it takes (LL: low
 latency, low bandwidth; Simple: the reverse), which is how NCCL's own tuner models it. All are
 fitted to measured times (tpcomm.selection.cost_data) by least squares on the *relative* error, every
@@ -21,18 +21,19 @@ bandwidth and latency are inputs, with an assumed efficiency.
 
 tpcomm's own kernels (tpcomm/kernels/*.py) are modelled apart from the NCCL / symm_mem-style
 terms above, because they move and wait differently; each is a + (N-1)·l + link bytes·b + local
-bytes·c, with its own constants (S bytes, bf16):
+bytes·c, with its own constants (S bytes, bf16). They carry tpcomm.algorithms' names, as stats,
+errors and the benchmarks print them:
 
-    tpcomm_one_shot_push  stores S into each of N-1 peers' slots (data carries its flag: one
-                          one-way latency, no barrier); local: polls and sums N·S
-    tpcomm_one_shot_pull  signal-pad barrier, reads N-1 peer buffers; local: S copied in
-    tpcomm_two_shot       pushes slices into the owners' RS slots, then the owner pushes its
-                          reduced slice to every peer: 2(N-1)/N·S on the link, two latencies
-    tpcomm_ring           float32 partials in the reduce-scatter (2x the bf16 bytes), then the
-                          all-gather: 3(N-1)/N·S on the link, 2(N-1) dependent steps
-    shared                (k-1)·r for k > 1 rounds of the push region (tpcomm/cuda/p2p_collectives.py);
-                          eager calls pay k·e_host (a host-launched round each; per host);
-                          (chunks-1)·p for the chunked two-shot variants (two_shot_v2/v4)
+    one_shot/push  stores S into each of N-1 peers' slots (data carries its flag: one one-way
+                   latency, no barrier); local: polls and sums N·S
+    one_shot/pull  signal-pad barrier, reads N-1 peer buffers; local: S copied in
+    two_shot       pushes slices into the owners' RS slots, then the owner pushes its reduced
+                   slice to every peer: 2(N-1)/N·S on the link, two latencies
+    ring           float32 partials in the reduce-scatter (2x the bf16 bytes), then the
+                   all-gather: 3(N-1)/N·S on the link, 2(N-1) dependent steps
+    shared         (k-1)·r for k > 1 rounds of the push region (tpcomm/cuda/p2p_collectives.py);
+                   eager calls pay k·e_host (a host-launched round each; per host);
+                   (chunks-1)·p for the chunked two-shot variants (two_shot_v2/v4)
 
 Flat NCCL across nodes (for comparison): a ring over all N·M GPUs, N rings in parallel each
 crossing nodes through its own NIC, so the ring's bus bandwidth is min(NCCL's intra-node one,
@@ -47,6 +48,7 @@ import re
 import torch
 
 from . import cost_data, cost_data_tpcomm
+from .cost_data import NCCL, PULL, PUSH, RING, SYMM_ONE_SHOT, SYMM_TWO_SHOT, TWO_SHOT
 
 US_PER_BYTE_AT_1GBS = 1e-3          # 1 GB/s = 1e3 bytes per microsecond
 
@@ -130,10 +132,10 @@ class Params:
     def describe(self) -> str:
         gbs = lambda b: US_PER_BYTE_AT_1GBS / b if b > 0 else float("inf")  # noqa: E731
         lines = [f"NVLink: {gbs(self.b_nv):.0f} GB/s per GPU port",
-                 f"one_shot: {self.one_shot[0]:.2f} us + S / {gbs(self.one_shot[1]):.0f} GB/s "
-                 f"local",
-                 f"two_shot: {self.two_shot[0]:.2f} us + S / {gbs(self.two_shot[1]):.0f} GB/s "
-                 f"local"]
+                 f"{SYMM_ONE_SHOT}: {self.one_shot[0]:.2f} us + S / "
+                 f"{gbs(self.one_shot[1]):.0f} GB/s local",
+                 f"{SYMM_TWO_SHOT}: {self.two_shot[0]:.2f} us + S / "
+                 f"{gbs(self.two_shot[1]):.0f} GB/s local"]
         for p, (a, h, b) in self.nccl.items():
             lines.append(f"nccl {p}: {a:.2f} us + {h:.2f} us per step, bus {gbs(b):.0f} GB/s")
         return "\n".join(lines)
@@ -172,13 +174,15 @@ def nccl_us(S: float, N: int, p: Params, link: str = "nvlink") -> tuple[float, s
 
 
 def predict_intra(algorithm: str, S: float, N: int, p: Params, link: str = "nvlink") -> float:
-    if algorithm == "one_shot":
+    """A baseline's time: ``algorithm`` one of "nccl", "symm_mem_one_shot", "symm_mem_two_shot"."""
+    if algorithm == SYMM_ONE_SHOT:
         return one_shot_us(S, N, p, link)
-    if algorithm == "two_shot":
+    if algorithm == SYMM_TWO_SHOT:
         return two_shot_us(S, N, p, link)
-    if algorithm in ("nccl", "ring"):
+    if algorithm == NCCL:
         return nccl_us(S, N, p, link)[0]
-    raise ValueError(f"unknown algorithm {algorithm!r}")
+    raise ValueError(f"unknown baseline {algorithm!r}; the model has {NCCL}, {SYMM_ONE_SHOT}, "
+                     f"{SYMM_TWO_SHOT} (tpcomm's kernels: tpcomm_us)")
 
 
 # ---------------------------------------------------------------------------- network terms
@@ -212,7 +216,7 @@ def _intra_rs_ag_us(ch: float, c: Cluster) -> float:
     N, p = c.gpus_per_node, c.params
     t = 2 * half_two_shot_us(ch, N, p, c.link)
     if c.link == "nvlink":
-        t = min(t, tpcomm_us("tpcomm_two_shot", ch, N))
+        t = min(t, tpcomm_us(TWO_SHOT, ch, N))
     return t
 
 
@@ -243,7 +247,7 @@ def flat_nccl_us(S: int, c: Cluster, algo: str = "ring") -> Choice:
     N, Mn, p = c.gpus_per_node, c.nodes, c.params
     if Mn == 1:
         t, proto = nccl_us(S, N, p, c.link)
-        return Choice("nccl", t, detail=f"NCCL ring, {proto}")
+        return Choice(NCCL, t, detail=f"NCCL ring, {proto}")
     G = N * Mn
     b_net = US_PER_BYTE_AT_1GBS / c.nic.node_gbs
     best = None
@@ -267,8 +271,8 @@ def candidates(S: int, c: Cluster) -> list[Choice]:
     if c.nodes == 1:
         if N == 1:
             return [Choice("local", 0.0)]
-        out.append(Choice("one_shot", one_shot_us(S, N, p, c.link)))
-        out.append(Choice("two_shot", two_shot_us(S, N, p, c.link)))
+        out.append(Choice(SYMM_ONE_SHOT, one_shot_us(S, N, p, c.link)))
+        out.append(Choice(SYMM_TWO_SHOT, two_shot_us(S, N, p, c.link)))
         out.append(flat_nccl_us(S, c))
         if c.link == "nvlink":
             out += [Choice(a, tpcomm_us(a, S, N)) for a in TPCOMM_ALGORITHMS]
@@ -298,9 +302,35 @@ class Point:
 def fit_points(rows=None) -> list[Point]:
     """The measurements the fit uses: graph rows, and eager rows from 32 MiB on (see
     tpcomm.selection.cost_data for why)."""
-    rows = cost_data.H200_ALLREDUCE if rows is None else rows
+    rows = cost_data.H200_ALLREDUCE if rows is None else canonical_baseline_rows(rows)
     pts = [Point(*r) for r in rows]
     return [q for q in pts if q.mode == "graph" or q.nbytes >= 32 * M]
+
+
+# The names before tpcomm.algorithms, for rows written then: tpcomm's kernels were
+# "tpcomm_one_shot_push", ..., and torch symm_mem's kernels "one_shot", "two_shot" (which today
+# name tpcomm's own algorithms).
+LEGACY_NAMES = {"tpcomm_one_shot_push": PUSH, "tpcomm_one_shot_pull": PULL,
+                "tpcomm_two_shot": TWO_SHOT, "tpcomm_ring": RING}
+LEGACY_BASELINES = {"one_shot": SYMM_ONE_SHOT, "two_shot": SYMM_TWO_SHOT}
+BASELINES = (NCCL, SYMM_ONE_SHOT, SYMM_TWO_SHOT)
+
+
+def canonical_baseline_rows(rows) -> list[tuple]:
+    """(gpus, algorithm, mode, nbytes, time_us) rows with today's names: a baseline row's
+    "one_shot" / "two_shot" is torch symm_mem's kernel (no baseline row names tpcomm's)."""
+    return [(r[0], LEGACY_BASELINES.get(r[1], r[1]), *r[2:]) for r in rows]
+
+
+def canonical_tpcomm_rows(rows) -> list[tuple]:
+    """(file, gpus, algorithm, ...) rows of tpcomm's kernels with today's names. Rows in the old
+    names (any "tpcomm_*" among them) also get symm_mem's "one_shot" / "two_shot" renamed; rows
+    in today's names are kept as they are ("two_shot" there is tpcomm's kernel)."""
+    rows = list(rows)
+    if not any(str(r[2]).startswith("tpcomm_") for r in rows):
+        return rows
+    old = {**LEGACY_NAMES, **LEGACY_BASELINES}
+    return [(r[0], r[1], old.get(r[2], r[2]), *r[3:]) for r in rows]
 
 
 def _nnls(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -339,7 +369,7 @@ def _fit_linear(rows: list[tuple[list[float], float]]) -> list[float]:
 def _shot_features(q: Point) -> list[float]:
     """Columns: a1, c1, a2, c2, b_nv."""
     N, S = q.gpus, q.nbytes
-    if q.algorithm == "one_shot":
+    if q.algorithm == SYMM_ONE_SHOT:
         return [1, S, 0, 0, (N - 1) * S]
     return [0, 0, 1, S, 2 * (N - 1) / N * S]
 
@@ -352,11 +382,11 @@ def _nccl_features(q: Point) -> list[float]:
 def fit(rows=None, source: str = cost_data.SOURCE) -> Params:
     """Fit every constant to the measured rows (see :func:`fit_points`)."""
     pts = fit_points(rows)
-    shots = [q for q in pts if q.algorithm in ("one_shot", "two_shot")]
+    shots = [q for q in pts if q.algorithm in (SYMM_ONE_SHOT, SYMM_TWO_SHOT)]
     if not shots:
-        raise ValueError("no one_shot/two_shot measurements to fit")
+        raise ValueError(f"no {SYMM_ONE_SHOT}/{SYMM_TWO_SHOT} measurements to fit")
     a1, c1, a2, c2, b_nv = _fit_linear([(_shot_features(q), q.time_us) for q in shots])
-    nccl = [q for q in pts if q.algorithm == "nccl"]
+    nccl = [q for q in pts if q.algorithm == NCCL]
     protos = _fit_protocols(nccl) if nccl else {}
     return Params(b_nv=b_nv, one_shot=(a1, c1), two_shot=(a2, c2), nccl=protos, source=source)
 
@@ -424,28 +454,27 @@ def error_table(rows=None, *, leave_one_out: bool = True) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- tpcomm's kernels
-TPCOMM_ALGORITHMS = ("tpcomm_one_shot_push", "tpcomm_one_shot_pull", "tpcomm_two_shot",
-                     "tpcomm_ring")
+TPCOMM_ALGORITHMS = (PUSH, PULL, TWO_SHOT, RING)
 # Bytes one launch round covers (tpcomm/cuda/p2p_collectives.py, Layout.make with PUSH_ROUND_BYTES =
 # 8 MiB: rs_slot = 8 MiB / N, push_buf = 2 N rs_slot = 16 MiB): two-shot N·rs_slot = 8 MiB;
 # one-shot push push_buf / N = 4 MiB at N = 4 (kept for every N); ring push_buf / (4 + 2 bytes)
 # elements of bf16 = 16/3 MiB. Larger calls run in ceil(S / round) rounds.
-TPCOMM_ROUND_BYTES = {"tpcomm_one_shot_push": 4 * M, "tpcomm_one_shot_pull": 4 * M,
-                      "tpcomm_two_shot": 8 * M, "tpcomm_ring": 16 * M // 3}
+TPCOMM_ROUND_BYTES = {PUSH: 4 * M, PULL: 4 * M, TWO_SHOT: 8 * M, RING: 16 * M // 3}
 _SHARED = ("chunk_us", "round_us", "eager_round_us[x2]", "eager_round_us[x4]")
 
 
 def _tpcomm_bytes(algorithm: str, S: float, N: int) -> tuple[float, float]:
     """(bytes a GPU stores over NVLink, bytes it polls / reduces / copies locally)."""
-    if algorithm == "tpcomm_one_shot_push":
+    if algorithm == PUSH:
         return (N - 1) * S, N * S
-    if algorithm == "tpcomm_one_shot_pull":
+    if algorithm == PULL:
         return (N - 1) * S, S
-    if algorithm == "tpcomm_two_shot":
+    if algorithm == TWO_SHOT:
         return 2 * (N - 1) / N * S, S
-    if algorithm == "tpcomm_ring":
+    if algorithm == RING:
         return 3 * (N - 1) / N * S, S
-    raise ValueError(f"unknown tpcomm algorithm {algorithm!r}")
+    raise ValueError(f"unknown tpcomm algorithm {algorithm!r}; the model has "
+                     f"{', '.join(TPCOMM_ALGORITHMS)}")
 
 
 def host_of(config: str) -> str:
@@ -456,8 +485,9 @@ def host_of(config: str) -> str:
 def _tpcomm_features(algorithm: str, N: int, S: float, mode: str = "graph", chunks: int = 1,
                      host: str = "x4") -> list[float]:
     """Columns: (a, l, b, c) per algorithm in TPCOMM_ALGORITHMS order, then _SHARED."""
-    i = TPCOMM_ALGORITHMS.index(algorithm)
+    algorithm = LEGACY_NAMES.get(algorithm, algorithm)
     link, local = _tpcomm_bytes(algorithm, S, N)
+    i = TPCOMM_ALGORITHMS.index(algorithm)
     f = [0.0] * (4 * len(TPCOMM_ALGORITHMS))
     f[4 * i: 4 * i + 4] = [1.0, N - 1, link, local]
     k = max(1, math.ceil(S / TPCOMM_ROUND_BYTES[algorithm]))
@@ -469,7 +499,7 @@ def _tpcomm_features(algorithm: str, N: int, S: float, mode: str = "graph", chun
 def tpcomm_points(rows=None) -> list[tuple]:
     """(file, gpus, algorithm, mode, nbytes, time_us, variant) of tpcomm's kernels that the fit
     uses: graph rows, and eager rows from 32 MiB on (as for the baselines)."""
-    rows = cost_data_tpcomm.ROWS if rows is None else rows
+    rows = cost_data_tpcomm.ROWS if rows is None else canonical_tpcomm_rows(rows)
     return [r for r in rows if r[2] in TPCOMM_ALGORITHMS and (r[3] == "graph" or r[4] >= 32 * M)]
 
 
@@ -492,10 +522,10 @@ def fit_tpcomm(rows=None) -> list[float]:
 # gpu-h200x4-2026-11-22-graph-final.json (test_cost_model checks that a refit gives these).
 # (a us, l us per peer, b us per link byte, c us per local byte); GB/s = 1e-3 / b.
 TPCOMM_H200 = {
-    "tpcomm_one_shot_push": (2.58, 0.858, 2.73e-06, 4.36e-07),
-    "tpcomm_one_shot_pull": (5.01, 0.593, 3.13e-06, 1.41e-07),
-    "tpcomm_two_shot": (3.15, 1.39, 3.32e-06, 0.0),
-    "tpcomm_ring": (2.08, 2.69, 1.27e-06, 2.43e-06),
+    PUSH: (2.58, 0.858, 2.73e-06, 4.36e-07),
+    PULL: (5.01, 0.593, 3.13e-06, 1.41e-07),
+    TWO_SHOT: (3.15, 1.39, 3.32e-06, 0.0),
+    RING: (2.08, 2.69, 1.27e-06, 2.43e-06),
     "shared": (0.566, 8.52, 9.49, 25.0),        # _SHARED, in us
 }
 
@@ -564,7 +594,7 @@ def crosscheck_table(p: Params | None = None) -> list[dict]:
     p = h200() if p is None else p
     out = []
     for f, g, a, mode, n, t, _v in cost_data_tpcomm.ROWS:
-        if a not in ("nccl", "one_shot", "two_shot") or (mode == "eager" and n < 32 * M):
+        if a not in BASELINES or (mode == "eager" and n < 32 * M):
             continue
         pred = predict_intra(a, n, g, p)
         out.append({"config": f, "gpus": g, "algorithm": a, "mode": mode, "nbytes": n,

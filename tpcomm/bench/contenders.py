@@ -1,4 +1,6 @@
-"""The implementations ``tpcomm bench`` compares, behind one small interface.
+"""The contenders ``tpcomm bench`` compares, behind one small interface (:class:`Contender`).
+("Backend" keeps torch.distributed's meaning: the ``gloo`` and ``nccl`` contenders are calls
+through those backends.)
 
 - ``tpcomm``: :class:`tpcomm.Communicator` (CPU shared memory or the GPU kernels), with
   ``--algorithm`` passed to every call.
@@ -13,16 +15,16 @@
   ``rendezvous`` (NCCL window registration), then ``dist.all_reduce`` on it in place. The
   symmetric-memory backend is fixed for the whole process by the first allocation, and
   tpcomm's own buffers and ``symm_mem_*`` need the CUDA one: ``nccl_symm`` runs only with
-  ``nccl`` (``--backends nccl_symm,nccl``), in a run of its own; elsewhere it is refused
+  ``nccl`` (``--contenders nccl_symm,nccl``), in a run of its own; elsewhere it is refused
   before any rank starts, as it is without NCCL >= 2.27 or a torch whose ``set_backend``
   takes "NCCL". Whether NCCL really ran its symmetric kernels shows in NCCL_DEBUG=INFO.
 - ``deepspeed_shm``, ``mpi_openmpi``, ``mpi_mpich`` (CPU, all_reduce only; ``mpi`` names both
   MPIs): the CPU contenders of :mod:`tpcomm.bench.contenders_cpu`, where installed. The MPI
-  ones run as their own MPI job after the ranks' sweep (see ``MPI_BACKENDS``).
+  ones run as their own MPI job after the ranks' sweep (see ``MPI_CONTENDERS``).
 - ``_broken`` (test only, not advertised): gloo/nccl with one element of rank 0's result
   changed, to show that a wrong result is caught and makes the run fail.
 
-all_reduce runs in place on every backend but ``symm_mem_one_shot`` (whose op has no in-place
+all_reduce runs in place on every contender but ``symm_mem_one_shot`` (whose op has no in-place
 form): ``comm.all_reduce_(x)``, ``dist.all_reduce(x)``, ``two_shot_all_reduce_(buf)``.
 
 ``all_reduce_add_rms_norm`` (tpcomm, gloo, nccl): the end of a TP sublayer on [size / H, H]
@@ -68,7 +70,7 @@ def _norm_call(inp: torch.Tensor, hidden: int, fn) -> Callable[[], object]:
     return lambda: fn(x, residual, weight)
 
 
-class BenchBackend:
+class Contender:
     """One way of running a collective. Every method is collective: all ranks call it alike."""
 
     name = ""
@@ -77,7 +79,7 @@ class BenchBackend:
         self.ctx = ctx
 
     def describe(self) -> str:
-        """One line for the report header: what this backend is, as set up in this run."""
+        """One line for the report header: what this contender is, as set up in this run."""
         raise NotImplementedError
 
     def buffers(self, op: str, numel_in: int, numel_out: int,
@@ -93,7 +95,7 @@ class BenchBackend:
         raise NotImplementedError
 
     def run_once(self, call: Callable[[], object]) -> str:
-        """Run ``call`` once; return the algorithm it used ('-' when the backend does not say)."""
+        """Run ``call`` once; return the algorithm it used ('-' when the contender does not say)."""
         call()
         return "-"
 
@@ -101,7 +103,7 @@ class BenchBackend:
         pass
 
 
-class TpcommBackend(BenchBackend):
+class TpcommContender(Contender):
     name = "tpcomm"
 
     def __init__(self, ctx: Context):
@@ -110,7 +112,7 @@ class TpcommBackend(BenchBackend):
 
     def describe(self) -> str:
         c = self.comm
-        text = f"tpcomm.Communicator, backend {c.backend_name!r}, algorithm {self.ctx.algorithm}"
+        text = f"tpcomm.Communicator, engine {c.backend_name!r}, algorithm {self.ctx.algorithm}"
         if c.disabled_reason:
             text += f" (fast path off: {c.disabled_reason}; every call went to torch.distributed)"
         return text
@@ -140,7 +142,7 @@ class TpcommBackend(BenchBackend):
         self.comm.close()
 
 
-class TorchBackend(BenchBackend):
+class TorchContender(Contender):
     """torch.distributed on the default group: gloo for CPU tensors, NCCL for CUDA ones."""
 
     def __init__(self, ctx: Context, name: str):
@@ -158,7 +160,7 @@ class TorchBackend(BenchBackend):
         return lambda: fn(inp, out, group)
 
 
-class BrokenBackend(TorchBackend):
+class BrokenContender(TorchContender):
     """torch.distributed with one wrong element on rank 0: for the tests of the check."""
 
     def __init__(self, ctx: Context):
@@ -179,7 +181,7 @@ class BrokenBackend(TorchBackend):
         return broken
 
 
-class SymmMemBackend(BenchBackend):
+class SymmMemContender(Contender):
     """torch's symmetric-memory all_reduce, one variant ('one_shot' or 'two_shot')."""
 
     def __init__(self, ctx: Context, variant: str):
@@ -214,7 +216,7 @@ class SymmMemBackend(BenchBackend):
 
 
 NCCL_SYMM_MIN = (2, 27)
-NCCL_SYMM_PARTNERS = ("nccl",)   # the backends nccl_symm can share a process with
+NCCL_SYMM_PARTNERS = ("nccl",)   # the contenders nccl_symm can share a process with
 
 
 def _nccl_tuple() -> tuple[int, ...] | None:
@@ -251,18 +253,18 @@ def why_nccl_symm_unavailable(nccl: tuple[int, ...] | None = None,
     takes_nccl = _symm_mem_takes_nccl() if takes_nccl is None else takes_nccl
     need = f"NCCL >= {'.'.join(map(str, NCCL_SYMM_MIN))}"
     if nccl is None:
-        return (f"backend nccl_symm needs torch built with NCCL ({need}); torch "
+        return (f"contender nccl_symm needs torch built with NCCL ({need}); torch "
                 f"{torch.__version__} has no NCCL")
     if tuple(nccl[:2]) < NCCL_SYMM_MIN:
-        return (f"backend nccl_symm needs {need} (symmetric kernels); torch {torch.__version__} "
+        return (f"contender nccl_symm needs {need} (symmetric kernels); torch {torch.__version__} "
                 f"has NCCL {'.'.join(map(str, nccl))}")
     if not takes_nccl:
-        return (f"backend nccl_symm needs a torch whose symm_mem.set_backend takes \"NCCL\" "
+        return (f"contender nccl_symm needs a torch whose symm_mem.set_backend takes \"NCCL\" "
                 f"(torch >= 2.9); torch {torch.__version__} does not")
     return None
 
 
-class NcclSymmBackend(BenchBackend):
+class NcclSymmContender(Contender):
     """torch.distributed NCCL all_reduce on a buffer of NCCL's symmetric memory (a registered
     window), where NCCL 2.27+ may run its symmetric kernels."""
 
@@ -294,67 +296,68 @@ class NcclSymmBackend(BenchBackend):
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    make: Callable[[Context], BenchBackend]
+    make: Callable[[Context], Contender]
     devices: tuple[str, ...]
     ops: tuple[str, ...] = ("all_reduce", "reduce_scatter", "all_gather", NORM_OP)
 
 
-BACKENDS = {
-    "tpcomm": Spec(TpcommBackend, ("cpu", "cuda")),
-    "gloo": Spec(lambda ctx: TorchBackend(ctx, "gloo"), ("cpu",)),
-    "nccl": Spec(lambda ctx: TorchBackend(ctx, "nccl"), ("cuda",)),
-    "symm_mem_one_shot": Spec(lambda ctx: SymmMemBackend(ctx, "one_shot"), ("cuda",),
+CONTENDERS = {
+    "tpcomm": Spec(TpcommContender, ("cpu", "cuda")),
+    "gloo": Spec(lambda ctx: TorchContender(ctx, "gloo"), ("cpu",)),
+    "nccl": Spec(lambda ctx: TorchContender(ctx, "nccl"), ("cuda",)),
+    "symm_mem_one_shot": Spec(lambda ctx: SymmMemContender(ctx, "one_shot"), ("cuda",),
                               ("all_reduce",)),
-    "symm_mem_two_shot": Spec(lambda ctx: SymmMemBackend(ctx, "two_shot"), ("cuda",),
+    "symm_mem_two_shot": Spec(lambda ctx: SymmMemContender(ctx, "two_shot"), ("cuda",),
                               ("all_reduce",)),
-    "nccl_symm": Spec(NcclSymmBackend, ("cuda",), ("all_reduce",)),
-    "deepspeed_shm": Spec(contenders_cpu.DeepSpeedShmBackend, ("cpu",), ("all_reduce",)),
+    "nccl_symm": Spec(NcclSymmContender, ("cuda",), ("all_reduce",)),
+    "deepspeed_shm": Spec(contenders_cpu.DeepSpeedShmContender, ("cpu",), ("all_reduce",)),
     "mpi_openmpi": Spec(None, ("cpu",), ("all_reduce",)),
     "mpi_mpich": Spec(None, ("cpu",), ("all_reduce",)),
-    "_broken": Spec(BrokenBackend, ("cpu", "cuda")),
+    "_broken": Spec(BrokenContender, ("cpu", "cuda")),
 }
 # Run by the process that starts the ranks, as MPI jobs of their own (Spec.make is None).
-MPI_BACKENDS = tuple(contenders_cpu.MPI_IMPLS)
-CONTENDERS = ("deepspeed_shm",) + MPI_BACKENDS
-ALIASES = {"symm_mem": ("symm_mem_one_shot", "symm_mem_two_shot"), "mpi": MPI_BACKENDS}
+MPI_CONTENDERS = tuple(contenders_cpu.MPI_IMPLS)
+EXTERNAL = ("deepspeed_shm",) + MPI_CONTENDERS   # other packages' contenders, where installed
+ALIASES = {"symm_mem": ("symm_mem_one_shot", "symm_mem_two_shot"), "mpi": MPI_CONTENDERS}
 DEFAULTS = {"cpu": "tpcomm,gloo", "cuda": "tpcomm,nccl,symm_mem"}
-PUBLIC = [n for n in BACKENDS if not n.startswith("_")] + list(ALIASES)
+PUBLIC = [n for n in CONTENDERS if not n.startswith("_")] + list(ALIASES)
 _ON_OTHER_DEVICE = {"cpu": "nccl and symm_mem need --device cuda; on cpu compare with gloo",
                     "cuda": "gloo times CPU tensors; on cuda compare with nccl or symm_mem"}
 
 
-def resolve_backends(text: str, device: str, op: str) -> list[str]:
+def resolve_contenders(text: str, device: str, op: str) -> list[str]:
     """'tpcomm,symm_mem' -> ['tpcomm', 'symm_mem_one_shot', 'symm_mem_two_shot'], or a
     ValueError that says what is wrong and what to use instead."""
     names: list[str] = []
     for raw in text.split(","):
         name = raw.strip()
         if not name:
-            raise ValueError(f"--backends {text!r}: an empty name; give comma-separated names "
+            raise ValueError(f"--contenders {text!r}: an empty name; give comma-separated names "
                              f"from {', '.join(PUBLIC)}")
-        if name not in BACKENDS and name not in ALIASES:
-            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(PUBLIC)}")
+        if name not in CONTENDERS and name not in ALIASES:
+            raise ValueError(f"unknown contender {name!r}; choose from {', '.join(PUBLIC)}")
         for n in ALIASES.get(name, (name,)):
-            spec = BACKENDS[n]
+            spec = CONTENDERS[n]
             if device not in spec.devices:
-                raise ValueError(f"backend {n} does not run on {device}: {_ON_OTHER_DEVICE[device]}")
+                raise ValueError(f"contender {n} does not run on {device}: "
+                                 f"{_ON_OTHER_DEVICE[device]}")
             if op not in spec.ops:
-                raise ValueError(f"backend {n} times {' and '.join(spec.ops)} only, not {op}")
-            why = contenders_cpu.why_unavailable(n) if n in CONTENDERS else None
+                raise ValueError(f"contender {n} times {' and '.join(spec.ops)} only, not {op}")
+            why = contenders_cpu.why_unavailable(n) if n in EXTERNAL else None
             if n == "nccl_symm":
                 why = why_nccl_symm_unavailable()
             if why:
                 raise ValueError(why)
             if n in names:
-                raise ValueError(f"backend {n} is named twice in --backends {text}")
+                raise ValueError(f"contender {n} is named twice in --contenders {text}")
             names.append(n)
     others = [n for n in names if n not in ("nccl_symm",) + NCCL_SYMM_PARTNERS]
     if "nccl_symm" in names and others:
-        raise ValueError(f"backend nccl_symm fixes torch's symmetric-memory backend to NCCL for "
+        raise ValueError(f"contender nccl_symm fixes torch's symmetric-memory backend to NCCL for "
                          f"the whole run, and {', '.join(others)} need(s) the CUDA one: time it "
-                         f"in a run of its own, --backends nccl_symm,nccl")
+                         f"in a run of its own, --contenders nccl_symm,nccl")
     return names
 
 
-def make_backend(name: str, ctx: Context) -> BenchBackend:
-    return BACKENDS[name].make(ctx)
+def make_contender(name: str, ctx: Context) -> Contender:
+    return CONTENDERS[name].make(ctx)
