@@ -568,20 +568,42 @@ def _capture(g: Ranks, ins, outs):
     return graph
 
 
+def _next_call_each_thread(g: Ranks, ins, outs) -> list:
+    """Every rank's next call (a one-shot push all-reduce), each from a thread of its own on
+    its rank's stream (the ranks meet to reset their engines); what each raised, or None."""
+    import threading
+    seen: list = [None] * g.world
+
+    def one(r):
+        try:
+            with torch.cuda.stream(g.streams[r]):
+                g.backs[r].all_reduce(ins[r], outs[r], "one_shot_push")
+        except BaseException as e:  # noqa: BLE001 - handed back
+            seen[r] = e
+    threads = [threading.Thread(target=one, args=(r,), daemon=True) for r in range(g.world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30.0)
+    torch.cuda.synchronize(DEV)
+    return seen
+
+
 def mismatch_case(world, failures, tally, eager_after: int = 100, replays_after: int = 25):
-    """Every rank but the last calls one thing, the last another. Every rank's check (each
-    rank from its own thread: the ranks meet to reset their engines, emulated.check_ranks)
-    must raise MismatchError naming both calls, well before the 5 s timeout; the mismatched
-    call must have written no output (in-place inputs kept); then ``eager_after`` eager calls
-    (every algorithm in turn, new inputs each), replays of a CUDA graph captured BEFORE the
-    mismatch and of one captured after it must be exact on every rank. Each case warms every
-    call up first, matched: a kernel's module load waits for running kernels, and a rank
-    spinning on the call check would otherwise wait for a peer that is loading its module."""
+    """Every rank but the last calls one thing, the last another. Then every rank, each from
+    a thread of its own (the ranks meet to reset their engines), makes its next call (every
+    other case) or check(): each must raise MismatchError naming both calls, well before the
+    5 s timeout. The mismatched call must have written no output (in-place inputs kept);
+    then ``eager_after`` eager calls (every algorithm in turn, new inputs each), replays of a
+    CUDA graph captured BEFORE the mismatch and of one captured after it must be exact on
+    every rank. Each case warms every call up first, matched: a kernel's module load waits
+    for running kernels, and a rank spinning on the call check would otherwise wait for a
+    peer that is loading its module."""
     from tpcomm.cuda.emulated import check_ranks
     from tpcomm.cuda.p2p_collectives import Layout
     res = {}
     push_max = Layout.make(world, 8 << 20, GRID).one_shot_push_max(4)
-    for name, odd, common in _mismatch_cases(world, push_max):
+    for i, (name, odd, common) in enumerate(_mismatch_cases(world, push_max)):
         g = Ranks(world, 8 << 20, timeout_s=5.0)
         try:
             for call in (odd, common):          # warm-up, matched: compiles and loads both
@@ -601,7 +623,10 @@ def mismatch_case(world, failures, tally, eager_after: int = 100, replays_after:
             waited = time.perf_counter() - t0
             t0 = time.perf_counter()
             kinds = []
-            for r, e in enumerate(check_ranks(g.backs, timeout_s=30.0)):
+            # every other case: the next call raises (the host-mapped error word), else check()
+            by_call = i % 2 == 1
+            seen = _next_call_each_thread(g, ins, outs) if by_call else check_ranks(g.backs, 30.0)
+            for r, e in enumerate(seen):
                 if isinstance(e, MismatchError):
                     ok = ("numel=" in str(e) and f"rank {r} called" in str(e)
                           and "stays usable" in str(e))
@@ -615,7 +640,8 @@ def mismatch_case(world, failures, tally, eager_after: int = 100, replays_after:
             after = _capture(g, ins, outs)                      # and one captured after
             replay_wrong += _graph_replays(g, after, ins, outs, 300, replays_after)
             errors_after = [repr(e) for e in check_ranks(g.backs) if e is not None]
-            res[name] = {"ranks": kinds, "gpu_s": round(waited, 3),
+            res[name] = {"ranks": kinds, "raised_by": "next call" if by_call else "check()",
+                         "gpu_s": round(waited, 3),
                          "recovery_s": round(recovery_s, 3), "outputs_kept": outputs_kept,
                          "warm_wrong": warm_wrong, "eager_calls_after": eager_after,
                          "eager_wrong_after": eager_wrong,

@@ -346,6 +346,8 @@ class P2PCollectives:
         back to its initial state and return the MismatchError to raise (module docstring,
         "Recovery"); where that cannot be done, the error that breaks the engine."""
         head = f"tpcomm {op} ({algorithm}, GPU call check, epoch {info['epoch']})"
+        if self.broken:     # a recovery that failed is not tried again
+            return CommunicatorBrokenError(f"{head}: the engine is broken: {self.broken}")
         if self._is_cuda and torch.cuda.is_current_stream_capturing():
             return MismatchError(
                 f"{head}: the kernels recorded a call mismatch before or during this CUDA-graph "
@@ -369,8 +371,9 @@ class P2PCollectives:
             self._rendezvous.all_gather(f"mismatch{n}/reset", "1")
         except Exception as e:  # noqa: BLE001 - a peer that never came, a CUDA error
             err = CommunicatorBrokenError(
-                f"{head}: a call mismatch was recorded, and the engine could not reset itself "
-                f"with its peers (every rank must make a call or check() within timeout_s = "
+                f"{head}: the kernels stopped at a call mismatch (or at a peer that had "
+                f"stopped at an error of its own), and the engine could not reset itself with "
+                f"its peers (every rank must make a call or check() within timeout_s = "
                 f"{self.timeout_s:g} s of the mismatch): {type(e).__name__}: {e}")
             self.broken = str(err)
             return err

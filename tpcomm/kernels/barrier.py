@@ -229,8 +229,8 @@ def bind_barrier(common: dict, *, pad_addrs: tuple, my_pad_addr: int, slot: int,
 # unknown (hash 0): every rank that takes part in a mismatched call records the error at that
 # call, whichever of the two it saw (a differing hash or a newer header), and none waits for
 # data the stopped peer never sends. A dead kernel still posts its headers (peers never wait
-# for a dead rank's header) and still pushes its data (a peer that missed the error has data
-# to read; the recovery resets the slots).
+# for a dead rank's header) and still pushes its data and raises its flags (a peer's block
+# already past its check is not left waiting); the recovery resets all of it.
 # Cost: one 8-byte store per peer and block, and a load of R words: in the one-shot push
 # kernels (the latency-bound decode path) inside the first data poll (``_lamport.
 # poll_sum_call``: no extra round trip); in the others one wait before the first poll.
