@@ -9,7 +9,7 @@ changed inputs, and a stalled rank raises instead of hanging. What it does not s
 separate processes, or speed against NCCL (all ranks share one GPU's SMs and memory).
 
     python scripts/gpu_emulated_ranks.py [--worlds 2,4] [--soak-ops 100000] [--json FILE]
-    python scripts/gpu_emulated_ranks.py --only mismatch,latency --json FILE   # ~1-2 min
+    python scripts/gpu_emulated_ranks.py --only mismatch,latency --json FILE   # ~2-4 min
 
 ``--only`` runs the named cases alone: ``mismatch`` (calls that differ across ranks raise
 MismatchError from the kernels' call check on every rank, no timeout; the mismatched call
