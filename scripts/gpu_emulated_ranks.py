@@ -9,11 +9,12 @@ changed inputs, and a stalled rank raises instead of hanging. What it does not s
 separate processes, or speed against NCCL (all ranks share one GPU's SMs and memory).
 
     python scripts/gpu_emulated_ranks.py [--worlds 2,4] [--soak-ops 100000] [--json FILE]
-    python scripts/gpu_emulated_ranks.py --only mismatch,latency --json FILE   # ~1-2 min
+    python scripts/gpu_emulated_ranks.py --only mismatch,latency --json FILE   # ~2-4 min
 
 ``--only`` runs the named cases alone: ``mismatch`` (calls that differ across ranks raise
-MismatchError from the kernels' call check on every rank, no timeout, and the engines refuse
-later calls), ``latency`` (graph replays of small all-reduces, microseconds per call: compare
+MismatchError from the kernels' call check on every rank, no timeout; the mismatched call
+writes no output; every rank's engine resets itself and the next 100 eager calls and the
+replays of CUDA graphs captured before and after are exact), ``latency`` (graph replays of small all-reduces, microseconds per call: compare
 against the same case run on the previous commit), ``timeout``.
 
 Exit status 1 on any wrong element or failed case.
@@ -37,8 +38,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tpcomm.errors import (CommunicatorBrokenError, MismatchError,  # noqa: E402
-                           PeerTimeoutError)
+from tpcomm.errors import MismatchError, PeerTimeoutError  # noqa: E402
 from tpcomm.cuda.emulated import StreamRanks  # noqa: E402
 from tpcomm.reference import add_rms_norm  # noqa: E402
 from tpcomm.testing import exact  # noqa: E402
@@ -452,83 +452,184 @@ def timeout_case(world, failures, tally):
 
 
 def _mismatch_cases(world, push_max):
-    """(name, odd call of the last rank, the others' call); a call is fn(back, rank).
-    ``push_max``: float32 elements of one one-shot push round."""
+    """(name, odd call of the last rank, the others' call). A call is fn(back, rank) -> kept():
+    whether its tensors still hold what they held before (the kernels write no output after
+    a mismatch; all_gather may write its own row). ``push_max``: float32 elements of one
+    one-shot push round."""
     f32, bf16 = torch.float32, torch.bfloat16
 
-    def ar(n, algo, dtype=f32):
-        return lambda b, r: b.all_reduce(exact(n, r, dtype, device=DEV),
-                                         torch.empty(n, dtype=dtype, device=DEV), algo)
+    def ar(n, algo, dtype=f32, in_place=True):
+        def call(b, r):
+            x = exact(n, r, dtype, device=DEV)
+            out = x if in_place else torch.full((n,), 77.0, dtype=dtype, device=DEV)
+            b.all_reduce(x, out, algo)
+            return lambda: (torch.equal(x, exact(n, r, dtype, device=DEV))
+                            and (in_place or bool(torch.all(out == 77))))
+        return call
 
     def rs(c):
-        return lambda b, r: b.reduce_scatter(exact(world * c, r, f32, device=DEV).view(world, c),
-                                             torch.empty(c, dtype=f32, device=DEV))
+        def call(b, r):
+            out = torch.full((c,), 5.0, dtype=f32, device=DEV)
+            b.reduce_scatter(exact(world * c, r, f32, device=DEV).view(world, c), out)
+            return lambda: bool(torch.all(out == 5))
+        return call
 
     def ag(c):
-        return lambda b, r: b.all_gather(exact(c, r, f32, device=DEV),
-                                         torch.empty(world, c, dtype=f32, device=DEV))
+        def call(b, r):
+            out = torch.full((world, c), 5.0, dtype=f32, device=DEV)
+            b.all_gather(exact(c, r, f32, device=DEV), out)
+            return lambda: bool(torch.all(out[[p for p in range(world) if p != r]] == 5))
+        return call
 
     def norm(rows, hidden=4096):
         def call(b, r):
             x = exact(rows * hidden, r, bf16, device=DEV).view(rows, hidden)
-            b.all_reduce_add_rms_norm(x, x.clone(), torch.ones(hidden, dtype=bf16, device=DEV),
-                                      1e-6, torch.empty_like(x))
+            res = exact(rows * hidden, 9, bf16, device=DEV).view(rows, hidden)
+            normed = torch.full_like(x, 3.0)
+            b.all_reduce_add_rms_norm(x, res, torch.ones(hidden, dtype=bf16, device=DEV), 1e-6,
+                                      normed)
+            return lambda: (torch.equal(x.view(-1), exact(rows * hidden, r, bf16, device=DEV))
+                            and torch.equal(res.view(-1), exact(rows * hidden, 9, bf16,
+                                                                device=DEV))
+                            and bool(torch.all(normed == 3)))
         return call
 
     mib = (1 << 20) // 4
     return [
         ("one_shot_push 300 vs 600", ar(600, "one_shot_push"), ar(300, "one_shot_push")),
-        ("1 MiB vs 2 MiB", ar(2 * mib, "one_shot"), ar(mib, "one_shot")),
+        ("1 MiB vs 2 MiB", ar(2 * mib, "one_shot", in_place=False), ar(mib, "one_shot")),
         ("1 round vs 2 rounds", ar(2 * push_max, "one_shot_push"),
-         ar(push_max, "one_shot_push")),
+         ar(push_max, "one_shot_push", in_place=False)),
         ("push vs pull", ar(4 * mib, "one_shot"), ar(4096, "one_shot")),
         ("two_shot dtype", ar(2 * mib, "two_shot", bf16), ar(mib, "two_shot")),
-        ("op", rs(mib // world), ar(mib, "two_shot")),
+        ("op", rs(mib // world), ar(mib, "two_shot", in_place=False)),
         ("all_gather sizes", ag(4096), ag(8192)),
         ("fused norm rows", norm(5), norm(4)),
         ("ring sizes", ar(3 * mib, "ring"), ar(mib, "ring")),
     ]
 
 
-def mismatch_case(world, failures, tally):
-    """Every rank but the last calls one thing, the last another: every rank's check must
-    raise MismatchError (the kernels' call check, well before the 5 s timeout) naming both
-    calls, and a later call must raise CommunicatorBrokenError. Each case warms both calls up
-    first, matched: a kernel's module load waits for running kernels, and a rank spinning on
-    the call check would otherwise wait for a peer that is loading its module."""
-    res = {}
+AFTER_N = 4096         # bf16 elements of the calls after a recovery (every algorithm warmed)
+
+
+def _after_calls(g: Ranks, ins, outs, salt: int, algos) -> int:
+    """One call per algorithm of ``algos`` on every rank (new inputs each); wrong elements."""
+    wrong = 0
+    for i, algo in enumerate(algos):
+        for r in range(g.world):
+            ins[r].copy_(exact(AFTER_N, r, torch.bfloat16, salt + i, device=DEV))
+            outs[r].fill_(77)
+        g.run(lambda r: g.backs[r].all_reduce(ins[r], outs[r], algo))
+        want = _want_sum(AFTER_N, g.world, torch.bfloat16, salt + i)
+        wrong += sum(int((o != want).sum()) for o in outs)
+    return wrong
+
+
+def _graph_replays(g: Ranks, graph, ins, outs, salt: int, replays: int) -> int:
+    """Replays of ``graph`` (one call per algorithm of ALGOS on every rank, captured over
+    ``ins``/``outs``), new inputs before each; wrong elements of the last call's output."""
+    wrong = 0
+    for k in range(replays):
+        for r in range(g.world):
+            ins[r].copy_(exact(AFTER_N, r, torch.bfloat16, salt + k, device=DEV))
+            outs[r].fill_(77)
+        graph.replay()
+        want = _want_sum(AFTER_N, g.world, torch.bfloat16, salt + k)
+        wrong += sum(int((o != want).sum()) for o in outs)
+    return wrong
+
+
+def _capture(g: Ranks, ins, outs):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for algo in ALGOS:
+            g.run(lambda r: g.backs[r].all_reduce(ins[r], outs[r], algo))
+    return graph
+
+
+def _next_call_each_thread(g: Ranks, ins, outs) -> list:
+    """Every rank's next call (a one-shot push all-reduce), each from a thread of its own on
+    its rank's stream (the ranks meet to reset their engines); what each raised, or None."""
+    import threading
+    seen: list = [None] * g.world
+
+    def one(r):
+        try:
+            with torch.cuda.stream(g.streams[r]):
+                g.backs[r].all_reduce(ins[r], outs[r], "one_shot_push")
+        except BaseException as e:  # noqa: BLE001 - handed back
+            seen[r] = e
+    threads = [threading.Thread(target=one, args=(r,), daemon=True) for r in range(g.world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30.0)
+    torch.cuda.synchronize(DEV)
+    return seen
+
+
+def mismatch_case(world, failures, tally, eager_after: int = 100, replays_after: int = 25):
+    """Every rank but the last calls one thing, the last another. Then every rank, each from
+    a thread of its own (the ranks meet to reset their engines), makes its next call (every
+    other case) or check(): each must raise MismatchError naming both calls, well before the
+    5 s timeout. The mismatched call must have written no output (in-place inputs kept);
+    then ``eager_after`` eager calls (every algorithm in turn, new inputs each), replays of a
+    CUDA graph captured BEFORE the mismatch and of one captured after it must be exact on
+    every rank. Each case warms every call up first, matched: a kernel's module load waits
+    for running kernels, and a rank spinning on the call check would otherwise wait for a
+    peer that is loading its module."""
+    from tpcomm.cuda.emulated import check_ranks
     from tpcomm.cuda.p2p_collectives import Layout
+    res = {}
     push_max = Layout.make(world, 8 << 20, GRID).one_shot_push_max(4)
-    for name, odd, common in _mismatch_cases(world, push_max):
+    for i, (name, odd, common) in enumerate(_mismatch_cases(world, push_max)):
         g = Ranks(world, 8 << 20, timeout_s=5.0)
         try:
             for call in (odd, common):          # warm-up, matched: compiles and loads both
                 g.run(lambda r: call(g.backs[r], r))
+            ins = [torch.empty(AFTER_N, dtype=torch.bfloat16, device=DEV) for _ in range(world)]
+            outs = [torch.empty_like(ins[0]) for _ in range(world)]
+            warm_wrong = _after_calls(g, ins, outs, 1, ALGOS)   # and every algorithm after
+            g.check()
+            before = _capture(g, ins, outs)                     # a graph from before
+            warm_wrong += _graph_replays(g, before, ins, outs, 10, 1)
             g.check()
             calls = [common] * (world - 1) + [odd]
+            kept = [None] * world
             t0 = time.perf_counter()
-            g.run(lambda r: calls[r](g.backs[r], r))
+            g.run(lambda r: kept.__setitem__(r, calls[r](g.backs[r], r)))
             torch.cuda.synchronize(DEV)
             waited = time.perf_counter() - t0
+            t0 = time.perf_counter()
             kinds = []
-            for r, b in enumerate(g.backs):
-                try:
-                    b.check(sync=True)
-                    kinds.append("none")
-                except MismatchError as e:
-                    ok = "numel=" in str(e) and f"rank {r} called" in str(e)
+            # every other case: the next call raises (the host-mapped error word), else check()
+            by_call = i % 2 == 1
+            seen = _next_call_each_thread(g, ins, outs) if by_call else check_ranks(g.backs, 30.0)
+            for r, e in enumerate(seen):
+                if isinstance(e, MismatchError):
+                    ok = ("numel=" in str(e) and f"rank {r} called" in str(e)
+                          and "stays usable" in str(e))
                     kinds.append("mismatch" if ok else f"mismatch without the calls: {e}")
-                except PeerTimeoutError as e:
-                    kinds.append(f"timeout: {str(e)[:120]}")
-                try:
-                    with torch.cuda.stream(g.streams[r]):
-                        calls[r](b, r)
-                    kinds[-1] += " (then accepted a call)"
-                except CommunicatorBrokenError:
-                    pass
-            res[name] = {"ranks": kinds, "gpu_s": round(waited, 3)}
-            if kinds != ["mismatch"] * world or waited > 2.5:
-                failures.append(f"mismatch {name} world {world}: {kinds}, {waited:.2f} s")
+                else:
+                    kinds.append("none" if e is None else f"{type(e).__name__}: {str(e)[:120]}")
+            recovery_s = time.perf_counter() - t0
+            outputs_kept = all(k() for k in kept)
+            eager_wrong = _after_calls(g, ins, outs, 100, ALGOS * (eager_after // len(ALGOS)))
+            replay_wrong = _graph_replays(g, before, ins, outs, 200, replays_after)
+            after = _capture(g, ins, outs)                      # and one captured after
+            replay_wrong += _graph_replays(g, after, ins, outs, 300, replays_after)
+            errors_after = [repr(e) for e in check_ranks(g.backs) if e is not None]
+            res[name] = {"ranks": kinds, "raised_by": "next call" if by_call else "check()",
+                         "gpu_s": round(waited, 3),
+                         "recovery_s": round(recovery_s, 3), "outputs_kept": outputs_kept,
+                         "warm_wrong": warm_wrong, "eager_calls_after": eager_after,
+                         "eager_wrong_after": eager_wrong,
+                         "graph_replays_after": 2 * replays_after,
+                         "graph_wrong_after": replay_wrong, "errors_after": errors_after}
+            tally["checked"] += world * (eager_after + 2 * replays_after * len(ALGOS))
+            if (kinds != ["mismatch"] * world or waited > 2.5 or not outputs_kept or warm_wrong
+                    or eager_wrong or replay_wrong or errors_after):
+                failures.append(f"mismatch {name} world {world}: {res[name]}")
         except Exception as e:  # noqa: BLE001 - record it, go on with the next case
             failures.append(f"mismatch {name} world {world}: {type(e).__name__}: {str(e)[:200]}")
         print(f"mismatch {name} w{world}: {res.get(name)}", flush=True)

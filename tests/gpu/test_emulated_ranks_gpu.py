@@ -36,16 +36,22 @@ def test_kernels_with_emulated_ranks_on_one_gpu(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 1 CUDA GPU, found 0")
-def test_call_mismatch_raises_on_every_emulated_rank(tmp_path):
+def test_call_mismatch_raises_on_every_emulated_rank_and_the_engines_recover(tmp_path):
     """The kernels' call check on the GPU: calls that differ (sizes, rounds, push vs pull,
-    dtype, op, all-gather, fused norm, ring) raise MismatchError on every rank, no timeout."""
+    dtype, op, all-gather, fused norm, ring) raise MismatchError on every rank, no timeout; the
+    mismatched call writes no output; every rank's engine resets itself, and 100 eager calls,
+    replays of a graph captured before the mismatch and of one captured after are exact."""
     out = tmp_path / "mismatch.json"
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                PYTHONUNBUFFERED="1")
     p = subprocess.run([sys.executable, SCRIPT, "--only", "mismatch", "--json", str(out)],
-                       env=env, capture_output=True, text=True, timeout=300)
+                       env=env, capture_output=True, text=True, timeout=420)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     tally = json.loads(out.read_text())
     cases = tally["mismatch_w2"]
     assert len(cases) == 9 and all(v["ranks"] == ["mismatch", "mismatch"]
                                    for v in cases.values()), cases
+    for name, v in cases.items():
+        assert v["outputs_kept"] and v["eager_calls_after"] == 100, (name, v)
+        assert v["eager_wrong_after"] == 0 and v["graph_wrong_after"] == 0, (name, v)
+        assert v["graph_replays_after"] >= 50 and not v["errors_after"], (name, v)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import tpcomm
 from tpcomm.groups.launch import spawn
-from tpcomm.testing import exact
+from tpcomm.testing import exact, expected_all_reduce
 
 pytestmark = pytest.mark.gpu
 
@@ -352,3 +352,60 @@ def test_stalled_peer_raises_peer_timeout_instead_of_hanging():
     assert results[0].startswith("raised after"), results[0]
     assert "then broken" in results[0], results[0]
     assert "peer(s) [1]" in results[0]
+
+
+# ---------------------------------------------------------------- a call mismatch
+def _mismatch(rank, world):
+    """Rank world-1 calls another size (in place). Every rank's next call raises MismatchError
+    (the ranks reset their engines through the store), the mismatched call wrote nothing, and
+    100 eager calls and replays of a graph captured before the mismatch are exact."""
+    dev = _init(rank)
+    comm = tpcomm.Communicator(timeout_s=10.0)
+    bf16, n = torch.bfloat16, 4096
+    algos = ("one_shot", "two_shot", "ring")
+    xin, xout = exact(n, rank, bf16, device=dev), torch.empty(n, dtype=bf16, device=dev)
+    for m in (n, 2 * n):                               # warm-up: every kernel compiled
+        comm.all_reduce(exact(m, rank, bf16, device=dev), algorithm="one_shot")
+    for a in algos:
+        comm.all_reduce(xin, out=xout, algorithm=a)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        for a in algos:
+            comm.all_reduce(xin, out=xout, algorithm=a)
+    torch.cuda.synchronize()
+    dist.barrier()
+    x = exact(2 * n if rank == world - 1 else n, rank, bf16, device=dev)
+    keep = x.clone()
+    comm.all_reduce_(x, algorithm="one_shot")         # the mismatched call
+    torch.cuda.synchronize()
+    outcome = {"kept": torch.equal(x, keep), "raised": "nothing", "wrong": 0}
+    try:
+        comm.all_reduce(xin, out=xout, algorithm="one_shot")
+    except tpcomm.MismatchError as e:
+        outcome["raised"] = str(e)
+    for i in range(100):
+        xin.copy_(exact(n, rank, bf16, i, device=dev))
+        comm.all_reduce(xin, out=xout, algorithm=algos[i % 3])
+        outcome["wrong"] += int((xout != expected_all_reduce(n, world, bf16, i, dev)).sum())
+    for i in range(10):
+        xin.copy_(exact(n, rank, bf16, 500 + i, device=dev))
+        g.replay()
+        outcome["wrong"] += int((xout != expected_all_reduce(n, world, bf16, 500 + i,
+                                                             dev)).sum())
+    comm._backend.check(sync=True)
+    dist.barrier()
+    comm.close()
+    dist.destroy_process_group()
+    return outcome
+
+
+@pytest.mark.parametrize("world", [pytest.param(2, marks=_needs(2)),
+                                   pytest.param(4, marks=_needs(4))])
+def test_a_call_mismatch_raises_on_every_rank_and_the_communicator_stays_usable(world):
+    for rank, out in enumerate(spawn(_mismatch, world, env=ENV, timeout_s=300)):
+        assert out["raised"] != "nothing" and "numel=" in out["raised"], (rank, out)
+        assert f"rank {rank} called" in out["raised"] and "stays usable" in out["raised"]
+        assert out["kept"] and out["wrong"] == 0, (rank, out)

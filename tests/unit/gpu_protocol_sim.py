@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from tpcomm.errors import (CommunicatorBrokenError, MismatchError,  # noqa: E402
                            PeerTimeoutError, TpcommError)
-from tpcomm.cuda.emulated import EmulatedBuffer, make_emulated_group  # noqa: E402
+from tpcomm.cuda.emulated import EmulatedBuffer, check_ranks, make_emulated_group  # noqa: E402
+from tpcomm.kernels.barrier import decode_error  # noqa: E402
 from tpcomm.testing import exact  # noqa: E402
 
 # ---- make the interpreter usable from several threads at once --------------------------------
@@ -218,70 +219,165 @@ def check_timeout(world):
 
 
 def _mismatch_calls(world):
-    """(name, per-rank call) of calls that differ across ranks; a call is fn(back, rank)."""
+    """(name, {rank: odd call}, the others' call) of calls that differ across ranks. A call is
+    fn(back, rank) -> kept(): whether its tensors still hold what they held before the call
+    (the kernels write no output after a mismatch: in-place inputs and poisoned outputs stay;
+    all_gather may write its own row, a copy of its input, before the check)."""
     f32, bf16 = torch.float32, torch.bfloat16
 
-    def ar(n, algo, dtype=f32):
-        return lambda b, r: b.all_reduce(exact(n, r, dtype), torch.empty(n, dtype=dtype), algo)
+    def ar(n, algo, dtype=f32, in_place=False):
+        def call(b, r):
+            x = exact(n, r, dtype)
+            out = x if in_place else torch.full((n,), 77.0, dtype=dtype)
+            b.all_reduce(x, out, algo)
+            return lambda: (torch.equal(x, exact(n, r, dtype))
+                            and (in_place or bool(torch.all(out == 77))))
+        return call
 
     def rs(c, dtype=f32):
-        return lambda b, r: b.reduce_scatter(exact(world * c, r, dtype).view(world, c),
-                                             torch.empty(c, dtype=dtype))
+        def call(b, r):
+            out = torch.full((c,), 5.0, dtype=dtype)
+            b.reduce_scatter(exact(world * c, r, dtype).view(world, c), out)
+            return lambda: bool(torch.all(out == 5))
+        return call
 
     def ag(c, dtype=f32):
-        return lambda b, r: b.all_gather(exact(c, r, dtype), torch.empty(world, c, dtype=dtype))
+        def call(b, r):
+            out = torch.full((world, c), 5.0, dtype=dtype)
+            b.all_gather(exact(c, r, dtype), out)
+            others = [p for p in range(world) if p != r]
+            return lambda: bool(torch.all(out[others] == 5))
+        return call
 
     def norm(rows, hidden=64, dtype=f32):
         def call(b, r):
             x = exact(rows * hidden, r, dtype).view(rows, hidden)
-            b.all_reduce_add_rms_norm(x, x.clone(), torch.ones(hidden, dtype=dtype), 1e-6,
-                                      torch.empty_like(x))
+            res = exact(rows * hidden, 9, dtype).view(rows, hidden)
+            normed = torch.full_like(x, 3.0)
+            b.all_reduce_add_rms_norm(x, res, torch.ones(hidden, dtype=dtype), 1e-6, normed)
+            return lambda: (torch.equal(x.view(-1), exact(rows * hidden, r, dtype))
+                            and torch.equal(res.view(-1), exact(rows * hidden, 9, dtype))
+                            and bool(torch.all(normed == 3)))
         return call
 
     push_max = (16 << 10) // world // 4 // 16 * 16   # float32 elements of one push slot
     last = world - 1
     return [
-        ("one_shot_push sizes", {last: ar(600, "one_shot_push")}, ar(300, "one_shot_push")),
+        ("one_shot_push sizes", {last: ar(600, "one_shot_push", in_place=True)},
+         ar(300, "one_shot_push", in_place=True)),
         # a whole number of rounds: the first round is where both calls meet
         ("push rounds", {last: ar(2 * push_max, "one_shot_push")}, ar(push_max, "one_shot_push")),
         # other sizes pick other kernels (push and pull families): the call headers still meet
-        ("push vs pull", {last: ar(4 * push_max, "one_shot")}, ar(64, "one_shot")),
-        ("two_shot dtype", {last: ar(2000, "two_shot", bf16)}, ar(1000, "two_shot")),
+        ("push vs pull", {last: ar(4 * push_max, "one_shot", in_place=True)},
+         ar(64, "one_shot", in_place=True)),
+        ("two_shot dtype", {last: ar(2000, "two_shot", bf16, in_place=True)},
+         ar(1000, "two_shot", in_place=True)),
         ("op", {last: rs(500)}, ar(world * 500, "two_shot")),
         ("all_gather sizes", {last: ag(40)}, ag(48)),
         ("fused norm rows", {last: norm(5)}, norm(4)),
-        ("ring sizes", {last: ar(1200, "ring")}, ar(1000, "ring")),
+        ("ring sizes", {last: ar(1200, "ring", in_place=True)}, ar(1000, "ring", in_place=True)),
     ]
+
+
+def _expect_mismatch_everywhere(name, backs):
+    """Every rank's check() (each from its own thread: the ranks meet to reset their engines)
+    raises MismatchError naming both calls; returns the kinds seen, per rank."""
+    kinds = []
+    for r, e in enumerate(check_ranks(backs)):
+        if isinstance(e, MismatchError):
+            msg = str(e)
+            assert "numel=" in msg and f"rank {r} called" in msg, (name, r, msg)
+            assert "stays usable" in msg, (name, r, msg)
+            kinds.append("mismatch")
+        else:
+            kinds.append("none" if e is None else f"{type(e).__name__}: {str(e)[:160]}")
+    return kinds
+
+
+def _exact_after(backs, salt):
+    """Calls after a recovery, on every rank: exact on every algorithm, op and the fused norm."""
+    for algo in ("one_shot/push", "one_shot/pull", "two_shot", "ring"):
+        salt += 1
+        check_all_reduce(backs, algo, 300, torch.float32, salt)
+    check_in_place(backs, "one_shot/push", 1000, torch.bfloat16, salt + 1)
+    check_rs_ag(backs, 33, torch.float32, salt + 2)
+    check_add_rms_norm(backs, 3, 64, torch.float32, salt + 3)
+    for r, e in enumerate(check_ranks(backs)):
+        assert e is None, (r, repr(e))
 
 
 def check_mismatch(world):
     """Calls that differ on one rank: MismatchError from the GPU call check (not a timeout) on
-    every rank, naming both calls; later calls refuse (the engine is broken)."""
+    every rank, naming both calls; the mismatched call wrote no output; every rank's engine
+    resets itself, and the calls after it are exact on every rank (twice: a second mismatch on
+    the same group recovers as well)."""
     for name, odd, common in _mismatch_calls(world):
         backs, _ = make_group(world, 16 << 10, 3, timeout_s=10.0)  # the interpreter is slow: 2 s gave a timeout under load
         calls = [odd.get(r, common) for r in range(world)]
-        errs = run_ranks([lambda r=r: calls[r](backs[r], r) for r in range(world)])
-        assert not any(errs), (name, errs)
-        kinds = []
-        for r in range(world):
-            try:
-                backs[r].check(sync=True)
-                kinds.append("none")
-            except MismatchError as e:
-                msg = str(e)
-                assert "numel=" in msg and f"rank {r} called" in msg, (name, r, msg)
-                kinds.append("mismatch")
-            except PeerTimeoutError:
-                kinds.append("timeout")
-            try:
-                calls[r](backs[r], r)
-                raise AssertionError(f"{name}: rank {r} accepted a call after a mismatch")
-            except CommunicatorBrokenError:
-                pass
-            except TpcommError as e:
-                raise AssertionError((name, r, repr(e)))
-        assert kinds == ["mismatch"] * world, (name, kinds)
-        print(f"mismatch {name} world {world}: {kinds}", flush=True)
+        for round_ in range(2 if name == "one_shot_push sizes" else 1):
+            kept = [None] * world
+            errs = run_ranks([lambda r=r: kept.__setitem__(r, calls[r](backs[r], r))
+                              for r in range(world)])
+            assert not any(errs), (name, errs)
+            kinds = _expect_mismatch_everywhere(name, backs)
+            assert kinds == ["mismatch"] * world, (name, kinds)
+            assert all(k() for k in kept), (name, "a mismatched call wrote its output",
+                                            [k() for k in kept])
+            _exact_after(backs, 7000 + 100 * round_)
+        print(f"mismatch {name} world {world}: {kinds}, outputs kept, exact after", flush=True)
+
+
+def check_stopped_peer(world=2):
+    """A peer whose kernels had stopped (its error word set: it found a mismatch first) and
+    whose host launched two more calls before this rank looked: its call header of two calls
+    later sits in the slot this rank compares. This rank must record the mismatch too (the
+    header is of a newer call), not sum the stopped peer's leftover data; then both recover."""
+    for algo in ("one_shot/push", "two_shot"):
+        backs, tensors = make_group(world, 16 << 10, 3, timeout_s=10.0)
+        check_all_reduce(backs, algo, 300, torch.float32, 1)
+        # rank 0 stops: a mismatch word (phase 15, peer 1), then three calls that wait for nothing
+        word = (1 << 62) | (15 << 20) | (1 << 8)
+        backs[0]._err_dev[0] = word
+        backs[0]._err_dev[1] = 0
+        backs[0]._err_host_tensor[0] = word    # as record_mismatch's copy for the host
+        xs = [exact(300, 0, torch.float32) for _ in range(3)]
+        for x in xs:
+            backs[0].all_reduce(x, x, algo)
+        assert all(torch.equal(x, exact(300, 0, torch.float32)) for x in xs), "a dead call wrote"
+        y = exact(300, 1, torch.float32)
+        out = torch.full((300,), 77.0)
+        backs[1].all_reduce(y, out, algo)      # the peer's header here is two calls ahead
+        assert bool(torch.all(out == 77)), (algo, "summed a stopped peer's data", out[:8])
+        info = decode_error(int(backs[1]._err_dev[0]))
+        assert info["mismatch"] and info["peer"] == 0, (algo, info)
+        kinds = _expect_mismatch_everywhere("stopped peer", backs)
+        assert kinds == ["mismatch"] * world, (algo, kinds)
+        _exact_after(backs, 8000)
+        print(f"stopped peer {algo}: the other rank recorded it, then exact", flush=True)
+
+
+def check_no_rendezvous():
+    """No rendezvous: a mismatch breaks the engine (later calls refuse), as before recovery."""
+    backs, _ = make_group(2, 16 << 10, 3, timeout_s=10.0)
+    for b in backs:
+        b._rendezvous = None
+    f32 = torch.float32
+    calls = [lambda b, r: b.all_reduce(exact(300 + r, r, f32), torch.empty(300 + r),
+                                       "one_shot/push")] * 2
+    errs = run_ranks([lambda r=r: calls[r](backs[r], r) for r in range(2)])
+    assert not any(errs), errs
+    for r in range(2):
+        try:
+            backs[r].check(sync=True)
+            raise AssertionError("no MismatchError")
+        except MismatchError as e:
+            assert "close the Communicator" in str(e), str(e)
+        try:
+            calls[r](backs[r], r)
+            raise AssertionError("a broken engine accepted a call")
+        except CommunicatorBrokenError:
+            pass
+    print("no rendezvous: broken as before", flush=True)
 
 
 def check_mixed_world4(rounds=2):
@@ -314,9 +410,16 @@ def main():
         check_mixed_world4()
         print("ALL OK")
         return
+    if "stopped" in sys.argv:   # the cases after the main ones alone (development)
+        check_stopped_peer()
+        check_no_rendezvous()
+        print("ALL OK")
+        return
     if "mismatch" in sys.argv:
         for world in (2, 3):
             check_mismatch(world)
+        check_stopped_peer()
+        check_no_rendezvous()
         print("ALL OK")
         return
     quick = "quick" in sys.argv

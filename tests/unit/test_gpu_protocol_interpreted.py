@@ -4,7 +4,9 @@
 - gpu_protocol_sim.py: every collective kernel (indexing, push/poll/clear, epoch rotation,
   chunking, the fused all-reduce + add + RMSNorm, the timeout path); with ``mismatch``: the
   call check (calls that differ in size, rounds, kernel family, dtype or op raise
-  MismatchError, and the engine refuses later calls); with ``mixed4``: world 4, one-shot push
+  MismatchError on every rank, write no output, every rank's engine resets itself and the
+  calls after it are exact; a rank whose peer had already stopped records it too); with
+  ``mixed4``: world 4, one-shot push
   calls of varying sizes interleaved with fused-norm calls and the other algorithms on one group
   (the call headers and push regions in step across kernel families; the interpreter runs a
   kernel's blocks one after another and has no warps, so a block's warps going out of step on

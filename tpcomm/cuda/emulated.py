@@ -11,12 +11,21 @@ Used by the protocol tests under Triton's CPU interpreter (ranks are threads ove
 one GPU: the kernels compiled for the GPU, its memory model between the SMs of one chip,
 CUDA-graph replays; not NVLink, not separate processes, and no timing claim), by
 ``scripts/gpu_emulated_ranks.py``, ``scripts/gpu_host_path.py`` and ``tests/_emulated.py``.
+
+Recovery after a call mismatch: each rank meets its peers twice (``P2PCollectives._recover``).
+Separate processes meet through the group's store; emulated ranks meet in a
+:class:`ThreadRendezvous`, each rank from its own thread: one thread cannot stand for several
+ranks at a blocking meeting, so a harness that drives every rank from one thread lets each rank
+notice the mismatch in a thread of its own (:func:`check_ranks`).
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
+
+from ..errors import TpcommError
 
 PAD_ALIGN = 4096
 
@@ -42,6 +51,60 @@ class EmulatedBuffer:
         pass
 
 
+class ThreadRendezvous:
+    """Where ``world`` emulated ranks of one process meet (``all_gather`` of one value per
+    rank, each rank from its own thread, bounded by ``timeout_s``); :meth:`for_rank` is what
+    a rank's engine holds (the interface of ``groups.group.GroupStore.all_gather``)."""
+
+    def __init__(self, world: int, timeout_s: float):
+        self.world, self.timeout_s = world, timeout_s
+        self._cond = threading.Condition()
+        self._posted: dict[str, dict[int, bytes]] = {}
+
+    def for_rank(self, rank: int) -> "_RankRendezvous":
+        return _RankRendezvous(self, rank)
+
+    def all_gather(self, rank: int, name: str, value: bytes | str) -> list[bytes]:
+        with self._cond:
+            rows = self._posted.setdefault(name, {})
+            rows[rank] = value.encode() if isinstance(value, str) else bytes(value)
+            self._cond.notify_all()
+            if not self._cond.wait_for(lambda: len(rows) == self.world, self.timeout_s):
+                missing = [r for r in range(self.world) if r not in rows]
+                raise TpcommError(f"emulated rank {rank}: ranks {missing} did not meet at "
+                                  f"{name!r} within {self.timeout_s:g} s (each emulated rank "
+                                  f"meets from its own thread: emulated.check_ranks)")
+            return [rows[r] for r in range(self.world)]
+
+
+class _RankRendezvous:
+    def __init__(self, meeting: ThreadRendezvous, rank: int):
+        self._meeting, self._rank = meeting, rank
+
+    def all_gather(self, name: str, value: bytes | str) -> list[bytes]:
+        return self._meeting.all_gather(self._rank, name, value)
+
+
+def check_ranks(backs, timeout_s: float = 60.0) -> list:
+    """Every rank's ``check(sync=True)``, each in a thread of its own (so that ranks recovering
+    from a mismatch can meet); returns what each raised, None where nothing."""
+    errors: list = [None] * len(backs)
+
+    def one(r):
+        try:
+            backs[r].check(sync=True)
+        except BaseException as e:  # noqa: BLE001 - handed back to the caller
+            errors[r] = e
+    threads = [threading.Thread(target=one, args=(r,), daemon=True) for r in range(len(backs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+        if t.is_alive():
+            raise TimeoutError(f"check_ranks: a rank's check() ran past {timeout_s:g} s")
+    return errors
+
+
 def make_emulated_group(world: int, max_bytes: int, grid: int, *, device="cpu",
                         timeout_s: float = 20.0, num_warps: int | None = None):
     """``world`` GPU backends over emulated buffers on ``device``; returns (backends, tensors).
@@ -58,8 +121,10 @@ def make_emulated_group(world: int, max_bytes: int, grid: int, *, device="cpu",
         t[pad:].fill_(0xFF)
         tensors.append(t)
     warps = num_warps if num_warps is not None else NUM_WARPS
+    meeting = ThreadRendezvous(world, timeout_s)
     backs = [P2PCollectives(EmulatedBuffer(r, tensors, pad), layout, timeout_s, max_bytes,
-                            num_warps=warps) for r in range(world)]
+                            num_warps=warps, rendezvous=meeting.for_rank(r))
+             for r in range(world)]
     return backs, tensors
 
 
@@ -102,7 +167,10 @@ class StreamRanks:
         run_on_streams(self.streams, fn, self.device)
 
     def check(self) -> None:
-        """Wait for the GPU, then raise the first rank's recorded error (PeerTimeoutError, ...)."""
+        """Wait for the GPU, then raise the first rank's recorded error (PeerTimeoutError, ...;
+        every rank checks in a thread of its own, so that ranks recovering from a mismatch can
+        meet: :func:`check_ranks`)."""
         torch.cuda.synchronize(self.device)
-        for b in self.backs:
-            b.check(sync=True)
+        for e in check_ranks(self.backs):
+            if e is not None:
+                raise e

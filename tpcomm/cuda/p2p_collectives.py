@@ -29,10 +29,34 @@ Each is chunked to its own buffer limit; ``capacity`` (the Communicator's chunk)
 Calls compared. Every collective kernel carries the hash of its Communicator call (op, dtype,
 total numel: ``kernels/barrier.call_hash``) and compares it with its peers' in the call-header
 area before it reads their data (``kernels/barrier.py``, the call check). A mismatch records
-an error word like a timeout; the host raises :class:`MismatchError` at the next call (or
-``check``), naming both calls, and the engine is broken from then on: the kernels may have left
-data in the peers' receive slots. The fused GEMM + collective kernels are not checked (a call
-of one against another op times out instead).
+an error word like a timeout, on every rank of the call (a rank that finds a peer's header of
+a later call, from a peer already stopped, records it too), and the kernel writes no output;
+kernels launched after it return at once without writing theirs. The fused GEMM + collective
+kernels are not checked (a call of one against another op times out instead).
+
+Recovery. Where the host finds a mismatch in the error word (the next call, ``check``), every
+rank resets its engine and the call raises :class:`MismatchError` naming both calls; the
+Communicator stays usable::
+
+    synchronize the device              this rank's kernels are done (they stopped at the error)
+    meet 1 (rendezvous, timeout_s)      post the error words; every rank is past its kernels,
+                                        so no peer writes into this rank's buffer any more
+    reset: pad words 0, push regions,   the state at set-up (sentinels, epochs 0); the user
+      headers, staging all ones, sync   region (``empty``) is left alone
+    meet 2 (rendezvous, timeout_s)      every rank reset: no peer kernel can find old state
+    raise MismatchError                 named from every rank's words (the first that saw both
+                                        hashes, if this rank only saw a stopped peer)
+
+The rendezvous is the group's store (``GroupStore``; ``cuda/emulated.py``'s in-process one for
+emulated ranks, each rank from its own thread). A rank that does not come within ``timeout_s``
+(its host makes no call and no ``check``) leaves its peers with ``CommunicatorBrokenError``.
+No reset inside a CUDA-graph capture (it synchronizes): a capture that finds the word raises
+MismatchError saying so, and the next call outside a capture recovers. Raising in the
+mismatched call itself would need the kernel's verdict on the host, i.e. a stream
+synchronization per call (the eager host path launches and returns; the verdict comes a
+kernel latency later, and inside a graph there is no host at all), so the error comes from
+the next call; the calls launched in between (the host runs ahead of the GPU) wrote no output
+either. Graph replays are not seen by the host: ``check()`` after them.
 
 Errors. A kernel that waits longer than ``timeout_s`` for a peer stops, and writes an error word
 into a host-mapped (pinned) int64 that the host reads with a plain load: every call checks it
@@ -205,8 +229,14 @@ class P2PCollectives:
         return op in self._OPS
 
     def __init__(self, buf, layout: Layout, timeout_s: float, max_bytes: int, *,
-                 num_warps: int = NUM_WARPS):
+                 num_warps: int = NUM_WARPS, rendezvous=None):
+        """``rendezvous``: where the ranks meet to recover from a call mismatch, an object with
+        ``all_gather(name, value) -> [bytes per rank]`` bounded by ``timeout_s`` (the group's
+        store; ``cuda/emulated.py``'s for ranks in one process); None: a mismatch breaks the
+        engine."""
         self.buf, self.layout = buf, layout
+        self._rendezvous = rendezvous
+        self._recoveries = 0
         self.rank, self.world = buf.rank, buf.world_size
         self.device = buf.device
         self.timeout_s = timeout_s
@@ -303,30 +333,88 @@ class P2PCollectives:
         info = k_barrier.decode_error(word)
         op, algorithm = k_barrier.OP_NAMES.get(info["op"], ("collective", "?"))
         if info["mismatch"]:
-            err = self._mismatch(info, op, algorithm)
-            self.broken = str(err)
-            raise err
+            raise self._recover(info, op, algorithm)
         err = PeerTimeoutError(op, info["epoch"], self.rank, [info["peer"]], self.timeout_s,
                                f"{algorithm}, GPU-side wait in phase {info['phase']}")
         err.algorithm = algorithm
         self.broken = str(err)
         raise err
 
-    def _mismatch(self, info: dict, op: str, algorithm: str) -> MismatchError:
-        """The MismatchError of an error word the call check recorded (both calls named where
-        the device words can be read: not during a graph capture)."""
-        calls = ""
-        if not (self._is_cuda and torch.cuda.is_current_stream_capturing()):
+    # ---------------------------------------------------------------- recovery
+    def _recover(self, info: dict, op: str, algorithm: str) -> TpcommError:
+        """After a call mismatch that this rank's kernels recorded: bring every rank's engine
+        back to its initial state and return the MismatchError to raise (module docstring,
+        "Recovery"); where that cannot be done, the error that breaks the engine."""
+        head = f"tpcomm {op} ({algorithm}, GPU call check, epoch {info['epoch']})"
+        if self.broken:     # a recovery that failed is not tried again
+            return CommunicatorBrokenError(f"{head}: the engine is broken: {self.broken}")
+        if self._is_cuda and torch.cuda.is_current_stream_capturing():
+            return MismatchError(
+                f"{head}: the kernels recorded a call mismatch before or during this CUDA-graph "
+                f"capture. The engine resets itself (on every rank) at the next call or "
+                f"check() outside a capture: a reset synchronizes the device, which a capture "
+                f"does not allow. End this capture and discard its graph")
+        if self._rendezvous is None:
+            err = MismatchError(f"{head}: every rank must call the same collective with the "
+                                f"same size and dtype; this engine cannot reset itself (no "
+                                f"rendezvous): close the Communicator and create a new one")
+            self.broken = str(err)
+            return err
+        n = self._recoveries
+        self._recoveries += 1
+        try:
+            if self._is_cuda:
+                torch.cuda.synchronize(self.device)   # this rank's kernels are done (dead)
+            mine = " ".join(str(int(v)) for v in self._err_dev[0:3].tolist())
+            rows = self._rendezvous.all_gather(f"mismatch{n}/stopped", mine)
+            self._reset()                             # no peer writes into this buffer now
+            self._rendezvous.all_gather(f"mismatch{n}/reset", "1")
+        except Exception as e:  # noqa: BLE001 - a peer that never came, a CUDA error
+            err = CommunicatorBrokenError(
+                f"{head}: the kernels stopped at a call mismatch (or at a peer that had "
+                f"stopped at an error of its own), and the engine could not reset itself with "
+                f"its peers (every rank must make a call or check() within timeout_s = "
+                f"{self.timeout_s:g} s of the mismatch): {type(e).__name__}: {e}")
+            self.broken = str(err)
+            return err
+        return MismatchError(
+            f"{head}: {self._describe_calls(rows)}; every rank must call the same collective "
+            f"with the same size and dtype. The kernels found it after the launch: the "
+            f"mismatched call wrote no output (an in-place input keeps its values; all_gather "
+            f"may have copied its input into its own row), nor did the calls this rank launched "
+            f"after it before this error. Every rank's engine has been reset: the "
+            f"Communicator stays usable")
+
+    def _describe_calls(self, rows: list) -> str:
+        """'rank 0 called ... but rank 1 called ...' from every rank's error words (word, my
+        hash, the peer's hash; 0: the peer had already stopped, its call unknown)."""
+        words = [[int(v) for v in bytes(r).decode().split()] for r in rows]
+        first = [(r, w) for r, w in enumerate(words) if w[2]]
+        mine = words[self.rank]
+        text = f"rank {self.rank} called {k_barrier.describe_call(mine[1])}"
+        peer = k_barrier.decode_error(mine[0])["peer"]
+        if mine[2]:
+            return f"{text} but rank {peer} called {k_barrier.describe_call(mine[2])}"
+        if first:
+            r, w = first[0]
+            return (f"{text}; rank {r} called {k_barrier.describe_call(w[1])} but rank "
+                    f"{k_barrier.decode_error(w[0])['peer']} called "
+                    f"{k_barrier.describe_call(w[2])}")
+        return f"{text}; its peers had stopped before their calls could be compared"
+
+    def _reset(self) -> None:
+        """This rank's pad and receive areas back to their state at set-up: counters, flags,
+        error words zero; push regions, call headers and staging slots all ones (the
+        sentinel). The user region (``empty``) is left alone. Only while no peer runs a
+        kernel (between the recovery's two meetings)."""
+        L = self.layout
+        with self._dev():
+            self.buf.signal_pad(self.rank)[:L.pad_bytes // 8].zero_()
+            self.buf.local_data()[:L.user_off].fill_(0xFF)
             if self._is_cuda:
                 torch.cuda.synchronize(self.device)
-            mine, theirs = (int(v) for v in self._err_dev[1:3].tolist())
-            calls = (f": rank {self.rank} called {k_barrier.describe_call(mine)} but rank "
-                     f"{info['peer']} called {k_barrier.describe_call(theirs)}")
-        return MismatchError(
-            f"tpcomm {op} ({algorithm}, GPU call check, epoch {info['epoch']}){calls}; every "
-            f"rank must call the same collective with the same size and dtype. The kernels "
-            f"found it after the launch, so the mismatched call's results are undefined; the "
-            f"Communicator is now broken: close it and create a new one")
+        if self._err_host_tensor is not None:
+            self._err_host_tensor.zero_()
 
     def _begin(self) -> None:
         if self.broken:
@@ -756,6 +844,8 @@ def make_cuda_backend(info: GroupInfo, device: torch.device, max_bytes: int,
     why = _agree_p2p(info, device, timeout_s)
     if why:
         raise TpcommError(why)
+    # where the ranks meet after a call mismatch (made here, in the same order on every rank)
+    rendezvous = GroupStore(info, "cuda_recover", timeout_s)
     props = torch.cuda.get_device_properties(device)
     layout = Layout.make(info.world_size, max_bytes, props.multi_processor_count)
     buf = TorchSymmetricBuffer(info, layout.data_bytes, layout.pad_bytes, device, timeout_s,
@@ -768,7 +858,7 @@ def make_cuda_backend(info: GroupInfo, device: torch.device, max_bytes: int,
                          probe_nbytes=min(layout.user, PROBE_BYTES))
         if why:
             raise TpcommError(why)
-        backend = P2PCollectives(buf, layout, timeout_s, max_bytes)
+        backend = P2PCollectives(buf, layout, timeout_s, max_bytes, rendezvous=rendezvous)
         backend.p2p_check = last_verdict()  # ok, source (probe / cache / skipped), reason, s
         return backend
     except BaseException:

@@ -94,8 +94,9 @@ def poll_sum_call(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead, hdr_
     headers at ``hdr_addr`` are loaded with the data, so checking them costs no extra round
     trip. Ends when every header of call epoch ``cep`` is there and either a hash differs from
     ``word``'s (then ``bad`` is that peer and ``theirs`` its header; the data is not waited
-    for: a mismatched peer may never send it) or all the data is there. Returns (acc, dead,
-    late, bad, theirs); ``late`` as poll_sum's (a missing slot or header), ``bad`` -1 if none."""
+    for: a mismatched peer may never send it), or a header is of a newer call (a peer that had
+    stopped at an error: ``theirs`` 0), or all the data is there. Returns (acc, dead, late,
+    bad, theirs); ``late`` as poll_sum's (a missing slot or header), ``bad`` -1 if none."""
     tl.static_assert(WP <= 16, "poll_sum_call packs per-rank bits into 16-bit fields")
     base = typed(base_addr, ITYPE)
     idx = tl.arange(0, WP)
@@ -122,16 +123,22 @@ def poll_sum_call(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead, hdr_
         # branch: warps that left this loop at different rounds would meet the next
         # block-wide reduction's bar.sync out of step (wrong sums, stalls; seen at world 4)
         hbits = tl.reduce(((ahead >= 0x8000) & hmask).to(tl.int32) << idx, 0, _bit_or)
-        dbits = tl.reduce((hmask & (ahead == 0) & ((h >> 16) != (word >> 16))).to(tl.int32)
-                          << idx, 0, _bit_or)
+        # bits 0-15: a peer's hash differs (dbits); 16-31: a peer's header is of a newer call
+        # (the peer had stopped at an error and went on: barrier.py, "Slot reuse", nbits);
+        # both stop the wait. One reduction for the two, as before the second existed
+        dn = tl.reduce(((hmask & (ahead == 0) & ((h >> 16) != (word >> 16))).to(tl.int32)
+                        << idx) | ((hmask & (ahead != 0) & (ahead < 0x8000)).to(tl.int32)
+                                   << (idx + 16)), 0, _bit_or)
         fields = tl.reduce(missing.to(tl.int64) | (hbits.to(tl.int64) << 16)
-                           | (dbits.to(tl.int64) << 32), 0, _bit_or)
+                           | (dn.to(tl.int64) << 32), 0, _bit_or)
         hbits = ((fields >> 16) & 0xFFFF).to(tl.int32)
         dbits = ((fields >> 32) & 0xFFFF).to(tl.int32)
+        nbits = ((fields >> 48) & 0xFFFF).to(tl.int32)
         bits = (fields & 0xFFFF).to(tl.int32) | hbits
-        if (hbits == 0) & (dbits != 0):
-            bad = lowest_bit(dbits, WP)
+        if (hbits == 0) & ((dbits | nbits) != 0):
+            bad = lowest_bit(dbits | nbits, WP)
             theirs = tl.sum(tl.where(idx == bad, h, 0), 0)
+            theirs = tl.where(((dbits >> bad) & 1) != 0, theirs, 0)   # 0: the call is unknown
             dead = 1
             pending = False
         else:

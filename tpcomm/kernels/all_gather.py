@@ -32,7 +32,9 @@ def _all_gather_push_kernel(
         for q in tl.static_range(R):
             if q != rank:
                 push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, m, ITYPE)
-        tl.store(out_ptr + rank * out_stride + offs, bits.to(DTYPE, bitcast=True), mask=m)
+        # own row before the call check (a copy of the input): skipped only by a dead kernel
+        tl.store(out_ptr + rank * out_stride + offs, bits.to(DTYPE, bitcast=True),
+                 mask=m & (dead == 0))
     dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0, timeout_ns, dead,
                       err_ptr, err_host, ERR_ALL_GATHER, epoch, R, WP)
     mine = my_recv_addr + buf_off
@@ -45,7 +47,8 @@ def _all_gather_push_kernel(
                 bits, dead, late = poll_one(src, offs, m, t0, timeout_ns, dead, ITYPE)
                 if late != 0:
                     record_error(err_ptr, err_host, ERR_ALL_GATHER, 0, rank, q, epoch)
-                tl.store(out_ptr + q * out_stride + offs, bits.to(DTYPE, bitcast=True), mask=m)
+                tl.store(out_ptr + q * out_stride + offs, bits.to(DTYPE, bitcast=True),
+                         mask=m & (dead == 0))   # none after an error
                 tl.store(typed(src, ITYPE) + offs, tl.full([BLOCK], -1, ITYPE), mask=m)
     tl.store(counter_ptr + pid, epoch)
     tl.store(counter_ptr + CALL_OFF + pid, cep)

@@ -76,13 +76,14 @@ def _all_reduce_add_rms_norm_one_shot_push_kernel(
         if late >= 0:
             record_error(err_ptr, err_host, ERR_ADD_RMS_NORM, 0, rank, late, epoch)
         y = acc.to(DTYPE)
-        tl.store(x_ptr + offs, y, mask=cm)
+        wm = cm & (dead == 0)   # no output after an error: x and residual keep their values
+        tl.store(x_ptr + offs, y, mask=wm)
         res = (y.to(tl.float32) + tl.load(res_ptr + offs, mask=cm, other=0).to(tl.float32))
         res = res.to(DTYPE)
-        tl.store(res_ptr + offs, res, mask=cm)
+        tl.store(res_ptr + offs, res, mask=wm)
         rf = res.to(tl.float32)
         inv = 1.0 / tl.sqrt(tl.sum(rf * rf, 0) / H + eps)
-        tl.store(normed_ptr + offs, (rf * inv * w).to(DTYPE), mask=cm)
+        tl.store(normed_ptr + offs, (rf * inv * w).to(DTYPE), mask=wm)
         clear_slots(mine, slot_stride, offs, cm, ITYPE, R)
     if checked == 0:
         dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0, timeout_ns,

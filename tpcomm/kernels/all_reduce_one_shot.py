@@ -60,7 +60,8 @@ def _all_reduce_one_shot_push_kernel(
                                        ITYPE, R)
         if late >= 0:
             record_error(err_ptr, err_host, ERR_ONE_SHOT_PUSH, 0, rank, late, epoch)
-        tl.store(out_ptr + offs, acc.to(DTYPE), mask=m)
+        # no output after an error (a mismatch, a timeout): an in-place input keeps its values
+        tl.store(out_ptr + offs, acc.to(DTYPE), mask=m & (dead == 0))
         clear_slots(mine, slot_stride, offs, m, ITYPE, R)
     if checked == 0:
         dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0, timeout_ns,
@@ -108,8 +109,8 @@ def _all_reduce_one_shot_pull_kernel(
             acc += tl.load(src + offs, mask=m).to(tl.float32)
         if MODE == 2:
             tl.store(typed(my_src_addr + slot_off, DTYPE) + offs, acc.to(DTYPE), mask=m)
-        else:
-            tl.store(out_ptr + offs, acc.to(DTYPE), mask=m)
+        else:   # no output after an error
+            tl.store(out_ptr + offs, acc.to(DTYPE), mask=m & (dead == 0))
     if MODE != 0:
         dead = blockwise_barrier(pad_addrs, my_pad_addr, pid * NPHASE + 1, epoch, rank, err_ptr,
                                  err_host, t0, timeout_ns, dead, ERR_ONE_SHOT_PULL, 1, R,
@@ -119,7 +120,7 @@ def _all_reduce_one_shot_pull_kernel(
         for start in range(pid * BLOCK, n, G * BLOCK):
             offs = start + tl.arange(0, BLOCK)
             m = offs < n
-            tl.store(out_ptr + offs, tl.load(res + offs, mask=m), mask=m)
+            tl.store(out_ptr + offs, tl.load(res + offs, mask=m), mask=m & (dead == 0))
     tl.store(counter_ptr + pid, epoch)
     tl.store(counter_ptr + CALL_OFF + pid, cep)
 

@@ -70,7 +70,7 @@ def _all_reduce_ring_push_kernel(
                 push(nxt + lo * 4, offs, sanitize(x, tl.int32, 0x7FC00000), m, tl.int32)
             else:
                 res = x.to(DTYPE)
-                tl.store(out_ptr + lo + offs, res, mask=m)
+                tl.store(out_ptr + lo + offs, res, mask=m & (dead == 0))   # none after an error
                 push(nxt + ag_off + lo * ITEM, offs, sanitize(res, ITYPE, CANON), m, ITYPE)
     # all-gather steps 0..R-2
     for u in tl.static_range(R - 1):
@@ -84,7 +84,7 @@ def _all_reduce_ring_push_kernel(
             bits, dead, late = poll_one(src, offs, m, t0, timeout_ns, dead, ITYPE)
             if late != 0:
                 record_error(err_ptr, err_host, ERR_RING, 1, rank, prev, epoch)
-            tl.store(out_ptr + lo + offs, bits.to(DTYPE, bitcast=True), mask=m)
+            tl.store(out_ptr + lo + offs, bits.to(DTYPE, bitcast=True), mask=m & (dead == 0))
             if u < R - 2:
                 push(nxt + ag_off + lo * ITEM, offs, bits, m, ITYPE)
             tl.store(typed(src, ITYPE) + offs, tl.full([BLOCK], -1, ITYPE), mask=m)

@@ -65,7 +65,7 @@ def _all_reduce_two_shot_push_kernel(
         if late >= 0:
             record_error(err_ptr, err_host, ERR_TWO_SHOT, 0, rank, late, epoch)
         res = acc.to(DTYPE)
-        tl.store(out_ptr + lo + offs, res, mask=m)
+        tl.store(out_ptr + lo + offs, res, mask=m & (dead == 0))   # none after an error
         bits = sanitize(res, ITYPE, CANON)
         for q in tl.static_range(R):
             if q != rank:
@@ -83,7 +83,7 @@ def _all_reduce_two_shot_push_kernel(
                 bits, dead, late = poll_one(src, offs, m, t0, timeout_ns, dead, ITYPE)
                 if late != 0:
                     record_error(err_ptr, err_host, ERR_TWO_SHOT, 1, rank, q, epoch)
-                tl.store(out_ptr + lo + offs, bits.to(DTYPE, bitcast=True), mask=m)
+                tl.store(out_ptr + lo + offs, bits.to(DTYPE, bitcast=True), mask=m & (dead == 0))
                 tl.store(typed(src, ITYPE) + offs, tl.full([BLOCK], -1, ITYPE), mask=m)
     tl.store(counter_ptr + pid, epoch)
     tl.store(counter_ptr + CALL_OFF + pid, cep)

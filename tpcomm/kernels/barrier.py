@@ -215,14 +215,22 @@ def bind_barrier(common: dict, *, pad_addrs: tuple, my_pad_addr: int, slot: int,
 # different algorithms or chunk counts on different ranks still meet in the same header slots.
 # A differing hash records an error word with phase PHASE_MISMATCH (the first error of the
 # rank, as a timeout) and the two hashes in the next device words; the block then waits for
-# nothing more, and every later kernel of the rank returns at once (``dead``). The host raises
-# MismatchError at the next call (or ``check``) and the engine is broken from then on: a
-# mismatched call may have stored into a peer's receive slots, which no later call may trust.
+# nothing more, writes no output (an in-place input keeps its values), and every later kernel
+# of the rank returns at once (``dead``) without writing its output either. The host raises
+# MismatchError at the next call (or ``check``), after every rank reset its engine
+# (``cuda/p2p_collectives.py``, recovery): a mismatched call may have stored into a peer's
+# receive slots, which no later call may trust.
 #
 # Slot reuse: a block stores into parity p at call epoch c + 2 only after its call c + 1, which
-# waited for the peers' headers of c + 1, which they stored after finishing c. A header of a
-# newer epoch than expected (the peer ran ahead: only where a block had nothing to wait for)
-# counts as arrived and is not compared, so the check can miss but never hang or misfire.
+# waited for the peers' headers of c + 1, which they stored after finishing c. So a header of a
+# newer epoch than expected comes from a peer that went on without waiting: one whose kernels
+# are dead (it recorded an error, e.g. found the mismatch first, and its host launched more
+# calls before this rank's block looked). The check treats it as a mismatch whose other call is
+# unknown (hash 0): every rank that takes part in a mismatched call records the error at that
+# call, whichever of the two it saw (a differing hash or a newer header), and none waits for
+# data the stopped peer never sends. A dead kernel still posts its headers (peers never wait
+# for a dead rank's header) and still pushes its data and raises its flags (a peer's block
+# already past its check is not left waiting); the recovery resets all of it.
 # Cost: one 8-byte store per peer and block, and a load of R words: in the one-shot push
 # kernels (the latency-bound decode path) inside the first data poll (``_lamport.
 # poll_sum_call``: no extra round trip); in the others one wait before the first poll.
@@ -310,13 +318,17 @@ def call_check(hdr_addr, cep, word, rank, only, t0, timeout_ns, dead, err_ptr, e
     if late >= 0:
         record_error(err_ptr, err_host, op, 0, rank, late, epoch)
     elif dead == 0:
-        same = (((h & 0xFFFF) - ep) & 0xFFFF) == 0
-        differs = mask & same & ((h >> 16) != (word >> 16))
+        ahead = ((h & 0xFFFF) - ep) & 0xFFFF
+        differs = mask & (ahead == 0) & ((h >> 16) != (word >> 16))
         bad = tl.reduce(differs.to(tl.int32) << idx, 0, _bit_or)
-        if bad != 0:
-            q = lowest_bit(bad, WP)
+        # a header of a newer call: the peer went on without waiting, i.e. it had stopped at
+        # an error of its own (a live peer cannot be two calls ahead, see "Slot reuse")
+        newer = tl.reduce((mask & (ahead != 0)).to(tl.int32) << idx, 0, _bit_or)
+        if (bad | newer) != 0:
+            q = lowest_bit(bad | newer, WP)
             theirs = tl.sum(tl.where(idx == q, h, 0), 0)
-            record_mismatch(err_ptr, err_host, op, rank, q, epoch, word >> 16, theirs >> 16)
+            theirs = tl.where(((bad >> q) & 1) != 0, theirs >> 16, 0)
+            record_mismatch(err_ptr, err_host, op, rank, q, epoch, word >> 16, theirs)
             dead = 1
     return dead
 

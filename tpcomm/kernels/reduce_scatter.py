@@ -42,7 +42,7 @@ def _reduce_scatter_push_kernel(
                                    ITYPE, R)
         if late >= 0:
             record_error(err_ptr, err_host, ERR_REDUCE_SCATTER, 0, rank, late, epoch)
-        tl.store(out_ptr + offs, acc.to(DTYPE), mask=m)
+        tl.store(out_ptr + offs, acc.to(DTYPE), mask=m & (dead == 0))   # none after an error
         clear_slots(mine, slot_stride, offs, m, ITYPE, R)
     tl.store(counter_ptr + pid, epoch)
     tl.store(counter_ptr + CALL_OFF + pid, cep)
