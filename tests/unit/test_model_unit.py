@@ -277,6 +277,36 @@ def test_breakdown_counts_each_kernel_once_not_the_cpu_op_around_it():
     assert categorize(events, cuda=True) == {"gemm": 1.0, "attention": 0.3, "comm": 0.04}
 
 
+def test_kernel_listing_counts_launches_and_time_per_step_largest_first():
+    """The kernel listing of ``--breakdown``: kernels only (not the CPU op around them), per
+    step, by device time, the totals first, ``top`` rows after them."""
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    from tpcomm.models.breakdown import kernel_listing
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [E(key="tpcomm::decode_attention", device_type=cpu, count=160,
+                self_device_time_total=900.0, self_cpu_time_total=50.0),
+              E(key="_decode_attention_split_kernel", device_type=gpu, count=160,
+                self_device_time_total=800.0, self_cpu_time_total=0.0),
+              E(key="triton_red_fused_add_mean_mul_pow_rsqrt_0", device_type=gpu, count=320,
+                self_device_time_total=640.0, self_cpu_time_total=0.0),
+              E(key="nvjet_tst_128x64_64x8_1x2_h_bz_coopA_NTT", device_type=gpu, count=640,
+                self_device_time_total=19000.0, self_cpu_time_total=0.0),
+              E(key="triton_poi_fused_mul_silu_1", device_type=gpu, count=160,
+                self_device_time_total=160.0, self_cpu_time_total=0.0)]
+    rows = kernel_listing(events, cuda=True, steps=5, top=2)
+    assert [r["name"] for r in rows] == ["(all kernels)",
+                                         "nvjet_tst_128x64_64x8_1x2_h_bz_coopA_NTT",
+                                         "_decode_attention_split_kernel"]
+    assert rows[0]["per_step"] == 256 and abs(rows[0]["ms_per_step"] - 4.12) < 1e-9
+    assert rows[1]["per_step"] == 128 and abs(rows[1]["ms_per_step"] - 3.8) < 1e-9
+    assert [r["category"] for r in rows[1:]] == ["gemm", "attention"]
+    full = kernel_listing(events, cuda=True, steps=5, top=10)
+    assert [r["category"] for r in full[3:]] == ["other", "other"] and len(full) == 5
+
+
 def test_decode_attention_constants_come_from_the_measured_table_by_batch():
     from tpcomm.kernels.decode_attention import TUNED, plan_splits, tuned_constants
     assert tuned_constants(1) == (128, 2, 8) and tuned_constants(8) == (64, 1, 4)

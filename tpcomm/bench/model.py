@@ -173,6 +173,7 @@ def _decode(model, comm_name, batch, config, device) -> tuple[dict, torch.Tensor
            "ms": ms, "tokens_per_s": batch * 1e3 / ms, "samples": config.decode_tokens,
            "first_call_s": first_call_s}
     if parts is not None:
+        row["kernels"] = parts.pop("kernels")
         row["breakdown_ms"] = parts
     return row, torch.stack(tokens, 1).cpu(), logits
 
