@@ -50,23 +50,36 @@ def test_decode_attention_kernel_stops_at_the_length_read_on_the_device(dtype):
             out = _launch(qkv, cos, sin, k2, v2, p)
             want = decode_attention_reference(qkv.double(), cos.double(), sin.double(), kr, vr, p)
             check(out, want, (B, HQ, HK, D, S, pos))
+            # the combine folded into the split kernel: bitwise the separate combine kernel's
+            assert torch.equal(out, _launch(qkv, cos, sin, k2.clone(), v2.clone(), p,
+                                            fold_combine=False)), (B, HQ, HK, D, S, pos)
             check(k2[:B, :, pos], kr[:B, :, pos], "k written at pos")
             assert torch.equal(v2[:B, :, pos], vr[:B, :, pos].to(dtype))
             assert torch.equal(k2[:, :, :pos], k[:, :, :pos])
-    # in a CUDA graph: the position is read when the graph replays
-    qkv, cos, sin, k, v = case(2, 32, 8, 128, 1024)
-    p = torch.tensor([10], device=dev)
-    _launch(qkv, cos, sin, k, v, p)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = _launch(qkv, cos, sin, k, v, p)
-    for pos in (5, 500, 1023):
-        kr, vr = k.double(), v.double()
-        p.fill_(pos)
-        graph.replay()
-        want = decode_attention_reference(qkv.double(), cos.double(), sin.double(), kr, vr, p)
-        check(out, want, ("graph", pos))
+    # in a CUDA graph: the position is read when the graph replays; the counters of the folded
+    # combine (kept zero by every launch, no memset in the graph) stay right replay after replay
+    for B in (1, 8):
+        qkv, cos, sin, k, v = case(B, 32, 8, 128, 1024)
+        p = torch.tensor([10], device=dev)
+        counters = torch.zeros(B * 8, dtype=torch.int32, device=dev)
+        _launch(qkv, cos, sin, k, v, p, counters)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _launch(qkv, cos, sin, k, v, p, counters)
+        for pos in (5, 500, 1023):
+            kr, vr = k.double(), v.double()
+            p.fill_(pos)
+            graph.replay()
+            want = decode_attention_reference(qkv.double(), cos.double(), sin.double(), kr, vr,
+                                              p)
+            check(out, want, ("graph", B, pos))
+            two = _launch(qkv, cos, sin, k.clone(), v.clone(), p, fold_combine=False)
+            for i in range(200):   # a lost or early combine shows as a different output
+                out.fill_(float("nan"))
+                graph.replay()
+                assert torch.equal(out, two), ("graph replay", B, pos, i)
+            assert not counters.any(), counters
 
 
 def _model_world1(rank, world, dtype_name):
