@@ -105,8 +105,13 @@ def _model_world1(rank, world, dtype_name):
             for graph in (False, True):
                 gen = Generator(model, 2, 40, graph=graph, compile=compiled)
                 tokens = gen.generate(prompt, 16)
-                gen.prefill(prompt)
+                first = gen.prefill(prompt)   # compiled + graph: the length's CUDA graph
                 out[(compiled, graph)] = (tokens.cpu().numpy(), gen.logits.float().cpu().numpy())
+                if compiled and graph:   # the same compiled prefill outside the graph
+                    out["graphed_prefill"] = gen.graphs_prefill()
+                    again = gen.prefill(prompt, graph=False)
+                    out["ungraphed"] = (bool(torch.equal(first, again)),
+                                        gen.logits.float().cpu().numpy())
                 gen.close()
         out["graph_breaks"] = sum(counters["graph_break"].values())
         out["unique_graphs"] = counters["stats"]["unique_graphs"]
@@ -138,6 +143,9 @@ def test_compiled_model_world1_gives_the_tokens_of_the_eager_model():
         assert (r32[key][0] == ref_tokens).all(), (key, r32[key][0], ref_tokens)
     # one graph for decode and one for prefill, shared by the layers; the decode prologue
     assert r32["graph_breaks"] == 0 and r32["unique_graphs"] == 3, r32["unique_graphs"]
+    # the compiled prefill replayed from its CUDA graph: bitwise the same prefill outside it
+    assert r32["graphed_prefill"] and r32["ungraphed"][0]
+    assert (r32[(True, True)][1] == r32["ungraphed"][1]).all()
     # prefill logits of the compiled model within float32 rounding of the eager ones (bfloat16:
     # `tpcomm bench model --compile` compares the compiled llama3_8b with the eager one)
     for graph in (False, True):

@@ -188,6 +188,51 @@ def test_generator_guards(tiny):
         tiny.setup_cache(1, 10 ** 6)
 
 
+def test_graphed_prefill_replays_the_graph_of_each_length_with_the_new_prompt(tiny,
+                                                                             monkeypatch):
+    """The prefill CUDA graph's bookkeeping (a graph per prompt length, the prompt copied into
+    its static input before each replay), with a stand-in for the capture that records the
+    function and reruns it on replay: each prompt gets its own logits, never the captured one's.
+    The graph itself: tests/gpu/test_compile_gpu.py (bitwise the un-graphed compiled prefill)."""
+    import tpcomm.models.generate as generate
+    from tpcomm.models.llama import _decode_layer, _prefill_layer, _prologue
+    captures = []
+
+    def fake_graph_of(fn, warmup=2):
+        for _ in range(warmup):
+            fn()
+        out = fn()
+        captures.append(out.shape)
+        return (lambda: out.copy_(fn())), out
+
+    monkeypatch.setattr(generate, "_graph_of", fake_graph_of)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, tiny.cfg.vocab_size, (2, n), generator=g) for n in (7, 7, 9, 7)]
+    want = []
+    plain = Generator(tiny, 2, 16)
+    for p in prompts:
+        want.append((plain.prefill(p).clone(), plain.logits.clone()))
+    gen = Generator(tiny, 2, 16)
+    with pytest.raises(ValueError, match="needs Generator.graph=True. and a compiled model"):
+        gen.prefill(prompts[0], graph=True)
+    gen.use_graph = True          # (a CUDA device's setting; the capture is the stand-in)
+    assert not gen.graphs_prefill()          # an eager model's prefill stays eager
+    tiny._compiled_fns, tiny.compiled = (_decode_layer, _prefill_layer, _prologue), True
+    try:
+        assert gen.graphs_prefill()
+        for p, (tok, logits) in zip(prompts, want):
+            assert torch.equal(gen.prefill(p), tok)
+            assert torch.equal(gen.logits, logits)
+        assert captures == [(2, tiny.cfg.vocab_size)] * 2     # lengths 7 and 9, once each
+        assert torch.equal(gen.prefill(prompts[2], graph=False), want[2][0])
+        assert len(captures) == 2
+        gen.close()
+        gen.prefill(prompts[0])
+        assert len(captures) == 3   # close() dropped the graphs
+    finally:
+        tiny._compiled_fns, tiny.compiled = None, False
+
+
 def test_set_comm_checks_the_rank():
     m = LlamaTP(get_config("tiny"), FakeComm(0, 2), device="meta")
     with pytest.raises(ValueError, match="sharded for rank 0 of 2"):

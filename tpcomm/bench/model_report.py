@@ -108,7 +108,9 @@ def _title(meta: dict, phase: str) -> str:
         how = "CUDA graph" if meta["graph"] else "eager"
         return (f"decode: TPOT = median time per step ({c['decode_tokens']} timed steps, {how}), "
                 f"context {c['context']} tokens{rounds}; tok/s = batch / TPOT")
-    return (f"prefill: TTFT = prompt to first token (batch {c['ttft_batch']}, no CUDA graph, "
+    how = ("compiled variants replay a CUDA graph per prompt length, eager ones run eagerly"
+           if meta["graph"] and meta.get("compile") else "no CUDA graph")
+    return (f"prefill: TTFT = prompt to first token (batch {c['ttft_batch']}, {how}, "
             f"median of {c['reps']}{rounds}); tok/s = prompt tokens / TTFT")
 
 
