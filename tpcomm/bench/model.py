@@ -87,6 +87,7 @@ class ModelBenchConfig:
     progress: bool
     command: str
     timeout_s: float
+    prefill_graph: bool = True  # graph and compile: replay each prompt length's CUDA graph
 
 
 def run(config: ModelBenchConfig) -> dict:
@@ -183,7 +184,8 @@ def _decode(model, comm_name, batch, config, device) -> tuple[dict, torch.Tensor
 
 def _prefill(model, comm_name, length, config, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
     batch = config.ttft_batch
-    gen = Generator(model, batch, length + 1, graph=config.graph)
+    gen = Generator(model, batch, length + 1, graph=config.graph,
+                    prefill_graph=config.prefill_graph)
     prompt = _prompt(config.seed + 1, batch, length, model.cfg.vocab_size, device)
     times = []
     try:

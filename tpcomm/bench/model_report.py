@@ -109,7 +109,8 @@ def _title(meta: dict, phase: str) -> str:
         return (f"decode: TPOT = median time per step ({c['decode_tokens']} timed steps, {how}), "
                 f"context {c['context']} tokens{rounds}; tok/s = batch / TPOT")
     how = ("compiled variants replay a CUDA graph per prompt length, eager ones run eagerly"
-           if meta["graph"] and meta.get("compile") else "no CUDA graph")
+           if meta["graph"] and meta.get("compile") and c.get("prefill_graph", True)
+           else "no CUDA graph")
     return (f"prefill: TTFT = prompt to first token (batch {c['ttft_batch']}, {how}, "
             f"median of {c['reps']}{rounds}); tok/s = prompt tokens / TTFT")
 
