@@ -352,6 +352,46 @@ def test_kernel_listing_counts_launches_and_time_per_step_largest_first():
     assert [r["category"] for r in full[3:]] == ["other", "other"] and len(full) == 5
 
 
+def test_folded_combine_compiles_to_the_last_block_protocol_for_sm90():
+    """The decode attention kernel compiled for an H100/H200 (sm_90, Triton's own ptxas, no
+    GPU needed): every thread's partial stores, then a CTA barrier, then ONE thread's
+    acq_rel atomic add at GPU scope on the counter, its result shared through a second
+    barrier, and the partials read back past L1 (ld.global.cg); the two-kernel form has no
+    atomic. This order is what makes the last program's combine see every split's partials."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton cannot compile ahead of time")
+    from tpcomm.kernels import decode_attention as da
+    names = ["qkv_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "pos_ptr", "part_o_ptr",
+             "part_ml_ptr", "out_ptr", "count_ptr", "sm_scale", "split_len", "splits",
+             "stride_qkv", "stride_kb", "stride_kh", "stride_ks", "stride_vb", "stride_vh",
+             "stride_vs", "stride_ob", "stride_oh"]
+    types = ["*bf16"] * 5 + ["*i64", "*fp32", "*fp32", "*bf16", "*i32", "fp32"] + ["i32"] * 11
+    ptx = {}
+    for combine in (True, False):
+        const = dict(HQ=32, HK=8, G=4, G_PAD=16, D=128, BLOCK_D=128, BLOCK_N=64,
+                     PRECISION="tf32", SPLITS_PAD=16, COMBINE=combine)
+        src = ASTSource(da._decode_attention_split_kernel, dict(zip(names, types)), const)
+        try:
+            ptx[combine] = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                          options={"num_warps": 4}).asm["ptx"].splitlines()
+        except Exception as e:  # noqa: BLE001 (no CUDA backend / ptxas in this install)
+            pytest.skip(f"no sm_90 compile here: {type(e).__name__}: {str(e)[:100]}")
+    lines = ptx[True]
+    atoms = [i for i, line in enumerate(lines) if "atom." in line]
+    assert len(atoms) == 1 and "atom.global.gpu.acq_rel.add" in lines[atoms[0]]
+    a = atoms[0]
+    assert lines[a].lstrip().startswith("@%p"), lines[a]        # predicated: one thread
+    last_store = max(i for i in range(a) if "st.global" in lines[i])
+    assert any("bar.sync" in line for line in lines[last_store:a])
+    assert any("bar.sync" in line for line in lines[a:a + 12])  # the result, shared
+    assert any("ld.global.cg" in line for line in lines[a:])
+    assert not any("atom." in line for line in ptx[False])
+
+
 def test_decode_attention_constants_come_from_the_measured_table_by_batch():
     from tpcomm.kernels.decode_attention import TUNED, plan_splits, tuned_constants
     assert tuned_constants(1) == (128, 2, 8) and tuned_constants(8) == (64, 1, 4)
