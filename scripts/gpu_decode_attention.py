@@ -3,8 +3,11 @@ layer, on one GPU: the model's old path against the kernel that replaced it.
 
 - ``old``: RoPE of q and k as torch ops, two ``index_copy_`` cache writes, masked SDPA (GQA)
   over the whole preallocated cache (what the model did before: static shapes, graph-safe);
-- ``kernel``: ``tpcomm.models.attention`` (one Triton kernel pair: RoPE, cache write, attention
-  up to the position read on the device; graph-safe);
+- ``kernel``: ``tpcomm.models.attention`` (one Triton kernel: RoPE, cache write, attention
+  up to the position read on the device, the splits combined by the last program of each
+  (sequence, head); graph-safe; the layer's zeroed counters, as in the model);
+- ``kernel_2k``: the same with the combine as a second kernel (``fold_combine=False``, the
+  kernel until 2026-12-03): kernel_2k - kernel is what the fold saves per layer;
 - ``sdpa_filled``: SDPA over exactly the filled positions, no mask (the length is a host value:
   not graph-safe, eager; a yardstick for the attention kernel torch would pick);
 - ``floor``: the filled K and V read once at 4.3 TB/s.
@@ -33,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from tpcomm.kernels.decode_attention import decode_attention_rope  # noqa: E402
-from tpcomm.models.attention import apply_rope, decode_attention  # noqa: E402
+from tpcomm.models.attention import _launch, apply_rope, decode_attention  # noqa: E402
 
 HQ, HK, D, LAYERS = 32, 8, 128, 32
 DEV = torch.device("cuda", 0)
@@ -90,11 +93,11 @@ SWEEP = [(32, 2, 4), (64, 1, 4), (64, 4, 4), (128, 2, 4), (128, 2, 8), (64, 2, 8
 
 
 def _tuned(block_n, programs_per_sm, num_warps):
-    def fn(qkv, cos, sin, k_cache, v_cache, pos):
+    def fn(qkv, cos, sin, k_cache, v_cache, pos, counters=None):
         out = torch.empty(qkv.shape[0], HQ, D, dtype=qkv.dtype, device=qkv.device)
         decode_attention_rope(qkv, cos, sin, k_cache, v_cache, pos, out, D ** -0.5,
-                              block_n=block_n, programs_per_sm=programs_per_sm,
-                              num_warps=num_warps)
+                              counters=counters, block_n=block_n,
+                              programs_per_sm=programs_per_sm, num_warps=num_warps)
         return out
     return fn
 
@@ -107,19 +110,25 @@ def measure(batch: int, context: int, sweep: bool = False) -> dict:
     caches = [(torch.randn(batch, HK, S, D, generator=gen, device=DEV).bfloat16(),
                torch.randn(batch, HK, S, D, generator=gen, device=DEV).bfloat16())
               for _ in range(LAYERS)]
+    counters = [torch.zeros(batch * HK, dtype=torch.int32, device=DEV) for _ in range(LAYERS)]
     cos = torch.randn(D, generator=gen, device=DEV).bfloat16()
     sin = torch.randn(D, generator=gen, device=DEV).bfloat16()
     pos = torch.tensor([context - 1], device=DEV)
     # agreement first (one layer)
     a = old_path(qkv[0], cos, sin, *caches[0], pos).float()
-    b = decode_attention(qkv[0], cos, sin, *caches[0], pos).float()
+    b = decode_attention(qkv[0], cos, sin, *caches[0], pos, counters[0]).float()
+    b2 = _launch(qkv[0], cos, sin, *caches[0], pos, fold_combine=False).float()
     c = filled_path(qkv[0], cos, sin, *caches[0], pos, context).float()
     err = max(float((a - b).abs().max()), float((a - c).abs().max())) / float(a.abs().max())
-    out = {"batch": batch, "context": context, "max_rel_diff": err}
+    # the folded combine computes what the combine kernel did, bit for bit
+    out = {"batch": batch, "context": context, "max_rel_diff": err,
+           "fold_bitwise": torch.equal(b, b2)}
     runs = {
         "old": _graph(lambda: [old_path(qkv[i], cos, sin, *caches[i], pos) for i in range(LAYERS)]),
-        "kernel": _graph(lambda: [decode_attention(qkv[i], cos, sin, *caches[i], pos)
-                                  for i in range(LAYERS)]),
+        "kernel": _graph(lambda: [decode_attention(qkv[i], cos, sin, *caches[i], pos,
+                                                   counters[i]) for i in range(LAYERS)]),
+        "kernel_2k": _graph(lambda: [_launch(qkv[i], cos, sin, *caches[i], pos,
+                                             fold_combine=False) for i in range(LAYERS)]),
         "sdpa_filled": lambda: [filled_path(qkv[i], cos, sin, *caches[i], pos, context)
                                 for i in range(LAYERS)],
     }
@@ -133,7 +142,7 @@ def measure(batch: int, context: int, sweep: bool = False) -> dict:
         if float((got - a).abs().max()) > 0.02 * float(a.abs().max()):
             out[f"{name}_us"] = "WRONG"
             continue
-        runs[name] = _graph(lambda fn=fn: [fn(qkv[i], cos, sin, *caches[i], pos)
+        runs[name] = _graph(lambda fn=fn: [fn(qkv[i], cos, sin, *caches[i], pos, counters[i])
                                            for i in range(LAYERS)])
     for name, fn in runs.items():
         out[f"{name}_us"] = round(_median_us(fn), 2)
@@ -151,10 +160,11 @@ def main() -> int:
     rows = [measure(int(b), args.context, args.sweep) for b in args.batch.split(",")]
     print(f"# {torch.cuda.get_device_name(DEV)}, torch {torch.__version__}: decode attention, "
           f"us per layer (x{LAYERS} layers per step)")
-    keys = ("old_us", "kernel_us", "sdpa_filled_us", "floor_us", "max_rel_diff")
+    keys = ("old_us", "kernel_us", "kernel_2k_us", "sdpa_filled_us", "floor_us", "max_rel_diff")
     print("batch " + " ".join(f"{k:>14}" for k in keys))
     for r in rows:
-        print(f"{r['batch']:>5} " + " ".join(f"{r[k]:>14.4g}" for k in keys))
+        print(f"{r['batch']:>5} " + " ".join(f"{r[k]:>14.4g}" if isinstance(r[k], float)
+                                             else f"{r[k]:>14}" for k in keys))
     for r in rows:
         swept = {k: v for k, v in r.items() if k.startswith("kernel_") and k not in keys}
         if swept:
@@ -165,7 +175,9 @@ def main() -> int:
             json.dump({"device": torch.cuda.get_device_name(DEV), "torch": torch.__version__,
                        "rows": rows}, f, indent=1)
     wrong = [k for r in rows for k, v in r.items() if v == "WRONG"]
-    return 0 if all(r["max_rel_diff"] < 2e-2 for r in rows) and not wrong else 1
+    folds = [r["fold_bitwise"] for r in rows]
+    print(f"folded combine bitwise the combine kernel's: {'PASS' if all(folds) else 'FAIL'}")
+    return 0 if all(r["max_rel_diff"] < 2e-2 for r in rows) and not wrong and all(folds) else 1
 
 
 if __name__ == "__main__":

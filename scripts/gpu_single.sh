@@ -9,10 +9,15 @@
 #   fused     the fused GEMM + collective ops (issue 14): bitwise at world 1 and with 2 / 4
 #             emulated ranks, graph replays, their GEMM at world 1 against the core, torch.mm and
 #             inductor (scripts/gpu_fused.py: at most 240 s, every item under a hard limit)
-#   compile   torch.compile (issue 13), about 5 minutes (limits add up to 515 s): the decode
-#             attention kernel against the old attention path (decode_attention.json); tpcomm
-#             bench model at world 1, llama3_8b, compiled against eager in the same run, decode
-#             batch 1 and 8, prefill 1024, with the breakdown and the compile seconds (compile_bench.json/.md); the
+#   compile   torch.compile (issue 13), about 4 minutes (limits add up to 530 s): the decode
+#             attention kernel against the old attention path and its two-kernel form (the
+#             combine folded into the split kernel: kernel_2k_us - kernel_us per layer, checked
+#             bitwise; decode_attention.json); tpcomm bench model at world 1, llama3_8b,
+#             compiled against eager in the same run, decode batch 1 and 8, prefill 1024 (the
+#             compiled prefill replayed from its CUDA graph, checked bitwise against the compiled
+#             prefill outside it), with the breakdown, the kernels per step and the compile
+#             seconds (compile_bench.json/.md); the compiled prefill outside the graph in a
+#             second, short run (compile_prefill_nograph.json/.md: the graph's saving); the
 #             compile and graph-safety tests (emulated ranks: several graphs of the same
 #             Communicators in any order with eager calls; set-up during a capture refused)
 #   host      the lean launch path (issue 16): bitwise against Triton's dispatcher for every
@@ -58,12 +63,16 @@ for s in $STEPS; do
     fused) step fused 250 python3 scripts/gpu_fused.py --budget-s 240 ;;
     host) step host 250 python3 scripts/gpu_host_path.py --budget-s 240 ;;
     compile)
-      step compile_attention 75 python3 scripts/gpu_decode_attention.py --sweep --json "$OUT/decode_attention.json"
-      step compile_bench 200 python3 -m tpcomm bench model --device cuda -n 1 --model llama3_8b \
+      step compile_attention 60 python3 scripts/gpu_decode_attention.py --sweep --json "$OUT/decode_attention.json"
+      step compile_bench 180 python3 -m tpcomm bench model --device cuda -n 1 --model llama3_8b \
         --comm tpcomm --compile --breakdown --batch 1,8 --context 1024 --prompt-lens 1024 \
-        --decode-tokens 32 --warmup-steps 2 --reps 3 --json "$OUT/compile_bench.json" \
-        --markdown "$OUT/compile_bench.md"
-      step compile_tests 240 python3 -m pytest -q -rs -p no:cacheprovider --timeout 230 \
+        --decode-tokens 32 --warmup-steps 2 --reps 3 --timeout 170 \
+        --json "$OUT/compile_bench.json" --markdown "$OUT/compile_bench.md"
+      step compile_prefill_nograph 90 python3 -m tpcomm bench model --device cuda -n 1 \
+        --model llama3_8b --comm tpcomm --compile --no-prefill-graph --batch 1 --context 64 \
+        --decode-tokens 4 --warmup-steps 1 --prompt-lens 1024 --reps 3 --timeout 80 \
+        --json "$OUT/compile_prefill_nograph.json" --markdown "$OUT/compile_prefill_nograph.md"
+      step compile_tests 200 python3 -m pytest -q -rs -p no:cacheprovider --timeout 190 \
         tests/gpu/test_compile_gpu.py tests/gpu/test_graph_safety_gpu.py ;;
     *) echo "unknown step $s" ;;
   esac

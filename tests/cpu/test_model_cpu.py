@@ -173,4 +173,11 @@ def test_bench_model_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert all(c["ok"] and c["identical_tokens"] for c in data["checks"])
     parts = data["rows"][0]["breakdown_ms"]
     assert set(parts) == {"gemm", "attention", "comm", "other", "step"} and parts["comm"] > 0
-    assert "| batch | tpcomm (ms) |" in md.read_text()
+    kernels = data["rows"][0]["kernels"]     # on the CPU: the ops of a step by self time
+    assert kernels[0]["name"] == "(all ops)" and kernels[0]["per_step"] > 10
+    assert any(k["name"] == "aten::mm" for k in kernels[1:])
+    ms = [k["ms_per_step"] for k in kernels[1:]]
+    assert ms == sorted(ms, reverse=True) and sum(ms) <= kernels[0]["ms_per_step"] + 1e-9
+    text = md.read_text()
+    assert "| batch | tpcomm (ms) |" in text and "## decode step kernels" in text
+    assert "| 1 | tpcomm | " in text.split("## decode step kernels")[1]

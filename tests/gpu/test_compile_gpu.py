@@ -50,23 +50,36 @@ def test_decode_attention_kernel_stops_at_the_length_read_on_the_device(dtype):
             out = _launch(qkv, cos, sin, k2, v2, p)
             want = decode_attention_reference(qkv.double(), cos.double(), sin.double(), kr, vr, p)
             check(out, want, (B, HQ, HK, D, S, pos))
+            # the combine folded into the split kernel: bitwise the separate combine kernel's
+            assert torch.equal(out, _launch(qkv, cos, sin, k2.clone(), v2.clone(), p,
+                                            fold_combine=False)), (B, HQ, HK, D, S, pos)
             check(k2[:B, :, pos], kr[:B, :, pos], "k written at pos")
             assert torch.equal(v2[:B, :, pos], vr[:B, :, pos].to(dtype))
             assert torch.equal(k2[:, :, :pos], k[:, :, :pos])
-    # in a CUDA graph: the position is read when the graph replays
-    qkv, cos, sin, k, v = case(2, 32, 8, 128, 1024)
-    p = torch.tensor([10], device=dev)
-    _launch(qkv, cos, sin, k, v, p)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = _launch(qkv, cos, sin, k, v, p)
-    for pos in (5, 500, 1023):
-        kr, vr = k.double(), v.double()
-        p.fill_(pos)
-        graph.replay()
-        want = decode_attention_reference(qkv.double(), cos.double(), sin.double(), kr, vr, p)
-        check(out, want, ("graph", pos))
+    # in a CUDA graph: the position is read when the graph replays; the counters of the folded
+    # combine (kept zero by every launch, no memset in the graph) stay right replay after replay
+    for B in (1, 8):
+        qkv, cos, sin, k, v = case(B, 32, 8, 128, 1024)
+        p = torch.tensor([10], device=dev)
+        counters = torch.zeros(B * 8, dtype=torch.int32, device=dev)
+        _launch(qkv, cos, sin, k, v, p, counters)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _launch(qkv, cos, sin, k, v, p, counters)
+        for pos in (5, 500, 1023):
+            kr, vr = k.double(), v.double()
+            p.fill_(pos)
+            graph.replay()
+            want = decode_attention_reference(qkv.double(), cos.double(), sin.double(), kr, vr,
+                                              p)
+            check(out, want, ("graph", B, pos))
+            two = _launch(qkv, cos, sin, k.clone(), v.clone(), p, fold_combine=False)
+            for i in range(200):   # a lost or early combine shows as a different output
+                out.fill_(float("nan"))
+                graph.replay()
+                assert torch.equal(out, two), ("graph replay", B, pos, i)
+            assert not counters.any(), counters
 
 
 def _model_world1(rank, world, dtype_name):
@@ -92,8 +105,13 @@ def _model_world1(rank, world, dtype_name):
             for graph in (False, True):
                 gen = Generator(model, 2, 40, graph=graph, compile=compiled)
                 tokens = gen.generate(prompt, 16)
-                gen.prefill(prompt)
+                first = gen.prefill(prompt)   # compiled + graph: the length's CUDA graph
                 out[(compiled, graph)] = (tokens.cpu().numpy(), gen.logits.float().cpu().numpy())
+                if compiled and graph:   # the same compiled prefill outside the graph
+                    out["graphed_prefill"] = gen.graphs_prefill()
+                    again = gen.prefill(prompt, graph=False)
+                    out["ungraphed"] = (bool(torch.equal(first, again)),
+                                        gen.logits.float().cpu().numpy())
                 gen.close()
         out["graph_breaks"] = sum(counters["graph_break"].values())
         out["unique_graphs"] = counters["stats"]["unique_graphs"]
@@ -125,6 +143,9 @@ def test_compiled_model_world1_gives_the_tokens_of_the_eager_model():
         assert (r32[key][0] == ref_tokens).all(), (key, r32[key][0], ref_tokens)
     # one graph for decode and one for prefill, shared by the layers; the decode prologue
     assert r32["graph_breaks"] == 0 and r32["unique_graphs"] == 3, r32["unique_graphs"]
+    # the compiled prefill replayed from its CUDA graph: bitwise the same prefill outside it
+    assert r32["graphed_prefill"] and r32["ungraphed"][0]
+    assert (r32[(True, True)][1] == r32["ungraphed"][1]).all()
     # prefill logits of the compiled model within float32 rounding of the eager ones (bfloat16:
     # `tpcomm bench model --compile` compares the compiled llama3_8b with the eager one)
     for graph in (False, True):

@@ -31,7 +31,8 @@ interp._patch_lang = _patch
 CASES = [  # B, HQ, HK, D, S, pos, dtype
     (2, 8, 4, 32, 100, 37, torch.float32), (1, 4, 1, 16, 200, 199, torch.float32),
     (3, 6, 2, 24, 70, 0, torch.float32), (1, 8, 8, 32, 130, 64, torch.float32),
-    (1, 8, 8, 32, 130, 63, torch.float32), (2, 8, 2, 64, 300, 150, torch.float16)]
+    (1, 8, 8, 32, 130, 63, torch.float32), (2, 8, 2, 64, 300, 150, torch.float16),
+    (4, 8, 4, 32, 64, 20, torch.float32)]   # the last: one split per (sequence, head)
 
 
 def kernel_cases():
@@ -45,7 +46,17 @@ def kernel_cases():
         kc[:, :, pos + 1:] = float("nan")          # never read by the kernel: NaN changes nothing
         vc[:, :, pos + 1:] = float("nan")
         p = torch.tensor([pos])
-        out = _launch(qkv, cos, sin, kc, vc, p)
+        kc0, vc0 = kc.clone(), vc.clone()
+        # the combine as a kernel of its own (before 2026-12-03): the yardstick of the fold
+        two = _launch(qkv, cos, sin, kc0, vc0, p, fold_combine=False)
+        counters = torch.zeros(B * HK + 3, dtype=torch.int32)
+        for _ in range(2):   # the counters are left zero: a second launch combines again
+            out = _launch(qkv, cos, sin, kc, vc, p, counters)
+            assert not counters.any(), counters
+        # the last program to finish combines: the same arithmetic as the combine kernel
+        assert torch.equal(out, two), float((out.double() - two.double()).abs().max())
+        assert torch.equal(kc.nan_to_num(), kc0.nan_to_num())   # NaN: past pos
+        assert torch.equal(vc.nan_to_num(), vc0.nan_to_num())
         want = decode_attention_reference(qkv.double(), cos.double(), sin.double(), kr, vr, p)
         tol = 1e-5 if dt == torch.float32 else 2e-3
         err = float((out.double() - want).abs().max())

@@ -188,6 +188,51 @@ def test_generator_guards(tiny):
         tiny.setup_cache(1, 10 ** 6)
 
 
+def test_graphed_prefill_replays_the_graph_of_each_length_with_the_new_prompt(tiny,
+                                                                             monkeypatch):
+    """The prefill CUDA graph's bookkeeping (a graph per prompt length, the prompt copied into
+    its static input before each replay), with a stand-in for the capture that records the
+    function and reruns it on replay: each prompt gets its own logits, never the captured one's.
+    The graph itself: tests/gpu/test_compile_gpu.py (bitwise the un-graphed compiled prefill)."""
+    import tpcomm.models.generate as generate
+    from tpcomm.models.llama import _decode_layer, _prefill_layer, _prologue
+    captures = []
+
+    def fake_graph_of(fn, warmup=2):
+        for _ in range(warmup):
+            fn()
+        out = fn()
+        captures.append(out.shape)
+        return (lambda: out.copy_(fn())), out
+
+    monkeypatch.setattr(generate, "_graph_of", fake_graph_of)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, tiny.cfg.vocab_size, (2, n), generator=g) for n in (7, 7, 9, 7)]
+    want = []
+    plain = Generator(tiny, 2, 16)
+    for p in prompts:
+        want.append((plain.prefill(p).clone(), plain.logits.clone()))
+    gen = Generator(tiny, 2, 16)
+    with pytest.raises(ValueError, match="needs Generator.graph=True. and a compiled model"):
+        gen.prefill(prompts[0], graph=True)
+    gen.use_graph = True          # (a CUDA device's setting; the capture is the stand-in)
+    assert not gen.graphs_prefill()          # an eager model's prefill stays eager
+    tiny._compiled_fns, tiny.compiled = (_decode_layer, _prefill_layer, _prologue), True
+    try:
+        assert gen.graphs_prefill()
+        for p, (tok, logits) in zip(prompts, want):
+            assert torch.equal(gen.prefill(p), tok)
+            assert torch.equal(gen.logits, logits)
+        assert captures == [(2, tiny.cfg.vocab_size)] * 2     # lengths 7 and 9, once each
+        assert torch.equal(gen.prefill(prompts[2], graph=False), want[2][0])
+        assert len(captures) == 2
+        gen.close()
+        gen.prefill(prompts[0])
+        assert len(captures) == 3   # close() dropped the graphs
+    finally:
+        tiny._compiled_fns, tiny.compiled = None, False
+
+
 def test_set_comm_checks_the_rank():
     m = LlamaTP(get_config("tiny"), FakeComm(0, 2), device="meta")
     with pytest.raises(ValueError, match="sharded for rank 0 of 2"):
@@ -275,6 +320,76 @@ def test_breakdown_counts_each_kernel_once_not_the_cpu_op_around_it():
                 self_device_time_total=1000.0),
               E(key="triton_poi_fused_mul_silu_0", device_type=gpu, self_device_time_total=9.0)]
     assert categorize(events, cuda=True) == {"gemm": 1.0, "attention": 0.3, "comm": 0.04}
+
+
+def test_kernel_listing_counts_launches_and_time_per_step_largest_first():
+    """The kernel listing of ``--breakdown``: kernels only (not the CPU op around them), per
+    step, by device time, the totals first, ``top`` rows after them."""
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    from tpcomm.models.breakdown import kernel_listing
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [E(key="tpcomm::decode_attention", device_type=cpu, count=160,
+                self_device_time_total=900.0, self_cpu_time_total=50.0),
+              E(key="_decode_attention_split_kernel", device_type=gpu, count=160,
+                self_device_time_total=800.0, self_cpu_time_total=0.0),
+              E(key="triton_red_fused_add_mean_mul_pow_rsqrt_0", device_type=gpu, count=320,
+                self_device_time_total=640.0, self_cpu_time_total=0.0),
+              E(key="nvjet_tst_128x64_64x8_1x2_h_bz_coopA_NTT", device_type=gpu, count=640,
+                self_device_time_total=19000.0, self_cpu_time_total=0.0),
+              E(key="triton_poi_fused_mul_silu_1", device_type=gpu, count=160,
+                self_device_time_total=160.0, self_cpu_time_total=0.0)]
+    rows = kernel_listing(events, cuda=True, steps=5, top=2)
+    assert [r["name"] for r in rows] == ["(all kernels)",
+                                         "nvjet_tst_128x64_64x8_1x2_h_bz_coopA_NTT",
+                                         "_decode_attention_split_kernel"]
+    assert rows[0]["per_step"] == 256 and abs(rows[0]["ms_per_step"] - 4.12) < 1e-9
+    assert rows[1]["per_step"] == 128 and abs(rows[1]["ms_per_step"] - 3.8) < 1e-9
+    assert [r["category"] for r in rows[1:]] == ["gemm", "attention"]
+    full = kernel_listing(events, cuda=True, steps=5, top=10)
+    assert [r["category"] for r in full[3:]] == ["other", "other"] and len(full) == 5
+
+
+def test_folded_combine_compiles_to_the_last_block_protocol_for_sm90():
+    """The decode attention kernel compiled for an H100/H200 (sm_90, Triton's own ptxas, no
+    GPU needed): every thread's partial stores, then a CTA barrier, then ONE thread's
+    acq_rel atomic add at GPU scope on the counter, its result shared through a second
+    barrier, and the partials read back past L1 (ld.global.cg); the two-kernel form has no
+    atomic. This order is what makes the last program's combine see every split's partials."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton cannot compile ahead of time")
+    from tpcomm.kernels import decode_attention as da
+    names = ["qkv_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "pos_ptr", "part_o_ptr",
+             "part_ml_ptr", "out_ptr", "count_ptr", "sm_scale", "split_len", "splits",
+             "stride_qkv", "stride_kb", "stride_kh", "stride_ks", "stride_vb", "stride_vh",
+             "stride_vs", "stride_ob", "stride_oh"]
+    types = ["*bf16"] * 5 + ["*i64", "*fp32", "*fp32", "*bf16", "*i32", "fp32"] + ["i32"] * 11
+    ptx = {}
+    for combine in (True, False):
+        const = dict(HQ=32, HK=8, G=4, G_PAD=16, D=128, BLOCK_D=128, BLOCK_N=64,
+                     PRECISION="tf32", SPLITS_PAD=16, COMBINE=combine)
+        src = ASTSource(da._decode_attention_split_kernel, dict(zip(names, types)), const)
+        try:
+            ptx[combine] = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                          options={"num_warps": 4}).asm["ptx"].splitlines()
+        except Exception as e:  # noqa: BLE001 (no CUDA backend / ptxas in this install)
+            pytest.skip(f"no sm_90 compile here: {type(e).__name__}: {str(e)[:100]}")
+    lines = ptx[True]
+    atoms = [i for i, line in enumerate(lines) if "atom." in line]
+    assert len(atoms) == 1 and "atom.global.gpu.acq_rel.add" in lines[atoms[0]]
+    a = atoms[0]
+    assert lines[a].lstrip().startswith("@%p"), lines[a]        # predicated: one thread
+    last_store = max(i for i in range(a) if "st.global" in lines[i])
+    assert any("bar.sync" in line for line in lines[last_store:a])
+    assert any("bar.sync" in line for line in lines[a:a + 12])  # the result, shared
+    assert any("ld.global.cg" in line for line in lines[a:])
+    assert not any("atom." in line for line in ptx[False])
 
 
 def test_decode_attention_constants_come_from_the_measured_table_by_batch():

@@ -7,8 +7,11 @@ CUDA graph on the GPU), then ``decode_tokens`` timed steps. A step's time is tak
 consecutive steps (CUDA events around graph replays on the GPU, ``time.perf_counter`` on the
 CPU); TPOT is the median step, the maximum over ranks. tokens/s = batch / TPOT.
 
-Prefill, per prompt length and backend: the prompt to its first token (argmax included), no
-CUDA graph, ``reps`` timed runs after one untimed; TTFT is the median, the maximum over ranks.
+Prefill, per prompt length and backend: the prompt to its first token (argmax included), ``reps``
+timed runs after one untimed; TTFT is the median, the maximum over ranks. An eager variant runs
+eagerly; a compiled one, on the GPU (``graph``), replays the prompt length's CUDA graph (captured
+in the untimed run; :class:`Generator`), and its last graphed logits are checked bitwise against
+a compiled prefill of the same prompt outside the graph (``graph_identical`` in the row).
 
 With ``rounds`` > 1 every measurement is repeated in interleaved order (A, B, A, B, ...) and
 the median round is reported: on a shared machine a burst of load then hits every backend alike.
@@ -84,6 +87,7 @@ class ModelBenchConfig:
     progress: bool
     command: str
     timeout_s: float
+    prefill_graph: bool = True  # graph and compile: replay each prompt length's CUDA graph
 
 
 def run(config: ModelBenchConfig) -> dict:
@@ -173,13 +177,15 @@ def _decode(model, comm_name, batch, config, device) -> tuple[dict, torch.Tensor
            "ms": ms, "tokens_per_s": batch * 1e3 / ms, "samples": config.decode_tokens,
            "first_call_s": first_call_s}
     if parts is not None:
+        row["kernels"] = parts.pop("kernels")
         row["breakdown_ms"] = parts
     return row, torch.stack(tokens, 1).cpu(), logits
 
 
 def _prefill(model, comm_name, length, config, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
     batch = config.ttft_batch
-    gen = Generator(model, batch, length + 1, graph=False)
+    gen = Generator(model, batch, length + 1, graph=config.graph,
+                    prefill_graph=config.prefill_graph)
     prompt = _prompt(config.seed + 1, batch, length, model.cfg.vocab_size, device)
     times = []
     try:
@@ -194,12 +200,18 @@ def _prefill(model, comm_name, length, config, device) -> tuple[dict, torch.Tens
             else:
                 first_call_s = time.perf_counter() - t0
         logits = gen.logits.float().cpu()
+        graphed = gen.graphs_prefill()
+        if graphed:   # the graph replays what the compiled prefill computes, bit for bit
+            same_token = torch.equal(gen.prefill(prompt, graph=False), first)
+            identical = same_token and torch.equal(gen.logits.float().cpu(), logits)
     finally:
         gen.close()
     ms = max_over_ranks(statistics.median(times))
     row = {"phase": "prefill", "comm": comm_name, "batch": batch, "tokens": length, "ms": ms,
            "tokens_per_s": batch * length * 1e3 / ms, "samples": config.reps,
-           "first_call_s": first_call_s}
+           "first_call_s": first_call_s, "graph": graphed}
+    if graphed:
+        row["graph_identical"] = identical
     return row, first[:, None].cpu(), logits
 
 
@@ -326,6 +338,8 @@ def _measure(model, comms: dict, config: ModelBenchConfig, device, rank: int) ->
                     ref = _reference_logits(model, size, config, device)
                     found = [compare(tokens, logits, base, other, config.dtype, ref)
                              for other, _, _ in variants[1:]]
+                found += [_graph_check(what, name, per_comm[name][-1]) for name, _, _ in variants
+                          if "graph_identical" in per_comm[name][-1]]
                 for check in found:
                     if rnd == 0 or not check["ok"]:   # keep the first, and any failure
                         checks.append({"phase": what, "size": size, "round": rnd, **check})
@@ -336,6 +350,17 @@ def _measure(model, comms: dict, config: ModelBenchConfig, device, rank: int) ->
     if rank == 0:
         result["meta"] = _meta(model, comms, config, device)
     return result
+
+
+def _graph_check(what: str, name: str, row: dict) -> dict:
+    """The check of a graphed prefill: its replay against the compiled prefill outside the
+    graph, bitwise (logits and token)."""
+    ok = row["graph_identical"]
+    return {"base": name, "other": f"{name} outside the CUDA graph", "ok": ok,
+            "identical_tokens": ok,
+            "verdict": (f"{name}: the CUDA graph's {what} bitwise the compiled {what} outside it"
+                        if ok else f"WRONG: {name}'s CUDA graph {what} differs from the compiled "
+                                   f"{what} outside it")}
 
 
 def _median_row(rounds: list[dict]) -> dict:

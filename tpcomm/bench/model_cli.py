@@ -60,6 +60,9 @@ def add_model_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="cpu: torch threads per rank (default cores / ranks)")
     where.add_argument("--no-graph", action="store_true",
                        help="cuda: decode eagerly instead of replaying a CUDA graph")
+    where.add_argument("--no-prefill-graph", action="store_true",
+                       help="cuda, --compile: time the compiled prefill outside a CUDA graph "
+                            "(by default each prompt length's is captured once and replayed)")
     where.add_argument("--compile", action="store_true",
                        help="also run every backend with its decoder layers compiled "
                             "(torch.compile, inductor; then the same CUDA graph), first, "
@@ -133,6 +136,7 @@ def config_from_args(args) -> ModelBenchConfig:
         decode_tokens=args.decode_tokens or d["decode_tokens"], warmup_steps=args.warmup_steps,
         prompt_lens=prompt_lens, ttft_batch=args.ttft_batch, reps=args.reps,
         graph=device == "cuda" and not args.no_graph, fused=not args.no_fused,
+        prefill_graph=not args.no_prefill_graph,
         breakdown=args.breakdown, compile=args.compile, rounds=args.rounds, seed=args.seed,
         threads=args.threads, progress=not args.no_progress,
         command=shlex.join(["tpcomm", *getattr(args, "argv", ["bench", "model"])]),

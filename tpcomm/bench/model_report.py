@@ -50,6 +50,19 @@ def _breakdown(rows: list[dict]) -> tuple[list, list]:
     return head, body
 
 
+def _kernels(rows: list[dict]) -> tuple[list, list]:
+    """(header, body): the kernel listing of each profiled decode step (the largest kernels by
+    device time, after a row of totals); empty without --breakdown."""
+    mine = [r for r in rows if r["phase"] == "decode" and r.get("kernels")]
+    if not mine:
+        return [], []
+    head = ["batch", "backend", "per step", "us per step", "category", "kernel"]
+    body = [[str(r["batch"]), r["comm"], f"{k['per_step']:.1f}",
+             f"{1e3 * k['ms_per_step']:.1f}", k["category"], k["name"][:100].replace("|", "/")]
+            for r in mine for k in r["kernels"]]
+    return head, body
+
+
 def _first_calls(rows: list[dict]) -> tuple[list, list]:
     """(header, body): seconds of each variant's first call (compilation and CUDA-graph capture
     included) per phase and size; empty unless the run compiled."""
@@ -72,16 +85,21 @@ def _section(meta, rows, checks, phase):
         return _breakdown(rows)
     if phase == "first_calls":
         return _first_calls(rows)
+    if phase == "kernels":
+        return _kernels(rows)
     return _table(meta, rows, checks, phase)
 
 
-PHASES = ("decode", "prefill", "breakdown", "first_calls")
+PHASES = ("decode", "prefill", "breakdown", "kernels", "first_calls")
 
 
 def _title(meta: dict, phase: str) -> str:
     if phase == "first_calls":
         return (f"first call of each variant, seconds (untimed: compilation and CUDA-graph "
                 f"capture included); graph breaks: {meta.get('graph_breaks', 0)}")
+    if phase == "kernels":
+        return ("decode step kernels, the same profiled steps: launches and device time per "
+                "step by kernel, the largest first after the totals (CPU: ops by self time)")
     if phase == "breakdown":
         return ("decode step breakdown, measured on rank 0 with torch.profiler over 5 steps "
                 "outside CUDA graphs (compiled variants compiled; see "
@@ -92,7 +110,10 @@ def _title(meta: dict, phase: str) -> str:
         how = "CUDA graph" if meta["graph"] else "eager"
         return (f"decode: TPOT = median time per step ({c['decode_tokens']} timed steps, {how}), "
                 f"context {c['context']} tokens{rounds}; tok/s = batch / TPOT")
-    return (f"prefill: TTFT = prompt to first token (batch {c['ttft_batch']}, no CUDA graph, "
+    how = ("compiled variants replay a CUDA graph per prompt length, eager ones run eagerly"
+           if meta["graph"] and meta.get("compile") and c.get("prefill_graph", True)
+           else "no CUDA graph")
+    return (f"prefill: TTFT = prompt to first token (batch {c['ttft_batch']}, {how}, "
             f"median of {c['reps']}{rounds}); tok/s = prompt tokens / TTFT")
 
 

@@ -8,8 +8,8 @@ cache with a mask reads every position, and torch's masked attention with groupe
 on an H200 where reading the cache once takes about 0.25 ms. Around it, RoPE of q and k and the
 two cache writes are small kernels of their own, one launch each per layer.
 
-Algorithm: two kernels; the position ``pos`` of this step's token is read on the device, so
-one graph serves every step.
+Algorithm: one kernel (the split kernel, whose last program per (sequence, head) combines);
+the position ``pos`` of this step's token is read on the device, so one graph serves every step.
 
 1. ``_decode_attention_split_kernel``, grid (B * HK, SPLITS): program (b, h, s) takes the G =
    HQ / HK query heads that share KV head h (GQA: K and V are read once for all of them, never
@@ -20,8 +20,26 @@ one graph serves every step.
    into the cache at ``pos``, and adds that position from registers (no read after its own
    write). It writes its unnormalized acc [G, D] and (m, l); a split past ``pos`` writes
    (-inf, 0, 0) at once: only the filled part of the cache is read.
-2. ``_decode_attention_combine_kernel``, grid (B * HK,): out = sum_s e^(m_s - M) acc_s /
-   sum_s e^(m_s - M) l_s with M = max_s m_s (splits that saw nothing weigh 0).
+2. The combine, by the last split program of (b, h) to finish: out = sum_s e^(m_s - M) acc_s /
+   sum_s e^(m_s - M) l_s with M = max_s m_s (splits that saw nothing weigh 0). Until
+   2026-12-03 it was a second kernel, grid (B * HK,), one launch per layer and step (32 per
+   Llama-3-8B step); ``fold_combine=False`` still runs it that way (the sweep's yardstick).
+
+   Who combines (the last-block pattern of CUDA's threadFenceReduction sample and CUTLASS's
+   semaphore): ``counters`` is an int32 per (b, h) in GPU memory, 0 between launches::
+
+       every program:  store its partials (acc, m, l)
+                       barrier (all its threads' stores before the next line)
+                       done = atomic_add(counters[b, h], 1)   # acq_rel, gpu scope, one thread
+                       if done == splits - 1:                 # the last one: all partials
+                           counters[b, h] = 0                 # written and visible (acquire)
+                           combine (partials read past L1: .cg)
+
+   The last program resets its counter, which nobody touches again in this launch, so the
+   next launch (or graph replay) starts from 0 again with no memset; a launch that runs to its
+   end always resets every counter it used. Two launches must not share ``counters`` at the
+   same time (the model gives each layer its own; launches on one stream run one after
+   another).
 
 RoPE (rotate-half layout, as Hugging Face): x' = x * cos + rotate_half(x) * sin, computed in
 float32 and rounded once. The split count is fixed by the launcher from the cache length and
@@ -30,7 +48,7 @@ size, programs per SM and warps come from a small table by batch size (``TUNED``
 
 Shapes: qkv [B, (HQ + 2 HK) * D] (rows contiguous: q heads, then k, then v); cos, sin [D] (this
 step's position); k_cache, v_cache [>= B, HK, S, D] (D contiguous), written at ``pos``; pos:
-int64 [1] on the device; out [B, HQ, D], the dtype of qkv.
+int64 [1] on the device; out [B, HQ, D], the dtype of qkv; counters int32 [>= B * HK], zeros.
 """
 from __future__ import annotations
 
@@ -75,11 +93,12 @@ def _rope(ptr, d, dm, cos, sin, HALF: tl.constexpr, D: tl.constexpr):
 
 @triton.jit
 def _decode_attention_split_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, part_o_ptr, part_ml_ptr, sm_scale,
-        split_len, splits, stride_qkv, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
-        stride_vs, HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr):
+        qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, part_o_ptr, part_ml_ptr, out_ptr,
+        count_ptr, sm_scale, split_len, splits, stride_qkv, stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, HQ: tl.constexpr,
+        HK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        SPLITS_PAD: tl.constexpr, COMBINE: tl.constexpr):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = (bh // HK).to(tl.int64)      # 64-bit offsets: a cache may pass 2^31 elements
@@ -139,14 +158,21 @@ def _decode_attention_split_kernel(
     tl.store(part_o_ptr + (prow * G + g)[:, None] * D + d[None, :], acc, mask=gd_mask)
     tl.store(part_ml_ptr + (prow * 2) * G + g, m_i, mask=gm)
     tl.store(part_ml_ptr + (prow * 2 + 1) * G + g, l_i, mask=gm)
+    if COMBINE:   # the last program of (b, h) to get here combines (module docstring)
+        tl.debug_barrier()          # every thread's partial stores before the release
+        done = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu")
+        if done == splits - 1:
+            tl.store(count_ptr + bh, 0)   # for the next launch; no program reads it now
+            _combine(part_o_ptr, part_ml_ptr, out_ptr, bh, splits, stride_ob, stride_oh,
+                     HK, G, G_PAD, D, BLOCK_D, SPLITS_PAD)
 
 
 @triton.jit
-def _decode_attention_combine_kernel(
-        part_o_ptr, part_ml_ptr, out_ptr, splits, stride_ob, stride_oh,
-        HK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    bh = tl.program_id(0)
+def _combine(part_o_ptr, part_ml_ptr, out_ptr, bh, splits, stride_ob, stride_oh,
+             HK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+             BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """out[b, h * G:(h + 1) * G] of the ``splits`` partials of (b, h) = ``bh``. The partials
+    are loaded with .cg (from L2, never a line this SM's L1 kept from an earlier launch)."""
     b = bh // HK
     h = bh % HK
     g = tl.arange(0, G_PAD)
@@ -157,22 +183,33 @@ def _decode_attention_combine_kernel(
     sg_mask = (s < splits)[:, None] & gm[None, :]
     rows = bh * splits + s
     m = tl.load(part_ml_ptr + (rows * 2)[:, None] * G + g[None, :], mask=sg_mask,
-                other=float("-inf"))                                      # [SPLITS_PAD, G_PAD]
+                other=float("-inf"), cache_modifier=".cg")              # [SPLITS_PAD, G_PAD]
     big = tl.where(gm, tl.max(m, 0), 0.0)                                # finite: pos is seen
     w = tl.exp(m - big[None, :])
     l_sum = tl.sum(w * tl.load(part_ml_ptr + (rows * 2 + 1)[:, None] * G + g[None, :],
-                               mask=sg_mask, other=0.0), 0)
+                               mask=sg_mask, other=0.0, cache_modifier=".cg"), 0)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     for sp in range(splits):
         prow = bh * splits + sp
-        m_s = tl.load(part_ml_ptr + (prow * 2) * G + g, mask=gm, other=float("-inf"))
+        m_s = tl.load(part_ml_ptr + (prow * 2) * G + g, mask=gm, other=float("-inf"),
+                      cache_modifier=".cg")
         w_s = tl.where(gm, tl.exp(m_s - big), 0.0)
         o_s = tl.load(part_o_ptr + (prow * G + g)[:, None] * D + d[None, :],
-                      mask=gm[:, None] & dm[None, :], other=0.0)
+                      mask=gm[:, None] & dm[None, :], other=0.0, cache_modifier=".cg")
         acc += w_s[:, None] * o_s
     out = acc / tl.where(gm, l_sum, 1.0)[:, None]
     tl.store(out_ptr + b * stride_ob + (h * G + g)[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+
+
+@triton.jit
+def _decode_attention_combine_kernel(
+        part_o_ptr, part_ml_ptr, out_ptr, splits, stride_ob, stride_oh,
+        HK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+        BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """The combine as a kernel of its own, grid (B * HK,) (``fold_combine=False``)."""
+    _combine(part_o_ptr, part_ml_ptr, out_ptr, tl.program_id(0), splits, stride_ob, stride_oh,
+             HK, G, G_PAD, D, BLOCK_D, SPLITS_PAD)
 
 
 _SMS: dict = {}
@@ -199,12 +236,18 @@ def plan_splits(batch: int, kv_heads: int, cache_len: int, sms: int, *,
 
 def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                          out: torch.Tensor, sm_scale: float, *, block_n: int | None = None,
-                          programs_per_sm: int | None = None,
+                          out: torch.Tensor, sm_scale: float, *,
+                          counters: torch.Tensor | None = None, fold_combine: bool = True,
+                          block_n: int | None = None, programs_per_sm: int | None = None,
                           num_warps: int | None = None) -> None:
     """RoPE of this step's q and k, k and v into the cache at ``pos``, out = softmax(q K^T *
-    sm_scale) V over cache positions [0, pos] (shapes: the module docstring). The keywords
-    override the tuning constants, which otherwise come from ``TUNED`` by batch size
+    sm_scale) V over cache positions [0, pos] (shapes: the module docstring).
+
+    ``counters``: int32 zeros [>= B * HK] on qkv's device, kept by the caller and left zero
+    by every launch (one set per concurrent launch; the model keeps one per layer); None
+    allocates zeros per call (one memset more). ``fold_combine=False``: the combine as a second
+    kernel (what the kernel did before 2026-12-03). The other keywords override the tuning
+    constants, which otherwise come from ``TUNED`` by batch size
     (``scripts/gpu_decode_attention.py --sweep`` measures them)."""
     B = qkv.shape[0]
     t_block_n, t_programs, t_warps = tuned_constants(B, k_cache.element_size())
@@ -216,18 +259,29 @@ def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     G = HQ // HK
     splits, split_len = plan_splits(B, HK, S, _sm_count(qkv.device), block_n=block_n,
                                     programs_per_sm=programs_per_sm)
+    if not fold_combine:
+        counters = pos    # not read (COMBINE off): any pointer
+    elif counters is None:
+        counters = torch.zeros(B * HK, dtype=torch.int32, device=qkv.device)
+    elif (counters.dtype != torch.int32 or counters.device != qkv.device
+          or counters.numel() < B * HK):
+        raise ValueError(f"decode attention: counters must be int32 [>= {B * HK}] on "
+                         f"{qkv.device}, got {counters.dtype} [{counters.numel()}] on "
+                         f"{counters.device}")
     part_o = torch.empty(B * HK * splits * G * D, dtype=torch.float32, device=qkv.device)
     part_ml = torch.empty(B * HK * splits * 2 * G, dtype=torch.float32, device=qkv.device)
     G_PAD = max(16, triton.next_power_of_2(G))
     BLOCK_D = max(16, triton.next_power_of_2(D))
+    SPLITS_PAD = max(2, triton.next_power_of_2(splits))
     precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
     _decode_attention_split_kernel[(B * HK, splits)](
-        qkv, cos, sin, k_cache, v_cache, pos, part_o, part_ml, sm_scale, split_len, splits,
-        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HQ=HQ, HK=HK, G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
-        PRECISION=precision, num_warps=num_warps)
-    _decode_attention_combine_kernel[(B * HK,)](
-        part_o, part_ml, out, splits, out.stride(0), out.stride(1),
-        HK=HK, G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D,
-        SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
+        qkv, cos, sin, k_cache, v_cache, pos, part_o, part_ml, out, counters, sm_scale,
+        split_len, splits, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), HQ=HQ, HK=HK, G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D,
+        BLOCK_N=block_n, PRECISION=precision, SPLITS_PAD=SPLITS_PAD, COMBINE=fold_combine,
+        num_warps=num_warps)
+    if not fold_combine:
+        _decode_attention_combine_kernel[(B * HK,)](
+            part_o, part_ml, out, splits, out.stride(0), out.stride(1),
+            HK=HK, G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, SPLITS_PAD=SPLITS_PAD, num_warps=4)

@@ -10,7 +10,9 @@ Elsewhere (CPU), and as the tests' oracle: :func:`decode_attention_reference`, t
 
 Shapes: qkv [B, (HQ + 2 HK) * D] (this step's fused projection, before RoPE); cos, sin [D];
 k_cache, v_cache [>= B, HK, S, D], written at ``pos``; pos int64 [1] on qkv's device, this
-step's position. Returns [B, HQ, D].
+step's position; counters: None, or int32 zeros [>= B * HK] on qkv's device that the kernel
+uses and leaves zero (it combines its splits in the last program to finish; the model keeps
+one per layer, so a step allocates nothing for them). Returns [B, HQ, D].
 """
 from __future__ import annotations
 
@@ -47,12 +49,14 @@ def decode_attention_reference(qkv, cos, sin, k_cache, v_cache, pos):
     return y.view(B, hq, D)
 
 
-def _launch(qkv, cos, sin, k_cache, v_cache, pos):
+def _launch(qkv, cos, sin, k_cache, v_cache, pos, counters=None, **tuning):
+    """The kernel (``tuning``: keywords of ``decode_attention_rope``, e.g. fold_combine)."""
     from ..kernels.decode_attention import decode_attention_rope as kernel
     D = k_cache.shape[-1]
     hq = qkv.shape[1] // D - 2 * k_cache.shape[1]
     out = torch.empty(qkv.shape[0], hq, D, dtype=qkv.dtype, device=qkv.device)
-    kernel(qkv, cos, sin, k_cache, v_cache, pos, out, 1.0 / math.sqrt(D))
+    kernel(qkv, cos, sin, k_cache, v_cache, pos, out, 1.0 / math.sqrt(D), counters=counters,
+           **tuning)
     return out
 
 
@@ -62,28 +66,30 @@ def use_kernel(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@custom_op("tpcomm::decode_attention", mutates_args=("k_cache", "v_cache"))
+# counters: declared mutated (the kernel counts in them and resets them), so that inductor
+# neither reorders the op nor treats them as constants
+@custom_op("tpcomm::decode_attention", mutates_args=("k_cache", "v_cache", "counters"))
 def _decode_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         pos: torch.Tensor) -> torch.Tensor:
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                         counters: torch.Tensor | None = None) -> torch.Tensor:
     if use_kernel(qkv):
-        return _launch(qkv, cos, sin, k_cache, v_cache, pos)
+        return _launch(qkv, cos, sin, k_cache, v_cache, pos, counters)
     return decode_attention_reference(qkv, cos, sin, k_cache, v_cache, pos).clone()
 
 
 @_decode_attention_op.register_fake
-def _(qkv, cos, sin, k_cache, v_cache, pos):
+def _(qkv, cos, sin, k_cache, v_cache, pos, counters=None):
     D = k_cache.shape[-1]
     return qkv.new_empty((qkv.shape[0], qkv.shape[1] // D - 2 * k_cache.shape[1], D))
 
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     pos: torch.Tensor) -> torch.Tensor:
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     counters: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE, cache write at ``pos``, softmax(q K^T / sqrt(D)) V over cache positions [0, pos]
     (shapes: the module docstring)."""
     if _is_compiling():
-        return torch.ops.tpcomm.decode_attention(qkv, cos, sin, k_cache, v_cache, pos)
+        return torch.ops.tpcomm.decode_attention(qkv, cos, sin, k_cache, v_cache, pos, counters)
     if use_kernel(qkv):
-        return _launch(qkv, cos, sin, k_cache, v_cache, pos)
+        return _launch(qkv, cos, sin, k_cache, v_cache, pos, counters)
     return decode_attention_reference(qkv, cos, sin, k_cache, v_cache, pos)

@@ -15,6 +15,11 @@ every collective is a named range (``comm::<op>``):
   its kernels' time too, and counting it doubled the compiled attention.
 
 The profiler adds a few microseconds per op, which lands in "other" on the CPU.
+
+The kernel listing (``kernels``): every kernel of the profiled steps by name, with its launches
+and device time per step and its category, the largest ``top`` first, and a first row
+``(all kernels)`` with the totals: which small kernels a step still runs, and how many (on the
+CPU: the ops by self time instead, there being no kernels).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ GEMM_KERNEL = re.compile(r"gemm|gemv|cutlass|cublas|xmma|nvjet|sm\d+_|matmul", r
 ATTN_KERNEL = re.compile(r"flash|fmha|attention|sdpa", re.I)
 COMM_KERNEL = re.compile(r"nccl|all_reduce|allreduce|all_gather|allgather|reduce_scatter|"
                          r"lamport|barrier|one_shot|two_shot", re.I)
+TOP_KERNELS = 15   # rows of the kernel listing: the small kernels that are left show up here
 
 
 class RecordedComm:
@@ -50,8 +56,9 @@ class RecordedComm:
         return call
 
 
-def decode_breakdown(gen, steps: int = 5) -> dict:
-    """Milliseconds per step of ``gen`` (a Generator after prefill) by category; eager steps."""
+def decode_breakdown(gen, steps: int = 5, top: int = TOP_KERNELS) -> dict:
+    """Milliseconds per step of ``gen`` (a Generator after prefill) by category; eager steps.
+    Also "kernels": :func:`kernel_listing` of the same steps (``top`` rows)."""
     model = gen.model
     comm = model.comm
     cuda = model.device.type == "cuda"
@@ -78,7 +85,43 @@ def decode_breakdown(gen, steps: int = 5) -> dict:
     out = {k: v / steps for k, v in cats.items()}
     out["step"] = wall / steps
     out["other"] = max(out["step"] - sum(cats.values()) / steps, 0.0)
+    out["kernels"] = kernel_listing(prof.key_averages(), cuda, steps, top)
     return out
+
+
+def kernel_category(name: str) -> str:
+    """"comm", "attention", "gemm" or "other" for a kernel name (the GPU rules of
+    :func:`categorize`)."""
+    if COMM_KERNEL.search(name):
+        return "comm"
+    if ATTN_KERNEL.search(name):
+        return "attention"
+    if GEMM_KERNEL.search(name):
+        return "gemm"
+    return "other"
+
+
+def kernel_listing(events, cuda: bool, steps: int, top: int = TOP_KERNELS) -> list[dict]:
+    """Rows {"name", "category", "per_step", "ms_per_step"} of profiler averages ``events``
+    over ``steps`` steps, by device time (CPU: the ops by self CPU time), the ``top`` largest;
+    the first row, named ``(all kernels)``, sums every kernel (launches and ms per step)."""
+    rows = []
+    for e in events:
+        if cuda:
+            if e.device_type == DeviceType.CPU:
+                continue
+            ms = getattr(e, "self_device_time_total", 0.0) / 1e3
+        else:
+            ms = e.self_cpu_time_total / 1e3
+        if ms <= 0 and not e.count:
+            continue
+        rows.append({"name": e.key, "category": kernel_category(e.key) if cuda else "cpu op",
+                     "per_step": e.count / steps, "ms_per_step": ms / steps})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    total = {"name": "(all kernels)" if cuda else "(all ops)", "category": "-",
+             "per_step": sum(r["per_step"] for r in rows),
+             "ms_per_step": sum(r["ms_per_step"] for r in rows)}
+    return [total] + rows[:top]
 
 
 def categorize(events, cuda: bool) -> dict:
@@ -94,14 +137,9 @@ def categorize(events, cuda: bool) -> dict:
             if e.device_type == DeviceType.CPU:
                 continue
             dev = getattr(e, "self_device_time_total", 0.0) / 1e3
-            if dev <= 0:
-                continue
-            if COMM_KERNEL.search(e.key):
-                cats["comm"] += dev
-            elif ATTN_KERNEL.search(e.key):
-                cats["attention"] += dev
-            elif GEMM_KERNEL.search(e.key):
-                cats["gemm"] += dev
+            cat = kernel_category(e.key)
+            if dev > 0 and cat != "other":
+                cats[cat] += dev
         else:
             if e.key in GEMM_OPS:
                 cats["gemm"] += e.self_cpu_time_total / 1e3

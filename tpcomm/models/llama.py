@@ -171,6 +171,7 @@ class Attention(nn.Module):
                                         dtype=dtype, device=device)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.counters: torch.Tensor | None = None   # the decode kernel's, int32 zeros [B * hk]
 
     def forward(self, x, cos, sin, input_pos, kv_len: int, fresh: bool) -> torch.Tensor:
         """x: [B, T, H] normed; returns the attention output before o_proj, [B, T, h*D].
@@ -183,7 +184,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         if T == 1 and not fresh and use_kernel(x):   # decode: one kernel, up to the length
             y = decode_attention(qkv.view(B, -1), cos[0], sin[0], self.k_cache, self.v_cache,
-                                 input_pos)
+                                 input_pos, self.counters)
             return y.view(B, T, hq * D)
         q, k, v = qkv.split([hq * D, hk * D, hk * D], dim=-1)
         q = apply_rope(q.view(B, T, hq, D), cos, sin).transpose(1, 2)
@@ -331,12 +332,14 @@ class LlamaTP(nn.Module):
                              f"max_position_embeddings {self.cfg.max_position_embeddings}")
         for layer in self.layers:
             a = layer.self_attn
-            a.k_cache = a.v_cache = None   # free the old cache before allocating the new one
+            a.k_cache = a.v_cache = a.counters = None   # free the old cache first
         for layer in self.layers:
             a = layer.self_attn
             shape = (max_batch, a.n_kv_heads, max_seq, a.head_dim)
             a.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             a.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            a.counters = torch.zeros(max_batch * a.n_kv_heads, dtype=torch.int32,
+                                     device=self.device)
         self.cos, self.sin = rope_tables(self.cfg, max_seq, self.dtype, self.device)
         self.max_batch, self.max_seq = max_batch, max_seq
 
