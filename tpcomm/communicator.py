@@ -1,9 +1,11 @@
 """Communicator: tpcomm's collectives over one torch.distributed process group.
 
 It owns the registered buffers (one symmetric buffer per rank, set up once), validates every
-call, picks the algorithm (``tpcomm.selection.select``), chunks calls larger than its buffer, keeps
-statistics, and sends whatever tpcomm cannot do to torch.distributed, logging the first fallback
-of each reason once.
+call, makes the call's one :class:`~tpcomm.algorithms.Choice` (algorithm, mechanism, round size,
+reason: ``tpcomm.selection.select``, cached per call shape), runs the one chunk loop
+(``tpcomm.engine.run_rounds``) for calls larger than an engine round, keeps statistics under
+the choice's name, and sends whatever tpcomm cannot do to torch.distributed, logging the first
+fallback of each reason once.
 
 Shape letters in the docstrings: R = world size, m = rows per rank.
 """
@@ -18,12 +20,14 @@ import time
 import torch
 
 from . import flight_recorder, reference
-from .algorithms import FUSED_NORM
+from .algorithms import FUSED_NORM, Choice, choice, split
+from .engine import run_rounds
 from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
                      PeerDiedError, PeerTimeoutError, TpcommError)
 from .groups.group import GroupInfo, GroupStore, setup_budget
 from .selection.select import (FALLBACK_DTYPES, FAST_DTYPES, UNSUPPORTED_DTYPES, Topology,
-                               check_algorithm, fallback_reason, select_algorithm)
+                               check_algorithm, engine_choice, fallback_reason,
+                               select_algorithm)
 from .settings import get_settings
 from .groups.topology import layout_of
 from .multinode.hierarchical import HierarchicalAllReduce as _TwoLevel
@@ -141,7 +145,8 @@ class Communicator:
         self._topology = Topology(device_type=self.device.type, nnodes=self._layout.nnodes)
         self._two_level = None                    # HierarchicalAllReduce when nnodes > 1
         self._recorder = flight_recorder.FlightRecorder()
-        self._decisions: dict = {}  # (op, nbytes, dtype, requested, graph) -> (algorithm, why)
+        # (op, nbytes, dtype, requested, graph) -> (Choice, stats entry, on the engine, one round)
+        self._decisions: dict = {}
         self._fast: dict = {}       # GPU all_reduce: (dtype, numel, requested, graph) -> entry
         self._setup(settings)
         flight_recorder.register(self)
@@ -553,10 +558,12 @@ class Communicator:
             self._lock.release()
 
     def _decide(self, op: str, nbytes: int, dtype: torch.dtype, requested: str, name: str,
-                graph: bool) -> tuple[str, str]:
-        """The algorithm that runs this call and, for torch.distributed, why (cached)."""
+                graph: bool) -> Choice:
+        """The one Choice of this call (cached by :meth:`_decision`): the algorithm (asked for,
+        or ``select_algorithm``), on the engine its mechanism and round size
+        (``engine_choice``), for torch.distributed why."""
         check_algorithm(op, requested, self.device.type)
-        algorithm = requested
+        algorithm, mechanism = split(requested)
         if algorithm == "auto":
             algorithm = select_algorithm(op, nbytes, dtype, self.world_size, self._topology,
                                          graph)
@@ -567,19 +574,24 @@ class Communicator:
             raise ValueError(f"{name}: algorithm='two_level' needs a group that spans nodes; "
                              f"this one is on {self._topology.nnodes} node")
         if algorithm == "two_level" and self._two_level is not None:
-            return algorithm, ""
+            return choice(algorithm)
         if self._backend is None and algorithm not in ("local", "torch"):
             algorithm = "torch"
+        if algorithm == "local":
+            return choice(algorithm)
         if algorithm != "torch":
-            return algorithm, ""
+            numel = nbytes // dtype.itemsize
+            if op == "reduce_scatter":
+                numel //= self.world_size
+            return engine_choice(op, algorithm, mechanism, numel, dtype, self._backend)
         if self._backend is None and self._two_level is None:
             reason = self.disabled_reason or "no fast path"
         elif requested == "torch":
-            return algorithm, "algorithm='torch' was asked for"  # asked for: not logged
+            return choice(algorithm, reason="algorithm='torch' was asked for")  # not logged
         else:
             reason = fallback_reason(op, dtype, self.world_size, self._topology, graph)
         _log_fallback_once(reason)
-        return algorithm, reason
+        return choice(algorithm, reason=reason)
 
     def _run_locked(self, op, x, out, requested, name, epilogue=None):
         if self._broken:
@@ -597,11 +609,12 @@ class Communicator:
         decision = self._decisions.get((name, nbytes, dtype, requested, graph))
         if decision is None:
             decision = self._decision(op, nbytes, dtype, requested, name, graph)
-        algorithm, reason, st, on_backend = decision
+        chosen, st, on_backend, one_round = decision
+        algorithm = chosen.name
         result = out
         if epilogue is not None:
             result = None
-            if self._should_fuse_norm(algorithm, x, epilogue):
+            if self._should_fuse_norm(chosen, x, epilogue):
                 algorithm, st = FUSED_NORM, self._stats[(name, FUSED_NORM)]
         rec = self._recorder.start(name, algorithm, nbytes, dtype)
         try:
@@ -610,12 +623,12 @@ class Communicator:
                 result = torch.empty_like(x)
                 self._backend.all_reduce_add_rms_norm(x, residual, weight, eps, result)
             elif on_backend:
-                if op == "all_reduce" and nbytes <= backend.capacity:   # one round, inline
+                if one_round and op == "all_reduce":   # one round, inline
                     backend.all_reduce(x, out, algorithm)
                 else:
-                    self._run_backend(op, x, out, algorithm)
+                    run_rounds(backend, op, x, out, algorithm, chosen.chunk, self.world_size)
             else:
-                self._dispatch(op, x, out, algorithm, reason)
+                self._dispatch(op, x, out, chosen)
         except BaseException as e:
             self._failed(rec, e)
             raise
@@ -626,12 +639,15 @@ class Communicator:
         return result
 
     def _decision(self, op, nbytes, dtype, requested, name, graph) -> tuple:
-        """(algorithm, reason, stats entry, runs on the flat backend) of a call, cached per
+        """(Choice, stats entry, runs on the flat engine, in one round) of a call, cached per
         (name, nbytes, dtype, requested, graph): a repeated call looks up one tuple and
         recomputes nothing (``_decide`` raises for a bad request, which is never cached)."""
-        algorithm, reason = self._decide(op, nbytes, dtype, requested, name, graph)
-        decision = (algorithm, reason, self._stats[(name, algorithm)],
-                    algorithm not in ("torch", "two_level", "local"))
+        c = self._decide(op, nbytes, dtype, requested, name, graph)
+        on_engine = c.algorithm not in ("torch", "two_level", "local")
+        numel = nbytes // dtype.itemsize
+        if op == "reduce_scatter":
+            numel //= self.world_size
+        decision = (c, self._stats[(name, c.name)], on_engine, on_engine and numel <= c.chunk)
         if len(self._decisions) > 4096:
             self._decisions.clear()
         self._decisions[(name, nbytes, dtype, requested, graph)] = decision
@@ -696,12 +712,11 @@ class Communicator:
         decision = self._decisions.get(("all_reduce", nbytes, dtype, requested, graph))
         if decision is None:
             return None
-        algo = decision[0]
+        algo = decision[0].name
         if algo == "local":   # world 1 (no engine): one copy, or nothing in place
             ok = dtype in FAST_DTYPES and nbytes > 0
-        else:
-            ok = (algo not in ("torch", "two_level") and dtype in FAST_DTYPES
-                  and self._backend is not None and 0 < nbytes <= self._backend.capacity)
+        else:   # one round on the engine
+            ok = decision[3] and dtype in FAST_DTYPES and self._backend is not None and nbytes > 0
         st = self._stats.get(("all_reduce", algo))
         if ok and st is None:
             return None     # the general path has not completed such a call yet
@@ -739,10 +754,10 @@ class Communicator:
             raise
         self._done(rec, self._stats[(name, algorithm)], nbytes)
 
-    def _should_fuse_norm(self, algorithm: str, x: torch.Tensor, epilogue: tuple) -> bool:
+    def _should_fuse_norm(self, chosen: Choice, x: torch.Tensor, epilogue: tuple) -> bool:
         """The fused all-reduce + add + RMSNorm kernel takes the call: the all-reduce would
         run on the GPU kernels, x is float16/bfloat16/float32 and a row fits one block."""
-        if (not self._fused_norm or algorithm in ("torch", "two_level", "local")
+        if (not self._fused_norm or chosen.algorithm in ("torch", "two_level", "local")
                 or not self._supports("all_reduce_add_rms_norm")
                 or x.dim() == 0):
             return False
@@ -750,53 +765,17 @@ class Communicator:
             return False
         return x.shape[-1] <= self._backend.fused_norm_max_hidden()
 
-    def _dispatch(self, op, x, out, algorithm, reason) -> None:
+    def _dispatch(self, op, x, out, chosen: Choice) -> None:
+        """A call that no flat engine runs: torch.distributed, the two-level all-reduce, or
+        world 1's copy."""
+        algorithm = chosen.algorithm
         if algorithm == "torch":
-            self._fallbacks[reason] += 1
+            self._fallbacks[chosen.reason] += 1
             self._torch_call(op, x, out)
         elif algorithm == "two_level":
             self._two_level.all_reduce(x, out=out)
-        elif algorithm == "local":
-            if out.data_ptr() != x.data_ptr():
-                out.copy_(x.view(out.shape))
-        else:
-            self._run_backend(op, x, out, algorithm)
-
-    def _run_backend(self, op: str, x: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
-        """Run on the backend in chunks of at most its capacity. Every chunk carries the whole
-        call's numel and its own offset (``total``, ``offset``): the engines compare them
-        across ranks, so a size mismatch raises in the first chunk on every rank."""
-        b, R = self._backend, self.world_size
-        total = x.numel()
-        if x.nbytes <= b.capacity:  # the common case: one round, no slicing
-            if op == "all_reduce":
-                b.all_reduce(x, out, algorithm, total=total)
-            elif op == "reduce_scatter":
-                b.reduce_scatter(x.view(R, out.numel()), out.view(-1), algorithm, total=total)
-            else:
-                b.all_gather(x.view(-1), out.view(R, x.numel()), algorithm, total=total)
-            return
-        item = x.element_size()
-        if op == "all_reduce":
-            xf, of = x.view(-1), out.view(-1)
-            step = (b.capacity // item) & ~15
-            for lo in range(0, xf.numel(), step):
-                b.all_reduce(xf[lo:lo + step], of[lo:lo + step], algorithm, total=total,
-                             offset=lo)
-        elif op == "reduce_scatter":
-            c = out.numel()
-            x2, o1 = x.view(R, c), out.view(-1)
-            step = (b.capacity // (item * R)) & ~15
-            for lo in range(0, c, step):
-                b.reduce_scatter(x2[:, lo:lo + step], o1[lo:lo + step], algorithm, total=total,
-                                 offset=lo)
-        else:
-            c = x.numel()
-            x1, o2 = x.view(-1), out.view(R, c)
-            step = (b.capacity // item) & ~15
-            for lo in range(0, c, step):
-                b.all_gather(x1[lo:lo + step], o2[:, lo:lo + step], algorithm, total=total,
-                             offset=lo)
+        elif out.data_ptr() != x.data_ptr():   # local
+            out.copy_(x.view(out.shape))
 
     def _torch_call(self, op: str, x: torch.Tensor, out: torch.Tensor,
                     name: str | None = None) -> None:

@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 
 import tpcomm
+from tpcomm.algorithms import choice
 from tpcomm.groups.launch import free_port
 
 
 class Engine:
-    name, broken, capacity, p2p_check = "p2p", None, 1 << 20, None
+    name, device_type, broken, capacity, p2p_check = "p2p", "cuda", None, 1 << 20, None
 
     def __init__(self):
         self.calls = []
@@ -26,6 +27,9 @@ class Engine:
     @staticmethod
     def supports(op):
         return op == "all_reduce"
+
+    def round_limit(self, op, name, dtype):
+        return self.capacity // dtype.itemsize
 
     def all_reduce(self, x, out, algorithm, *, total=-1, offset=0):
         self.calls.append((x.data_ptr(), out.data_ptr(), algorithm))
@@ -54,11 +58,14 @@ def comm(monkeypatch):
         dist.destroy_process_group()
 
 
-def _decide(comm, x, algo="one_shot", requested="one_shot"):
-    """What the general path leaves behind after one such call: its decision, its stats row."""
+def _decide(comm, x, algo="one_shot/push", requested="one_shot"):
+    """What the general path leaves behind after one such call: its decision (Choice, stats
+    row, on the engine, in one round), its stats row."""
+    on_engine = algo not in ("torch", "local", "two_level")
+    chunk = comm._backend.round_limit("all_reduce", algo, x.dtype) if on_engine else 0
+    c = choice(*algo.split("/"), chunk=chunk) if "/" in algo else choice(algo, chunk=chunk)
     comm._decisions[("all_reduce", x.numel() * x.element_size(), x.dtype, requested, False)] = \
-        (algo, "")
-    comm._stats[("all_reduce", algo)]
+        (c, comm._stats[("all_reduce", c.name)], on_engine, on_engine and x.numel() <= chunk)
 
 
 def test_takes_a_decided_call_and_keeps_the_books(comm):
@@ -67,11 +74,11 @@ def test_takes_a_decided_call_and_keeps_the_books(comm):
     assert comm._backend.calls == []
     _decide(comm, x)
     assert comm._all_reduce_gpu(x, out, "one_shot") is out
-    assert comm._backend.calls[-1] == (x.data_ptr(), out.data_ptr(), "one_shot")
+    assert comm._backend.calls[-1] == (x.data_ptr(), out.data_ptr(), "one_shot/push")
     assert comm._all_reduce_gpu(x, x, "one_shot") is x          # in place
     y = comm._all_reduce_gpu(x, None, "one_shot")               # a new output
     assert y.shape == x.shape and y.data_ptr() not in (x.data_ptr(), out.data_ptr())
-    st = comm.stats()["ops"]["all_reduce"]["one_shot"]
+    st = comm.stats()["ops"]["all_reduce"]["one_shot/push"]
     assert st["calls"] == 3 and st["bytes"] == 3 * 256      # (the stand-in decision: 0 before)
     recs = comm._recorder.records()
     assert [r["state"] for r in recs[-3:]] == ["done"] * 3 and recs[-1]["bytes"] == 256
@@ -98,8 +105,9 @@ def test_leaves_the_unusual_to_the_general_path(comm, case):
     elif case == "local wrong dtype":   # world 1 copies only what the kernels would take
         x, out = torch.ones(64, dtype=torch.float64), torch.empty(64, dtype=torch.float64)
         _decide(comm, x, algo="local")
-    elif case == "chunked":
+    elif case == "chunked":   # more than one engine round: the general path's loop
         comm._backend.capacity = 128
+        _decide(comm, x)
     elif case == "broken":
         comm._backend.broken = "a peer timed out"
     elif case == "closed":

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 import tpcomm
+from tpcomm.algorithms import choice
 from tpcomm.groups.launch import free_port
 
 
@@ -145,17 +146,17 @@ def test_fused_norm_routing_is_opt_in_and_limited_to_gpu_kernel_algorithms(comm)
     try:
         comm._backend = _FusedNormBackend()
         comm._fused_norm = False                  # TPCOMM_FUSED_NORM unset: never fused
-        assert not comm._should_fuse_norm("one_shot", x, epi)
+        assert not comm._should_fuse_norm(choice("one_shot"), x, epi)
         comm._fused_norm = True
-        assert comm._should_fuse_norm("one_shot", x, epi)
-        assert comm._should_fuse_norm("two_shot", x, epi)
+        assert comm._should_fuse_norm(choice("one_shot"), x, epi)
+        assert comm._should_fuse_norm(choice("two_shot"), x, epi)
         for algo in ("torch", "two_level", "local"):   # NCCL / gloo, across nodes, world 1
-            assert not comm._should_fuse_norm(algo, x, epi)
-        assert not comm._should_fuse_norm("one_shot", torch.ones(2, 16385),
+            assert not comm._should_fuse_norm(choice(algo), x, epi)
+        assert not comm._should_fuse_norm(choice("one_shot"), torch.ones(2, 16385),
                                           (torch.zeros(2, 16385), torch.ones(16385), 1e-6))
-        assert not comm._should_fuse_norm("one_shot", x, (epi[0], torch.ones(16)[::2], 1e-6))
+        assert not comm._should_fuse_norm(choice("one_shot"), x, (epi[0], torch.ones(16)[::2], 1e-6))
         comm._backend = _CoreOnlyEngine()         # an engine without the fused kernel (CPU)
-        assert not comm._should_fuse_norm("one_shot", x, epi)
+        assert not comm._should_fuse_norm(choice("one_shot"), x, epi)
     finally:
         comm._backend, comm._fused_norm = saved
 

@@ -21,10 +21,11 @@ Rows on a GPU (world 1, one process; a group of one over NCCL):
 - torch ``symm_mem.one_shot_all_reduce`` and NCCL ``all_reduce`` at world 1;
 - tpcomm ``Communicator.all_reduce`` at world 1: the default (``local``: a copy), and the kernel
   path: a world-1 Communicator whose engine is the GPU engine over one emulated rank
-  (``cuda/emulated.py``), ``algorithm="one_shot"`` (the push kernel up to 256 KiB), next to
-  that engine called directly: the difference is the Communicator's own cost;
+  (``cuda/emulated.py``), ``algorithm="one_shot"`` (the push kernel at these sizes: the
+  Communicator's choice is ``one_shot/push``), next to that engine called directly with that
+  choice: the difference is the Communicator's own cost;
 - tpcomm's GPU engine over 2 emulated ranks on one GPU (each rank its own stream), per rank
-  call: one_shot_push, one_shot_pull, two_shot, ring; and the loop's stream switch alone.
+  call: one_shot/push, one_shot/pull, two_shot, ring; and the loop's stream switch alone.
 
 Rows on a CPU (2 ranks, each also in a group of one): ``torch.add``, tpcomm
 ``Communicator.all_reduce`` at world 1 (local) and world 2 (shared memory), gloo at world 1 and
@@ -49,7 +50,7 @@ import torch
 from .args import check_output_path, positive_int, resolve_device
 from .report import _markdown_table, _text_table, human_size
 
-ALGOS = ("one_shot_push", "one_shot_pull", "two_shot", "ring")
+ALGOS = ("one_shot/push", "one_shot/pull", "two_shot", "ring")   # names of tpcomm.algorithms
 BASE_1 = "triton 1-arg, dispatcher"
 BASE_16 = "triton 16-arg, CompiledKernel.run"
 
@@ -171,8 +172,8 @@ def gpu_rows(sizes: list[int], iters: int, reps: int) -> list[dict]:
             _row(rows, "tpcomm Communicator.all_reduce, world 1, one_shot kernel", nbytes,
                  lambda: comm.all_reduce(xs, out=out, algorithm="one_shot"), iters, reps, sync)
             comm._backend = None
-            _row(rows, "tpcomm GPU engine alone, world 1, one_shot", nbytes,
-                 lambda: eng.all_reduce(xs, out, "one_shot"), iters, reps, sync)
+            _row(rows, "tpcomm GPU engine alone, world 1, one_shot/push", nbytes,
+                 lambda: eng.all_reduce(xs, out, "one_shot/push"), iters, reps, sync)
     finally:
         comm._backend = None
         comm.close()
