@@ -16,10 +16,12 @@ import dataclasses
 import logging
 import threading
 import time
+from time import perf_counter
 
 import torch
 
 from . import flight_recorder, reference
+from .flight_recorder import DONE
 from .algorithms import FUSED_NORM, Choice, choice, split
 from .engine import run_rounds
 from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
@@ -38,6 +40,7 @@ _capturing = (torch._C._cuda_isCurrentStreamCapturing if torch.version.cuda is n
               else lambda: torch.cuda.is_current_stream_capturing())
 
 log = logging.getLogger("tpcomm")
+_Tensor = torch.Tensor   # the hot path's type check: one global load
 _logged_reasons: set[str] = set()
 _OP_CODES = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3}
 _DTYPE_CODES = {d: i for i, d in enumerate(FAST_DTYPES + FALLBACK_DTYPES)}
@@ -134,6 +137,7 @@ class Communicator:
         self._debug = settings.debug
         self._fused_norm = settings.fused_norm
         self._lock = threading.Lock()
+        self._try_lock, self._unlock = self._lock.acquire, self._lock.release  # bound once
         self._closed = False
         self._backend = None
         self._broken: str | None = None   # the torch.distributed path failed (timeout, peer gone)
@@ -147,7 +151,15 @@ class Communicator:
         self._recorder = flight_recorder.FlightRecorder()
         # (op, nbytes, dtype, requested, graph) -> (Choice, stats entry, on the engine, one round)
         self._decisions: dict = {}
-        self._fast: dict = {}       # GPU all_reduce: (dtype, numel, requested, graph) -> entry
+        # the all_reduce hot path (_all_reduce_hot): (dtype, numel, requested, graph) -> entry;
+        # off under TPCOMM_DEBUG (every call takes the general path and its checks)
+        self._fast: dict = {}
+        self._hot = not settings.debug
+        # the capture query of the hot path: a CPU Communicator never captures (bool() is
+        # False, a C call); a CUDA one asks torch's C function
+        self._capture = _capturing if self._is_cuda else bool
+        # what x.get_device() says of a tensor on this Communicator's device (CPU: -1)
+        self._dev_index = self.device.index if self._is_cuda else -1
         self._setup(settings)
         flight_recorder.register(self)
         from .ops import library   # torch.ops.tpcomm.*, and this Communicator's handle there
@@ -244,8 +256,8 @@ class Communicator:
             if self.world_size == 1:
                 return _traced_local(x, out)
             return _traced_out(torch.ops.tpcomm.all_reduce(x, self.handle, algorithm), out)
-        if self._is_cuda and not self._debug:    # the GPU kernels' hot path (issue 16)
-            y = self._all_reduce_gpu(x, out, algorithm)
+        if self._hot:    # a call decided before: the hot path (issue 16)
+            y = self._all_reduce_hot(x, out, algorithm)
             if y is not None:
                 return y
         self._check_tensor("all_reduce", x)
@@ -256,8 +268,8 @@ class Communicator:
         """In-place :meth:`all_reduce`; returns ``x``."""
         if _is_compiling():
             return self.all_reduce(x, out=x, algorithm=algorithm)
-        if self._is_cuda and not self._debug:    # the GPU kernels' hot path (issue 16)
-            y = self._all_reduce_gpu(x, x, algorithm)
+        if self._hot:    # a call decided before: the hot path (issue 16)
+            y = self._all_reduce_hot(x, x, algorithm)
             if y is not None:
                 return y
         self._check_tensor("all_reduce", x)   # the eager path of all_reduce(x, out=x), inline
@@ -653,16 +665,21 @@ class Communicator:
         self._decisions[(name, nbytes, dtype, requested, graph)] = decision
         return decision
 
-    def _all_reduce_gpu(self, x, out, algorithm: str):
-        """An eager or captured GPU all_reduce on the kernels (or world 1's copy), with only
-        what a call must do: the checks that depend on the tensors (type, device, layout, ``out``), the cached
-        decision, the flight record and the stats. Returns None, having done nothing, where the
-        general path must take the call: anything unusual (a subclass, a fallback, a chunked
-        size, a closed or broken Communicator, a thread already inside) and the first call of
-        each (dtype, numel, algorithm, capture) (the general path decides it, with its checks
-        and messages). TPCOMM_DEBUG=1 keeps every call on the general path."""
+    def _all_reduce_hot(self, x, out, algorithm: str):
+        """An all_reduce whose shape was decided before, on either device: one engine round
+        (CPU shared memory, GPU kernels, eager or captured) or world 1's copy, with only what a
+        call must do: the checks that depend on the tensors (type, device, layout, ``out``),
+        the cached decision, the flight record and the stats. Everything else is answered at
+        set-up or by the cache entry (the capture query is a C call on CUDA and none on the CPU;
+        the decision, its stats row and the byte count are one dict lookup). Returns None,
+        having done nothing, where the general path must take the call: anything unusual (a
+        subclass, a fallback, a call of several rounds, a closed or broken Communicator, a
+        thread already inside) and the first call of each (dtype, numel, algorithm, capture)
+        (the general path decides it, with its checks and messages). TPCOMM_DEBUG=1 keeps
+        every call on the general path. Allocates nothing but the flight record (and ``out``
+        where none is given)."""
         b = self._backend
-        if self._broken or self._closed or type(x) is not torch.Tensor:
+        if self._broken or self._closed or type(x) is not _Tensor:
             return None   # broken or closed: the general path raises
         if b is None:
             if self.world_size != 1:
@@ -670,22 +687,22 @@ class Communicator:
         elif b.broken:
             return None
         dtype = x.dtype
-        key = (dtype, x.numel(), algorithm, _capturing())
-        entry = self._fast.get(key)
+        entry = self._fast.get((dtype, x.numel(), algorithm, self._capture()))
         if entry is None:
-            entry = self._fast_entry(key)
+            entry = self._fast_entry((dtype, x.numel(), algorithm, self._capture()))
         if not entry:
             return None
-        algo, nbytes, st, idx = entry
+        algo, nbytes, st = entry
+        idx = self._dev_index
         if x.get_device() != idx or not x.is_contiguous():
             return None
         if out is None:
             out = torch.empty_like(x)
-        elif out is not x and (type(out) is not torch.Tensor or out.dtype is not dtype
-                               or out.get_device() != idx or out.shape != x.shape
+        elif out is not x and (type(out) is not _Tensor or out.dtype is not dtype
+                               or out.get_device() != idx or not out.is_same_size(x)
                                or not out.is_contiguous()):
             return None
-        if not self._lock.acquire(blocking=False):
+        if not self._try_lock(False):
             return None
         try:
             rec = self._recorder.start("all_reduce", algo, nbytes, dtype)
@@ -698,13 +715,18 @@ class Communicator:
             except BaseException as e:
                 self._failed(rec, e)
                 raise
-            self._done(rec, st, nbytes)
+            # the books of a finished call (what _done does), inline: a frame less per call
+            rec[7] = end = perf_counter()
+            rec[5] = DONE
+            st[0] += 1
+            st[1] += nbytes
+            st[2] += end - rec[6]
         finally:
-            self._lock.release()
+            self._unlock()
         return out
 
     def _fast_entry(self, key: tuple):
-        """(algorithm, nbytes, stats, device index) of the hot path for ``key``, from the
+        """(algorithm, nbytes, stats) of the hot path for ``key``, from the
         decision the general path cached; False where the call is not one kernel round (stored
         too); None before the general path decided such a call."""
         dtype, numel, requested, graph = key
@@ -722,7 +744,7 @@ class Communicator:
             return None     # the general path has not completed such a call yet
         if len(self._fast) > 4096:
             self._fast.clear()
-        entry = (algo, nbytes, st, self.device.index) if ok else False
+        entry = (algo, nbytes, st) if ok else False
         self._fast[key] = entry
         return entry
 

@@ -1,4 +1,4 @@
-"""The Communicator's GPU all_reduce hot path (``_all_reduce_gpu``, issue 16) on the CPU.
+"""The Communicator's GPU all_reduce hot path (``_all_reduce_hot``, issue 16) on the CPU.
 
 The path runs only for a CUDA Communicator; here it is called directly, on CPU tensors, with a
 stand-in engine and the device index of a CPU tensor (-1): which calls it takes and which it
@@ -70,13 +70,13 @@ def _decide(comm, x, algo="one_shot/push", requested="one_shot"):
 
 def test_takes_a_decided_call_and_keeps_the_books(comm):
     x, out = torch.ones(64), torch.empty(64)
-    assert comm._all_reduce_gpu(x, out, "one_shot") is None      # not decided yet
+    assert comm._all_reduce_hot(x, out, "one_shot") is None      # not decided yet
     assert comm._backend.calls == []
     _decide(comm, x)
-    assert comm._all_reduce_gpu(x, out, "one_shot") is out
+    assert comm._all_reduce_hot(x, out, "one_shot") is out
     assert comm._backend.calls[-1] == (x.data_ptr(), out.data_ptr(), "one_shot/push")
-    assert comm._all_reduce_gpu(x, x, "one_shot") is x          # in place
-    y = comm._all_reduce_gpu(x, None, "one_shot")               # a new output
+    assert comm._all_reduce_hot(x, x, "one_shot") is x          # in place
+    y = comm._all_reduce_hot(x, None, "one_shot")               # a new output
     assert y.shape == x.shape and y.data_ptr() not in (x.data_ptr(), out.data_ptr())
     st = comm.stats()["ops"]["all_reduce"]["one_shot/push"]
     assert st["calls"] == 3 and st["bytes"] == 3 * 256      # (the stand-in decision: 0 before)
@@ -115,7 +115,7 @@ def test_leaves_the_unusual_to_the_general_path(comm, case):
     elif case == "busy":
         comm._lock.acquire()
     try:
-        assert comm._all_reduce_gpu(x, out, "one_shot") is None
+        assert comm._all_reduce_hot(x, out, "one_shot") is None
     finally:
         comm._closed = False
         if case == "busy":
@@ -131,17 +131,17 @@ def test_world_one_copy_on_the_hot_path(comm):
     comm._backend = None
     x, out = torch.arange(64, dtype=torch.float32), torch.full((64,), float("nan"))
     _decide(comm, x, algo="local")
-    assert comm._all_reduce_gpu(x, out, "one_shot") is out
+    assert comm._all_reduce_hot(x, out, "one_shot") is out
     assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
-    assert comm._all_reduce_gpu(x, x, "one_shot") is x
-    y = comm._all_reduce_gpu(x, None, "one_shot")
+    assert comm._all_reduce_hot(x, x, "one_shot") is x
+    y = comm._all_reduce_hot(x, None, "one_shot")
     assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
     st = comm.stats()["ops"]["all_reduce"]["local"]
     assert st["calls"] == 3 and st["bytes"] == 3 * 256
     # a world-2 group without an engine sends everything to torch.distributed: not here
     comm.world_size = 2
     try:
-        assert comm._all_reduce_gpu(x, out, "one_shot") is None
+        assert comm._all_reduce_hot(x, out, "one_shot") is None
     finally:
         comm.world_size = 1
 
@@ -153,10 +153,10 @@ def test_no_allocation_per_call(comm):
     try:
         # past the flight recorder's ring of 64 records: every record in it traced
         for _ in range(200):
-            comm._all_reduce_gpu(x, out, "one_shot")
+            comm._all_reduce_hot(x, out, "one_shot")
         before = tracemalloc.get_traced_memory()[0]
         for _ in range(2000):
-            comm._all_reduce_gpu(x, out, "one_shot")
+            comm._all_reduce_hot(x, out, "one_shot")
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
@@ -164,13 +164,33 @@ def test_no_allocation_per_call(comm):
     assert grown < 16384, f"the GPU hot path kept {grown} bytes over 2000 calls"
 
 
-def test_debug_mode_stays_on_the_general_path(comm):
-    x = torch.ones(64)
-    _decide(comm, x)
-    comm._is_cuda, comm._debug = True, True
+def test_debug_mode_stays_on_the_general_path(monkeypatch):
+    """TPCOMM_DEBUG=1 (read at construction) keeps every call, on either device, off the hot
+    path; without it a decided call takes it."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        for debug in ("0", "1"):
+            monkeypatch.setenv("TPCOMM_DEBUG", debug)
+            tpcomm.settings.reload_settings()
+            with tpcomm.Communicator() as c:
+                x = c.all_reduce(torch.ones(64))          # decided by the general path
+                assert c._hot is (debug == "0")
+                _debug_call_stays_general(c, x, taken=debug == "0")
+    finally:
+        monkeypatch.delenv("TPCOMM_DEBUG")
+        tpcomm.settings.reload_settings()
+        dist.destroy_process_group()
+
+
+def _debug_call_stays_general(comm, x, taken):
     calls = []
-    comm._all_reduce_gpu = lambda *a: calls.append(a)
+    comm._all_reduce_hot = lambda *a: calls.append(a) or x
     comm._check_tensor = lambda *a: (_ for _ in ()).throw(RuntimeError("general path"))
-    with pytest.raises(RuntimeError, match="general path"):
-        comm.all_reduce(x, algorithm="one_shot")
-    assert calls == []
+    if taken:
+        assert comm.all_reduce(x) is x and len(calls) == 1
+    else:
+        with pytest.raises(RuntimeError, match="general path"):
+            comm.all_reduce(x)
+        assert calls == []
