@@ -194,3 +194,20 @@ def _debug_call_stays_general(comm, x, taken):
         with pytest.raises(RuntimeError, match="general path"):
             comm.all_reduce(x)
         assert calls == []
+
+
+def test_a_plain_one_shot_is_decided_once_and_chunked_once(comm):
+    """The Communicator makes the whole choice (mechanism, rounds) and the engine gets one round
+    per call by the choice's name: a plain one_shot larger than a push round is pulled, in
+    rounds of the engine's limit, and the stats name the mechanism (issue 12 item 2)."""
+    eng = comm._backend
+    eng.capacity = 4096                          # rounds of 1024 float32
+    x = torch.ones(2500)
+    comm.all_reduce(x, out=torch.empty(2500), algorithm="one_shot")
+    assert [c[2] for c in eng.calls] == ["one_shot/pull"] * 3
+    comm.all_reduce(torch.ones(1000), algorithm="one_shot")           # fits one push round
+    comm.all_reduce(torch.ones(2500), algorithm="one_shot/push")      # forced: push rounds
+    assert [c[2] for c in eng.calls[3:]] == ["one_shot/push"] * 4
+    ops = comm.stats()["ops"]["all_reduce"]
+    assert ops["one_shot/pull"]["calls"] == 1 and ops["one_shot/push"]["calls"] == 2
+    assert "one_shot" not in ops
