@@ -21,11 +21,11 @@ from time import perf_counter
 import torch
 
 from . import flight_recorder, reference
-from .flight_recorder import DONE
 from .algorithms import FUSED_NORM, Choice, choice, split
 from .engine import run_rounds
 from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
                      PeerDiedError, PeerTimeoutError, TpcommError)
+from .flight_recorder import DONE
 from .groups.group import GroupInfo, GroupStore, setup_budget
 from .selection.select import (FALLBACK_DTYPES, FAST_DTYPES, UNSUPPORTED_DTYPES, Topology,
                                check_algorithm, engine_choice, fallback_reason,

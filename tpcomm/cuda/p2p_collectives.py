@@ -393,8 +393,10 @@ class P2PCollectives:
 
     def round_limit(self, op: str, name: str, dtype: torch.dtype) -> int:
         """Elements of one round of ``op`` as ``name`` (:meth:`tpcomm.engine.Engine.round_limit`):
-        the push slot (one_shot/push), the staging slot (one_shot/pull), the two-shot and ring
-        receive areas, the reduce-scatter / all-gather slot (columns)."""
+        the push slot (one_shot/push), the staging slot (one_shot/pull: a zero-copy input,
+        which needs no stage, runs in rounds of the same size, as the choice is made per call
+        shape, not per address), the two-shot and ring receive areas, the reduce-scatter /
+        all-gather slot (columns)."""
         item, L = dtype.itemsize, self.layout
         if op != "all_reduce":
             if op not in ("reduce_scatter", "all_gather") or name not in ("direct", "auto"):
