@@ -346,7 +346,7 @@ def run_bench(out_dir: str, limit_s: float) -> None:
     by = {(r["what"], r["nbytes"]): r for r in rows}
     for r in rows:
         if r["what"].startswith("tpcomm Communicator.all_reduce, world 1, one_shot"):
-            eng = by.get(("tpcomm GPU engine alone, world 1, one_shot", r["nbytes"]), {})
+            eng = by.get(("tpcomm GPU engine alone, world 1, one_shot/push", r["nbytes"]), {})
             over = r.get("host_us", 0) - eng.get("host_us", 0)
             print(f"TARGET {r['nbytes']} B: Communicator (kernel path) "
                   f"{r.get('host_us', float('nan')):.1f} us = "

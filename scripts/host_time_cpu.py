@@ -13,6 +13,13 @@ other job interrupted.
 
     python scripts/host_time_cpu.py                                  # this tree
     python scripts/host_time_cpu.py --trees BASE_TREE,. --rounds 3   # before/after, alternately
+    python scripts/host_time_cpu.py --trees BASE_TREE,. --overhead --world 1   # see below
+
+``--overhead``: the Communicator's cost above its engine. Every rank alternates blocks of
+``--block`` calls of ``Communicator.all_reduce(x, out=y)`` with blocks of the same call made on
+the engine directly (``comm._backend.all_reduce(x, y, name)``; world 1, which has no engine:
+``y.copy_(x)``, what the Communicator does there); a block's time / ``--block`` is one sample,
+and the figure is the median over the blocks of (Communicator - engine), max over ranks.
 """
 from __future__ import annotations
 
@@ -46,6 +53,11 @@ def _worker(args: argparse.Namespace) -> None:
     out = {"tpcomm": os.path.dirname(tpcomm.__file__)}
     with tpcomm.Communicator() as comm:
         out["engine"] = comm.backend_name
+        if args.overhead:
+            out.update(_overhead(comm, args))
+            dist.destroy_process_group()
+            print("RESULT " + json.dumps(out), flush=True)
+            return
         for size in args.sizes:
             x = torch.ones(size // 4, dtype=torch.float32)
             y = torch.empty_like(x)
@@ -66,13 +78,59 @@ def _worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
+def _overhead(comm, args: argparse.Namespace) -> dict:
+    """{size: median over blocks of Communicator - engine ns per call, size_comm, size_engine}:
+    blocks of the two calls alternate (see the module docstring)."""
+    import torch
+    import torch.distributed as dist
+    clock = time.perf_counter_ns
+    out = {}
+    for size in args.sizes:
+        x = torch.ones(size // 4, dtype=torch.float32)
+        y = torch.empty_like(x)
+        eng = comm._backend
+        if eng is None:
+            def engine_call():
+                y.copy_(x)
+        else:
+            comm.all_reduce(x, out=y)
+            choice = next(iter(comm._decisions.values()))[0]
+            name = getattr(choice, "name", choice)    # a Choice, or the name before it existed
+            def engine_call():
+                eng.all_reduce(x, y, name)
+        for _ in range(args.warmup):
+            comm.all_reduce(x, out=y)
+            engine_call()
+        dist.barrier()
+        k, diffs, cs, es = args.block, [], [], []
+        for _ in range(max(1, args.calls // k)):
+            t0 = clock()
+            for _ in range(k):
+                comm.all_reduce(x, out=y)
+            t1 = clock()
+            for _ in range(k):
+                engine_call()
+            t2 = clock()
+            cs.append((t1 - t0) / k)
+            es.append((t2 - t1) / k)
+            diffs.append(cs[-1] - es[-1])
+        assert float(y[0]) == comm.world_size, "wrong sum"
+        out[str(size)] = statistics.median(diffs)
+        out[f"{size}_p10"] = sorted(diffs)[len(diffs) // 10]
+        out[f"{size}_comm"] = statistics.median(cs)
+        out[f"{size}_engine"] = statistics.median(es)
+    return out
+
+
 def _run_tree(tree: str, args: argparse.Namespace) -> dict:
     """Start the ranks for one tree; {size: median us per call, max over ranks}."""
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1")
     port = _free_port()
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--world", str(args.world),
            "--port", str(port), "--calls", str(args.calls), "--warmup", str(args.warmup),
-           "--sizes", ",".join(map(str, args.sizes))]
+           "--sizes", ",".join(map(str, args.sizes)), "--block", str(args.block)]
+    if args.overhead:
+        cmd.append("--overhead")
     procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=env, cwd=os.path.abspath(tree),
                               stdout=subprocess.PIPE, text=True) for r in range(args.world)]
     results = []
@@ -88,7 +146,11 @@ def _run_tree(tree: str, args: argparse.Namespace) -> dict:
             if p.poll() is None:
                 p.kill()
     engine = {r["engine"] for r in results}
-    return {"engine": ",".join(sorted(engine)), "tpcomm": results[0]["tpcomm"],
+    extra = {}
+    if args.overhead:
+        extra = {f"{s}_{k}": max(r[f"{s}_{k}"] for r in results) / 1e3
+                 for s in args.sizes for k in ("comm", "engine")}
+    return {"engine": ",".join(sorted(engine)), "tpcomm": results[0]["tpcomm"], **extra,
             **{s: max(r[str(s)] for r in results) / 1e3 for s in args.sizes},
             **{f"{s}_p10": max(r[f"{s}_p10"] for r in results) / 1e3 for s in args.sizes}}
 
@@ -102,6 +164,9 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--sizes", default="4096,65536", help="bytes, comma-separated")
+    ap.add_argument("--overhead", action="store_true",
+                    help="time the Communicator against its engine (see above)")
+    ap.add_argument("--block", type=int, default=50, help="calls per block (--overhead)")
     ap.add_argument("--json", help="write the figures here too")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -118,9 +183,13 @@ def main() -> int:
             r = _run_tree(t, args)
             runs[t].append(r)
             print(f"round {rnd} {t} ({r['engine']}): " + "  ".join(
-                f"{s} B {r[s]:.2f} us (p10 {r[f'{s}_p10']:.2f})" for s in args.sizes), flush=True)
-    print(f"summary: median over {args.rounds} rounds of (median of {args.calls} calls, max "
-          f"over {args.world} ranks), us per all_reduce call, float32")
+                f"{s} B {r[s]:.2f} us (p10 {r[f'{s}_p10']:.2f})" + (
+                    f" [comm {r[f'{s}_comm']:.2f}, engine {r[f'{s}_engine']:.2f}]"
+                    if args.overhead else "") for s in args.sizes), flush=True)
+    what = ("median of blocks of (Communicator - engine) per call" if args.overhead
+            else f"median of {args.calls} calls")
+    print(f"summary: median over {args.rounds} rounds of ({what}, max over {args.world} "
+          f"ranks), us per all_reduce call, float32")
     summary = {}
     for t in trees:
         summary[t] = {s: {"median": statistics.median(r[s] for r in runs[t]),

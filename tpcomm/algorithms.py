@@ -10,8 +10,14 @@ Names (a leaf module: it imports nothing of tpcomm, and nothing heavy)::
                 slots, or read from the peers' buffers)
     qualified   "one_shot/push": an algorithm with the mechanism that ran it
 
-A call asks for ``"auto"``, an algorithm (``"one_shot"``: the engine picks the mechanism) or a
+A call asks for ``"auto"``, an algorithm (``"one_shot"``: selection picks the mechanism) or a
 qualified name (``"one_shot/push"``: the mechanism forced, where the device has both).
+
+One call, one :class:`Choice`: selection decides the algorithm, the mechanism and the round
+size once (``Communicator._decide``, cached per op, size, dtype, request and capture), and
+everything below acts on it: the Communicator runs the one chunk loop
+(:func:`tpcomm.engine.run_rounds`), the engine runs each round as ``choice.name`` without
+deciding again, and the stats, the flight recorder and the errors print ``choice.name``.
 
 Algorithms:
 
@@ -29,6 +35,7 @@ Algorithms:
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 
 class Op(str, enum.Enum):
@@ -80,6 +87,28 @@ MECHANISMS: dict[tuple[str, str, str], tuple[str, ...]] = {
 # stats / flight-recorder name of all_reduce_add_rms_norm's fused kernel (one_shot, pushed,
 # with the add + RMSNorm epilogue)
 FUSED_NORM = "one_shot/push+norm"
+
+
+class Choice(NamedTuple):
+    """The whole decision of one call (immutable; made once per call shape, then reused).
+
+    ``name`` is what runs and what every report prints: the qualified name (``"one_shot/push"``)
+    where the device has several mechanisms, else the algorithm (``"two_shot"``, ``"torch"``).
+    ``chunk``: elements of one engine round (all_reduce and all_gather: of the input;
+    reduce_scatter: of the output, i.e. per rank), the step of the one chunk loop; 0 where no
+    engine of tpcomm runs the call (``torch``, ``local``, ``two_level``). ``reason``: why
+    torch.distributed takes the call ("" otherwise)."""
+    name: str
+    algorithm: str
+    mechanism: str | None
+    chunk: int
+    reason: str
+
+
+def choice(algorithm: str, mechanism: str | None = None, chunk: int = 0,
+           reason: str = "") -> Choice:
+    """A :class:`Choice`, its ``name`` qualified from the algorithm and the mechanism."""
+    return Choice(qualified(algorithm, mechanism), str(algorithm), mechanism, chunk, reason)
 
 
 def qualified(algorithm: str, mechanism: str | None) -> str:

@@ -1,9 +1,11 @@
 """Communicator: tpcomm's collectives over one torch.distributed process group.
 
 It owns the registered buffers (one symmetric buffer per rank, set up once), validates every
-call, picks the algorithm (``tpcomm.selection.select``), chunks calls larger than its buffer, keeps
-statistics, and sends whatever tpcomm cannot do to torch.distributed, logging the first fallback
-of each reason once.
+call, makes the call's one :class:`~tpcomm.algorithms.Choice` (algorithm, mechanism, round size,
+reason: ``tpcomm.selection.select``, cached per call shape), runs the one chunk loop
+(``tpcomm.engine.run_rounds``) for calls larger than an engine round, keeps statistics under
+the choice's name, and sends whatever tpcomm cannot do to torch.distributed, logging the first
+fallback of each reason once.
 
 Shape letters in the docstrings: R = world size, m = rows per rank.
 """
@@ -14,16 +16,20 @@ import dataclasses
 import logging
 import threading
 import time
+from time import perf_counter
 
 import torch
 
 from . import flight_recorder, reference
-from .algorithms import FUSED_NORM
+from .algorithms import FUSED_NORM, Choice, choice, split
+from .engine import run_rounds
 from .errors import (CommunicatorBrokenError, CommunicatorClosedError, MismatchError,
                      PeerDiedError, PeerTimeoutError, TpcommError)
+from .flight_recorder import DONE
 from .groups.group import GroupInfo, GroupStore, setup_budget
 from .selection.select import (FALLBACK_DTYPES, FAST_DTYPES, UNSUPPORTED_DTYPES, Topology,
-                               check_algorithm, fallback_reason, select_algorithm)
+                               check_algorithm, engine_choice, fallback_reason,
+                               select_algorithm)
 from .settings import get_settings
 from .groups.topology import layout_of
 from .multinode.hierarchical import HierarchicalAllReduce as _TwoLevel
@@ -34,6 +40,7 @@ _capturing = (torch._C._cuda_isCurrentStreamCapturing if torch.version.cuda is n
               else lambda: torch.cuda.is_current_stream_capturing())
 
 log = logging.getLogger("tpcomm")
+_Tensor = torch.Tensor   # the hot path's type check: one global load
 _logged_reasons: set[str] = set()
 _OP_CODES = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3}
 _DTYPE_CODES = {d: i for i, d in enumerate(FAST_DTYPES + FALLBACK_DTYPES)}
@@ -130,6 +137,7 @@ class Communicator:
         self._debug = settings.debug
         self._fused_norm = settings.fused_norm
         self._lock = threading.Lock()
+        self._try_lock, self._unlock = self._lock.acquire, self._lock.release  # bound once
         self._closed = False
         self._backend = None
         self._broken: str | None = None   # the torch.distributed path failed (timeout, peer gone)
@@ -141,8 +149,17 @@ class Communicator:
         self._topology = Topology(device_type=self.device.type, nnodes=self._layout.nnodes)
         self._two_level = None                    # HierarchicalAllReduce when nnodes > 1
         self._recorder = flight_recorder.FlightRecorder()
-        self._decisions: dict = {}  # (op, nbytes, dtype, requested, graph) -> (algorithm, why)
-        self._fast: dict = {}       # GPU all_reduce: (dtype, numel, requested, graph) -> entry
+        # (op, nbytes, dtype, requested, graph) -> (Choice, stats entry, on the engine, one round)
+        self._decisions: dict = {}
+        # the all_reduce hot path (_all_reduce_hot): (dtype, numel, requested, graph) -> entry;
+        # off under TPCOMM_DEBUG (every call takes the general path and its checks)
+        self._fast: dict = {}
+        self._hot = not settings.debug
+        # the capture query of the hot path: a CPU Communicator never captures (bool() is
+        # False, a C call); a CUDA one asks torch's C function
+        self._capture = _capturing if self._is_cuda else bool
+        # what x.get_device() says of a tensor on this Communicator's device (CPU: -1)
+        self._dev_index = self.device.index if self._is_cuda else -1
         self._setup(settings)
         flight_recorder.register(self)
         from .ops import library   # torch.ops.tpcomm.*, and this Communicator's handle there
@@ -239,8 +256,8 @@ class Communicator:
             if self.world_size == 1:
                 return _traced_local(x, out)
             return _traced_out(torch.ops.tpcomm.all_reduce(x, self.handle, algorithm), out)
-        if self._is_cuda and not self._debug:    # the GPU kernels' hot path (issue 16)
-            y = self._all_reduce_gpu(x, out, algorithm)
+        if self._hot:    # a call decided before: the hot path (issue 16)
+            y = self._all_reduce_hot(x, out, algorithm)
             if y is not None:
                 return y
         self._check_tensor("all_reduce", x)
@@ -251,8 +268,8 @@ class Communicator:
         """In-place :meth:`all_reduce`; returns ``x``."""
         if _is_compiling():
             return self.all_reduce(x, out=x, algorithm=algorithm)
-        if self._is_cuda and not self._debug:    # the GPU kernels' hot path (issue 16)
-            y = self._all_reduce_gpu(x, x, algorithm)
+        if self._hot:    # a call decided before: the hot path (issue 16)
+            y = self._all_reduce_hot(x, x, algorithm)
             if y is not None:
                 return y
         self._check_tensor("all_reduce", x)   # the eager path of all_reduce(x, out=x), inline
@@ -553,10 +570,12 @@ class Communicator:
             self._lock.release()
 
     def _decide(self, op: str, nbytes: int, dtype: torch.dtype, requested: str, name: str,
-                graph: bool) -> tuple[str, str]:
-        """The algorithm that runs this call and, for torch.distributed, why (cached)."""
+                graph: bool) -> Choice:
+        """The one Choice of this call (cached by :meth:`_decision`): the algorithm (asked for,
+        or ``select_algorithm``), on the engine its mechanism and round size
+        (``engine_choice``), for torch.distributed why."""
         check_algorithm(op, requested, self.device.type)
-        algorithm = requested
+        algorithm, mechanism = split(requested)
         if algorithm == "auto":
             algorithm = select_algorithm(op, nbytes, dtype, self.world_size, self._topology,
                                          graph)
@@ -567,19 +586,24 @@ class Communicator:
             raise ValueError(f"{name}: algorithm='two_level' needs a group that spans nodes; "
                              f"this one is on {self._topology.nnodes} node")
         if algorithm == "two_level" and self._two_level is not None:
-            return algorithm, ""
+            return choice(algorithm)
         if self._backend is None and algorithm not in ("local", "torch"):
             algorithm = "torch"
+        if algorithm == "local":
+            return choice(algorithm)
         if algorithm != "torch":
-            return algorithm, ""
+            numel = nbytes // dtype.itemsize
+            if op == "reduce_scatter":
+                numel //= self.world_size
+            return engine_choice(op, algorithm, mechanism, numel, dtype, self._backend)
         if self._backend is None and self._two_level is None:
             reason = self.disabled_reason or "no fast path"
         elif requested == "torch":
-            return algorithm, "algorithm='torch' was asked for"  # asked for: not logged
+            return choice(algorithm, reason="algorithm='torch' was asked for")  # not logged
         else:
             reason = fallback_reason(op, dtype, self.world_size, self._topology, graph)
         _log_fallback_once(reason)
-        return algorithm, reason
+        return choice(algorithm, reason=reason)
 
     def _run_locked(self, op, x, out, requested, name, epilogue=None):
         if self._broken:
@@ -597,11 +621,12 @@ class Communicator:
         decision = self._decisions.get((name, nbytes, dtype, requested, graph))
         if decision is None:
             decision = self._decision(op, nbytes, dtype, requested, name, graph)
-        algorithm, reason, st, on_backend = decision
+        chosen, st, on_backend, one_round = decision
+        algorithm = chosen.name
         result = out
         if epilogue is not None:
             result = None
-            if self._should_fuse_norm(algorithm, x, epilogue):
+            if self._should_fuse_norm(chosen, x, epilogue):
                 algorithm, st = FUSED_NORM, self._stats[(name, FUSED_NORM)]
         rec = self._recorder.start(name, algorithm, nbytes, dtype)
         try:
@@ -610,12 +635,12 @@ class Communicator:
                 result = torch.empty_like(x)
                 self._backend.all_reduce_add_rms_norm(x, residual, weight, eps, result)
             elif on_backend:
-                if op == "all_reduce" and nbytes <= backend.capacity:   # one round, inline
+                if one_round and op == "all_reduce":   # one round, inline
                     backend.all_reduce(x, out, algorithm)
                 else:
-                    self._run_backend(op, x, out, algorithm)
+                    run_rounds(backend, op, x, out, algorithm, chosen.chunk, self.world_size)
             else:
-                self._dispatch(op, x, out, algorithm, reason)
+                self._dispatch(op, x, out, chosen)
         except BaseException as e:
             self._failed(rec, e)
             raise
@@ -626,27 +651,35 @@ class Communicator:
         return result
 
     def _decision(self, op, nbytes, dtype, requested, name, graph) -> tuple:
-        """(algorithm, reason, stats entry, runs on the flat backend) of a call, cached per
+        """(Choice, stats entry, runs on the flat engine, in one round) of a call, cached per
         (name, nbytes, dtype, requested, graph): a repeated call looks up one tuple and
         recomputes nothing (``_decide`` raises for a bad request, which is never cached)."""
-        algorithm, reason = self._decide(op, nbytes, dtype, requested, name, graph)
-        decision = (algorithm, reason, self._stats[(name, algorithm)],
-                    algorithm not in ("torch", "two_level", "local"))
+        c = self._decide(op, nbytes, dtype, requested, name, graph)
+        on_engine = c.algorithm not in ("torch", "two_level", "local")
+        numel = nbytes // dtype.itemsize
+        if op == "reduce_scatter":
+            numel //= self.world_size
+        decision = (c, self._stats[(name, c.name)], on_engine, on_engine and numel <= c.chunk)
         if len(self._decisions) > 4096:
             self._decisions.clear()
         self._decisions[(name, nbytes, dtype, requested, graph)] = decision
         return decision
 
-    def _all_reduce_gpu(self, x, out, algorithm: str):
-        """An eager or captured GPU all_reduce on the kernels (or world 1's copy), with only
-        what a call must do: the checks that depend on the tensors (type, device, layout, ``out``), the cached
-        decision, the flight record and the stats. Returns None, having done nothing, where the
-        general path must take the call: anything unusual (a subclass, a fallback, a chunked
-        size, a closed or broken Communicator, a thread already inside) and the first call of
-        each (dtype, numel, algorithm, capture) (the general path decides it, with its checks
-        and messages). TPCOMM_DEBUG=1 keeps every call on the general path."""
+    def _all_reduce_hot(self, x, out, algorithm: str):
+        """An all_reduce whose shape was decided before, on either device: one engine round
+        (CPU shared memory, GPU kernels, eager or captured) or world 1's copy, with only what a
+        call must do: the checks that depend on the tensors (type, device, layout, ``out``),
+        the cached decision, the flight record and the stats. Everything else is answered at
+        set-up or by the cache entry (the capture query is a C call on CUDA and none on the CPU;
+        the decision, its stats row and the byte count are one dict lookup). Returns None,
+        having done nothing, where the general path must take the call: anything unusual (a
+        subclass, a fallback, a call of several rounds, a closed or broken Communicator, a
+        thread already inside) and the first call of each (dtype, numel, algorithm, capture)
+        (the general path decides it, with its checks and messages). TPCOMM_DEBUG=1 keeps
+        every call on the general path. Allocates nothing but the flight record (and ``out``
+        where none is given)."""
         b = self._backend
-        if self._broken or self._closed or type(x) is not torch.Tensor:
+        if self._broken or self._closed or type(x) is not _Tensor:
             return None   # broken or closed: the general path raises
         if b is None:
             if self.world_size != 1:
@@ -654,22 +687,22 @@ class Communicator:
         elif b.broken:
             return None
         dtype = x.dtype
-        key = (dtype, x.numel(), algorithm, _capturing())
-        entry = self._fast.get(key)
+        entry = self._fast.get((dtype, x.numel(), algorithm, self._capture()))
         if entry is None:
-            entry = self._fast_entry(key)
+            entry = self._fast_entry((dtype, x.numel(), algorithm, self._capture()))
         if not entry:
             return None
-        algo, nbytes, st, idx = entry
+        algo, nbytes, st = entry
+        idx = self._dev_index
         if x.get_device() != idx or not x.is_contiguous():
             return None
         if out is None:
             out = torch.empty_like(x)
-        elif out is not x and (type(out) is not torch.Tensor or out.dtype is not dtype
-                               or out.get_device() != idx or out.shape != x.shape
+        elif out is not x and (type(out) is not _Tensor or out.dtype is not dtype
+                               or out.get_device() != idx or not out.is_same_size(x)
                                or not out.is_contiguous()):
             return None
-        if not self._lock.acquire(blocking=False):
+        if not self._try_lock(False):
             return None
         try:
             rec = self._recorder.start("all_reduce", algo, nbytes, dtype)
@@ -682,13 +715,18 @@ class Communicator:
             except BaseException as e:
                 self._failed(rec, e)
                 raise
-            self._done(rec, st, nbytes)
+            # the books of a finished call (what _done does), inline: a frame less per call
+            rec[7] = end = perf_counter()
+            rec[5] = DONE
+            st[0] += 1
+            st[1] += nbytes
+            st[2] += end - rec[6]
         finally:
-            self._lock.release()
+            self._unlock()
         return out
 
     def _fast_entry(self, key: tuple):
-        """(algorithm, nbytes, stats, device index) of the hot path for ``key``, from the
+        """(algorithm, nbytes, stats) of the hot path for ``key``, from the
         decision the general path cached; False where the call is not one kernel round (stored
         too); None before the general path decided such a call."""
         dtype, numel, requested, graph = key
@@ -696,18 +734,17 @@ class Communicator:
         decision = self._decisions.get(("all_reduce", nbytes, dtype, requested, graph))
         if decision is None:
             return None
-        algo = decision[0]
+        algo = decision[0].name
         if algo == "local":   # world 1 (no engine): one copy, or nothing in place
             ok = dtype in FAST_DTYPES and nbytes > 0
-        else:
-            ok = (algo not in ("torch", "two_level") and dtype in FAST_DTYPES
-                  and self._backend is not None and 0 < nbytes <= self._backend.capacity)
+        else:   # one round on the engine
+            ok = decision[3] and dtype in FAST_DTYPES and self._backend is not None and nbytes > 0
         st = self._stats.get(("all_reduce", algo))
         if ok and st is None:
             return None     # the general path has not completed such a call yet
         if len(self._fast) > 4096:
             self._fast.clear()
-        entry = (algo, nbytes, st, self.device.index) if ok else False
+        entry = (algo, nbytes, st) if ok else False
         self._fast[key] = entry
         return entry
 
@@ -739,10 +776,10 @@ class Communicator:
             raise
         self._done(rec, self._stats[(name, algorithm)], nbytes)
 
-    def _should_fuse_norm(self, algorithm: str, x: torch.Tensor, epilogue: tuple) -> bool:
+    def _should_fuse_norm(self, chosen: Choice, x: torch.Tensor, epilogue: tuple) -> bool:
         """The fused all-reduce + add + RMSNorm kernel takes the call: the all-reduce would
         run on the GPU kernels, x is float16/bfloat16/float32 and a row fits one block."""
-        if (not self._fused_norm or algorithm in ("torch", "two_level", "local")
+        if (not self._fused_norm or chosen.algorithm in ("torch", "two_level", "local")
                 or not self._supports("all_reduce_add_rms_norm")
                 or x.dim() == 0):
             return False
@@ -750,53 +787,17 @@ class Communicator:
             return False
         return x.shape[-1] <= self._backend.fused_norm_max_hidden()
 
-    def _dispatch(self, op, x, out, algorithm, reason) -> None:
+    def _dispatch(self, op, x, out, chosen: Choice) -> None:
+        """A call that no flat engine runs: torch.distributed, the two-level all-reduce, or
+        world 1's copy."""
+        algorithm = chosen.algorithm
         if algorithm == "torch":
-            self._fallbacks[reason] += 1
+            self._fallbacks[chosen.reason] += 1
             self._torch_call(op, x, out)
         elif algorithm == "two_level":
             self._two_level.all_reduce(x, out=out)
-        elif algorithm == "local":
-            if out.data_ptr() != x.data_ptr():
-                out.copy_(x.view(out.shape))
-        else:
-            self._run_backend(op, x, out, algorithm)
-
-    def _run_backend(self, op: str, x: torch.Tensor, out: torch.Tensor, algorithm: str) -> None:
-        """Run on the backend in chunks of at most its capacity. Every chunk carries the whole
-        call's numel and its own offset (``total``, ``offset``): the engines compare them
-        across ranks, so a size mismatch raises in the first chunk on every rank."""
-        b, R = self._backend, self.world_size
-        total = x.numel()
-        if x.nbytes <= b.capacity:  # the common case: one round, no slicing
-            if op == "all_reduce":
-                b.all_reduce(x, out, algorithm, total=total)
-            elif op == "reduce_scatter":
-                b.reduce_scatter(x.view(R, out.numel()), out.view(-1), algorithm, total=total)
-            else:
-                b.all_gather(x.view(-1), out.view(R, x.numel()), algorithm, total=total)
-            return
-        item = x.element_size()
-        if op == "all_reduce":
-            xf, of = x.view(-1), out.view(-1)
-            step = (b.capacity // item) & ~15
-            for lo in range(0, xf.numel(), step):
-                b.all_reduce(xf[lo:lo + step], of[lo:lo + step], algorithm, total=total,
-                             offset=lo)
-        elif op == "reduce_scatter":
-            c = out.numel()
-            x2, o1 = x.view(R, c), out.view(-1)
-            step = (b.capacity // (item * R)) & ~15
-            for lo in range(0, c, step):
-                b.reduce_scatter(x2[:, lo:lo + step], o1[lo:lo + step], algorithm, total=total,
-                                 offset=lo)
-        else:
-            c = x.numel()
-            x1, o2 = x.view(-1), out.view(R, c)
-            step = (b.capacity // item) & ~15
-            for lo in range(0, c, step):
-                b.all_gather(x1[lo:lo + step], o2[:, lo:lo + step], algorithm, total=total,
-                             offset=lo)
+        elif out.data_ptr() != x.data_ptr():   # local
+            out.copy_(x.view(out.shape))
 
     def _torch_call(self, op: str, x: torch.Tensor, out: torch.Tensor,
                     name: str | None = None) -> None:

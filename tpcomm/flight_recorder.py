@@ -63,13 +63,13 @@ class FlightRecorder:
     def render(self, title: str) -> str:
         lines = [f"tpcomm flight recorder: {title}; last {min(self._n, self.capacity)} of "
                  f"{self._n} calls (oldest first)",
-                 f"{'call':>7} {'op':<24} {'algorithm':<9} {'bytes':>11} {'dtype':<8} "
+                 f"{'call':>7} {'op':<24} {'algorithm':<13} {'bytes':>11} {'dtype':<8} "
                  f"{'state':<7} {'start':>15} {'ms':>9}  error"]
         for r in self.records():
             start = time.strftime("%H:%M:%S", time.localtime(r["start"])) + \
                 f".{int(r['start'] % 1 * 1e6):06d}"
             ms = f"{(r['end'] - r['start']) * 1e3:9.3f}" if r["end"] else f"{'...':>9}"
-            lines.append(f"{r['call']:>7} {r['op']:<24} {r['algorithm']:<9} {r['bytes']:>11} "
+            lines.append(f"{r['call']:>7} {r['op']:<24} {r['algorithm']:<13} {r['bytes']:>11} "
                          f"{r['dtype']:<8} {r['state']:<7} {start:>15} {ms}  {r['error']}")
         return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""The Communicator's GPU all_reduce hot path (``_all_reduce_gpu``, issue 16) on the CPU.
+"""The Communicator's GPU all_reduce hot path (``_all_reduce_hot``, issue 16) on the CPU.
 
 The path runs only for a CUDA Communicator; here it is called directly, on CPU tensors, with a
 stand-in engine and the device index of a CPU tensor (-1): which calls it takes and which it
@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 
 import tpcomm
+from tpcomm.algorithms import choice
 from tpcomm.groups.launch import free_port
 
 
 class Engine:
-    name, broken, capacity, p2p_check = "p2p", None, 1 << 20, None
+    name, device_type, broken, capacity, p2p_check = "p2p", "cuda", None, 1 << 20, None
 
     def __init__(self):
         self.calls = []
@@ -26,6 +27,9 @@ class Engine:
     @staticmethod
     def supports(op):
         return op == "all_reduce"
+
+    def round_limit(self, op, name, dtype):
+        return self.capacity // dtype.itemsize
 
     def all_reduce(self, x, out, algorithm, *, total=-1, offset=0):
         self.calls.append((x.data_ptr(), out.data_ptr(), algorithm))
@@ -54,24 +58,27 @@ def comm(monkeypatch):
         dist.destroy_process_group()
 
 
-def _decide(comm, x, algo="one_shot", requested="one_shot"):
-    """What the general path leaves behind after one such call: its decision, its stats row."""
+def _decide(comm, x, algo="one_shot/push", requested="one_shot"):
+    """What the general path leaves behind after one such call: its decision (Choice, stats
+    row, on the engine, in one round), its stats row."""
+    on_engine = algo not in ("torch", "local", "two_level")
+    chunk = comm._backend.round_limit("all_reduce", algo, x.dtype) if on_engine else 0
+    c = choice(*algo.split("/"), chunk=chunk) if "/" in algo else choice(algo, chunk=chunk)
     comm._decisions[("all_reduce", x.numel() * x.element_size(), x.dtype, requested, False)] = \
-        (algo, "")
-    comm._stats[("all_reduce", algo)]
+        (c, comm._stats[("all_reduce", c.name)], on_engine, on_engine and x.numel() <= chunk)
 
 
 def test_takes_a_decided_call_and_keeps_the_books(comm):
     x, out = torch.ones(64), torch.empty(64)
-    assert comm._all_reduce_gpu(x, out, "one_shot") is None      # not decided yet
+    assert comm._all_reduce_hot(x, out, "one_shot") is None      # not decided yet
     assert comm._backend.calls == []
     _decide(comm, x)
-    assert comm._all_reduce_gpu(x, out, "one_shot") is out
-    assert comm._backend.calls[-1] == (x.data_ptr(), out.data_ptr(), "one_shot")
-    assert comm._all_reduce_gpu(x, x, "one_shot") is x          # in place
-    y = comm._all_reduce_gpu(x, None, "one_shot")               # a new output
+    assert comm._all_reduce_hot(x, out, "one_shot") is out
+    assert comm._backend.calls[-1] == (x.data_ptr(), out.data_ptr(), "one_shot/push")
+    assert comm._all_reduce_hot(x, x, "one_shot") is x          # in place
+    y = comm._all_reduce_hot(x, None, "one_shot")               # a new output
     assert y.shape == x.shape and y.data_ptr() not in (x.data_ptr(), out.data_ptr())
-    st = comm.stats()["ops"]["all_reduce"]["one_shot"]
+    st = comm.stats()["ops"]["all_reduce"]["one_shot/push"]
     assert st["calls"] == 3 and st["bytes"] == 3 * 256      # (the stand-in decision: 0 before)
     recs = comm._recorder.records()
     assert [r["state"] for r in recs[-3:]] == ["done"] * 3 and recs[-1]["bytes"] == 256
@@ -98,8 +105,9 @@ def test_leaves_the_unusual_to_the_general_path(comm, case):
     elif case == "local wrong dtype":   # world 1 copies only what the kernels would take
         x, out = torch.ones(64, dtype=torch.float64), torch.empty(64, dtype=torch.float64)
         _decide(comm, x, algo="local")
-    elif case == "chunked":
+    elif case == "chunked":   # more than one engine round: the general path's loop
         comm._backend.capacity = 128
+        _decide(comm, x)
     elif case == "broken":
         comm._backend.broken = "a peer timed out"
     elif case == "closed":
@@ -107,7 +115,7 @@ def test_leaves_the_unusual_to_the_general_path(comm, case):
     elif case == "busy":
         comm._lock.acquire()
     try:
-        assert comm._all_reduce_gpu(x, out, "one_shot") is None
+        assert comm._all_reduce_hot(x, out, "one_shot") is None
     finally:
         comm._closed = False
         if case == "busy":
@@ -123,17 +131,17 @@ def test_world_one_copy_on_the_hot_path(comm):
     comm._backend = None
     x, out = torch.arange(64, dtype=torch.float32), torch.full((64,), float("nan"))
     _decide(comm, x, algo="local")
-    assert comm._all_reduce_gpu(x, out, "one_shot") is out
+    assert comm._all_reduce_hot(x, out, "one_shot") is out
     assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
-    assert comm._all_reduce_gpu(x, x, "one_shot") is x
-    y = comm._all_reduce_gpu(x, None, "one_shot")
+    assert comm._all_reduce_hot(x, x, "one_shot") is x
+    y = comm._all_reduce_hot(x, None, "one_shot")
     assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
     st = comm.stats()["ops"]["all_reduce"]["local"]
     assert st["calls"] == 3 and st["bytes"] == 3 * 256
     # a world-2 group without an engine sends everything to torch.distributed: not here
     comm.world_size = 2
     try:
-        assert comm._all_reduce_gpu(x, out, "one_shot") is None
+        assert comm._all_reduce_hot(x, out, "one_shot") is None
     finally:
         comm.world_size = 1
 
@@ -145,10 +153,10 @@ def test_no_allocation_per_call(comm):
     try:
         # past the flight recorder's ring of 64 records: every record in it traced
         for _ in range(200):
-            comm._all_reduce_gpu(x, out, "one_shot")
+            comm._all_reduce_hot(x, out, "one_shot")
         before = tracemalloc.get_traced_memory()[0]
         for _ in range(2000):
-            comm._all_reduce_gpu(x, out, "one_shot")
+            comm._all_reduce_hot(x, out, "one_shot")
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
@@ -156,13 +164,50 @@ def test_no_allocation_per_call(comm):
     assert grown < 16384, f"the GPU hot path kept {grown} bytes over 2000 calls"
 
 
-def test_debug_mode_stays_on_the_general_path(comm):
-    x = torch.ones(64)
-    _decide(comm, x)
-    comm._is_cuda, comm._debug = True, True
+def test_debug_mode_stays_on_the_general_path(monkeypatch):
+    """TPCOMM_DEBUG=1 (read at construction) keeps every call, on either device, off the hot
+    path; without it a decided call takes it."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        for debug in ("0", "1"):
+            monkeypatch.setenv("TPCOMM_DEBUG", debug)
+            tpcomm.settings.reload_settings()
+            with tpcomm.Communicator() as c:
+                x = c.all_reduce(torch.ones(64))          # decided by the general path
+                assert c._hot is (debug == "0")
+                _debug_call_stays_general(c, x, taken=debug == "0")
+    finally:
+        monkeypatch.delenv("TPCOMM_DEBUG")
+        tpcomm.settings.reload_settings()
+        dist.destroy_process_group()
+
+
+def _debug_call_stays_general(comm, x, taken):
     calls = []
-    comm._all_reduce_gpu = lambda *a: calls.append(a)
+    comm._all_reduce_hot = lambda *a: calls.append(a) or x
     comm._check_tensor = lambda *a: (_ for _ in ()).throw(RuntimeError("general path"))
-    with pytest.raises(RuntimeError, match="general path"):
-        comm.all_reduce(x, algorithm="one_shot")
-    assert calls == []
+    if taken:
+        assert comm.all_reduce(x) is x and len(calls) == 1
+    else:
+        with pytest.raises(RuntimeError, match="general path"):
+            comm.all_reduce(x)
+        assert calls == []
+
+
+def test_a_plain_one_shot_is_decided_once_and_chunked_once(comm):
+    """The Communicator makes the whole choice (mechanism, rounds) and the engine gets one round
+    per call by the choice's name: a plain one_shot larger than a push round is pulled, in
+    rounds of the engine's limit, and the stats name the mechanism (issue 12 item 2)."""
+    eng = comm._backend
+    eng.capacity = 4096                          # rounds of 1024 float32
+    x = torch.ones(2500)
+    comm.all_reduce(x, out=torch.empty(2500), algorithm="one_shot")
+    assert [c[2] for c in eng.calls] == ["one_shot/pull"] * 3
+    comm.all_reduce(torch.ones(1000), algorithm="one_shot")           # fits one push round
+    comm.all_reduce(torch.ones(2500), algorithm="one_shot/push")      # forced: push rounds
+    assert [c[2] for c in eng.calls[3:]] == ["one_shot/push"] * 4
+    ops = comm.stats()["ops"]["all_reduce"]
+    assert ops["one_shot/pull"]["calls"] == 1 and ops["one_shot/push"]["calls"] == 2
+    assert "one_shot" not in ops

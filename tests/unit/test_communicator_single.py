@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 import tpcomm
+from tpcomm.algorithms import choice
 from tpcomm.groups.launch import free_port
 
 
@@ -145,17 +146,17 @@ def test_fused_norm_routing_is_opt_in_and_limited_to_gpu_kernel_algorithms(comm)
     try:
         comm._backend = _FusedNormBackend()
         comm._fused_norm = False                  # TPCOMM_FUSED_NORM unset: never fused
-        assert not comm._should_fuse_norm("one_shot", x, epi)
+        assert not comm._should_fuse_norm(choice("one_shot"), x, epi)
         comm._fused_norm = True
-        assert comm._should_fuse_norm("one_shot", x, epi)
-        assert comm._should_fuse_norm("two_shot", x, epi)
+        assert comm._should_fuse_norm(choice("one_shot"), x, epi)
+        assert comm._should_fuse_norm(choice("two_shot"), x, epi)
         for algo in ("torch", "two_level", "local"):   # NCCL / gloo, across nodes, world 1
-            assert not comm._should_fuse_norm(algo, x, epi)
-        assert not comm._should_fuse_norm("one_shot", torch.ones(2, 16385),
+            assert not comm._should_fuse_norm(choice(algo), x, epi)
+        assert not comm._should_fuse_norm(choice("one_shot"), torch.ones(2, 16385),
                                           (torch.zeros(2, 16385), torch.ones(16385), 1e-6))
-        assert not comm._should_fuse_norm("one_shot", x, (epi[0], torch.ones(16)[::2], 1e-6))
+        assert not comm._should_fuse_norm(choice("one_shot"), x, (epi[0], torch.ones(16)[::2], 1e-6))
         comm._backend = _CoreOnlyEngine()         # an engine without the fused kernel (CPU)
-        assert not comm._should_fuse_norm("one_shot", x, epi)
+        assert not comm._should_fuse_norm(choice("one_shot"), x, epi)
     finally:
         comm._backend, comm._fused_norm = saved
 
@@ -239,3 +240,42 @@ def test_engines_state_what_they_support():
     assert not gpu.supports("no_such_op")
     for op in EXTRA_OPS:                              # every extra op is a method of the engine
         assert callable(getattr(P2PCollectives, op))
+
+
+def test_cpu_hot_path_takes_a_decided_call_and_leaves_bad_ones_to_the_checks(comm):
+    """A CPU Communicator's repeated all_reduce takes the hot path (issue 16: answered from the
+    decision cache, no capture query) with the same books; an ``out`` that does not fit still
+    gets the general path's error, not a silent hot-path call."""
+    x, y = torch.arange(12, dtype=torch.float32).view(3, 4), torch.empty(3, 4)
+    assert comm._hot
+    before = comm.stats()["ops"].get("all_reduce", {}).get("local", {}).get("calls", 0)
+    comm.all_reduce(x, out=y)                                 # decided by the general path
+    assert comm._all_reduce_hot(x, y, "auto") is y            # then on the hot path
+    assert torch.equal(comm.all_reduce(x, out=y), x) and torch.equal(y, x)
+    assert comm.stats()["ops"]["all_reduce"]["local"]["calls"] == before + 3
+    assert comm._recorder.records()[-1]["algorithm"] == "local"
+    for bad, match in ((torch.empty(4, 3), "out must be"), (torch.empty(12), "out must be"),
+                       (torch.empty(3, 4, dtype=torch.float16), "out must be"),
+                       (torch.empty(3, 8)[:, ::2], "contiguous")):
+        assert comm._all_reduce_hot(x, bad, "auto") is None
+        with pytest.raises(ValueError, match=match):
+            comm.all_reduce(x, out=bad)
+
+
+def test_cpu_hot_path_allocates_nothing_per_call(comm):
+    import tracemalloc
+    x, y = torch.ones(256), torch.empty(256)
+    comm.all_reduce(x, out=y)
+    tracemalloc.start()
+    try:
+        for _ in range(200):     # past the flight recorder's ring: every record in it traced
+            comm.all_reduce(x, out=y)
+            comm.all_reduce_(x)
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):
+            comm.all_reduce(x, out=y)
+            comm.all_reduce_(x)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 16384, f"the CPU hot path kept {grown} bytes over 4000 calls"

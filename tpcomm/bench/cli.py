@@ -56,7 +56,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(runner.DTYPES),
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--algorithm", default="auto",
-                   help="force tpcomm's algorithm (one_shot, two_shot, ...); default auto")
+                   help="force tpcomm's algorithm (one_shot, one_shot/push, two_shot, ...: "
+                        "tpcomm.algorithms.choices); default auto")
     sizes = p.add_argument_group("sizes (nccl-tests style)")
     sizes.add_argument("-b", "--minbytes", default="8", help="smallest size (default 8)")
     sizes.add_argument("-e", "--maxbytes",

@@ -21,8 +21,9 @@ Rows on a GPU (world 1, one process; a group of one over NCCL):
 - torch ``symm_mem.one_shot_all_reduce`` and NCCL ``all_reduce`` at world 1;
 - tpcomm ``Communicator.all_reduce`` at world 1: the default (``local``: a copy), and the kernel
   path: a world-1 Communicator whose engine is the GPU engine over one emulated rank
-  (``cuda/emulated.py``), ``algorithm="one_shot"`` (the push kernel up to 256 KiB), next to
-  that engine called directly: the difference is the Communicator's own cost;
+  (``cuda/emulated.py``), ``algorithm="one_shot"`` (the push kernel at these sizes: the
+  Communicator's choice is ``one_shot/push``), next to that engine called directly with that
+  choice: the difference is the Communicator's own cost;
 - tpcomm's GPU engine over 2 emulated ranks on one GPU (each rank its own stream), per rank
   call: one_shot/push, one_shot/pull, two_shot, ring; and the loop's stream switch alone.
 
@@ -171,8 +172,8 @@ def gpu_rows(sizes: list[int], iters: int, reps: int) -> list[dict]:
             _row(rows, "tpcomm Communicator.all_reduce, world 1, one_shot kernel", nbytes,
                  lambda: comm.all_reduce(xs, out=out, algorithm="one_shot"), iters, reps, sync)
             comm._backend = None
-            _row(rows, "tpcomm GPU engine alone, world 1, one_shot", nbytes,
-                 lambda: eng.all_reduce(xs, out, "one_shot"), iters, reps, sync)
+            _row(rows, "tpcomm GPU engine alone, world 1, one_shot/push", nbytes,
+                 lambda: eng.all_reduce(xs, out, "one_shot/push"), iters, reps, sync)
     finally:
         comm._backend = None
         comm.close()

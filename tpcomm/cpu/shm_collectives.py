@@ -15,7 +15,9 @@ Signal pad of each rank (int64 words; written only by its owner, read by peers):
                call, offset of the round in the call, of the last even-seq round
     word  72   meta[1]: the same for the last odd-seq round
 
-A call larger than one round runs as several rounds (ops), each with its own seq. Every round
+One engine call is one round (one op, one seq) of at most :meth:`ShmCollectives.round_limit`
+elements, which one slot holds: a larger Communicator call is split into rounds by the
+Communicator's one chunk loop (``tpcomm.engine.run_rounds``). Every round
 carries the whole call's total numel and its own offset, so ranks that called with different
 sizes see different meta in the FIRST round, whatever the round size, and all raise
 :class:`MismatchError` there, before anyone reads a peer's data: no rank returns a result and
@@ -126,6 +128,7 @@ class ShmCollectives:
     :class:`ShmSymmetricBuffer`; the three collectives only."""
 
     name = "shm"
+    device_type = "cpu"
     p2p_check = None
 
     @staticmethod
@@ -159,6 +162,15 @@ class ShmCollectives:
             self._core = core
             # the hot call goes straight to the core: no extra Python frame per call
             self.all_reduce = self._native_all_reduce
+
+    def round_limit(self, op: str, name: str, dtype: torch.dtype) -> int:
+        """Elements of one round (:meth:`tpcomm.engine.Engine.round_limit`): what one slot
+        holds of the published input (reduce_scatter: world rows, so per rank a world-th),
+        a multiple of 16."""
+        if name not in ALGORITHMS or op not in OPS:
+            raise ValueError(f"{op} on the CPU has no algorithm {name!r}")
+        rows = self.world if op == "reduce_scatter" else 1
+        return (self.slot_nbytes // (dtype.itemsize * rows)) & ~15
 
     @property
     def native(self) -> bool:

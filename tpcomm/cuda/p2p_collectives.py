@@ -20,11 +20,14 @@ Layout of each rank's symmetric buffer (``Layout``)::
     | fused flags[src][row tile]     |       | user region: Communicator.empty()      |
     +--------------------------------+       +----------------------------------------+
 
-Algorithms (``all_reduce``, names of ``tpcomm.algorithms``): ``one_shot`` (push kernel up to the
-push slot size, else pull), ``one_shot/push``, ``one_shot/pull`` (zero-copy when the input lives
-in the user region), ``two_shot`` (push), ``ring`` (push). ``reduce_scatter`` and
-``all_gather``: ``direct`` (push).
-Each is chunked to its own buffer limit; ``capacity`` (the Communicator's chunk) is max_bytes.
+Algorithms (``all_reduce``, names of ``tpcomm.algorithms``): ``one_shot/push``,
+``one_shot/pull`` (zero-copy when the input lives in the user region, else staged),
+``two_shot`` (push), ``ring`` (push). ``reduce_scatter`` and ``all_gather``: ``direct`` (push).
+Every call is one round of a :class:`tpcomm.algorithms.Choice` (its ``name``), at most
+:meth:`P2PCollectives.round_limit` elements: the Communicator decided the mechanism and runs
+the one chunk loop (``tpcomm.engine.run_rounds``). A larger call, or a plain ``one_shot``,
+from a caller outside a Communicator (tests, benchmarks) goes through
+``tpcomm.engine.run_call``: the same choice, the same loop.
 
 Calls compared. Every collective kernel carries the hash of its Communicator call (op, dtype,
 total numel: ``kernels/barrier.call_hash``) and compares it with its peers' in the call-header
@@ -81,7 +84,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..engine import CORE_OPS, EXTRA_OPS
+from ..engine import CORE_OPS, EXTRA_OPS, run_call
 from ..errors import CommunicatorBrokenError, MismatchError, PeerTimeoutError, TpcommError
 from ..groups.group import GroupInfo, GroupStore
 from ..settings import get_settings
@@ -222,6 +225,7 @@ class P2PCollectives:
     docstring): the collectives, the fused ones and ``empty``."""
 
     name = "p2p"
+    device_type = "cuda"
     p2p_check = None   # make_cuda_backend sets the P2P check's verdict
     _OPS = frozenset(CORE_OPS + EXTRA_OPS)
 
@@ -475,11 +479,37 @@ class P2PCollectives:
             self._sites[key] = site
         return site
 
+    def round_limit(self, op: str, name: str, dtype: torch.dtype) -> int:
+        """Elements of one round of ``op`` as ``name`` (:meth:`tpcomm.engine.Engine.round_limit`):
+        the push slot (one_shot/push), the staging slot (one_shot/pull: a zero-copy input,
+        which needs no stage, runs in rounds of the same size, as the choice is made per call
+        shape, not per address), the two-shot and ring receive areas, the reduce-scatter /
+        all-gather slot (columns)."""
+        item, L = dtype.itemsize, self.layout
+        if op != "all_reduce":
+            if op not in ("reduce_scatter", "all_gather") or name not in ("direct", "auto"):
+                raise ValueError(f"{op} on the GPU has no algorithm {name!r}")
+            return L.slot_max(item)
+        name = _ALIASES.get(name, name)
+        if name == "one_shot/push":
+            return L.one_shot_push_max(item)
+        if name == "one_shot/pull":
+            return _round_down(L.stage // item, 16)
+        if name == "two_shot":
+            return L.two_shot_max(item)
+        if name == "ring":
+            return L.ring_max(item)
+        raise ValueError(f"all_reduce on the GPU runs one of {ALGORITHMS[1:]} per round, got "
+                         f"{name!r} (a plain 'one_shot' is resolved by the caller: "
+                         f"tpcomm.selection.select.engine_choice)")
+
     # ---------------------------------------------------------------- collectives
     def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str, *,
                    total: int = -1, offset: int = 0) -> None:
-        """out = sum over ranks of inp (1-D views, same numel; out may alias inp). ``total``:
-        numel of the whole Communicator call (-1: this is the call), in the call hash."""
+        """out = sum over ranks of inp (1-D views, same numel; out may alias inp): one round as
+        ``algorithm`` (a Choice's name). ``total``: numel of the whole Communicator call (-1:
+        this is the call), in the call hash. More than one round, or a plain ``one_shot``, from
+        a caller outside a Communicator: ``tpcomm.engine.run_call``."""
         self._begin()
         if inp.dim() != 1:
             inp = inp.view(-1)
@@ -492,24 +522,23 @@ class P2PCollectives:
         if plan is None:
             plan = self._plan_all_reduce(algorithm, inp.dtype)
         limit, run = plan
+        if n > limit:      # not one round: a caller outside a Communicator
+            if total >= 0:
+                raise ValueError(f"all_reduce as {algorithm!r}: a round of {n} elements, this "
+                                 f"engine's rounds hold {limit}")
+            run_call(self, "all_reduce", inp, out, algorithm, self.world)
+            return
         # the call check's hash (op, dtype, numel of the whole Communicator call): per call,
         # a launch argument of every kernel, never bound
         h = k_barrier.call_hash("all_reduce", _DTYPE_NAMES[inp.dtype],
                                 n if total < 0 else total)
         with self._dev():
-            if n <= limit:     # the common case: one launch, nothing sliced
-                run(inp, out, n, h)
-            elif run is None or algorithm == "one_shot":
-                self._one_shot_pull(inp, out, h)
-            else:
-                for lo in range(0, n, limit):
-                    i, o = inp[lo:lo + limit], out[lo:lo + limit]
-                    run(i, o, i.numel(), h)
+            run(inp, out, n, h)
 
     def _plan_all_reduce(self, algorithm: str, dtype: torch.dtype) -> tuple:
-        """(largest n of one launch, run(inp, out, n, call_hash)) of ``algorithm`` for
-        ``dtype`` (once; run is None for one_shot/pull, which always goes through
-        :meth:`_one_shot_pull`)."""
+        """(elements of one round, run(inp, out, n, call_hash)) of ``algorithm`` for ``dtype``
+        (once). A plain ``one_shot`` has rounds of 0: its calls go to ``run_call``, which
+        picks the mechanism as a Communicator does."""
         name = _ALIASES.get(algorithm, algorithm)
         if name not in ALGORITHMS:
             raise ValueError(f"all_reduce on the GPU has no algorithm {algorithm!r}; choose one "
@@ -522,7 +551,9 @@ class P2PCollectives:
         common = dict(grid=kw["grid"], num_warps=kw["num_warps"], itype=kw["itype"],
                       canon=kw["canon"], block=kw["block"], item=item,
                       **self._check_consts(FAM_PUSH))
-        if name in ("one_shot", "one_shot/push"):
+        if name == "one_shot":
+            plan = (0, None)
+        elif name == "one_shot/push":
             site = self._site(("one_shot/push", dtype, kw["block"]),
                               k_one_shot.bind_all_reduce_one_shot_push, FAM_PUSH,
                               recv_addrs=self._push_addrs, my_recv_addr=self._my_push,
@@ -530,8 +561,9 @@ class P2PCollectives:
                               **common)
             # through a lambda: site.launch is replaced after its first call (launch.py)
             plan = (L.one_shot_push_max(item), lambda i, o, n, h: site.launch(i, o, n, h))
-        elif name == "one_shot/pull":
-            plan = (0, None)    # always through _one_shot_pull (its modes depend on the input)
+        elif name == "one_shot/pull":   # its modes depend on where the input lives
+            plan = (self.round_limit("all_reduce", name, dtype),
+                    lambda i, o, n, h: self._one_shot_pull(i, o, h))
         elif name == "two_shot":
             site = self._site(("two_shot", dtype, kw["block"]),
                               k_two_shot.bind_all_reduce_two_shot, FAM_PUSH,
@@ -551,20 +583,16 @@ class P2PCollectives:
         return plan
 
     def _one_shot_pull(self, inp, out, h: int) -> None:
-        """The pull kernel: zero-copy when ``inp`` lives in the user region, else staged;
+        """One round of the pull kernel (at most a staging slot): zero-copy when ``inp`` lives
+        in the user region (mode 1 out of place, mode 2 in place), else staged (mode 0);
         ``h``: the call check's hash of the call."""
-        item = inp.element_size()
-        step = _round_down(self.layout.stage // item, 16)
         off = self._user_offset(inp)
         if off is not None and out.data_ptr() != inp.data_ptr():
             self._pull_site(1, inp.dtype).launch(inp, out, inp.numel(), h, self._user_src(off))
         elif off is not None:
-            site = self._pull_site(2, inp.dtype)
-            self._chunks(inp, out, step, lambda i, o: site.launch(
-                i, o, i.numel(), h, self._user_src(self._user_offset(i))))
+            self._pull_site(2, inp.dtype).launch(inp, out, inp.numel(), h, self._user_src(off))
         else:
-            site = self._pull_site(0, inp.dtype)
-            self._chunks(inp, out, step, lambda i, o: site.launch(i, o, i.numel(), h))
+            self._pull_site(0, inp.dtype).launch(inp, out, inp.numel(), h)
 
     def _user_src(self, off: int) -> tuple:
         return tuple(a + off for a in self._user_addrs)
@@ -579,15 +607,6 @@ class P2PCollectives:
             pad_addrs=self._flags, my_pad_addr=self._my_flags, hdr_addrs=self._hdr_addrs,
             mode=mode, grid=L.grid, num_warps=self.num_warps, rp=L.rp, block=block,
             call_off=L.call_off(FAM_PULL))
-
-    @staticmethod
-    def _chunks(inp, out, step, fn):
-        n = inp.numel()
-        if n <= step:
-            fn(inp, out)
-            return
-        for lo in range(0, n, step):
-            fn(inp[lo:lo + step], out[lo:lo + step])
 
     def _check_consts(self, family: int) -> dict:
         """The call check's constants of a push-family kernel (bound once: ``call_off`` the
@@ -648,7 +667,8 @@ class P2PCollectives:
 
     def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor,
                        algorithm: str = "direct", *, total: int = -1, offset: int = 0) -> None:
-        """inp is [world, c] (rows may be strided), out is [c]: out = sum of row ``rank``."""
+        """inp is [world, c] (rows may be strided), out is [c]: out = sum of row ``rank``; one
+        round of at most :meth:`round_limit` columns (more: ``tpcomm.engine.run_call``)."""
         self._begin()
         c = out.numel()
         if c == 0:
@@ -659,17 +679,21 @@ class P2PCollectives:
         if inp.stride(1) != 1:
             raise ValueError("reduce_scatter needs rows of contiguous elements")
         out = out.view(-1)
-        step = self.layout.slot_max(out.element_size())
+        if c > self.layout.slot_max(out.element_size()):
+            self._more_rounds("reduce_scatter", inp, out, algorithm, total)
+            return
         site = self._slot_site("reduce_scatter", out.dtype)
         h = k_barrier.call_hash("reduce_scatter", _DTYPE_NAMES[out.dtype],
                                 self.world * c if total < 0 else total)
         with self._dev():
-            if c <= step:
-                site.launch(inp, out, c, inp.stride(0), h)
-                return
-            for lo in range(0, c, step):
-                i, o = inp[:, lo:lo + step], out[lo:lo + step]
-                site.launch(i, o, o.numel(), inp.stride(0), h)
+            site.launch(inp, out, c, inp.stride(0), h)
+
+    def _more_rounds(self, op: str, inp, out, algorithm: str, total: int) -> None:
+        """A reduce_scatter / all_gather of more than one slot: ``run_call`` (callers outside a
+        Communicator); a Communicator's round never is one."""
+        if total >= 0:
+            raise ValueError(f"{op}: a round larger than this engine's slot")
+        run_call(self, op, inp, out, algorithm, self.world)
 
     def _slot_site(self, op: str, dtype: torch.dtype):
         """The bound reduce-scatter or all-gather kernel of ``dtype`` (push, direct)."""
@@ -711,7 +735,8 @@ class P2PCollectives:
 
     def all_gather(self, inp: torch.Tensor, out: torch.Tensor,
                    algorithm: str = "direct", *, total: int = -1, offset: int = 0) -> None:
-        """inp is [c], out is [world, c] (rows may be strided): out[p] = inp of rank p."""
+        """inp is [c], out is [world, c] (rows may be strided): out[p] = inp of rank p; one
+        round of at most :meth:`round_limit` elements (more: ``tpcomm.engine.run_call``)."""
         self._begin()
         c = inp.numel()
         if c == 0:
@@ -722,17 +747,14 @@ class P2PCollectives:
         out = out.view(self.world, c) if out.dim() != 2 else out
         if out.stride(1) != 1:
             raise ValueError("all_gather needs rows of contiguous elements")
-        step = self.layout.slot_max(inp.element_size())
+        if c > self.layout.slot_max(inp.element_size()):
+            self._more_rounds("all_gather", inp, out, algorithm, total)
+            return
         site = self._slot_site("all_gather", inp.dtype)
         h = k_barrier.call_hash("all_gather", _DTYPE_NAMES[inp.dtype],
                                 c if total < 0 else total)
         with self._dev():
-            if c <= step:
-                site.launch(inp, out, c, out.stride(0), h)
-                return
-            for lo in range(0, c, step):
-                i, o = inp[lo:lo + step], out[:, lo:lo + step]
-                site.launch(i, o, i.numel(), out.stride(0), h)
+            site.launch(inp, out, c, out.stride(0), h)
 
     def barrier(self) -> None:
         """All ranks meet on the GPU (stream-ordered, graph-safe, bounded by the timeout)."""

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from ..algorithms import OPS, SUPPORTED
+from ..algorithms import MECHANISMS, OPS, SUPPORTED, Choice, qualified
 from ..algorithms import check as _check
 from .select_table import select_cuda
 
@@ -80,6 +80,38 @@ def select_algorithm(op: str, nbytes: int, dtype: torch.dtype, world_size: int,
     if topology.device_type == "cuda":
         return select_cuda(op, nbytes, dtype, world_size, graph)
     return "torch"
+
+
+# GPU one_shot, mechanism left to tpcomm: push while the whole call fits one push round (one
+# kernel, its flags travel in the data: no barrier round), else pull (rounds staged through a
+# 4 MiB slot). Push was the faster kernel at every size measured up to 512 KiB, e.g. world 4,
+# CUDA graphs, 4 x H200, 2026-11-22 (selection/cost_data_tpcomm.py): 2 KiB 4.10 vs 6.00 us,
+# 128 KiB 6.24 vs 8.96 us, 512 KiB 9.9 vs 11.47 us; at 1 MiB they tie (16.99 vs 16.63). A push
+# round holds 2 x min(max_bytes, 8 MiB) / world bytes per rank (cuda/p2p_collectives.Layout),
+# above the sizes where the table picks one_shot, so "auto" calls push unless max_bytes is small.
+def select_mechanism(op: str, algorithm: str, numel: int, device_type: str,
+                     push_round: int) -> str | None:
+    """The mechanism of ``algorithm`` for a call of ``numel`` elements, where the device has
+    several and the caller did not force one (``"one_shot/push"``); None where it has one.
+    ``push_round``: elements of one round of the push mechanism (the engine's
+    ``round_limit``)."""
+    mechanisms = MECHANISMS.get((device_type, op, algorithm))
+    if not mechanisms:
+        return None
+    return "push" if numel <= push_round else "pull"
+
+
+def engine_choice(op: str, algorithm: str, mechanism: str | None, numel: int,
+                  dtype: torch.dtype, engine) -> Choice:
+    """The :class:`~tpcomm.algorithms.Choice` of a call that ``engine`` (a
+    :class:`tpcomm.engine.Engine`) runs: the mechanism (forced, else :func:`select_mechanism`)
+    and the engine's round size for that name (the step of the one chunk loop). ``numel``:
+    the call's elements (reduce_scatter: of the output)."""
+    if mechanism is None and MECHANISMS.get((engine.device_type, op, algorithm)):
+        push = engine.round_limit(op, qualified(algorithm, "push"), dtype)
+        mechanism = select_mechanism(op, algorithm, numel, engine.device_type, push)
+    name = qualified(algorithm, mechanism)
+    return Choice(name, algorithm, mechanism, engine.round_limit(op, name, dtype), "")
 
 
 def fallback_reason(op: str, dtype: torch.dtype, world_size: int, topology: Topology,
