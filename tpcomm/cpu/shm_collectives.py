@@ -156,7 +156,7 @@ class ShmCollectives:
             self._ctx = core.create(self.rank, self.world, META_WORDS, self.slot_nbytes,
                                     [buf.signal_pad(p).data_ptr() for p in range(self.world)],
                                     [buf.data(p).data_ptr() for p in range(self.world)])
-            self._core = core
+            self._core, self._core_run = core, core.run
             # the hot call goes straight to the core: no extra Python frame per call
             self.all_reduce = self._native_all_reduce
 
@@ -330,12 +330,15 @@ class ShmCollectives:
             raise CommunicatorBrokenError(f"tpcomm Communicator is broken by an earlier error: {self.broken}")
         self.seq = seq = self.seq + 1
         src = inp.data_ptr()
+        dst = src if out is inp else out.data_ptr()
         n = inp.numel()
-        args = (seq, src, src if out is inp else out.data_ptr(), SLICE_NS, 1,
-                ALGORITHMS[algorithm], DTYPES[inp.dtype], n, n if total < 0 else total, offset)
-        rc = self._core.run(self._ctx, 0, *args)
+        # positional arguments, no tuple: a call with *args costs ~0.25 us more at 4 KiB
+        rc = self._core_run(self._ctx, 0, seq, src, dst, SLICE_NS, 1, ALGORITHMS[algorithm],
+                       DTYPES[inp.dtype], n, n if total < 0 else total, offset)
         if rc:
-            self._native_slow(rc, "all_reduce", algorithm, inp, args)
+            self._native_slow(rc, "all_reduce", algorithm, inp,
+                              (seq, src, dst, SLICE_NS, 1, ALGORITHMS[algorithm],
+                               DTYPES[inp.dtype], n, n if total < 0 else total, offset))
 
     def _native_slow(self, rc: int, op: str, algorithm: str, inp: torch.Tensor, args) -> None:
         """A round the core could not finish at once: a wait that ran out of its slice (check
