@@ -34,7 +34,8 @@ Two implementations of this protocol, interchangeable rank by rank: the native c
 meta words, the copy-in, the flag, the bounded wait, the meta check, the reduction and the
 copy-out) and the pure-Python path below (torch ops and memoryview words), which runs where the
 core cannot be built or with ``TPCOMM_CPU_NATIVE=0``. Both write the same words in the same
-order and reduce in the same order with the same rounding, so their results are bitwise equal.
+order and reduce in the same order with the same rounding, so their results are bitwise equal
+(the core reads this rank's own term from its input instead of its slot: the same values).
 
 Memory ordering: a rank writes the data, then the meta words, then the arrive flag; a peer reads
 the flag, then the meta and the data. x86-64 keeps stores in order and loads in order (TSO), and
