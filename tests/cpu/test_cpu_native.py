@@ -135,6 +135,24 @@ def test_reduce_kernels_round_like_torch(dtype, nsrc, f16c):
         core.use_f16c(-1)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("nsrc", [1, 2, 3, 4])
+def test_reduce_kernels_may_write_over_any_source(dtype, nsrc):
+    """An in-place call reduces from its own input into it (out is source ``rank``): every
+    position of out among the sources gives the out-of-place result bitwise (n spans several
+    of the kernels' 2048-element blocks, with a tail)."""
+    core = _core_or_skip()
+    n = 3 * 2048 + 37
+    g = torch.Generator().manual_seed(7 + nsrc)
+    srcs = [(torch.randn(n, generator=g) * 100).to(dtype) for _ in range(nsrc)]
+    ref = torch.empty(n, dtype=dtype)
+    core.reduce(DTYPES[dtype], ref.data_ptr(), [s.data_ptr() for s in srcs], n)
+    for k in range(nsrc):
+        bufs = [s.clone() for s in srcs]
+        core.reduce(DTYPES[dtype], bufs[k].data_ptr(), [b.data_ptr() for b in bufs], n)
+        assert torch.equal(bufs[k].view(torch.uint8), ref.view(torch.uint8)), f"out = source {k}"
+
+
 def _never_called(rank, world, timeout_s):
     init_gloo()
     comm = tpcomm.Communicator(timeout_s=timeout_s)

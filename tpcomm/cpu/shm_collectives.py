@@ -36,7 +36,8 @@ Two implementations of this protocol, interchangeable rank by rank: the native c
 meta words, the copy-in, the flag, the bounded wait, the meta check, the reduction and the
 copy-out) and the pure-Python path below (torch ops and memoryview words), which runs where the
 core cannot be built or with ``TPCOMM_CPU_NATIVE=0``. Both write the same words in the same
-order and reduce in the same order with the same rounding, so their results are bitwise equal.
+order and reduce in the same order with the same rounding, so their results are bitwise equal
+(the core reads this rank's own term from its input instead of its slot: the same values).
 
 Memory ordering: a rank writes the data, then the meta words, then the arrive flag; a peer reads
 the flag, then the meta and the data. x86-64 keeps stores in order and loads in order (TSO), and
@@ -76,6 +77,9 @@ META_WORDS = 7
 # 1 MiB L2 of a core of the 2-core CI machine (AMD EPYC), so the reduction reads the slots from
 # the caches rather than from DRAM: a 16 MiB float32 all-reduce on 2 ranks took 4.7 ms in 1 MiB
 # rounds against 7.9 ms in one 32 MiB round (2026-11-22, one run, machine shared with other jobs).
+# Re-checked on the later Intel 2-core machine (2 MiB L2), bare C, 2 ranks, min per round: 148 /
+# 144 / 152 / 175 us per MiB in 256 KiB / 512 KiB / 1 MiB / 2 MiB rounds; smaller rounds would
+# add a Python call and a flag round trip each for at most 5 % (2026-12-03, machine loaded).
 SHM_CHUNK_BYTES = 1 << 20
 SPINS_BEFORE_YIELD = 2000     # about 0.2 ms of polling before giving the core away
 SECONDS_BEFORE_SLEEP = 0.01   # after 10 ms of waiting, sleep between polls instead of spinning
@@ -159,7 +163,7 @@ class ShmCollectives:
             self._ctx = core.create(self.rank, self.world, META_WORDS, self.slot_nbytes,
                                     [buf.signal_pad(p).data_ptr() for p in range(self.world)],
                                     [buf.data(p).data_ptr() for p in range(self.world)])
-            self._core = core
+            self._core, self._core_run = core, core.run
             # the hot call goes straight to the core: no extra Python frame per call
             self.all_reduce = self._native_all_reduce
 
@@ -342,12 +346,15 @@ class ShmCollectives:
             raise CommunicatorBrokenError(f"tpcomm Communicator is broken by an earlier error: {self.broken}")
         self.seq = seq = self.seq + 1
         src = inp.data_ptr()
+        dst = src if out is inp else out.data_ptr()
         n = inp.numel()
-        args = (seq, src, src if out is inp else out.data_ptr(), SLICE_NS, 1,
-                ALGORITHMS[algorithm], DTYPES[inp.dtype], n, n if total < 0 else total, offset)
-        rc = self._core.run(self._ctx, 0, *args)
+        # positional arguments, no tuple: a call with *args costs ~0.25 us more at 4 KiB
+        rc = self._core_run(self._ctx, 0, seq, src, dst, SLICE_NS, 1, ALGORITHMS[algorithm],
+                       DTYPES[inp.dtype], n, n if total < 0 else total, offset)
         if rc:
-            self._native_slow(rc, "all_reduce", algorithm, inp, args)
+            self._native_slow(rc, "all_reduce", algorithm, inp,
+                              (seq, src, dst, SLICE_NS, 1, ALGORITHMS[algorithm],
+                               DTYPES[inp.dtype], n, n if total < 0 else total, offset))
 
     def _native_slow(self, rc: int, op: str, algorithm: str, inp: torch.Tensor, args) -> None:
         """A round the core could not finish at once: a wait that ran out of its slice (check
