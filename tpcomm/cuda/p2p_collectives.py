@@ -433,6 +433,19 @@ class P2PCollectives:
         if self._is_cuda and self._raw_stream(self._dev_index) != self._last_raw:
             self._order_streams()
 
+    def _begin_round(self) -> None:
+        """:meth:`_begin` for a round after a call's first (``offset`` > 0): the error word is
+        read at the start of a call only. A mismatch the first round recorded makes the kernels
+        of the later rounds write nothing, and the next call raises it (and recovers); raising
+        in the middle of a call would make this rank meet its peers for the recovery while a
+        peer whose call had fewer rounds may not call again for a while (and, with emulated
+        ranks driven from one thread, never: the peer's turn comes after this call)."""
+        if self.broken:
+            raise CommunicatorBrokenError(f"tpcomm Communicator is broken by an earlier error: "
+                                          f"{self.broken}")
+        if self._is_cuda and self._raw_stream(self._dev_index) != self._last_raw:
+            self._order_streams()
+
     def _order_streams(self) -> None:
         """A call on another stream than the previous one: order it after the old stream."""
         self._last_raw = self._raw_stream(self._dev_index)
@@ -510,7 +523,7 @@ class P2PCollectives:
         ``algorithm`` (a Choice's name). ``total``: numel of the whole Communicator call (-1:
         this is the call), in the call hash. More than one round, or a plain ``one_shot``, from
         a caller outside a Communicator: ``tpcomm.engine.run_call``."""
-        self._begin()
+        self._begin() if offset == 0 else self._begin_round()
         if inp.dim() != 1:
             inp = inp.view(-1)
         if out.dim() != 1:
@@ -669,7 +682,7 @@ class P2PCollectives:
                        algorithm: str = "direct", *, total: int = -1, offset: int = 0) -> None:
         """inp is [world, c] (rows may be strided), out is [c]: out = sum of row ``rank``; one
         round of at most :meth:`round_limit` columns (more: ``tpcomm.engine.run_call``)."""
-        self._begin()
+        self._begin() if offset == 0 else self._begin_round()
         c = out.numel()
         if c == 0:
             return
@@ -737,7 +750,7 @@ class P2PCollectives:
                    algorithm: str = "direct", *, total: int = -1, offset: int = 0) -> None:
         """inp is [c], out is [world, c] (rows may be strided): out[p] = inp of rank p; one
         round of at most :meth:`round_limit` elements (more: ``tpcomm.engine.run_call``)."""
-        self._begin()
+        self._begin() if offset == 0 else self._begin_round()
         c = inp.numel()
         if c == 0:
             return
