@@ -196,13 +196,17 @@ def test_graphed_prefill_replays_the_graph_of_each_length_with_the_new_prompt(ti
     The graph itself: tests/gpu/test_compile_gpu.py (bitwise the un-graphed compiled prefill)."""
     import tpcomm.models.generate as generate
     from tpcomm.models.llama import _decode_layer, _prefill_layer, _prologue
-    captures = []
+    captures, read = [], []
 
     def fake_graph_of(fn, warmup=2):
         for _ in range(warmup):
             fn()
         out = fn()
         captures.append(out.shape)
+        # the tensors the captured function reads from outside (a real graph holds their
+        # addresses, not the tensors: the Generator must keep them alive)
+        read.append([c.cell_contents for c in fn.__closure__ or ()
+                     if isinstance(c.cell_contents, torch.Tensor)])
         return (lambda: out.copy_(fn())), out
 
     monkeypatch.setattr(generate, "_graph_of", fake_graph_of)
@@ -224,6 +228,9 @@ def test_graphed_prefill_replays_the_graph_of_each_length_with_the_new_prompt(ti
             assert torch.equal(gen.prefill(p), tok)
             assert torch.equal(gen.logits, logits)
         assert captures == [(2, tiny.cfg.vocab_size)] * 2     # lengths 7 and 9, once each
+        for P, tensors in zip((7, 9), read):      # prompt and positions kept by the entry
+            kept = {id(t) for t in gen._prefills[P] if isinstance(t, torch.Tensor)}
+            assert len(tensors) == 2 and {id(t) for t in tensors} <= kept, P
         assert torch.equal(gen.prefill(prompts[2], graph=False), want[2][0])
         assert len(captures) == 2
         gen.close()

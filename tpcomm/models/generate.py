@@ -55,7 +55,8 @@ class Generator:
         self.logits: torch.Tensor | None = None   # [B, V] of the last step
         self._graph = None
         self._graph_out = None
-        self._prefills: dict[int, tuple] = {}   # prompt length -> (replay, prompt, logits)
+        # prompt length -> (replay, prompt, positions, logits)
+        self._prefills: dict[int, tuple] = {}
 
     # ---------------------------------------------------------------- prefill
     @torch.inference_mode()
@@ -101,8 +102,12 @@ class Generator:
             input_pos = torch.arange(P, device=dev)
             replay, logits = _graph_of(lambda: self.model(static, input_pos, kv_len=P,
                                                           fresh=True)[:, -1])
-            entry = self._prefills[P] = (replay, static, logits)
-        replay, static, logits = entry
+            # the entry keeps every tensor the graph reads that was allocated outside it (the
+            # prompt and the positions): freed, their memory would go to later allocations
+            # and a replay would read those (a replay after the decode graph's read positions
+            # past the RoPE table: a device-side assert in its index kernel)
+            entry = self._prefills[P] = (replay, static, input_pos, logits)
+        replay, static, _, logits = entry
         static.copy_(prompt)
         replay()
         return logits
