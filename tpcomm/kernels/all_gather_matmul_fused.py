@@ -57,10 +57,10 @@ import triton
 import triton.language as tl
 
 from . import _gemm
-from ._gemm import device_descs, halves, mainloop, pick, tile_coords
+from ._gemm import device_descs, halves, mainloop, tile_coords
 from ._lamport import prologue, typed
 from ._tile_sync import fence_async_proxy, signal_flag, wait_flag, wait_flags_below
-from .barrier import OP_ALL_GATHER_MATMUL, record_error
+from .barrier import OP_ALL_GATHER_MATMUL, pick, record_error
 from .sync import SyncArgs
 
 _OP: tl.constexpr = tl.constexpr(OP_ALL_GATHER_MATMUL)   # the op code a timeout records

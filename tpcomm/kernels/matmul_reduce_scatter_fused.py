@@ -56,10 +56,10 @@ import triton
 import triton.language as tl
 
 from . import _gemm
-from ._gemm import device_descs, halves, mainloop, pick, tile_coords, tile_count
+from ._gemm import device_descs, halves, mainloop, tile_coords, tile_count
 from ._lamport import prologue, sanitize, typed
 from ._tile_sync import clear_tile, poll_sum_tile
-from .barrier import OP_MATMUL_RS, record_error
+from .barrier import OP_MATMUL_RS, pick, record_error
 from .sync import SyncArgs
 
 
