@@ -306,7 +306,7 @@ class P2PCollectives:
         try:
             t = torch.zeros(1, dtype=torch.int64, pin_memory=True)
             with torch.cuda.device(self.device):
-                k_barrier.write_word(t.data_ptr(), 12345)
+                k_barrier.write_word(addr=t.data_ptr(), value=12345)
                 torch.cuda.synchronize(self.device)
             if int(t[0]) != 12345:
                 raise TpcommError(f"read back {int(t[0])}")

@@ -46,9 +46,9 @@ def _all_gather_push_kernel(
     end(sync, pid, epoch, cep, CALL_OFF)
 
 
-def bind_all_gather(*, sync: SyncArgs, slot_stride: int, grid: int, num_warps: int, itype,
-                    canon: int, block: int, item: int, device: int | None = None,
-                    verify: bool = False) -> LeanKernel:
+def bind_all_gather(*, sync: SyncArgs, slot_stride: int, grid: int, num_warps: int,
+                    itype: tl.dtype, canon: int, block: int, item: int,
+                    device: int | None = None, verify: bool = False) -> LeanKernel:
     """out [R, c] (rows ``out_stride`` apart) = inp [c] of every rank:
     ``.launch(inp, out, c, out_stride, call_hash)``; ``.warmup(...)`` compiles only."""
     return LeanKernel(

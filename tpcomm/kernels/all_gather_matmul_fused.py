@@ -215,7 +215,7 @@ def all_gather_push(*, a_shard: torch.Tensor, lo: int, rows: int, flag_addrs: tu
 
 
 def clear_received(*, rows: int, k: int, srows: int, sync: SyncArgs, grid: int, num_warps: int,
-                   itype, block: int, warmup: bool = False):
+                   itype: tl.dtype, block: int, warmup: bool = False):
     """After a round's GEMM: the sentinel back into the [rows, k] elements each rank pushed
     into this rank's region (slots of ``srows`` rows; the push family's invariant: a region
     holds the sentinel wherever no data is in flight). ``warmup``: compile only."""

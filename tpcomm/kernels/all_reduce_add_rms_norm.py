@@ -78,8 +78,8 @@ def _all_reduce_add_rms_norm_one_shot_push_kernel(
 
 
 def bind_all_reduce_add_rms_norm_one_shot_push(*, sync: SyncArgs, hidden: int, slot_stride: int,
-                                               grid: int, num_warps: int, itype, canon: int,
-                                               item: int, device: int | None = None,
+                                               grid: int, num_warps: int, itype: tl.dtype,
+                                               canon: int, item: int, device: int | None = None,
                                                verify: bool = False) -> LeanKernel:
     """x, residual, normed [rows, hidden], weight [hidden] (x, residual updated in place):
     ``.launch(x, residual, weight, normed, rows, eps, call_hash)``."""

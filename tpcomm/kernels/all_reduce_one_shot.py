@@ -114,8 +114,9 @@ def _all_reduce_one_shot_pull_kernel(
 
 
 def bind_all_reduce_one_shot_push(*, sync: SyncArgs, slot_stride: int, grid: int,
-                                  num_warps: int, itype, canon: int, block: int, item: int,
-                                  device: int | None = None, verify: bool = False) -> LeanKernel:
+                                  num_warps: int, itype: tl.dtype, canon: int, block: int,
+                                  item: int, device: int | None = None,
+                                  verify: bool = False) -> LeanKernel:
     """out [n] = sum over ranks of inp [n] (push): ``.launch(inp, out, n, call_hash)``."""
     return LeanKernel(
         _all_reduce_one_shot_push_kernel, grid, call=("inp_ptr", "out_ptr", "n", "call_hash"),

@@ -80,9 +80,9 @@ def _all_reduce_ring_push_kernel(
     end(sync, pid, epoch, cep, CALL_OFF)
 
 
-def bind_all_reduce_ring(*, sync: SyncArgs, ag_off: int, grid: int, num_warps: int, itype,
-                         canon: int, block: int, item: int, device: int | None = None,
-                         verify: bool = False) -> LeanKernel:
+def bind_all_reduce_ring(*, sync: SyncArgs, ag_off: int, grid: int, num_warps: int,
+                         itype: tl.dtype, canon: int, block: int, item: int,
+                         device: int | None = None, verify: bool = False) -> LeanKernel:
     """out [n] = sum over ranks of inp [n] around the ring, R slices of ``sl``:
     ``.launch(inp, out, n, sl, call_hash)``."""
     return LeanKernel(

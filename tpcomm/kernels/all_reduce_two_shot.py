@@ -81,7 +81,7 @@ def _all_reduce_two_shot_push_kernel(
 
 
 def bind_all_reduce_two_shot(*, sync: SyncArgs, rs_slot_stride: int, ag_off: int, grid: int,
-                             num_warps: int, itype, canon: int, block: int, item: int,
+                             num_warps: int, itype: tl.dtype, canon: int, block: int, item: int,
                              device: int | None = None, verify: bool = False) -> LeanKernel:
     """out [n] = sum over ranks of inp [n] in R slices of ``sl``:
     ``.launch(inp, out, n, sl, call_hash)``."""

@@ -189,7 +189,7 @@ def _write_word_kernel(addr, value):
     tl.store(addr.to(tl.pointer_type(tl.int64)), value, cache_modifier=".wt")
 
 
-def write_word(addr: int, value: int) -> None:
+def write_word(*, addr: int, value: int) -> None:
     """Store one int64 at ``addr`` from the GPU (checks that host-mapped memory is reachable)."""
     _write_word_kernel[(1,)](addr, value, num_warps=1)
 

@@ -199,7 +199,7 @@ def sub_rows(p: _gemm.Plan, world: int) -> int:
 
 
 def matmul_reduce_scatter(*, p: _gemm.Plan, out: torch.Tensor, out_row: int, lo: int, rows: int,
-                          m: int, slot_stride: int, sync: SyncArgs, itype, canon: int,
+                          m: int, slot_stride: int, sync: SyncArgs, itype: tl.dtype, canon: int,
                           op: int = OP_MATMUL_RS, warmup: bool = False):
     """One round: rows ``lo..lo+rows`` of every owner's [m, K] block of the planned a [R*m, K]
     times b [K, N], pushed to their owners; this rank's [rows, N] sum into rows ``out_row ..``

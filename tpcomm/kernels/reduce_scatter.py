@@ -42,9 +42,9 @@ def _reduce_scatter_push_kernel(
     end(sync, pid, epoch, cep, CALL_OFF)
 
 
-def bind_reduce_scatter(*, sync: SyncArgs, slot_stride: int, grid: int, num_warps: int, itype,
-                        canon: int, block: int, item: int, device: int | None = None,
-                        verify: bool = False) -> LeanKernel:
+def bind_reduce_scatter(*, sync: SyncArgs, slot_stride: int, grid: int, num_warps: int,
+                        itype: tl.dtype, canon: int, block: int, item: int,
+                        device: int | None = None, verify: bool = False) -> LeanKernel:
     """out [c] = sum over ranks of their row ``rank`` of inp [R, c] (rows ``in_stride`` apart):
     ``.launch(inp, out, c, in_stride, call_hash)``."""
     return LeanKernel(
