@@ -3,9 +3,10 @@
 
 Each function takes the engine (:class:`tpcomm.cuda.p2p_collectives.P2PCollectives`: its layout
 and launch options) and the push family's sync bundle (``kernels/sync.SyncArgs``: receive
-addresses, epoch counters, error words, rank, timeout), and only launches kernels on the current stream (plus, for the all-gather, a side stream that
-it joins before returning): no host synchronization, so the ops run eagerly and inside CUDA
-graph capture (warm each shape up once before capturing: the first call compiles).
+addresses, epoch counters, error words, rank, timeout), and only launches kernels on the
+current stream (plus, for the all-gather, a side stream that it joins before returning): no
+host synchronization, so the ops run eagerly and inside CUDA graph capture (warm each shape up
+once before capturing: the first call compiles).
 
 Rounds: the receive slots of a push region hold ``slot = push_buf / world`` elements per source
 rank (8 MiB / item per rank at world 1 with the default 32 MiB buffer: 1024 rows of N = 8192
