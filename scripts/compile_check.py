@@ -80,6 +80,17 @@ def _gemm_report(name, k):
           f"regs {regs:>4}  stack {stack:>4}  smem {k.metadata.shared // 1024:3d} KiB")
 
 
+def _sync(addrs: tuple, rank: int, buf_stride: int):
+    """A stand-in sync bundle (kernels/sync.py): addresses only compiled against, never used."""
+    from tpcomm.kernels.sync import SyncArgs
+    return SyncArgs(recv_addrs=addrs, my_recv_addr=addrs[rank], buf_stride=buf_stride,
+                    counters=torch.zeros(256, dtype=torch.int64), call_off=700,
+                    err_dev=torch.zeros(3, dtype=torch.int64), err_host=0x7E0000000000,
+                    rank=rank, timeout_ns=10**9, wp=max(2, 1 << (len(addrs) - 1).bit_length()),
+                    hdr_addrs=addrs, pad_addrs=tuple(a + 8 for a in addrs),
+                    my_pad_addr=addrs[rank] + 8)
+
+
 def gemm_section(quick=False):
     """The GEMM core (plain, fused reduce-scatter, fused all-gather + GEMM) for a few configs,
     bf16 / fp16 / fp32 (ieee and tf32), aligned and not (N odd, K odd: pointer loads for that
@@ -91,9 +102,8 @@ def gemm_section(quick=False):
                G(flatten=False), G(flatten=False, num_stages=4), G(tma="device"), G(tma="off"))
     if quick:
         configs = configs[:1] + configs[4:5]
-    cnt = torch.zeros(256, dtype=torch.int64)
-    err = torch.zeros(1, dtype=torch.int64)
     R, addrs = 4, tuple((1 << 40) + i * (1 << 30) for i in range(4))
+    s4, s1 = _sync(addrs, 1, 1 << 24), _sync(addrs[:1], 0, 1 << 24)
     for dtype, itype, canon in ((torch.bfloat16, tl.int16, 0x7FC0),
                                 (torch.float16, tl.int16, 0x7E00),
                                 (torch.float32, tl.int32, 0x7FC00000)):
@@ -115,26 +125,26 @@ def gemm_section(quick=False):
                     try:
                         _gemm_report("plain " + label, _gemm.matmul(p, c, warmup=True))
                         _gemm_report("rs w4 " + label, rs.matmul_reduce_scatter(
-                            p, c, 0, 0, 256, 256, addrs, addrs[1], 1 << 24, 1 << 22, cnt, err,
-                            1 << 41, 1, 10**9, itype=itype, canon=canon, warmup=True))
+                            p=p, out=c, out_row=0, lo=0, rows=256, m=256, slot_stride=1 << 22,
+                            sync=s4, itype=itype, canon=canon, warmup=True))
                         _gemm_report("rs w1 " + label, rs.matmul_reduce_scatter(
-                            p, c, 0, 0, 1024, 1024, addrs[:1], addrs[0], 1 << 24, 1 << 23, cnt,
-                            err, 1 << 41, 0, 10**9, itype=itype, canon=canon, warmup=True))
+                            p=p, out=c, out_row=0, lo=0, rows=1024, m=1024, slot_stride=1 << 23,
+                            sync=s1, itype=itype, canon=canon, warmup=True))
                         _gemm_report("ag w4 " + label, ag.all_gather_matmul(
-                            p, cg, 0, 256, 1024, R, addrs[1], 256, 1 << 42, 1 << 24, cnt, err,
-                            1 << 41, 1, 10**9, warmup=True))
+                            p=p, out=cg, lo=0, rows=256, m=1024, srows=256, my_flags=1 << 42,
+                            sync=s4, warmup=True))
                         _gemm_report("ag w1 " + label, ag.all_gather_matmul(
-                            p, c, 0, 1024, 1024, 1, addrs[0], 0, 1 << 42, 1 << 24, cnt, err,
-                            1 << 41, 0, 10**9, warmup=True))
+                            p=p, out=c, lo=0, rows=1024, m=1024, srows=0, my_flags=1 << 42,
+                            sync=s1, warmup=True))
                     except Exception as e:  # noqa: BLE001 - report and go on
                         print(f"  {label}: FAILED {type(e).__name__}: {str(e)[-300:]}")
             try:
                 _report("ag push w4", ag.all_gather_push(
-                    a, 0, 256, addrs, tuple(x + 8 for x in addrs), cnt, 1 << 24, 256, 1,
-                    block_m=128, warmup=True), False)
+                    a_shard=a, lo=0, rows=256, flag_addrs=tuple(x + 8 for x in addrs),
+                    srows=256, sync=s4, block_m=128, warmup=True), False)
                 _report("ag clear w4", ag.clear_received(
-                    256, k, R, addrs[1], 256, cnt, 1 << 24, grid=132, num_warps=8,
-                    itype=itype, block=8 * 32 * (16 // a.element_size()), warmup=True), False)
+                    rows=256, k=k, srows=256, sync=s4, grid=132, num_warps=8, itype=itype,
+                    block=8 * 32 * (16 // a.element_size()), warmup=True), False)
             except Exception as e:  # noqa: BLE001
                 print(f"  ag push / clear: FAILED {type(e).__name__}: {str(e)[-300:]}")
 
@@ -149,50 +159,42 @@ def main():
                                 all_reduce_two_shot, barrier, reduce_scatter)
     R = 4
     addrs = tuple(0x7F0000000000 + i * (1 << 30) for i in range(R))
-    mine, nxt = addrs[1], addrs[2]
-    cnt = torch.zeros(256, dtype=torch.int64)
-    err = torch.zeros(1, dtype=torch.int64)
-    host = 0x7E0000000000
+    sync = _sync(addrs, 1, 1 << 24)
+    h = barrier.call_hash("all_reduce", "float32", 4096)
     itypes = {torch.bfloat16: (tl.int16, 0x7FC0), torch.float16: (tl.int16, 0x7E00),
               torch.float32: (tl.int32, 0x7FC00000)}
     for dtype, (itype, canon) in itypes.items():
         item = torch.tensor([], dtype=dtype).element_size()
         block = 8 * 32 * (16 // item)
+        kw = dict(sync=sync, grid=132, num_warps=8, itype=itype, canon=canon, block=block,
+                  item=item)
         for n in (4096, 4097):
             inp = torch.empty(n + 8, dtype=dtype)
             out = torch.empty(n + 8, dtype=dtype)
             print(f"{dtype} n={n}:")
-            common = dict(grid=(132,), num_warps=8)
-            k = all_reduce_one_shot._all_reduce_one_shot_push_kernel.warmup(
-                inp, out, n, addrs, mine, 1 << 24, 1 << 20, cnt, err, host, 1, 10**9,
-                R=R, BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item, **common)
-            _report("all_reduce_one_shot_push", k, verbose)
-            for mode in (0, 1, 2):
-                k = all_reduce_one_shot._all_reduce_one_shot_pull_kernel.warmup(
-                    inp, out, n, addrs, mine, 1 << 22, addrs, mine, cnt, err, host, 1, 10**9,
-                    MODE=mode, R=R, RP=8, BLOCK=block, **common)
-                _report(f"all_reduce_one_shot_pull MODE={mode}", k, verbose)
             sl = -(-(-(-n // R)) // 16) * 16
-            k = all_reduce_two_shot._all_reduce_two_shot_push_kernel.warmup(
-                inp, out, n, sl, addrs, mine, 1 << 24, 1 << 20, 1 << 23, cnt, err, host, 1, 10**9,
-                R=R, BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item, **common)
-            _report("all_reduce_two_shot_push", k, verbose)
-            k = all_reduce_ring._all_reduce_ring_push_kernel.warmup(
-                inp, out, n, sl, nxt, mine, 1 << 24, 1 << 23, cnt, err, host, 1, 10**9,
-                R=R, BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item, **common)
-            _report("all_reduce_ring_push", k, verbose)
-            k = reduce_scatter._reduce_scatter_push_kernel.warmup(
-                inp, out, n // R, n // R, addrs, mine, 1 << 24, 1 << 20, cnt, err, host, 1, 10**9,
-                R=R, BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item, **common)
-            _report("reduce_scatter_push", k, verbose)
-            k = all_gather._all_gather_push_kernel.warmup(
-                inp, out, n // R, n // R, addrs, mine, 1 << 24, 1 << 20, cnt, err, host, 1, 10**9,
-                R=R, BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item, **common)
-            _report("all_gather_push", k, verbose)
-    k = barrier._barrier_kernel.warmup(addrs, mine, cnt, err, host, 1, 10**9, SLOT=512, R=R,
-                                       RP=8, grid=(1,), num_warps=1)
-    _report("barrier", k, verbose)
-    k = barrier._write_word_kernel.warmup(host, 5, grid=(1,), num_warps=1)
+            k = all_reduce_one_shot.bind_all_reduce_one_shot_push(slot_stride=1 << 20, **kw)
+            _report("all_reduce_one_shot_push", k.warmup(inp, out, n, h), verbose)
+            for mode in (0, 1, 2):
+                k = all_reduce_one_shot.bind_all_reduce_one_shot_pull(
+                    sync=sync, src_addrs=addrs, my_src_addr=addrs[1], slot_bytes=1 << 22,
+                    mode=mode, grid=132, num_warps=8, block=block)
+                _report(f"all_reduce_one_shot_pull MODE={mode}", k.warmup(inp, out, n, h),
+                        verbose)
+            k = all_reduce_two_shot.bind_all_reduce_two_shot(rs_slot_stride=1 << 20,
+                                                             ag_off=1 << 23, **kw)
+            _report("all_reduce_two_shot_push", k.warmup(inp, out, n, sl, h), verbose)
+            k = all_reduce_ring.bind_all_reduce_ring(ag_off=1 << 23, **kw)
+            _report("all_reduce_ring_push", k.warmup(inp, out, n, sl, h), verbose)
+            c = n // R
+            k = reduce_scatter.bind_reduce_scatter(slot_stride=1 << 20, **kw)
+            _report("reduce_scatter_push", k.warmup(inp[:R * c].view(R, c), out, c, c, h),
+                    verbose)
+            k = all_gather.bind_all_gather(slot_stride=1 << 20, **kw)
+            _report("all_gather_push", k.warmup(inp, out[:R * c].view(R, c), c, c, h), verbose)
+    k = barrier.bind_barrier(sync=sync, slot=512)
+    _report("barrier", k.warmup(), verbose)
+    k = barrier._write_word_kernel.warmup(0x7E0000000000, 5, grid=(1,), num_warps=1)
     _report("write_word", k, verbose)
 
 

@@ -244,3 +244,32 @@ def test_real_kernels_are_bindable():
     for kern in kernels:
         flags = [p.is_constexpr for p in kern.params]
         assert flags == sorted(flags), kern.__name__
+
+
+def test_a_bound_bundle_is_passed_raw(no_cuda_stream):
+    """A tuple parameter (the push kernels' ``sync`` bundle, kernels/sync.py) is bound once:
+    the dispatcher gets it as given (tensors inside), the direct launch as one plain tuple of
+    raw values (tensors as their addresses), and a call does nothing more than before."""
+    from tpcomm.kernels.sync import DeviceSync
+    counters, err = torch.zeros(4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+    sync = DeviceSync((4096, 8192), 8192, 1 << 20, counters, err, 0, 10**9)
+    k = FakeKernel(["inp_ptr", "out_ptr", "n", "sync", "rank", "BLOCK"], constexprs=("BLOCK",),
+                   dns=("rank",))
+    lk = lean.LeanKernel(k, 16, call=("inp_ptr", "out_ptr", "n"),
+                         fixed=dict(sync=sync, rank=1), constexprs=dict(BLOCK=1024),
+                         num_warps=8, device=0)
+    x, y = torch.ones(64), torch.zeros(64)
+    lk.launch(x, y, 64)
+    assert k.dispatched[0][1][3] is sync
+    lk.launch(x, y, 64)
+    raw = ((4096, 8192), 8192, 1 << 20, counters.data_ptr(), err.data_ptr(), 0, 10**9)
+    assert k.launched[-1][13:] == (x.data_ptr(), y.data_ptr(), 64, raw, 1, 1024)
+    assert type(k.launched[-1][16]) is tuple
+    # the per-call code binds the same things as for flat parameters: the bundle is one name
+    flat = FakeKernel(["inp_ptr", "out_ptr", "n", "a", "rank", "BLOCK"], constexprs=("BLOCK",),
+                      dns=("rank",))
+    lf = lean.LeanKernel(flat, 16, call=("inp_ptr", "out_ptr", "n"), fixed=dict(a=5, rank=1),
+                         constexprs=dict(BLOCK=1024), num_warps=8, device=0)
+    lf.launch(x, y, 64)
+    assert lk.source.replace("f_sync", "f_a").replace("_fake_kernel", "") == \
+        lf.source.replace("_fake_kernel", "")

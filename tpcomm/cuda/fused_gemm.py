@@ -1,11 +1,12 @@
 """The GPU engine's fused GEMM + collective ops: rounds, plans and streams around the kernels of
 ``kernels/matmul_reduce_scatter_fused.py`` and ``kernels/all_gather_matmul_fused.py``.
 
-Each function takes the engine (:class:`tpcomm.cuda.p2p_collectives.P2PCollectives`: its symmetric
-buffer's addresses, layout, error words, rank, timeout) and the push family's epoch counters,
-and only launches kernels on the current stream (plus, for the all-gather, a side stream that
-it joins before returning): no host synchronization, so the ops run eagerly and inside CUDA
-graph capture (warm each shape up once before capturing: the first call compiles).
+Each function takes the engine (:class:`tpcomm.cuda.p2p_collectives.P2PCollectives`: its layout
+and launch options) and the push family's sync bundle (``kernels/sync.SyncArgs``: receive
+addresses, epoch counters, error words, rank, timeout), and only launches kernels on the
+current stream (plus, for the all-gather, a side stream that it joins before returning): no
+host synchronization, so the ops run eagerly and inside CUDA graph capture (warm each shape up
+once before capturing: the first call compiles).
 
 Rounds: the receive slots of a push region hold ``slot = push_buf / world`` elements per source
 rank (8 MiB / item per rank at world 1 with the default 32 MiB buffer: 1024 rows of N = 8192
@@ -39,8 +40,9 @@ import weakref
 
 import torch
 
-from ..kernels import (_gemm, all_gather as k_all_gather, all_gather_matmul_fused as k_ag,
-                       barrier as k_barrier, matmul_reduce_scatter_fused as k_rs)
+from ..kernels import (_gemm, all_gather_matmul_fused as k_ag, barrier as k_barrier,
+                       matmul_reduce_scatter_fused as k_rs)
+from ..kernels.sync import SyncArgs
 
 # one side stream per engine (the all-gather's pushes), created on first use
 _SIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -97,7 +99,7 @@ def _launched(k, warmup: bool):
             init()
 
 
-def matmul_reduce_scatter(eng, counters, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+def matmul_reduce_scatter(eng, sync: SyncArgs, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                           *, warmup: bool = False, **gemm) -> None:
     """out [M/world, N] = rows ``rank`` of sum over ranks of ``a @ b``: a [M, K], b [K, N]
     (any strides), out contiguous, one dtype. Per round of ``rows`` rows of every owner's block
@@ -112,7 +114,7 @@ def matmul_reduce_scatter(eng, counters, a: torch.Tensor, b: torch.Tensor, out: 
                          f"ranks")
     _check_out("matmul_reduce_scatter", a, b, out, (M // eng.world, N))
     schedule = _schedule(eng, gemm)
-    _reduce_scatter_rounds(eng, counters, a, b, out, 0, k_barrier.OP_MATMUL_RS, warmup, gemm,
+    _reduce_scatter_rounds(eng, sync, a, b, out, 0, k_barrier.OP_MATMUL_RS, warmup, gemm,
                            schedule)
 
 
@@ -183,7 +185,7 @@ def gemm_config(eng, op: str, a: torch.Tensor, b: torch.Tensor, **gemm) -> _gemm
     return cfg if eng.world == 1 else dataclasses.replace(cfg, flatten=False)
 
 
-def _reduce_scatter_rounds(eng, counters, a, b, out, out_row0, op, warmup, gemm,
+def _reduce_scatter_rounds(eng, sync: SyncArgs, a, b, out, out_row0, op, warmup, gemm,
                            schedule) -> None:
     """The rounds of the fused reduce-scatter of checked operands into rows ``out_row0 ..`` of
     the contiguous ``out`` (one round of all rows with ``schedule`` "single": world 1, where
@@ -194,7 +196,6 @@ def _reduce_scatter_rounds(eng, counters, a, b, out, out_row0, op, warmup, gemm,
     m, N = a.shape[0] // R, b.shape[1]
     if m == 0 or N == 0:
         return
-    L = eng.layout
     slot = _slot(eng, out.element_size())
     if N > slot and schedule == "rounds":
         raise ValueError(f"{k_barrier.OP_NAMES[op][0]}: a row of {N} elements does not fit the "
@@ -206,10 +207,8 @@ def _reduce_scatter_rounds(eng, counters, a, b, out, out_row0, op, warmup, gemm,
         for lo in range(0, m, per_round):
             hi = min(m, lo + per_round)
             _launched(k_rs.matmul_reduce_scatter(
-                p, out, out_row0 + lo, lo, hi - lo, m, eng._push_addrs, eng._my_push,
-                L.push_buf, slot, counters, eng._err_dev, eng._err_host, eng.rank,
-                eng.timeout_ns, itype=kw["itype"], canon=kw["canon"], op=op, warmup=warmup),
-                warmup)
+                p=p, out=out, out_row=out_row0 + lo, lo=lo, rows=hi - lo, m=m, slot_stride=slot,
+                sync=sync, itype=kw["itype"], canon=kw["canon"], op=op, warmup=warmup), warmup)
             if warmup:
                 return   # every round runs the same binary
 
@@ -222,7 +221,7 @@ def _side_stream(eng):
     return stream
 
 
-def all_gather_matmul(eng, counters, a_shard: torch.Tensor, b: torch.Tensor,
+def all_gather_matmul(eng, sync: SyncArgs, a_shard: torch.Tensor, b: torch.Tensor,
                       out: torch.Tensor, *, warmup: bool = False, **gemm) -> None:
     """out [world*m, N] = all_gather(a_shard) @ b: a_shard [m, K] (any strides; copied to
     contiguous rows where it is not), b [K, N], out contiguous, one dtype. Per round of ``rows``
@@ -264,15 +263,14 @@ def all_gather_matmul(eng, counters, a_shard: torch.Tensor, b: torch.Tensor,
                     side.wait_stream(main)
                 with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
                     _launched(k_ag.all_gather_push(
-                        a_shard, lo, rows, eng._push_addrs, flags, counters, L.push_buf,
-                        slot_rows, rank, block_m=p.config.block_m, warmup=warmup), warmup)
+                        a_shard=a_shard, lo=lo, rows=rows, flag_addrs=flags, srows=slot_rows,
+                        sync=sync, block_m=p.config.block_m, warmup=warmup), warmup)
             _launched(k_ag.all_gather_matmul(
-                p, out, lo, rows, m, R, eng._my_push, slot_rows, flags[rank], L.push_buf,
-                counters, eng._err_dev, eng._err_host, rank, eng.timeout_ns, warmup=warmup),
-                warmup)
+                p=p, out=out, lo=lo, rows=rows, m=m, srows=slot_rows, my_flags=flags[rank],
+                sync=sync, warmup=warmup), warmup)
             if R > 1:
                 _launched(k_ag.clear_received(
-                    rows, K, R, eng._my_push, slot_rows, counters, L.push_buf, grid=kw["grid"],
+                    rows=rows, k=K, srows=slot_rows, sync=sync, grid=kw["grid"],
                     num_warps=kw["num_warps"], itype=kw["itype"], block=kw["block"],
                     warmup=warmup), warmup)
             if warmup:
@@ -281,23 +279,22 @@ def all_gather_matmul(eng, counters, a_shard: torch.Tensor, b: torch.Tensor,
             main.wait_stream(side)
 
 
-def _all_gather(eng, counters, inp: torch.Tensor, out: torch.Tensor, warmup: bool) -> None:
-    """``eng.all_gather(inp, out)`` (inp [c], out [world, c] contiguous rows), with warm-up."""
+def _all_gather(eng, inp: torch.Tensor, out: torch.Tensor, warmup: bool) -> None:
+    """``eng.all_gather(inp, out)`` (inp [c], out [world, c] contiguous rows), with warm-up
+    (the engine's bound all-gather kernel, compiled for each chunk)."""
     if not warmup:
         eng.all_gather(inp, out)
         return
-    c, L = inp.numel(), eng.layout
-    step = L.slot_max(inp.element_size())
-    eng._call = k_barrier.call_hash("all_gather", str(inp.dtype).removeprefix("torch."), c)
+    c = inp.numel()
+    step = eng.layout.slot_max(inp.element_size())
+    site = eng._slot_site("all_gather", inp.dtype)
+    h = k_barrier.call_hash("all_gather", str(inp.dtype).removeprefix("torch."), c)
     for lo in range(0, c, step):   # the chunks' alignments may differ: load each binary
         i, o = inp[lo:lo + step], out[:, lo:lo + step]
-        _launched(k_all_gather.all_gather(
-            i, o, i.numel(), out.stride(0), eng._push_addrs, eng._my_push, L.push_buf,
-            L.rs_slot // inp.element_size(), counters, eng._err_dev, eng._err_host, eng.rank,
-            eng.timeout_ns, **eng._kw(inp.dtype), **eng._check_kw(0), warmup=True), True)
+        _launched(site.warmup(i, o, i.numel(), out.stride(0), h), True)
 
 
-def matmul_all_reduce(eng, counters, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
+def matmul_all_reduce(eng, sync: SyncArgs, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
                       warmup: bool = False, **gemm) -> None:
     """out [M, N] = sum over ranks of ``a @ b`` (every rank the same bits): the fused
     reduce-scatter of the first R * (M // R) rows straight into this rank's rows of ``out``,
@@ -312,10 +309,10 @@ def matmul_all_reduce(eng, counters, a: torch.Tensor, b: torch.Tensor, out: torc
     m = M // R
     schedule = _schedule(eng, gemm)
     if m and N:
-        _reduce_scatter_rounds(eng, counters, a[:R * m], b, out, rank * m,
+        _reduce_scatter_rounds(eng, sync, a[:R * m], b, out, rank * m,
                                k_barrier.OP_MATMUL_AR, warmup, dict(gemm), schedule)
         if R > 1:
-            _all_gather(eng, counters, out[rank * m:(rank + 1) * m].view(-1),
+            _all_gather(eng, out[rank * m:(rank + 1) * m].view(-1),
                         out[:R * m].view(R, m * N), warmup)
     t = M - R * m
     if t and N:
@@ -325,7 +322,7 @@ def matmul_all_reduce(eng, counters, a: torch.Tensor, b: torch.Tensor, out: torc
         with eng._dev():
             _launched(_gemm.matmul(_gemm.plan(a[R * m:], b, config, **gemm), prod,
                                    warmup=warmup), warmup)
-        _all_gather(eng, counters, prod.view(-1), gathered, warmup)
+        _all_gather(eng, prod.view(-1), gathered, warmup)
         if not warmup:
             acc = torch.zeros(t * N, dtype=torch.float32, device=out.device)
             for r in range(R):
@@ -333,9 +330,9 @@ def matmul_all_reduce(eng, counters, a: torch.Tensor, b: torch.Tensor, out: torc
             out[R * m:].copy_(acc.view(t, N))
 
 
-def warm_up(eng, counters, op: str, *args, **gemm) -> None:
+def warm_up(eng, sync: SyncArgs, op: str, *args, **gemm) -> None:
     """Compile and load every kernel that ``op`` ("matmul_reduce_scatter", "all_gather_matmul",
     "matmul_all_reduce") launches for these arguments, launching none (ranks emulated in one
     process: call it on every rank's engine before the first call of a shape)."""
     {"matmul_reduce_scatter": matmul_reduce_scatter, "all_gather_matmul": all_gather_matmul,
-     "matmul_all_reduce": matmul_all_reduce}[op](eng, counters, *args, warmup=True, **gemm)
+     "matmul_all_reduce": matmul_all_reduce}[op](eng, sync, *args, warmup=True, **gemm)

@@ -93,6 +93,7 @@ from ..kernels import (all_gather as k_all_gather, all_gather_matmul_fused as k_
                        all_reduce_one_shot as k_one_shot,
                        all_reduce_ring as k_ring, all_reduce_two_shot as k_two_shot,
                        barrier as k_barrier, reduce_scatter as k_reduce_scatter)
+from ..kernels.sync import SyncArgs
 from . import fused_gemm
 
 log = logging.getLogger("tpcomm")
@@ -265,9 +266,6 @@ class P2PCollectives:
         self._push_addrs = tuple(p + L.push_off for p in data)
         self._my_push = self._push_addrs[self.rank]
         self._hdr_addrs = tuple(p + L.hdr_off for p in data)
-        # the call hash of the call being launched (any valid one until then: an int64 kernel
-        # argument, whose Triton type must not change)
-        self._call = k_barrier.call_hash("all_reduce", "float32", 0)
         self._stage_addrs = tuple(p + L.stage_off for p in data)
         self._my_stage = self._stage_addrs[self.rank]
         self._user_addrs = tuple(p + L.user_off for p in data)
@@ -278,16 +276,20 @@ class P2PCollectives:
         pad = buf.signal_pad(self.rank)
         self._counters = [pad[L.counter_word(f):L.counter_word(f) + MAX_GRID] for f in range(3)]
         self._err_dev = pad[L.err_word:L.err_word + 3]   # error word, then a mismatch's hashes
-        self._next_push = self._push_addrs[(self.rank + 1) % self.world]
         self._err_host_tensor = None
         self._err_host = 0
         self._err_word = None       # a ctypes view of the host-mapped error word (read per call)
         self._setup_error_word()
         # the lean launch path (kernels/launch.py): kernels bound once per (op, algorithm,
         # dtype, ...) with everything that does not change between calls; a call binds the
-        # tensors' pointers and its sizes and launches (issue 16)
-        self._common = dict(counter_ptr=None, err_ptr=self._err_dev, err_host=self._err_host,
-                            rank=self.rank, timeout_ns=self.timeout_ns)
+        # tensors' pointers and its sizes and launches (issue 16). What every kernel needs to
+        # synchronize travels as one bundle per family, built here once (kernels/sync.py)
+        self._sync = tuple(SyncArgs(
+            recv_addrs=self._push_addrs, my_recv_addr=self._my_push, buf_stride=L.push_buf,
+            counters=self._counters[f], call_off=L.call_off(f), err_dev=self._err_dev,
+            err_host=self._err_host, rank=self.rank, timeout_ns=self.timeout_ns, wp=L.rp,
+            hdr_addrs=self._hdr_addrs, pad_addrs=self._flags, my_pad_addr=self._my_flags)
+            for f in range(3))
         self._verify = get_settings().debug
         self._dev_index = self.device.index if self._is_cuda else None
         self._sites: dict = {}
@@ -304,7 +306,7 @@ class P2PCollectives:
         try:
             t = torch.zeros(1, dtype=torch.int64, pin_memory=True)
             with torch.cuda.device(self.device):
-                k_barrier.write_word(t.data_ptr(), 12345)
+                k_barrier.write_word(addr=t.data_ptr(), value=12345)
                 torch.cuda.synchronize(self.device)
             if int(t[0]) != 12345:
                 raise TpcommError(f"read back {int(t[0])}")
@@ -483,12 +485,13 @@ class P2PCollectives:
             return torch.cuda.device(self.device)
         return _NULL
 
-    def _site(self, key: tuple, bind, counters_family: int, **kw):
-        """The kernel bound by ``bind`` for ``key`` (made once; kernels/launch.py)."""
+    def _site(self, key: tuple, bind, family: int, **kw):
+        """The kernel bound by ``bind`` for ``key`` (made once; kernels/launch.py), with the
+        sync bundle of kernel ``family``."""
         site = self._sites.get(key)
         if site is None:
-            common = dict(self._common, counter_ptr=self._counters[counters_family])
-            site = bind(common, device=self._dev_index, verify=self._verify, **kw)
+            site = bind(sync=self._sync[family], device=self._dev_index, verify=self._verify,
+                        **kw)
             self._sites[key] = site
         return site
 
@@ -562,16 +565,13 @@ class P2PCollectives:
         L, W = self.layout, self.world
         kw = self._kw(dtype, "one_shot/push" if name == "one_shot" else name)
         common = dict(grid=kw["grid"], num_warps=kw["num_warps"], itype=kw["itype"],
-                      canon=kw["canon"], block=kw["block"], item=item,
-                      **self._check_consts(FAM_PUSH))
+                      canon=kw["canon"], block=kw["block"], item=item)
         if name == "one_shot":
             plan = (0, None)
         elif name == "one_shot/push":
             site = self._site(("one_shot/push", dtype, kw["block"]),
                               k_one_shot.bind_all_reduce_one_shot_push, FAM_PUSH,
-                              recv_addrs=self._push_addrs, my_recv_addr=self._my_push,
-                              buf_stride=L.push_buf, slot_stride=L.push_buf // W // item,
-                              **common)
+                              slot_stride=L.push_buf // W // item, **common)
             # through a lambda: site.launch is replaced after its first call (launch.py)
             plan = (L.one_shot_push_max(item), lambda i, o, n, h: site.launch(i, o, n, h))
         elif name == "one_shot/pull":   # its modes depend on where the input lives
@@ -580,16 +580,12 @@ class P2PCollectives:
         elif name == "two_shot":
             site = self._site(("two_shot", dtype, kw["block"]),
                               k_two_shot.bind_all_reduce_two_shot, FAM_PUSH,
-                              recv_addrs=self._push_addrs, my_recv_addr=self._my_push,
-                              buf_stride=L.push_buf, rs_slot_stride=L.rs_slot // item,
-                              ag_off=W * L.rs_slot, **common)
+                              rs_slot_stride=L.rs_slot // item, ag_off=W * L.rs_slot, **common)
             plan = (L.two_shot_max(item),
                     lambda i, o, n, h: site.launch(i, o, n, _split(n, W), h))
         else:
             site = self._site(("ring", dtype, kw["block"]), k_ring.bind_all_reduce_ring, FAM_PUSH,
-                              next_addr=self._next_push, my_recv_addr=self._my_push,
-                              buf_stride=L.push_buf, ag_off=4 * L.ring_max(item), world=W,
-                              recv_addrs=self._push_addrs, **common)
+                              ag_off=4 * L.ring_max(item), **common)
             plan = (L.ring_max(item),
                     lambda i, o, n, h: site.launch(i, o, n, _split(n, W), h))
         self._plans[(algorithm, dtype)] = plan
@@ -617,19 +613,7 @@ class P2PCollectives:
             ("one_shot/pull", mode, dtype, block), k_one_shot.bind_all_reduce_one_shot_pull,
             FAM_PULL, src_addrs=self._stage_addrs if mode == 0 else None,
             my_src_addr=self._my_stage, slot_bytes=L.stage if mode != 1 else 0,
-            pad_addrs=self._flags, my_pad_addr=self._my_flags, hdr_addrs=self._hdr_addrs,
-            mode=mode, grid=L.grid, num_warps=self.num_warps, rp=L.rp, block=block,
-            call_off=L.call_off(FAM_PULL))
-
-    def _check_consts(self, family: int) -> dict:
-        """The call check's constants of a push-family kernel (bound once: ``call_off`` the
-        family's call counters, ``wp`` the padded world)."""
-        return dict(call_off=self.layout.call_off(family), wp=self.layout.rp)
-
-    def _check_kw(self, family: int) -> dict:
-        """The call check's launch arguments of a push-family kernel through its plain
-        launcher (fused_gemm's warm-up; ``_call`` is set)."""
-        return dict(call_hash=self._call, **self._check_consts(family))
+            mode=mode, grid=L.grid, num_warps=self.num_warps, block=block)
 
     def fused_norm_max_hidden(self) -> int:
         """Largest hidden size :meth:`all_reduce_add_rms_norm` takes (one row per block)."""
@@ -664,11 +648,8 @@ class P2PCollectives:
             kw = self._kw(x.dtype, "one_shot/push")
             site = self._site(("fused_norm", x.dtype, hidden, warps),
                               k_add_norm.bind_all_reduce_add_rms_norm_one_shot_push, FAM_PUSH,
-                              hidden=hidden, recv_addrs=self._push_addrs,
-                              my_recv_addr=self._my_push, buf_stride=L.push_buf,
-                              slot_stride=slot, grid=kw["grid"], num_warps=warps,
-                              itype=kw["itype"], canon=kw["canon"], item=item,
-                              **self._check_consts(FAM_PUSH))
+                              hidden=hidden, slot_stride=slot, grid=kw["grid"],
+                              num_warps=warps, itype=kw["itype"], canon=kw["canon"], item=item)
         eps = float(eps)
         with self._dev():
             if rows <= per_round:
@@ -716,10 +697,9 @@ class P2PCollectives:
         if site is None:
             bind = (k_reduce_scatter.bind_reduce_scatter if op == "reduce_scatter"
                     else k_all_gather.bind_all_gather)
-            site = self._site(key, bind, FAM_PUSH, recv_addrs=self._push_addrs,
-                              my_recv_addr=self._my_push, buf_stride=self.layout.push_buf,
+            site = self._site(key, bind, FAM_PUSH,
                               slot_stride=self.layout.rs_slot // dtype.itemsize,
-                              item=dtype.itemsize, **kw, **self._check_consts(FAM_PUSH))
+                              item=dtype.itemsize, **kw)
         return site
 
     # ------------------------------------------------- fused GEMM + collective (fused_gemm.py)
@@ -727,24 +707,24 @@ class P2PCollectives:
                               **gemm) -> None:
         """out [M/world, N] = rows ``rank`` of sum over ranks of ``a @ b``, the send and the
         receive fused into the GEMM (``fused_gemm.matmul_reduce_scatter``)."""
-        fused_gemm.matmul_reduce_scatter(self, self._counters[FAM_PUSH], a, b, out, **gemm)
+        fused_gemm.matmul_reduce_scatter(self, self._sync[FAM_PUSH], a, b, out, **gemm)
 
     def all_gather_matmul(self, a_shard: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                           **gemm) -> None:
         """out [world*m, N] = all_gather(a_shard) @ b, the GEMM's tiles waiting only for the
         rows they read (``fused_gemm.all_gather_matmul``)."""
-        fused_gemm.all_gather_matmul(self, self._counters[FAM_PUSH], a_shard, b, out, **gemm)
+        fused_gemm.all_gather_matmul(self, self._sync[FAM_PUSH], a_shard, b, out, **gemm)
 
     def matmul_all_reduce(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                           **gemm) -> None:
         """out [M, N] = sum over ranks of ``a @ b``: the fused reduce-scatter, then a push
         all-gather (``fused_gemm.matmul_all_reduce``)."""
-        fused_gemm.matmul_all_reduce(self, self._counters[FAM_PUSH], a, b, out, **gemm)
+        fused_gemm.matmul_all_reduce(self, self._sync[FAM_PUSH], a, b, out, **gemm)
 
     def warm_up_fused(self, op: str, *args, **gemm) -> None:
         """Compile and load the kernels of fused ``op`` for these arguments without running
         them (``fused_gemm.warm_up``: ranks emulated in one process need it)."""
-        fused_gemm.warm_up(self, self._counters[FAM_PUSH], op, *args, **gemm)
+        fused_gemm.warm_up(self, self._sync[FAM_PUSH], op, *args, **gemm)
 
     def all_gather(self, inp: torch.Tensor, out: torch.Tensor,
                    algorithm: str = "direct", *, total: int = -1, offset: int = 0) -> None:
@@ -775,8 +755,7 @@ class P2PCollectives:
         site = self._sites.get(("barrier",))
         if site is None:
             site = self._site(("barrier",), k_barrier.bind_barrier, FAM_BARRIER,
-                              pad_addrs=self._flags, my_pad_addr=self._my_flags,
-                              slot=self.layout.barrier_slot, rp=self.layout.rp)
+                              slot=self.layout.barrier_slot)
         with self._dev():
             site.launch()
 

@@ -328,15 +328,6 @@ def halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
 
 
-@triton.jit
-def pick(addrs, d, R: tl.constexpr):
-    """addrs[d] for a runtime d (a select chain over the tuple of R addresses)."""
-    addr = addrs[0]
-    for q in tl.static_range(1, R):
-        addr = tl.where(d == q, addrs[q], addr)
-    return addr
-
-
 # ---------------------------------------------------------------- the plain GEMM
 
 

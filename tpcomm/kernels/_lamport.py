@@ -22,7 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .barrier import _bit_or, _hdr_slot, is_dead, lowest_bit, now_ns
+from .barrier import (_bit_or, _hdr_slot, call_begin, call_check, call_post, is_dead,
+                      keep_waiting, lowest_bit, now_ns, record_error, record_mismatch)
 
 
 @triton.jit
@@ -70,20 +71,23 @@ def poll_sum(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead, DTYPE: tl
     late = -1
     pending = dead == 0
     while pending:
-        acc = tl.zeros(offs.shape, tl.float32)
-        missing = tl.zeros(offs.shape, tl.int32)
-        for q in tl.static_range(R):
-            b = tl.load(base + q * slot_stride + offs, mask=mask, other=0, volatile=True)
-            missing = missing | (((b == -1) & mask).to(tl.int32) << q)
-            acc += b.to(DTYPE, bitcast=True).to(tl.float32)
+        acc, missing = _load_slots(base, slot_stride, offs, mask, DTYPE, R)
         bits = tl.reduce(missing, 0, _bit_or)
-        pending = bits != 0
-        if pending:
-            if now_ns() - t0 > timeout_ns:
-                late = lowest_bit(bits, R)
-                dead = 1
-                pending = False
+        pending, dead, late = keep_waiting(bits, t0, timeout_ns, dead, late, R)
     return acc, dead, late
+
+
+@triton.jit
+def _load_slots(base, slot_stride, offs, mask, DTYPE: tl.constexpr, R: tl.constexpr):
+    """One round of a poll of slots 0..R-1 (volatile loads): their float32 sum in slot order
+    and, per element, a bit per slot that still holds the sentinel."""
+    acc = tl.zeros(offs.shape, tl.float32)
+    missing = tl.zeros(offs.shape, tl.int32)
+    for q in tl.static_range(R):
+        b = tl.load(base + q * slot_stride + offs, mask=mask, other=0, volatile=True)
+        missing = missing | (((b == -1) & mask).to(tl.int32) << q)
+        acc += b.to(DTYPE, bitcast=True).to(tl.float32)
+    return acc, missing
 
 
 @triton.jit
@@ -110,12 +114,7 @@ def poll_sum_call(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead, hdr_
     pending = dead == 0
     while pending:
         h = tl.load(hptrs, mask=hmask, other=word, volatile=True)
-        acc = tl.zeros(offs.shape, tl.float32)
-        missing = tl.zeros(offs.shape, tl.int32)
-        for q in tl.static_range(R):
-            b = tl.load(base + q * slot_stride + offs, mask=mask, other=0, volatile=True)
-            missing = missing | (((b == -1) & mask).to(tl.int32) << q)
-            acc += b.to(DTYPE, bitcast=True).to(tl.float32)
+        acc, missing = _load_slots(base, slot_stride, offs, mask, DTYPE, R)
         ahead = ((h & 0xFFFF) - ep) & 0xFFFF      # 0: this call; < 0x8000: a newer one
         # the [WP] header vector is replicated in every warp, and its reduction is a warp
         # shuffle: these two words are per warp (each warp loaded the headers itself). Folded
@@ -142,12 +141,7 @@ def poll_sum_call(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead, hdr_
             dead = 1
             pending = False
         else:
-            pending = bits != 0
-            if pending:
-                if now_ns() - t0 > timeout_ns:
-                    late = lowest_bit(bits, WP)
-                    dead = 1
-                    pending = False
+            pending, dead, late = keep_waiting(bits, t0, timeout_ns, dead, late, WP)
     return acc, dead, late, bad, theirs
 
 
@@ -176,3 +170,88 @@ def clear_slots(base_addr, slot_stride, offs, mask, ITYPE: tl.constexpr, R: tl.c
     base = typed(base_addr, ITYPE)
     for q in tl.static_range(R):
         tl.store(base + q * slot_stride + offs, tl.full(offs.shape, -1, ITYPE), mask=mask)
+
+
+# ---- the steps every push kernel shares (``sync``: kernels/sync.DeviceSync) -------------------
+#
+#     pid, G, epoch, buf_off, dead, t0, cep, word = begin(sync, rank, call_hash, R, CALL_OFF)
+#     ... push; check_calls (or receive_sum with check=0 first) before any peer's data is read
+#     ... receive: receive_sum (R slots summed) / receive_copy (one slot copied) / receive_one
+#     end(sync, pid, epoch, cep, CALL_OFF)
+
+
+@triton.jit
+def begin(sync, rank, call_hash, R: tl.constexpr, CALL_OFF: tl.constexpr):
+    """:func:`prologue`, then this block's call header (``barrier.call_begin``) stored into
+    every peer's header area (at its receive base + 2 x buf_stride). Returns (pid, G, epoch,
+    buf_off, dead, t0, cep, word)."""
+    pid, G, epoch, buf_off, dead, t0 = prologue(sync.counter_ptr, sync.err_ptr, sync.buf_stride)
+    cep, word = call_begin(sync.counter_ptr + CALL_OFF, call_hash)
+    call_post(sync.recv_addrs, 2 * sync.buf_stride, cep, word, rank, rank, R, R)
+    return pid, G, epoch, buf_off, dead, t0, cep, word
+
+
+@triton.jit
+def end(sync, pid, epoch, cep, CALL_OFF: tl.constexpr):
+    """This block's epoch and call epoch stored back (the next op of the family waits for
+    the next ones)."""
+    tl.store(sync.counter_ptr + pid, epoch)
+    tl.store(sync.counter_ptr + CALL_OFF + pid, cep)
+
+
+@triton.jit
+def check_calls(sync, cep, word, rank, t0, dead, op, epoch, R: tl.constexpr, WP: tl.constexpr):
+    """``barrier.call_check`` against every peer's header in this rank's header area; returns
+    the updated ``dead``."""
+    return call_check(sync.my_recv_addr + 2 * sync.buf_stride, cep, word, rank, -1, t0,
+                      sync.timeout_ns, dead, sync.err_ptr, sync.err_host, op, epoch, R, WP)
+
+
+@triton.jit
+def receive_one(sync, src, offs, mask, t0, dead, rank, peer, epoch, op, phase,
+                ITYPE: tl.constexpr):
+    """Wait (bounded) until the slot at ``src`` holds data at ``offs`` (:func:`poll_one`);
+    a timeout is recorded against ``peer``. Returns (bits, dead); the caller clears."""
+    bits, dead, late = poll_one(src, offs, mask, t0, sync.timeout_ns, dead, ITYPE)
+    if late != 0:
+        record_error(sync.err_ptr, sync.err_host, op, phase, rank, peer, epoch)
+    return bits, dead
+
+
+@triton.jit
+def receive_copy(sync, src, dst, offs, mask, t0, dead, rank, peer, epoch, op, phase, fwd,
+                 ITYPE: tl.constexpr, DTYPE: tl.constexpr, FWD: tl.constexpr):
+    """The receive step of a copy: :func:`receive_one`, the bits stored at the DTYPE pointer
+    ``dst`` + offs, forwarded to ``fwd`` (a push into a peer's slot) where FWD, and the slot
+    cleared. Returns ``dead``."""
+    bits, dead = receive_one(sync, src, offs, mask, t0, dead, rank, peer, epoch, op, phase,
+                             ITYPE)
+    # none after an error (a mismatch, a timeout): the slot is still cleared, the bits forwarded
+    tl.store(dst + offs, bits.to(DTYPE, bitcast=True), mask=mask & (dead == 0))
+    if FWD:
+        push(fwd, offs, bits, mask, ITYPE)
+    clear(src, offs, mask, ITYPE)
+    return dead
+
+
+@triton.jit
+def receive_sum(sync, mine, slot_stride, offs, mask, t0, dead, rank, epoch, checked, cep, word,
+                op, DTYPE: tl.constexpr, ITYPE: tl.constexpr, R: tl.constexpr,
+                WP: tl.constexpr):
+    """The reduce-scatter receive: the float32 sum of slots 0..R-1 at ``mine`` + offs in slot
+    order (:func:`poll_sum`; while ``checked`` is 0, :func:`poll_sum_call`: the peers' call
+    headers checked in the same loop); a timeout or a mismatch recorded. Returns (acc, dead); the
+    caller stores and then clears the slots (:func:`clear_slots`)."""
+    if checked == 0:
+        acc, dead, late, bad, theirs = poll_sum_call(
+            mine, slot_stride, offs, mask, t0, sync.timeout_ns, dead,
+            sync.my_recv_addr + 2 * sync.buf_stride, cep, word, rank, DTYPE, ITYPE, R, WP)
+        if bad >= 0:
+            record_mismatch(sync.err_ptr, sync.err_host, op, rank, bad, epoch, word >> 16,
+                            theirs >> 16)
+    else:
+        acc, dead, late = poll_sum(mine, slot_stride, offs, mask, t0, sync.timeout_ns, dead,
+                                   DTYPE, ITYPE, R)
+    if late >= 0:
+        record_error(sync.err_ptr, sync.err_host, op, 0, rank, late, epoch)
+    return acc, dead

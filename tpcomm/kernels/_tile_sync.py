@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._lamport import typed
-from .barrier import INTERPRET, lowest_bit, now_ns
+from .barrier import INTERPRET, keep_waiting, now_ns
 
 
 @triton.jit
@@ -48,12 +48,7 @@ def poll_sum_tile(base_addr, slot_stride, own, offs, mask, t0, timeout_ns, dead,
                 # one flag per slot (a reduction each), not a bit mask per element: registers
                 bits = bits | (tl.max(((b == -1) & mask).to(tl.int32)) << q)
             acc += b.to(DTYPE, bitcast=True).to(tl.float32)
-        pending = bits != 0
-        if pending:
-            if now_ns() - t0 > timeout_ns:
-                late = lowest_bit(bits, R)
-                dead = 1
-                pending = False
+        pending, dead, late = keep_waiting(bits, t0, timeout_ns, dead, late, R)
     return acc, dead, late
 
 

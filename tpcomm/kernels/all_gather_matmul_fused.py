@@ -52,14 +52,16 @@ shared memory) and sit beside the GEMM's one block per SM.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from . import _gemm
-from ._gemm import device_descs, halves, mainloop, pick, tile_coords
+from ._gemm import device_descs, halves, mainloop, tile_coords
 from ._lamport import prologue, typed
 from ._tile_sync import fence_async_proxy, signal_flag, wait_flag, wait_flags_below
-from .barrier import OP_ALL_GATHER_MATMUL, record_error
+from .barrier import OP_ALL_GATHER_MATMUL, pick, record_error
+from .sync import SyncArgs
 
 _OP: tl.constexpr = tl.constexpr(OP_ALL_GATHER_MATMUL)   # the op code a timeout records
 MAX_T = 256          # row tiles per round (flags per source rank): 256 x 128 = 32768 rows
@@ -196,39 +198,40 @@ def recv_mode(p: _gemm.Plan, k: int) -> int:
     return _gemm.PTR
 
 
-def all_gather_push(a_shard, lo, rows, recv_addrs, flag_addrs, counters, buf_stride, srows,
-                    rank, *, block_m, warmup=False):
-    """This rank's rows ``a_shard[lo:lo+rows]`` (contiguous [m, K]) into slot ``rank`` of
-    every rank's region (its own first), flags ``[rank][t]`` raised on every rank
-    (``flag_addrs``: each rank's flag area). Grid PUSH_GRID. ``warmup``: compile only."""
+def all_gather_push(*, a_shard: torch.Tensor, lo: int, rows: int, flag_addrs: tuple[int, ...],
+                    srows: int, sync: SyncArgs, block_m: int, warmup: bool = False):
+    """This rank's rows ``a_shard[lo:lo+rows]`` (a_shard [m, K] contiguous) into slot ``rank``
+    (``srows`` rows) of every rank's region (its own first), flags ``[rank][t]`` raised on
+    every rank (``flag_addrs``: each rank's flag area). Grid PUSH_GRID. ``warmup``: compile
+    only."""
     K = a_shard.shape[1]
     block = PUSH_WARPS * 32 * (16 // a_shard.element_size()) * 4
     grid = (PUSH_GRID,)
     fn = _all_gather_push_kernel.warmup if warmup else _all_gather_push_kernel[grid]
     kw = dict(grid=grid) if warmup else {}
-    return fn(a_shard, lo, rows, K, tuple(recv_addrs), tuple(flag_addrs), counters, buf_stride,
-              srows, rank, R=len(recv_addrs), BLOCK_M=block_m, BLOCK=block,
+    return fn(a_shard, lo, rows, K, tuple(sync.recv_addrs), tuple(flag_addrs), sync.counters,
+              sync.buf_stride, srows, sync.rank, R=sync.world, BLOCK_M=block_m, BLOCK=block,
               MAX_T=MAX_T, num_warps=PUSH_WARPS, **kw)
 
 
-def clear_received(rows, k, world, my_recv_addr, srows, counters, buf_stride, *, grid,
-                   num_warps, itype, block, warmup=False):
-    """After a round's GEMM: the sentinel back into the ``rows x k`` elements each rank pushed
-    into this rank's region (the push family's invariant: a region holds the sentinel wherever
-    no data is in flight). ``warmup``: compile only."""
+def clear_received(*, rows: int, k: int, srows: int, sync: SyncArgs, grid: int, num_warps: int,
+                   itype: tl.dtype, block: int, warmup: bool = False):
+    """After a round's GEMM: the sentinel back into the [rows, k] elements each rank pushed
+    into this rank's region (slots of ``srows`` rows; the push family's invariant: a region
+    holds the sentinel wherever no data is in flight). ``warmup``: compile only."""
     fn = _clear_received_kernel.warmup if warmup else _clear_received_kernel[(grid,)]
     kw = dict(grid=(grid,)) if warmup else {}
-    return fn(my_recv_addr, counters, buf_stride, srows, rows, k, R=world, ITYPE=itype,
-              BLOCK=block, num_warps=num_warps, **kw)
+    return fn(sync.my_recv_addr, sync.counters, sync.buf_stride, srows, rows, k, R=sync.world,
+              ITYPE=itype, BLOCK=block, num_warps=num_warps, **kw)
 
 
-def all_gather_matmul(p: _gemm.Plan, out, lo, rows, m, world, my_recv_addr, srows, my_flags,
-                      buf_stride, counters, err_dev, err_host, rank, timeout_ns, *,
-                      warmup=False):
-    """One round's GEMM: out rows ``q*m + lo ..`` (+ ``rows``) for every shard q, the own one
-    from the planned ``a_shard``, the peers' from this rank's region as their flags arrive.
-    ``out`` [world*m, N] with contiguous rows. Grid: the plan's NUM_SMS (the push family's G).
-    ``warmup``: compile only."""
+def all_gather_matmul(*, p: _gemm.Plan, out: torch.Tensor, lo: int, rows: int, m: int,
+                      srows: int, my_flags: int, sync: SyncArgs, warmup: bool = False):
+    """One round's GEMM: out [R*m, N] (contiguous rows) rows ``q*m + lo ..`` (+ ``rows``) for
+    every shard q, the own one from the planned a_shard [m, K], the peers' from this rank's
+    region (slots of ``srows`` rows) as their flags at ``my_flags`` arrive. Grid: the plan's
+    NUM_SMS (the push family's G). ``warmup``: compile only."""
+    world = sync.world
     grid = (p.grid_cap,)
     recv = recv_mode(p, p.args[4]) if world > 1 else _gemm.PTR   # world 1: no region read
     if recv == _gemm.DEVICE_DESC and not _gemm.INTERPRET:
@@ -241,6 +244,7 @@ def all_gather_matmul(p: _gemm.Plan, out, lo, rows, m, world, my_recv_addr, srow
         if desc is not None:
             out_arg, out_desc = desc, True
     meta = dict(p.meta, FLATTEN=p.meta["FLATTEN"] and world == 1)
-    return fn(*p.args, out_arg, out.stride(0), lo, m, rows, my_recv_addr, srows, my_flags,
-              buf_stride, counters, err_dev, err_host, rank, timeout_ns, R=world,
-              RECV_DESC=recv, MAX_T=MAX_T, OUT_DESC=out_desc, **meta, **kw)
+    return fn(*p.args, out_arg, out.stride(0), lo, m, rows, sync.my_recv_addr, srows, my_flags,
+              sync.buf_stride, sync.counters, sync.err_dev, sync.err_host, sync.rank,
+              sync.timeout_ns, R=world, RECV_DESC=recv, MAX_T=MAX_T, OUT_DESC=out_desc, **meta,
+              **kw)

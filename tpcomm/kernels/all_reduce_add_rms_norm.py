@@ -30,10 +30,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._lamport import clear_slots, poll_sum, poll_sum_call, prologue, push, sanitize
-from .barrier import (ERR_ADD_RMS_NORM, call_begin, call_check, call_post, record_error,
-                      record_mismatch)
+from ._lamport import begin, check_calls, clear_slots, end, push, receive_sum, sanitize
+from .barrier import ERR_ADD_RMS_NORM
 from .launch import LeanKernel
+from .sync import SyncArgs
 
 # Largest hidden size handled by one block (16384 bf16 = 32 KiB per row, 64 float32 values per
 # thread at 8 warps): above it registers spill and the unfused path is as fast.
@@ -43,38 +43,25 @@ MAX_H = 16384
 # rows not specialized either: one binary for every batch size (decode batches vary)
 @triton.jit(do_not_specialize=["rank", "rows", "call_hash"])
 def _all_reduce_add_rms_norm_one_shot_push_kernel(
-        x_ptr, res_ptr, w_ptr, normed_ptr, rows, H, eps,
-        recv_addrs, my_recv_addr, buf_stride, slot_stride,
-        counter_ptr, err_ptr, err_host, rank, timeout_ns, call_hash,
+        x_ptr, res_ptr, w_ptr, normed_ptr, rows, H, eps, slot_stride, sync, rank, call_hash,
         R: tl.constexpr, BLOCK_H: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
         ITEM: tl.constexpr, CALL_OFF: tl.constexpr, WP: tl.constexpr):
-    pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
-    cep, word = call_begin(counter_ptr + CALL_OFF, call_hash)
-    call_post(recv_addrs, 2 * buf_stride, cep, word, rank, rank, R, R)
+    pid, G, epoch, buf_off, dead, t0, cep, word = begin(sync, rank, call_hash, R, CALL_OFF)
     checked = 0
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_H)
     cm = cols < H
     w = tl.load(w_ptr + cols, mask=cm, other=0).to(tl.float32)
-    mine = my_recv_addr + buf_off
+    mine = sync.my_recv_addr + buf_off
     for row in range(pid, rows, G):
         offs = row * H + cols
         bits = sanitize(tl.load(x_ptr + offs, mask=cm), ITYPE, CANON)
         for q in tl.static_range(R):
-            push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, cm, ITYPE)
-        if checked == 0:   # the first poll also checks the peers' calls (one round trip)
-            acc, dead, late, bad, theirs = poll_sum_call(
-                mine, slot_stride, offs, cm, t0, timeout_ns, dead, my_recv_addr + 2 * buf_stride,
-                cep, word, rank, DTYPE, ITYPE, R, WP)
-            if bad >= 0:
-                record_mismatch(err_ptr, err_host, ERR_ADD_RMS_NORM, rank, bad, epoch, word >> 16,
-                                theirs >> 16)
-            checked = 1
-        else:
-            acc, dead, late = poll_sum(mine, slot_stride, offs, cm, t0, timeout_ns, dead, DTYPE,
-                                       ITYPE, R)
-        if late >= 0:
-            record_error(err_ptr, err_host, ERR_ADD_RMS_NORM, 0, rank, late, epoch)
+            push(sync.recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, cm, ITYPE)
+        # the first poll also checks the peers' calls (one round trip)
+        acc, dead = receive_sum(sync, mine, slot_stride, offs, cm, t0, dead, rank, epoch, checked,
+                                cep, word, ERR_ADD_RMS_NORM, DTYPE, ITYPE, R, WP)
+        checked = 1
         y = acc.to(DTYPE)
         wm = cm & (dead == 0)   # no output after an error: x and residual keep their values
         tl.store(x_ptr + offs, y, mask=wm)
@@ -86,43 +73,23 @@ def _all_reduce_add_rms_norm_one_shot_push_kernel(
         tl.store(normed_ptr + offs, (rf * inv * w).to(DTYPE), mask=wm)
         clear_slots(mine, slot_stride, offs, cm, ITYPE, R)
     if checked == 0:
-        dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0, timeout_ns,
-                          dead, err_ptr, err_host, ERR_ADD_RMS_NORM, epoch, R, WP)
-    tl.store(counter_ptr + pid, epoch)
-    tl.store(counter_ptr + CALL_OFF + pid, cep)
+        dead = check_calls(sync, cep, word, rank, t0, dead, ERR_ADD_RMS_NORM, epoch, R, WP)
+    end(sync, pid, epoch, cep, CALL_OFF)
 
 
-def all_reduce_add_rms_norm_one_shot_push(x, residual, weight, normed, rows, hidden, eps,
-                                          recv_addrs, my_recv_addr, buf_stride, slot_stride,
-                                          counters, err_dev, err_host, rank, timeout_ns, *,
-                                          grid, num_warps, itype, canon, call_hash, call_off,
-                                          wp):
-    """x, residual, normed: ``rows`` x ``hidden`` contiguous; weight: [hidden]. x and residual
-    are updated in place (see the module docstring); ``rows * hidden`` must fit a push slot."""
-    if hidden > MAX_H:
-        raise ValueError(f"fused all_reduce_add_rms_norm handles hidden sizes up to {MAX_H}, "
-                         f"got {hidden}")
-    _all_reduce_add_rms_norm_one_shot_push_kernel[(grid,)](
-        x, residual, weight, normed, rows, hidden, eps, recv_addrs, my_recv_addr, buf_stride,
-        slot_stride, counters, err_dev, err_host, rank, timeout_ns, call_hash,
-        R=len(recv_addrs), BLOCK_H=triton.next_power_of_2(hidden), ITYPE=itype, CANON=canon,
-        ITEM=x.element_size(), CALL_OFF=call_off, WP=wp, num_warps=num_warps)
-
-
-def bind_all_reduce_add_rms_norm_one_shot_push(common: dict, *, hidden, recv_addrs, my_recv_addr,
-                                               buf_stride, slot_stride, grid, num_warps, itype,
-                                               canon, item, call_off, wp, device=None,
-                                               verify=False) -> LeanKernel:
-    """The fused kernel for rows of ``hidden`` with everything but ``(x, residual, weight,
-    normed, rows, eps, call_hash)`` bound."""
+def bind_all_reduce_add_rms_norm_one_shot_push(*, sync: SyncArgs, hidden: int, slot_stride: int,
+                                               grid: int, num_warps: int, itype: tl.dtype,
+                                               canon: int, item: int, device: int | None = None,
+                                               verify: bool = False) -> LeanKernel:
+    """x, residual, normed [rows, hidden], weight [hidden] (x, residual updated in place):
+    ``.launch(x, residual, weight, normed, rows, eps, call_hash)``."""
     if hidden > MAX_H:
         raise ValueError(f"fused all_reduce_add_rms_norm handles hidden sizes up to {MAX_H}, "
                          f"got {hidden}")
     return LeanKernel(
         _all_reduce_add_rms_norm_one_shot_push_kernel, grid,
         call=("x_ptr", "res_ptr", "w_ptr", "normed_ptr", "rows", "eps", "call_hash"),
-        fixed=dict(common, H=hidden, recv_addrs=recv_addrs, my_recv_addr=my_recv_addr,
-                   buf_stride=buf_stride, slot_stride=slot_stride),
-        constexprs=dict(R=len(recv_addrs), BLOCK_H=triton.next_power_of_2(hidden), ITYPE=itype,
-                        CANON=canon, ITEM=item, CALL_OFF=call_off, WP=wp),
+        fixed=dict(H=hidden, slot_stride=slot_stride, sync=sync.device(), rank=sync.rank),
+        constexprs=dict(R=sync.world, BLOCK_H=triton.next_power_of_2(hidden), ITYPE=itype,
+                        CANON=canon, ITEM=item, CALL_OFF=sync.call_off, WP=sync.wp),
         num_warps=num_warps, device=device, verify=verify)

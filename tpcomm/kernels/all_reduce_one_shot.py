@@ -23,51 +23,39 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._lamport import clear_slots, poll_sum, poll_sum_call, prologue, push, sanitize, typed
+from ._lamport import (begin, check_calls, clear_slots, end, prologue, push, receive_sum,
+                       sanitize, typed)
 from .barrier import (ERR_ONE_SHOT_PULL, ERR_ONE_SHOT_PUSH, NPHASE, blockwise_barrier, call_begin,
-                      call_check, call_post, pick, record_error, record_mismatch)
+                      call_check, call_post, pick)
 from .launch import LeanKernel
+from .sync import SyncArgs
 
 
 @triton.jit(do_not_specialize=["rank", "call_hash"])
 def _all_reduce_one_shot_push_kernel(
-        inp_ptr, out_ptr, n, recv_addrs, my_recv_addr, buf_stride, slot_stride,
-        counter_ptr, err_ptr, err_host, rank, timeout_ns, call_hash,
+        inp_ptr, out_ptr, n, slot_stride, sync, rank, call_hash,
         R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
         ITEM: tl.constexpr, CALL_OFF: tl.constexpr, WP: tl.constexpr):
-    pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
+    pid, G, epoch, buf_off, dead, t0, cep, word = begin(sync, rank, call_hash, R, CALL_OFF)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
-    cep, word = call_begin(counter_ptr + CALL_OFF, call_hash)
-    call_post(recv_addrs, 2 * buf_stride, cep, word, rank, rank, R, R)
     checked = 0
     for start in range(pid * BLOCK, n, G * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < n
         bits = sanitize(tl.load(inp_ptr + offs, mask=m), ITYPE, CANON)
         for q in tl.static_range(R):
-            push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, m, ITYPE)
-        mine = my_recv_addr + buf_off
-        if checked == 0:   # the first poll also checks the peers' calls (one round trip)
-            acc, dead, late, bad, theirs = poll_sum_call(
-                mine, slot_stride, offs, m, t0, timeout_ns, dead, my_recv_addr + 2 * buf_stride,
-                cep, word, rank, DTYPE, ITYPE, R, WP)
-            if bad >= 0:
-                record_mismatch(err_ptr, err_host, ERR_ONE_SHOT_PUSH, rank, bad, epoch, word >> 16,
-                                theirs >> 16)
-            checked = 1
-        else:
-            acc, dead, late = poll_sum(mine, slot_stride, offs, m, t0, timeout_ns, dead, DTYPE,
-                                       ITYPE, R)
-        if late >= 0:
-            record_error(err_ptr, err_host, ERR_ONE_SHOT_PUSH, 0, rank, late, epoch)
+            push(sync.recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, m, ITYPE)
+        mine = sync.my_recv_addr + buf_off
+        # the first poll also checks the peers' calls (one round trip)
+        acc, dead = receive_sum(sync, mine, slot_stride, offs, m, t0, dead, rank, epoch, checked,
+                                cep, word, ERR_ONE_SHOT_PUSH, DTYPE, ITYPE, R, WP)
+        checked = 1
         # no output after an error (a mismatch, a timeout): an in-place input keeps its values
         tl.store(out_ptr + offs, acc.to(DTYPE), mask=m & (dead == 0))
         clear_slots(mine, slot_stride, offs, m, ITYPE, R)
     if checked == 0:
-        dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0, timeout_ns,
-                          dead, err_ptr, err_host, ERR_ONE_SHOT_PUSH, epoch, R, WP)
-    tl.store(counter_ptr + pid, epoch)
-    tl.store(counter_ptr + CALL_OFF + pid, cep)
+        dead = check_calls(sync, cep, word, rank, t0, dead, ERR_ONE_SHOT_PUSH, epoch, R, WP)
+    end(sync, pid, epoch, cep, CALL_OFF)
 
 
 @triton.jit(do_not_specialize=["rank", "call_hash"])
@@ -125,54 +113,35 @@ def _all_reduce_one_shot_pull_kernel(
     tl.store(counter_ptr + CALL_OFF + pid, cep)
 
 
-def all_reduce_one_shot_push(inp, out, n, recv_addrs, my_recv_addr, buf_stride, slot_stride,
-                             counters, err_dev, err_host, rank, timeout_ns, *, grid, num_warps,
-                             itype, canon, block, call_hash, call_off, wp):
-    """``call_hash``: ``barrier.call_hash`` of the call; ``call_off``: the call counters' word
-    offset from ``counters``; ``wp``: the world rounded up to a power of two (>= 2)."""
-    _all_reduce_one_shot_push_kernel[(grid,)](
-        inp, out, n, recv_addrs, my_recv_addr, buf_stride, slot_stride, counters, err_dev,
-        err_host, rank, timeout_ns, call_hash, R=len(recv_addrs), BLOCK=block, ITYPE=itype,
-        CANON=canon, ITEM=inp.element_size(), CALL_OFF=call_off, WP=wp, num_warps=num_warps)
-
-
-def all_reduce_one_shot_pull(inp, out, n, src_addrs, my_src_addr, slot_bytes, pad_addrs,
-                             my_pad_addr, counters, err_dev, err_host, rank, timeout_ns, *, mode,
-                             grid, num_warps, rp, block, call_hash, hdr_addrs, call_off):
-    """``hdr_addrs``: every rank's call-header area; the rest as the push launcher."""
-    _all_reduce_one_shot_pull_kernel[(grid,)](
-        inp, out, n, src_addrs, my_src_addr, slot_bytes, pad_addrs, my_pad_addr, counters,
-        err_dev, err_host, rank, timeout_ns, call_hash, hdr_addrs, MODE=mode, R=len(src_addrs),
-        RP=rp, BLOCK=block, CALL_OFF=call_off, num_warps=num_warps)
-
-
-def bind_all_reduce_one_shot_push(common: dict, *, recv_addrs, my_recv_addr, buf_stride,
-                                  slot_stride, grid, num_warps, itype, canon, block, item,
-                                  call_off, wp, device=None, verify=False) -> LeanKernel:
-    """The push kernel with everything but ``(inp, out, n, call_hash)`` bound:
-    ``.launch(inp, out, n, call_hash)``. ``common``: counter_ptr, err_ptr, err_host, rank,
-    timeout_ns (``launch.py``); ``call_hash`` varies per call (kernels/barrier.call_hash)."""
+def bind_all_reduce_one_shot_push(*, sync: SyncArgs, slot_stride: int, grid: int,
+                                  num_warps: int, itype: tl.dtype, canon: int, block: int,
+                                  item: int, device: int | None = None,
+                                  verify: bool = False) -> LeanKernel:
+    """out [n] = sum over ranks of inp [n] (push): ``.launch(inp, out, n, call_hash)``."""
     return LeanKernel(
         _all_reduce_one_shot_push_kernel, grid, call=("inp_ptr", "out_ptr", "n", "call_hash"),
-        fixed=dict(common, recv_addrs=recv_addrs, my_recv_addr=my_recv_addr,
-                   buf_stride=buf_stride, slot_stride=slot_stride),
-        constexprs=dict(R=len(recv_addrs), BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item,
-                        CALL_OFF=call_off, WP=wp),
+        fixed=dict(slot_stride=slot_stride, sync=sync.device(), rank=sync.rank),
+        constexprs=dict(R=sync.world, BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item,
+                        CALL_OFF=sync.call_off, WP=sync.wp),
         num_warps=num_warps, device=device, verify=verify)
 
 
-def bind_all_reduce_one_shot_pull(common: dict, *, src_addrs, my_src_addr, slot_bytes,
-                                  pad_addrs, my_pad_addr, hdr_addrs, mode, grid, num_warps, rp,
-                                  block, call_off, device=None, verify=False) -> LeanKernel:
-    """The pull kernel of ``mode`` with everything but ``(inp, out, n, call_hash)`` bound, and
-    with ``src_addrs=None`` also ``src_addrs`` per call:
-    ``.launch(inp, out, n, call_hash[, src_addrs])``."""
+def bind_all_reduce_one_shot_pull(*, sync: SyncArgs, src_addrs: tuple[int, ...] | None,
+                                  my_src_addr: int, slot_bytes: int, mode: int, grid: int,
+                                  num_warps: int, block: int, device: int | None = None,
+                                  verify: bool = False) -> LeanKernel:
+    """out [n] = sum over ranks of inp [n] (pull, ``mode`` 0-2 of the kernel's docstring):
+    ``.launch(inp, out, n, call_hash)``; ``src_addrs=None``: ``.launch(inp, out, n,
+    call_hash, src_addrs)``, the R source addresses per call."""
     call = ("inp_ptr", "out_ptr", "n", "call_hash") + (("src_addrs",) if src_addrs is None else ())
-    fixed = dict(common, my_src_addr=my_src_addr, slot_bytes=slot_bytes, pad_addrs=pad_addrs,
-                 my_pad_addr=my_pad_addr, hdr_addrs=hdr_addrs)
+    fixed = dict(my_src_addr=my_src_addr, slot_bytes=slot_bytes, pad_addrs=sync.pad_addrs,
+                 my_pad_addr=sync.my_pad_addr, counter_ptr=sync.counters, err_ptr=sync.err_dev,
+                 err_host=sync.err_host, rank=sync.rank, timeout_ns=sync.timeout_ns,
+                 hdr_addrs=sync.hdr_addrs)
     if src_addrs is not None:
         fixed["src_addrs"] = src_addrs
     return LeanKernel(
         _all_reduce_one_shot_pull_kernel, grid, call=call, fixed=fixed,
-        constexprs=dict(MODE=mode, R=len(pad_addrs), RP=rp, BLOCK=block, CALL_OFF=call_off),
+        constexprs=dict(MODE=mode, R=sync.world, RP=sync.wp, BLOCK=block,
+                        CALL_OFF=sync.call_off),
         num_warps=num_warps, device=device, verify=verify)

@@ -24,33 +24,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._lamport import poll_one, prologue, push, sanitize, typed
-from .barrier import ERR_RING, call_begin, call_check, call_post, record_error
+from ._lamport import begin, check_calls, clear, end, push, receive_copy, receive_one, sanitize
+from .barrier import ERR_RING
 from .launch import LeanKernel
+from .sync import SyncArgs
 
 
 @triton.jit(do_not_specialize=["rank", "call_hash"])
 def _all_reduce_ring_push_kernel(
-        inp_ptr, out_ptr, n, sl, next_addr, my_recv_addr, buf_stride, ag_off,
-        counter_ptr, err_ptr, err_host, rank, timeout_ns, call_hash, recv_addrs,
+        inp_ptr, out_ptr, n, sl, next_addr, ag_off, sync, rank, call_hash,
         R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
         ITEM: tl.constexpr, CALL_OFF: tl.constexpr, WP: tl.constexpr):
-    pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
+    # the call check with every rank (``sync.recv_addrs``: every rank's receive base), not only
+    # the ring neighbours: a rank whose predecessor matched it would otherwise go on with the
+    # data of a peer that stopped at a mismatch
+    pid, G, epoch, buf_off, dead, t0, cep, word = begin(sync, rank, call_hash, R, CALL_OFF)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     ntiles = tl.cdiv(sl, BLOCK)
-    mine = my_recv_addr + buf_off
+    mine = sync.my_recv_addr + buf_off
     nxt = next_addr + buf_off
     prev = (rank + R - 1) % R
-    # the call check with every rank (``recv_addrs``: every rank's receive base), not only the
-    # ring neighbours: a rank whose predecessor matched it would otherwise go on with the data
-    # of a peer that stopped at a mismatch
-    cep, word = call_begin(counter_ptr + CALL_OFF, call_hash)
-    call_post(recv_addrs, 2 * buf_stride, cep, word, rank, rank, R, R)
     # reduce-scatter steps 0..R-2, then the final step (s = R-1) on my own slice
     for s in tl.static_range(R):
         if s == 1:   # after step 0's pushes, before the first poll
-            dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0,
-                              timeout_ns, dead, err_ptr, err_host, ERR_RING, epoch, R, WP)
+            dead = check_calls(sync, cep, word, rank, t0, dead, ERR_RING, epoch, R, WP)
         k = (rank + 2 * R - 1 - s) % R
         lo = k * sl
         size = tl.minimum(n - lo, sl)
@@ -59,20 +56,17 @@ def _all_reduce_ring_push_kernel(
             m = offs < size
             x = tl.load(inp_ptr + lo + offs, mask=m).to(tl.float32)
             if s > 0:
-                pbits, dead, late = poll_one(mine + lo * 4, offs, m, t0, timeout_ns, dead,
-                                             tl.int32)
-                if late != 0:
-                    record_error(err_ptr, err_host, ERR_RING, 0, rank, prev, epoch)
+                pbits, dead = receive_one(sync, mine + lo * 4, offs, m, t0, dead, rank, prev,
+                                          epoch, ERR_RING, 0, tl.int32)
                 x = pbits.to(tl.float32, bitcast=True) + x
-                tl.store(typed(mine + lo * 4, tl.int32) + offs, tl.full([BLOCK], -1, tl.int32),
-                         mask=m)
+                clear(mine + lo * 4, offs, m, tl.int32)
             if s < R - 1:
                 push(nxt + lo * 4, offs, sanitize(x, tl.int32, 0x7FC00000), m, tl.int32)
             else:
                 res = x.to(DTYPE)
                 tl.store(out_ptr + lo + offs, res, mask=m & (dead == 0))   # none after an error
                 push(nxt + ag_off + lo * ITEM, offs, sanitize(res, ITYPE, CANON), m, ITYPE)
-    # all-gather steps 0..R-2
+    # all-gather steps 0..R-2: receive, keep, forward unless last
     for u in tl.static_range(R - 1):
         k = (rank + 2 * R - 1 - u) % R
         lo = k * sl
@@ -80,37 +74,21 @@ def _all_reduce_ring_push_kernel(
         src = mine + ag_off + lo * ITEM
         for t in range(pid, ntiles, G):
             offs = t * BLOCK + tl.arange(0, BLOCK)
-            m = offs < size
-            bits, dead, late = poll_one(src, offs, m, t0, timeout_ns, dead, ITYPE)
-            if late != 0:
-                record_error(err_ptr, err_host, ERR_RING, 1, rank, prev, epoch)
-            tl.store(out_ptr + lo + offs, bits.to(DTYPE, bitcast=True), mask=m & (dead == 0))
-            if u < R - 2:
-                push(nxt + ag_off + lo * ITEM, offs, bits, m, ITYPE)
-            tl.store(typed(src, ITYPE) + offs, tl.full([BLOCK], -1, ITYPE), mask=m)
-    tl.store(counter_ptr + pid, epoch)
-    tl.store(counter_ptr + CALL_OFF + pid, cep)
+            dead = receive_copy(sync, src, out_ptr + lo, offs, offs < size, t0, dead, rank, prev,
+                                epoch, ERR_RING, 1, nxt + ag_off + lo * ITEM, ITYPE, DTYPE,
+                                u < R - 2)
+    end(sync, pid, epoch, cep, CALL_OFF)
 
 
-def all_reduce_ring(inp, out, n, sl, next_addr, my_recv_addr, buf_stride, ag_off, counters,
-                    err_dev, err_host, rank, world, timeout_ns, *, grid, num_warps, itype, canon,
-                    block, call_hash, call_off, wp, recv_addrs):
-    """``recv_addrs``: every rank's receive base (the call check's headers only)."""
-    _all_reduce_ring_push_kernel[(grid,)](
-        inp, out, n, sl, next_addr, my_recv_addr, buf_stride, ag_off, counters, err_dev,
-        err_host, rank, timeout_ns, call_hash, recv_addrs, R=world, BLOCK=block, ITYPE=itype,
-        CANON=canon, ITEM=inp.element_size(), CALL_OFF=call_off, WP=wp, num_warps=num_warps)
-
-
-def bind_all_reduce_ring(common: dict, *, next_addr, my_recv_addr, buf_stride, ag_off, world,
-                         recv_addrs, grid, num_warps, itype, canon, block, item, call_off, wp,
-                         device=None, verify=False) -> LeanKernel:
-    """The ring kernel with everything but ``(inp, out, n, sl, call_hash)`` bound
-    (``recv_addrs``: every rank's receive base, for the call check's headers only)."""
+def bind_all_reduce_ring(*, sync: SyncArgs, ag_off: int, grid: int, num_warps: int,
+                         itype: tl.dtype, canon: int, block: int, item: int,
+                         device: int | None = None, verify: bool = False) -> LeanKernel:
+    """out [n] = sum over ranks of inp [n] around the ring, R slices of ``sl``:
+    ``.launch(inp, out, n, sl, call_hash)``."""
     return LeanKernel(
         _all_reduce_ring_push_kernel, grid, call=("inp_ptr", "out_ptr", "n", "sl", "call_hash"),
-        fixed=dict(common, next_addr=next_addr, my_recv_addr=my_recv_addr,
-                   buf_stride=buf_stride, ag_off=ag_off, recv_addrs=recv_addrs),
-        constexprs=dict(R=world, BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item,
-                        CALL_OFF=call_off, WP=wp),
+        fixed=dict(next_addr=sync.recv_addrs[(sync.rank + 1) % sync.world], ag_off=ag_off,
+                   sync=sync.device(), rank=sync.rank),
+        constexprs=dict(R=sync.world, BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item,
+                        CALL_OFF=sync.call_off, WP=sync.wp),
         num_warps=num_warps, device=device, verify=verify)

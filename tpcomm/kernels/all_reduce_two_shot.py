@@ -24,52 +24,48 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._lamport import clear_slots, poll_one, poll_sum, prologue, push, sanitize, typed
-from .barrier import ERR_TWO_SHOT, call_begin, call_check, call_post, record_error
+from ._lamport import (begin, check_calls, clear_slots, end, push, receive_copy, receive_sum,
+                       sanitize)
+from .barrier import ERR_TWO_SHOT
 from .launch import LeanKernel
+from .sync import SyncArgs
 
 
 @triton.jit(do_not_specialize=["rank", "call_hash"])
 def _all_reduce_two_shot_push_kernel(
-        inp_ptr, out_ptr, n, sl, recv_addrs, my_recv_addr, buf_stride, rs_slot_stride, ag_off,
-        counter_ptr, err_ptr, err_host, rank, timeout_ns, call_hash,
+        inp_ptr, out_ptr, n, sl, rs_slot_stride, ag_off, sync, rank, call_hash,
         R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
         ITEM: tl.constexpr, CALL_OFF: tl.constexpr, WP: tl.constexpr):
-    pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
+    pid, G, epoch, buf_off, dead, t0, cep, word = begin(sync, rank, call_hash, R, CALL_OFF)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
-    cep, word = call_begin(counter_ptr + CALL_OFF, call_hash)
-    call_post(recv_addrs, 2 * buf_stride, cep, word, rank, rank, R, R)
     ntiles = tl.cdiv(sl, BLOCK)
     # a. scatter my input: slice q goes to RS slot `rank` of rank q
     for q in tl.static_range(R):
         lo = q * sl
         size = tl.minimum(n - lo, sl)
-        dst = recv_addrs[q] + buf_off + rank * rs_slot_stride * ITEM
+        dst = sync.recv_addrs[q] + buf_off + rank * rs_slot_stride * ITEM
         for t in range(pid, ntiles, G):
             offs = t * BLOCK + tl.arange(0, BLOCK)
             m = offs < size
             bits = sanitize(tl.load(inp_ptr + lo + offs, mask=m), ITYPE, CANON)
             push(dst, offs, bits, m, ITYPE)
     # the peers' calls (barrier.py's call check), before anything of theirs is read
-    dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0, timeout_ns, dead,
-                      err_ptr, err_host, ERR_TWO_SHOT, epoch, R, WP)
+    dead = check_calls(sync, cep, word, rank, t0, dead, ERR_TWO_SHOT, epoch, R, WP)
     # b. reduce my slice, keep it, and send it to everyone
     lo = rank * sl
     size = tl.minimum(n - lo, sl)
-    mine = my_recv_addr + buf_off
+    mine = sync.my_recv_addr + buf_off
     for t in range(pid, ntiles, G):
         offs = t * BLOCK + tl.arange(0, BLOCK)
         m = offs < size
-        acc, dead, late = poll_sum(mine, rs_slot_stride, offs, m, t0, timeout_ns, dead, DTYPE,
-                                   ITYPE, R)
-        if late >= 0:
-            record_error(err_ptr, err_host, ERR_TWO_SHOT, 0, rank, late, epoch)
+        acc, dead = receive_sum(sync, mine, rs_slot_stride, offs, m, t0, dead, rank, epoch, 1,
+                                cep, word, ERR_TWO_SHOT, DTYPE, ITYPE, R, WP)
         res = acc.to(DTYPE)
         tl.store(out_ptr + lo + offs, res, mask=m & (dead == 0))   # none after an error
         bits = sanitize(res, ITYPE, CANON)
         for q in tl.static_range(R):
             if q != rank:
-                push(recv_addrs[q] + buf_off + ag_off + lo * ITEM, offs, bits, m, ITYPE)
+                push(sync.recv_addrs[q] + buf_off + ag_off + lo * ITEM, offs, bits, m, ITYPE)
         clear_slots(mine, rs_slot_stride, offs, m, ITYPE, R)
     # c. gather the other slices
     for q in tl.static_range(R):
@@ -79,35 +75,21 @@ def _all_reduce_two_shot_push_kernel(
             src = mine + ag_off + lo * ITEM
             for t in range(pid, ntiles, G):
                 offs = t * BLOCK + tl.arange(0, BLOCK)
-                m = offs < size
-                bits, dead, late = poll_one(src, offs, m, t0, timeout_ns, dead, ITYPE)
-                if late != 0:
-                    record_error(err_ptr, err_host, ERR_TWO_SHOT, 1, rank, q, epoch)
-                tl.store(out_ptr + lo + offs, bits.to(DTYPE, bitcast=True), mask=m & (dead == 0))
-                tl.store(typed(src, ITYPE) + offs, tl.full([BLOCK], -1, ITYPE), mask=m)
-    tl.store(counter_ptr + pid, epoch)
-    tl.store(counter_ptr + CALL_OFF + pid, cep)
+                dead = receive_copy(sync, src, out_ptr + lo, offs, offs < size, t0, dead, rank,
+                                    q, epoch, ERR_TWO_SHOT, 1, 0, ITYPE, DTYPE, False)
+    end(sync, pid, epoch, cep, CALL_OFF)
 
 
-def all_reduce_two_shot(inp, out, n, sl, recv_addrs, my_recv_addr, buf_stride, rs_slot_stride,
-                        ag_off, counters, err_dev, err_host, rank, timeout_ns, *, grid,
-                        num_warps, itype, canon, block, call_hash, call_off, wp):
-    _all_reduce_two_shot_push_kernel[(grid,)](
-        inp, out, n, sl, recv_addrs, my_recv_addr, buf_stride, rs_slot_stride, ag_off, counters,
-        err_dev, err_host, rank, timeout_ns, call_hash, R=len(recv_addrs), BLOCK=block,
-        ITYPE=itype, CANON=canon, ITEM=inp.element_size(), CALL_OFF=call_off, WP=wp,
-        num_warps=num_warps)
-
-
-def bind_all_reduce_two_shot(common: dict, *, recv_addrs, my_recv_addr, buf_stride,
-                             rs_slot_stride, ag_off, grid, num_warps, itype, canon, block, item,
-                             call_off, wp, device=None, verify=False) -> LeanKernel:
-    """The two-shot kernel with everything but ``(inp, out, n, sl, call_hash)`` bound."""
+def bind_all_reduce_two_shot(*, sync: SyncArgs, rs_slot_stride: int, ag_off: int, grid: int,
+                             num_warps: int, itype: tl.dtype, canon: int, block: int, item: int,
+                             device: int | None = None, verify: bool = False) -> LeanKernel:
+    """out [n] = sum over ranks of inp [n] in R slices of ``sl``:
+    ``.launch(inp, out, n, sl, call_hash)``."""
     return LeanKernel(
         _all_reduce_two_shot_push_kernel, grid,
         call=("inp_ptr", "out_ptr", "n", "sl", "call_hash"),
-        fixed=dict(common, recv_addrs=recv_addrs, my_recv_addr=my_recv_addr,
-                   buf_stride=buf_stride, rs_slot_stride=rs_slot_stride, ag_off=ag_off),
-        constexprs=dict(R=len(recv_addrs), BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item,
-                        CALL_OFF=call_off, WP=wp),
+        fixed=dict(rs_slot_stride=rs_slot_stride, ag_off=ag_off, sync=sync.device(),
+                   rank=sync.rank),
+        constexprs=dict(R=sync.world, BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item,
+                        CALL_OFF=sync.call_off, WP=sync.wp),
         num_warps=num_warps, device=device, verify=verify)

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .launch import LeanKernel
+from .sync import SyncArgs
 
 # Under TRITON_INTERPRET=1 (tests of the protocol on a CPU) there is no inline PTX; the global
 # timer comes from the host clock instead.
@@ -97,6 +98,20 @@ def lowest_bit(bits, N: tl.constexpr):
 
 
 @triton.jit
+def keep_waiting(bits, t0, timeout_ns, dead, late, N: tl.constexpr):
+    """The end of one round of every bounded poll: ``bits`` has a bit per source still
+    missing. Returns (pending, dead, late): past ``timeout_ns`` since ``t0`` the wait stops,
+    ``dead`` becomes 1 and ``late`` the lowest missing source (of N)."""
+    pending = bits != 0
+    if pending:
+        if now_ns() - t0 > timeout_ns:
+            late = lowest_bit(bits, N)
+            dead = 1
+            pending = False
+    return pending, dead, late
+
+
+@triton.jit
 def is_dead(err_ptr):
     """1 if this rank already recorded an error (then no kernel waits any more), else 0."""
     return (tl.load(err_ptr, volatile=True) != 0).to(tl.int32)
@@ -130,12 +145,7 @@ def wait_flags(own_flags, mask, epoch, t0, timeout_ns, dead, RP: tl.constexpr):
                           scope="sys")
         missing = mask & (f < epoch)
         bits = tl.reduce(missing.to(tl.int32) << idx, 0, _bit_or)
-        pending = bits != 0
-        if pending:
-            if now_ns() - t0 > timeout_ns:
-                late = lowest_bit(bits, RP)
-                dead = 1
-                pending = False
+        pending, dead, late = keep_waiting(bits, t0, timeout_ns, dead, late, RP)
     return dead, late
 
 
@@ -179,24 +189,21 @@ def _write_word_kernel(addr, value):
     tl.store(addr.to(tl.pointer_type(tl.int64)), value, cache_modifier=".wt")
 
 
-def barrier(pad_addrs: tuple, my_pad_addr: int, counter, err_dev, err_host: int, rank: int,
-            timeout_ns: int, slot: int, rp: int) -> None:
-    """All ranks of the group meet (one block, stream-ordered, graph-safe, bounded)."""
-    _barrier_kernel[(1,)](pad_addrs, my_pad_addr, counter, err_dev, err_host, rank, timeout_ns,
-                          SLOT=slot, R=len(pad_addrs), RP=rp, num_warps=1)
-
-
-def write_word(addr: int, value: int) -> None:
+def write_word(*, addr: int, value: int) -> None:
     """Store one int64 at ``addr`` from the GPU (checks that host-mapped memory is reachable)."""
     _write_word_kernel[(1,)](addr, value, num_warps=1)
 
 
-def bind_barrier(common: dict, *, pad_addrs: tuple, my_pad_addr: int, slot: int, rp: int,
-                 device=None, verify=False) -> LeanKernel:
-    """The standalone barrier with everything bound: ``.launch()``."""
+def bind_barrier(*, sync: SyncArgs, slot: int, device: int | None = None,
+                 verify: bool = False) -> LeanKernel:
+    """All ranks meet (one block, stream-ordered, graph-safe, bounded; no tensors):
+    ``.launch()``."""
     return LeanKernel(_barrier_kernel, 1, call=(),
-                      fixed=dict(common, pad_addrs=pad_addrs, my_pad_addr=my_pad_addr),
-                      constexprs=dict(SLOT=slot, R=len(pad_addrs), RP=rp), num_warps=1,
+                      fixed=dict(pad_addrs=sync.pad_addrs, my_pad_addr=sync.my_pad_addr,
+                                 counter_ptr=sync.counters, err_ptr=sync.err_dev,
+                                 err_host=sync.err_host, rank=sync.rank,
+                                 timeout_ns=sync.timeout_ns),
+                      constexprs=dict(SLOT=slot, R=sync.world, RP=sync.wp), num_warps=1,
                       device=device, verify=verify)
 
 
@@ -309,12 +316,7 @@ def call_check(hdr_addr, cep, word, rank, only, t0, timeout_ns, dead, err_ptr, e
         h = tl.load(ptrs, mask=mask, other=word, volatile=True)
         ahead = ((h & 0xFFFF) - ep) & 0xFFFF          # 0: this epoch; < 0x8000: newer
         bits = tl.reduce(((ahead >= 0x8000) & mask).to(tl.int32) << idx, 0, _bit_or)
-        pending = bits != 0
-        if pending:
-            if now_ns() - t0 > timeout_ns:
-                late = lowest_bit(bits, WP)
-                dead = 1
-                pending = False
+        pending, dead, late = keep_waiting(bits, t0, timeout_ns, dead, late, WP)
     if late >= 0:
         record_error(err_ptr, err_host, op, 0, rank, late, epoch)
     elif dead == 0:

@@ -7,9 +7,11 @@ cache key, checks globals and grid on every call. An eager collective is bound b
 
 Algorithm. A :class:`LeanKernel` is one kernel at one launch configuration: the grid, the
 ``tl.constexpr`` values, ``num_warps`` and every argument that never changes (addresses of the
-symmetric buffers, counters, rank, timeout) are bound once. A call passes only the changing
-arguments (``call``: tensors and per-call ints). Per call it computes a key that covers
-everything Triton's specialization would look at for those arguments:
+symmetric buffers, counters, rank, timeout; a tuple parameter such as the push kernels'
+``sync`` bundle of ``kernels/sync.py`` is bound as its values, tensors as their addresses)
+are bound once. A call passes only the changing arguments (``call``: tensors and per-call
+ints). Per call it computes a key that covers everything Triton's specialization would look
+at for those arguments:
 
     tensor     dtype, data_ptr % 16 == 0          (Triton: '*fp32' + 'D' when 16-byte aligned)
     int        == 1, % 16 == 0, i32/i64/u64 range (Triton: constexpr 1, 'D', the int type)
@@ -84,6 +86,16 @@ def _raw_stream_fn() -> Callable[[int], int]:
     if fn is None:
         raise RuntimeError("this torch has no CUDA: the lean launch path needs a GPU")
     return fn
+
+
+def _raw(value: Any) -> Any:
+    """A fixed argument as the compiled launcher takes it: tensors as their addresses, also
+    inside (named) tuples, which become plain tuples (the launcher parses any sequence)."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr()
+    if isinstance(value, tuple):
+        return tuple(_raw(v) for v in value)
+    return value
 
 
 def _kind(value: Any) -> str:
@@ -163,6 +175,12 @@ class LeanKernel:
         (the CompiledKernel on a GPU)."""
         return self.kernel[self.grid](*self._full_args(call_args), num_warps=self.num_warps)
 
+    def warmup(self, *call_args):
+        """Compile for these call arguments without launching (Triton's ``warmup``); returns
+        the CompiledKernel."""
+        return self.kernel.warmup(*self._full_args(call_args), grid=self.grid,
+                                  num_warps=self.num_warps)
+
     # ------------------------------------------------------------ the lean path
     def _bootstrap(self, *call_args):
         """The first call: learn the kinds of the call arguments, generate the keyed call."""
@@ -200,8 +218,7 @@ class LeanKernel:
                 raw[name] = a
             else:
                 raw[name] = a
-        fixed_raw = {n: (v.data_ptr() if isinstance(v, torch.Tensor) else v)
-                     for n, v in self.fixed.items()}
+        fixed_raw = {n: _raw(v) for n, v in self.fixed.items()}
         ns: dict = {"int_key": int_key, "cache": self._entries, "first": self._first,
                     "stream_of": _raw_stream_fn(), "dev": self.device,
                     "g0": self._g[0], "g1": self._g[1], "g2": self._g[2],

@@ -51,14 +51,16 @@ nothing.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from . import _gemm
-from ._gemm import device_descs, halves, mainloop, pick, tile_coords, tile_count
+from ._gemm import device_descs, halves, mainloop, tile_coords, tile_count
 from ._lamport import prologue, sanitize, typed
 from ._tile_sync import clear_tile, poll_sum_tile
-from .barrier import OP_MATMUL_RS, record_error
+from .barrier import OP_MATMUL_RS, pick, record_error
+from .sync import SyncArgs
 
 
 @triton.jit
@@ -196,14 +198,14 @@ def sub_rows(p: _gemm.Plan, world: int) -> int:
     return sub
 
 
-def matmul_reduce_scatter(p: _gemm.Plan, out, out_row, lo, rows, m, recv_addrs, my_recv_addr,
-                          buf_stride, slot_stride, counters, err_dev, err_host, rank,
-                          timeout_ns, *, itype, canon, op=OP_MATMUL_RS, warmup=False):
-    """One round: rows ``lo..lo+rows`` of every owner's block of ``m`` rows of the planned
-    ``a`` times b, pushed to their owners; this rank's ``rows x N`` sums into rows
-    ``out_row ..`` of the contiguous ``out`` ([*, N]). Grid: the plan's NUM_SMS (the push
-    family's G). ``op``: the op code its timeouts record. ``warmup``: compile only."""
-    R = len(recv_addrs)
+def matmul_reduce_scatter(*, p: _gemm.Plan, out: torch.Tensor, out_row: int, lo: int, rows: int,
+                          m: int, slot_stride: int, sync: SyncArgs, itype: tl.dtype, canon: int,
+                          op: int = OP_MATMUL_RS, warmup: bool = False):
+    """One round: rows ``lo..lo+rows`` of every owner's [m, K] block of the planned a [R*m, K]
+    times b [K, N], pushed to their owners; this rank's [rows, N] sum into rows ``out_row ..``
+    of the contiguous ``out`` [*, N]. Grid: the plan's NUM_SMS (the push family's G). ``op``:
+    the op code its timeouts record. ``warmup``: compile only."""
+    R = sync.world
     grid = (p.grid_cap,)
     fn = (_matmul_reduce_scatter_kernel.warmup if warmup else
           _matmul_reduce_scatter_kernel[grid])
@@ -216,7 +218,7 @@ def matmul_reduce_scatter(p: _gemm.Plan, out, out_row, lo, rows, m, recv_addrs, 
     # flattening the tile loop with a receive (a spin loop) inside defeats Triton 3.6's
     # pipeliner: 2 TMA loads in flight, 48 KiB of shared memory, spills (compile_check, R = 4)
     meta = dict(p.meta, FLATTEN=p.meta["FLATTEN"] and R == 1)
-    return fn(*p.args, out_arg, out_row, lo, m, rows, tuple(recv_addrs), my_recv_addr,
-              buf_stride, slot_stride, counters, err_dev, err_host, rank, timeout_ns, op, R=R,
-              ITYPE=itype, CANON=canon, ITEM=p.item, SUB_M=sub_rows(p, R), OUT_DESC=out_desc,
-              **meta, **kw)
+    return fn(*p.args, out_arg, out_row, lo, m, rows, tuple(sync.recv_addrs), sync.my_recv_addr,
+              sync.buf_stride, slot_stride, sync.counters, sync.err_dev, sync.err_host,
+              sync.rank, sync.timeout_ns, op, R=R, ITYPE=itype, CANON=canon, ITEM=p.item,
+              SUB_M=sub_rows(p, R), OUT_DESC=out_desc, **meta, **kw)

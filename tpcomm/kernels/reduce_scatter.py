@@ -11,63 +11,46 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._lamport import clear_slots, poll_sum, prologue, push, sanitize
-from .barrier import ERR_REDUCE_SCATTER, call_begin, call_check, call_post, record_error
+from ._lamport import begin, check_calls, clear_slots, end, push, receive_sum, sanitize
+from .barrier import ERR_REDUCE_SCATTER
 from .launch import LeanKernel
+from .sync import SyncArgs
 
 
 @triton.jit(do_not_specialize=["rank", "call_hash"])
 def _reduce_scatter_push_kernel(
-        inp_ptr, out_ptr, c, in_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
-        counter_ptr, err_ptr, err_host, rank, timeout_ns, call_hash,
+        inp_ptr, out_ptr, c, in_stride, slot_stride, sync, rank, call_hash,
         R: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, CANON: tl.constexpr,
         ITEM: tl.constexpr, CALL_OFF: tl.constexpr, WP: tl.constexpr):
-    pid, G, epoch, buf_off, dead, t0 = prologue(counter_ptr, err_ptr, buf_stride)
+    pid, G, epoch, buf_off, dead, t0, cep, word = begin(sync, rank, call_hash, R, CALL_OFF)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
-    cep, word = call_begin(counter_ptr + CALL_OFF, call_hash)
-    call_post(recv_addrs, 2 * buf_stride, cep, word, rank, rank, R, R)
     for start in range(pid * BLOCK, c, G * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < c
         for q in tl.static_range(R):
             bits = sanitize(tl.load(inp_ptr + q * in_stride + offs, mask=m), ITYPE, CANON)
-            push(recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, m, ITYPE)
-    dead = call_check(my_recv_addr + 2 * buf_stride, cep, word, rank, -1, t0, timeout_ns, dead,
-                      err_ptr, err_host, ERR_REDUCE_SCATTER, epoch, R, WP)
-    mine = my_recv_addr + buf_off
+            push(sync.recv_addrs[q] + buf_off + rank * slot_stride * ITEM, offs, bits, m, ITYPE)
+    dead = check_calls(sync, cep, word, rank, t0, dead, ERR_REDUCE_SCATTER, epoch, R, WP)
+    mine = sync.my_recv_addr + buf_off
     for start in range(pid * BLOCK, c, G * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < c
-        acc, dead, late = poll_sum(mine, slot_stride, offs, m, t0, timeout_ns, dead, DTYPE,
-                                   ITYPE, R)
-        if late >= 0:
-            record_error(err_ptr, err_host, ERR_REDUCE_SCATTER, 0, rank, late, epoch)
+        acc, dead = receive_sum(sync, mine, slot_stride, offs, m, t0, dead, rank, epoch, 1, cep,
+                                word, ERR_REDUCE_SCATTER, DTYPE, ITYPE, R, WP)
         tl.store(out_ptr + offs, acc.to(DTYPE), mask=m & (dead == 0))   # none after an error
         clear_slots(mine, slot_stride, offs, m, ITYPE, R)
-    tl.store(counter_ptr + pid, epoch)
-    tl.store(counter_ptr + CALL_OFF + pid, cep)
+    end(sync, pid, epoch, cep, CALL_OFF)
 
 
-def reduce_scatter(inp, out, c, in_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride,
-                   counters, err_dev, err_host, rank, timeout_ns, *, grid, num_warps, itype,
-                   canon, block, call_hash, call_off, wp):
-    _reduce_scatter_push_kernel[(grid,)](
-        inp, out, c, in_stride, recv_addrs, my_recv_addr, buf_stride, slot_stride, counters,
-        err_dev, err_host, rank, timeout_ns, call_hash, R=len(recv_addrs), BLOCK=block,
-        ITYPE=itype, CANON=canon, ITEM=out.element_size(), CALL_OFF=call_off, WP=wp,
-        num_warps=num_warps)
-
-
-def bind_reduce_scatter(common: dict, *, recv_addrs, my_recv_addr, buf_stride, slot_stride, grid,
-                        num_warps, itype, canon, block, item, call_off, wp, device=None,
-                        verify=False) -> LeanKernel:
-    """The reduce-scatter kernel with everything but ``(inp, out, c, in_stride, call_hash)``
-    bound."""
+def bind_reduce_scatter(*, sync: SyncArgs, slot_stride: int, grid: int, num_warps: int,
+                        itype: tl.dtype, canon: int, block: int, item: int,
+                        device: int | None = None, verify: bool = False) -> LeanKernel:
+    """out [c] = sum over ranks of their row ``rank`` of inp [R, c] (rows ``in_stride`` apart):
+    ``.launch(inp, out, c, in_stride, call_hash)``."""
     return LeanKernel(
         _reduce_scatter_push_kernel, grid,
         call=("inp_ptr", "out_ptr", "c", "in_stride", "call_hash"),
-        fixed=dict(common, recv_addrs=recv_addrs, my_recv_addr=my_recv_addr,
-                   buf_stride=buf_stride, slot_stride=slot_stride),
-        constexprs=dict(R=len(recv_addrs), BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item,
-                        CALL_OFF=call_off, WP=wp),
+        fixed=dict(slot_stride=slot_stride, sync=sync.device(), rank=sync.rank),
+        constexprs=dict(R=sync.world, BLOCK=block, ITYPE=itype, CANON=canon, ITEM=item,
+                        CALL_OFF=sync.call_off, WP=sync.wp),
         num_warps=num_warps, device=device, verify=verify)
