@@ -127,7 +127,7 @@ def inductor_mm():
     return torch.compile(mm, mode="max-autotune-no-cudagraphs", dynamic=False)
 
 
-def _graph_of(fn):
+def graph_of(fn):
     """A CUDA graph of one call of ``fn`` (already run: compiled and loaded), or None where the
     call cannot be captured (the table then has no graph time for it)."""
     try:
@@ -189,7 +189,7 @@ def world1_table(ms, k: int, n: int, dtype=torch.bfloat16, *, device=None, ops=O
                     except Exception as e:  # noqa: BLE001 - reported in the table
                         res["inductor"][M] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             times = interleaved_us(calls, rounds=rounds, target_ms=target_ms)
-            graphs = {key: _graph_of(fn) for key, fn in calls.items()}
+            graphs = {key: graph_of(fn) for key, fn in calls.items()}
             gtimes = interleaved_us({key: g.replay for key, g in graphs.items() if g},
                                     rounds=rounds, target_ms=target_ms)
             eng.check(sync=True)
