@@ -122,7 +122,7 @@ def worker(names, ms, smoke=False, interleave=0):
 
     import torch
 
-    from tpcomm.bench.fused_gemm import MAX_BYTES, inputs, rel_err, time_us, world1_engine
+    from tpcomm.bench.fused_gemm import MAX_BYTES, inputs, time_us, world1_engine
     from tpcomm.cuda import fused_gemm
     from tpcomm.kernels import _gemm
 
@@ -190,7 +190,7 @@ def worker(names, ms, smoke=False, interleave=0):
             p = _gemm.plan(a, b, cfg)
             c = torch.empty_like(mm[M])
             tst = bool(kw.get("tma_store"))
-            name = cfg.name() + ("_tmastore" if tst else "")
+            name = cfg.name() + ("_tmastore" if tst and not cfg.tma_store else "")
             return (lambda: _gemm.matmul(p, c, tma_store=tst)), c, None, name
         op = {"rs": "matmul_reduce_scatter", "ag": "all_gather_matmul"}[kind]
         cfg = fused_gemm.gemm_config(eng, op, a, b, **kw)
@@ -211,15 +211,7 @@ def worker(names, ms, smoke=False, interleave=0):
             t0 = time.perf_counter()
             row = dict(event="row", variant=name, M=M, kind=kind)
             try:
-                fn, out, ref, row["config"] = build(kind, kw, M)
-                fn()
-                eng.check(sync=True)
-                row["compile_s"] = round(time.perf_counter() - t0, 1)
-                row["err_vs_torch_mm"] = rel_err(out, mm[M])
-                row["bitwise_vs_1024_config_core"] = bool(torch.equal(out, common[M]))
-                row["bitwise_vs_unfused"] = (None if ref is None else
-                                             bool(torch.equal(out, ref)))
-                row["ok"] = row["err_vs_torch_mm"] <= TOL and row["bitwise_vs_unfused"] is not False
+                fn = checked(row, build, eng, mm, common, kind, kw, M, t0)
                 if row["ok"]:
                     row["us"] = time_us(fn)
                     try:
@@ -260,17 +252,7 @@ def interleaved(names, ms, rounds, build, graph_us, eng, mm, common, smoke, time
             t0 = time.perf_counter()
             row = dict(event="row", variant=name, M=M, kind=kind)
             try:
-                fn, out, ref, row["config"] = build(kind, kw, M)
-                fn()
-                eng.check(sync=True)
-                row["compile_s"] = round(time.perf_counter() - t0, 1)
-                row["err_vs_torch_mm"] = rel = (0.0 if out is None else
-                                                _rel(out, mm[M]))
-                row["bitwise_vs_1024_config_core"] = (None if out is None else
-                                                      bool(torch.equal(out, common[M])))
-                row["bitwise_vs_unfused"] = (None if ref is None else
-                                             bool(torch.equal(out, ref)))
-                row["ok"] = rel <= TOL and row["bitwise_vs_unfused"] is not False
+                fn = checked(row, build, eng, mm, common, kind, kw, M, t0)
                 if row["ok"]:
                     built[name] = (fn, row)
                 else:
@@ -322,9 +304,23 @@ def interleaved(names, ms, rounds, build, graph_us, eng, mm, common, smoke, time
     emit(event="done", variant="interleaved")
 
 
-def _rel(got, ref):
+def checked(row, build, eng, mm, common, kind, kw, M, t0):
+    """Build the variant, run it once and fill ``row``'s checks: within TOL of torch.mm, bitwise
+    the 1024-row config's core, bitwise its unfused reference (None where a variant has no
+    output of its own to compare or no reference), ``ok``; returns the call."""
+    import torch
+
     from tpcomm.bench.fused_gemm import rel_err
-    return rel_err(got, ref)
+    fn, out, ref, row["config"] = build(kind, kw, M)
+    fn()
+    eng.check(sync=True)
+    row["compile_s"] = round(time.perf_counter() - t0, 1)
+    row["err_vs_torch_mm"] = 0.0 if out is None else rel_err(out, mm[M])
+    row["bitwise_vs_1024_config_core"] = (None if out is None else
+                                          bool(torch.equal(out, common[M])))
+    row["bitwise_vs_unfused"] = None if ref is None else bool(torch.equal(out, ref))
+    row["ok"] = row["err_vs_torch_mm"] <= TOL and row["bitwise_vs_unfused"] is not False
+    return fn
 
 
 # ---------------------------------------------------------------- parent (guard, table)

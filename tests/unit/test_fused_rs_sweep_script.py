@@ -94,3 +94,20 @@ def test_no_warp_specialized_variant(sweep):
         cfg = kw.get("config")
         assert cfg is None or cfg == "rs_single" or not cfg.get("warp_specialize"), kw
     assert set(sweep.INTERLEAVED) <= set(sweep.VARIANTS)
+
+
+def test_interleave_smoke_on_the_cpu(tmp_path):
+    """--interleave end to end on the CPU (Triton's interpreter, small K and N): every variant
+    built and checked, then timed round-robin (each row one sample per pass), the JSON written."""
+    import subprocess
+    env = dict(os.environ, TRITON_INTERPRET="1", OUT=str(tmp_path))
+    proc = subprocess.run([sys.executable, PATH, "--smoke", "--interleave", "2", "--ms", "128",
+                           "--variants", "torch_mm,rs_single,core_tst_split", "--limit-s", "200"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "fused_rs_sweep.json").read_text())
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"torch_mm", "rs_single", "core_tst_split"}
+    assert all(r["ok"] and len(r["samples"]) == 2 for r in rows.values())
+    assert rows["rs_single"]["bitwise_vs_unfused"] is True
+    assert rows["core_tst_split"]["config"].endswith("_split_tmastore")
