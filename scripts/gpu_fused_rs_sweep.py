@@ -187,11 +187,11 @@ def worker(names, ms, smoke=False, interleave=0):
                                              schedule="single")
             if kw.get("split"):
                 cfg = dataclasses.replace(cfg, epilogue_split=True)
+            if "tma_store" in kw:   # else the config's (the fused op's own at world 1)
+                cfg = dataclasses.replace(cfg, tma_store=kw["tma_store"])
             p = _gemm.plan(a, b, cfg)
             c = torch.empty_like(mm[M])
-            tst = bool(kw.get("tma_store"))
-            name = cfg.name() + ("_tmastore" if tst and not cfg.tma_store else "")
-            return (lambda: _gemm.matmul(p, c, tma_store=tst)), c, None, name
+            return (lambda: _gemm.matmul(p, c)), c, None, cfg.name()
         op = {"rs": "matmul_reduce_scatter", "ag": "all_gather_matmul"}[kind]
         cfg = fused_gemm.gemm_config(eng, op, a, b, **kw)
         ref = torch.empty_like(mm[M])
