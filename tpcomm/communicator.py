@@ -592,10 +592,8 @@ class Communicator:
         if algorithm == "local":
             return choice(algorithm)
         if algorithm != "torch":
-            numel = nbytes // dtype.itemsize
-            if op == "reduce_scatter":
-                numel //= self.world_size
-            return engine_choice(op, algorithm, mechanism, numel, dtype, self._backend)
+            return engine_choice(op, algorithm, mechanism, self._round_numel(op, nbytes, dtype),
+                                 dtype, self._backend)
         if self._backend is None and self._two_level is None:
             reason = self.disabled_reason or "no fast path"
         elif requested == "torch":
@@ -650,16 +648,20 @@ class Communicator:
         st[2] += rec[7] - rec[6]   # the recorder's perf_counter readings
         return result
 
+    def _round_numel(self, op: str, nbytes: int, dtype: torch.dtype) -> int:
+        """The elements a Choice's chunk counts for a call of ``nbytes``: the input's
+        (all_reduce, all_gather), the output's per rank (reduce_scatter)."""
+        numel = nbytes // dtype.itemsize
+        return numel // self.world_size if op == "reduce_scatter" else numel
+
     def _decision(self, op, nbytes, dtype, requested, name, graph) -> tuple:
         """(Choice, stats entry, runs on the flat engine, in one round) of a call, cached per
         (name, nbytes, dtype, requested, graph): a repeated call looks up one tuple and
         recomputes nothing (``_decide`` raises for a bad request, which is never cached)."""
         c = self._decide(op, nbytes, dtype, requested, name, graph)
         on_engine = c.algorithm not in ("torch", "two_level", "local")
-        numel = nbytes // dtype.itemsize
-        if op == "reduce_scatter":
-            numel //= self.world_size
-        decision = (c, self._stats[(name, c.name)], on_engine, on_engine and numel <= c.chunk)
+        decision = (c, self._stats[(name, c.name)], on_engine,
+                    on_engine and self._round_numel(op, nbytes, dtype) <= c.chunk)
         if len(self._decisions) > 4096:
             self._decisions.clear()
         self._decisions[(name, nbytes, dtype, requested, graph)] = decision

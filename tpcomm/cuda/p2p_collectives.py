@@ -567,27 +567,25 @@ class P2PCollectives:
         common = dict(grid=kw["grid"], num_warps=kw["num_warps"], itype=kw["itype"],
                       canon=kw["canon"], block=kw["block"], item=item)
         if name == "one_shot":
-            plan = (0, None)
+            run = None
         elif name == "one_shot/push":
             site = self._site(("one_shot/push", dtype, kw["block"]),
                               k_one_shot.bind_all_reduce_one_shot_push, FAM_PUSH,
                               slot_stride=L.push_buf // W // item, **common)
             # through a lambda: site.launch is replaced after its first call (launch.py)
-            plan = (L.one_shot_push_max(item), lambda i, o, n, h: site.launch(i, o, n, h))
+            run = lambda i, o, n, h: site.launch(i, o, n, h)  # noqa: E731
         elif name == "one_shot/pull":   # its modes depend on where the input lives
-            plan = (self.round_limit("all_reduce", name, dtype),
-                    lambda i, o, n, h: self._one_shot_pull(i, o, h))
+            run = lambda i, o, n, h: self._one_shot_pull(i, o, h)  # noqa: E731
         elif name == "two_shot":
             site = self._site(("two_shot", dtype, kw["block"]),
                               k_two_shot.bind_all_reduce_two_shot, FAM_PUSH,
                               rs_slot_stride=L.rs_slot // item, ag_off=W * L.rs_slot, **common)
-            plan = (L.two_shot_max(item),
-                    lambda i, o, n, h: site.launch(i, o, n, _split(n, W), h))
+            run = lambda i, o, n, h: site.launch(i, o, n, _split(n, W), h)  # noqa: E731
         else:
             site = self._site(("ring", dtype, kw["block"]), k_ring.bind_all_reduce_ring, FAM_PUSH,
                               ag_off=4 * L.ring_max(item), **common)
-            plan = (L.ring_max(item),
-                    lambda i, o, n, h: site.launch(i, o, n, _split(n, W), h))
+            run = lambda i, o, n, h: site.launch(i, o, n, _split(n, W), h)  # noqa: E731
+        plan = (0 if run is None else self.round_limit("all_reduce", name, dtype), run)
         self._plans[(algorithm, dtype)] = plan
         return plan
 
