@@ -12,7 +12,7 @@ from tpcomm.bench import two_level as hierarchical_bench
 from tpcomm.bench import overlap as bench_overlap
 from tpcomm.bench import runner
 from tpcomm.cli import EXIT_BROKEN_PIPE, main
-from tpcomm.groups.launch import usable_cores
+from tpcomm.groups.launch import RankFailed, usable_cores
 from tpcomm.bench import model as model_bench
 from tpcomm.settings import SettingsError, get_settings, reload_settings
 
@@ -87,6 +87,24 @@ def test_output_paths_are_checked_before_the_run(name, flags, tmp_path, capsys):
                                      f"{missing.parent} does not exist"]
         code, err = _run(name, [flag, str(tmp_path)], capsys)
         assert code == 2 and len(err) == 1 and "expected a file name" in err[0]
+
+
+@pytest.mark.parametrize("name", [*COMMANDS.keys() - {"check"}, "bench host",
+                                  "hierarchical_bench"])
+def test_a_failed_rank_is_one_line_and_exit_code_1(name, monkeypatch, capsys):
+    """Every benchmark that starts ranks: a rank that fails ends the command with one line,
+    ``PROG: message`` (cli.command.execute), exit code 1, no traceback."""
+    def failed(*args, **kwargs):
+        raise RankFailed("rank 1 failed: RuntimeError: boom", {})
+    for module in (runner, bench_overlap, model_bench):
+        monkeypatch.setattr(module, "spawn", failed)
+    monkeypatch.setattr("tpcomm.groups.launch.spawn", failed)   # host, hierarchical_bench
+    if name == "bench host":
+        code, err = main(["bench", "host", "--device", "cpu"]), capsys.readouterr().err
+        err = err.splitlines()
+    else:
+        code, err = _run(name, [], capsys)
+    assert code == 1 and err == [f"{_prog(name)}: rank 1 failed: RuntimeError: boom"], err
 
 
 def _prog(name):

@@ -39,6 +39,17 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def add_sub_benchmark(subparsers, name: str, help: str, description: str,
+                      func) -> argparse.ArgumentParser:
+    """The parser of ``tpcomm bench NAME`` (a sub-benchmark), set up as every ``tpcomm``
+    subcommand is (:mod:`tpcomm.cli.main`): ``func`` (args -> exit code) and the parser itself
+    as defaults; ``description`` (the module's docstring) printed as written."""
+    p = subparsers.add_parser(name, help=help, description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func, parser=p)
+    return p
+
+
 def add_ranks(p, what: str = "ranks") -> None:
     """The flags every benchmark shares for where it runs: -n/--nranks, --oversubscribe,
     --device (resolved by :func:`resolve_world` and :func:`resolve_device`)."""

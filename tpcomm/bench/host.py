@@ -46,7 +46,7 @@ from typing import Callable
 
 import torch
 
-from .args import check_outputs, positive_int, resolve_device
+from .args import add_sub_benchmark, check_outputs, positive_int, resolve_device
 from .output import markdown_table, text_table, write_outputs
 from .report import human_size
 
@@ -57,10 +57,10 @@ BASE_16 = "triton 16-arg, CompiledKernel.run"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """``host`` under ``tpcomm bench``."""
-    p = subparsers.add_parser(
-        "host", help="host us per call: tpcomm's ops next to a bare Triton launch, a torch op, "
-                     "NCCL / gloo and symm_mem",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_sub_benchmark(
+        subparsers, "host", help="host us per call: tpcomm's ops next to a bare Triton launch, a "
+                                 "torch op, NCCL / gloo and symm_mem",
+        description=__doc__, func=main)
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--sizes", default="4K,64K,256K",
@@ -71,7 +71,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds the run may take")
     p.add_argument("--json", metavar="FILE", help="every figure and the header as JSON")
     p.add_argument("--markdown", metavar="FILE.md", help="header and table as a results file")
-    p.set_defaults(func=main, parser=p)
     return p
 
 
@@ -334,7 +333,7 @@ def _meta(device: str, world: int, iters: int, reps: int) -> dict:
 
 def main(args) -> int:
     from ..cli import UsageError
-    from ..groups.launch import RankFailed, spawn
+    from ..groups.launch import spawn
     from ..settings import parse_size
     device = resolve_device(args.device)
     check_outputs(args)
@@ -350,12 +349,9 @@ def main(args) -> int:
     # emulated rank's kernel spins until the next rank's kernel runs (gpu_emulated_ranks.py)
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "CUDA_MODULE_LOADING": "EAGER"}
-    try:
-        per_rank = spawn(rank_main, world, device, sizes, iters, args.reps, env=env,
-                         timeout_s=args.timeout)
-    except RankFailed as e:
-        print(f"tpcomm bench host: {e}", file=sys.stderr)
-        return 1
+    # a failed rank: execute says so, exit code 1
+    per_rank = spawn(rank_main, world, device, sizes, iters, args.reps, env=env,
+                     timeout_s=args.timeout)
     rows = merge_ranks(per_rank)
     add_ratios(rows)
     meta = _meta(device, world, iters, args.reps)

@@ -18,10 +18,10 @@ import os
 import shlex
 import sys
 
-from .args import add_outputs, add_ranks, int_list, positive_int, resolve_ranks
+from .args import (add_outputs, add_ranks, add_sub_benchmark, int_list, positive_int,
+                   resolve_ranks)
 from .output import write_outputs
 from ..cli.command import UsageError, execute
-from ..groups.launch import RankFailed
 from .model import DTYPES, ModelBenchConfig, run
 from ..models.comm import COMM_CHOICES
 from ..models.llama import CONFIGS
@@ -98,12 +98,10 @@ def add_model_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """``model`` under ``tpcomm bench`` (the bench parser's sub-benchmarks)."""
-    p = subparsers.add_parser(
-        "model", help="the TP Llama model end to end: TPOT, TTFT, tokens/s per --comm backend",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_bench_args(p)
-    p.set_defaults(func=run_model_bench, parser=p)
-    return p
+    return add_model_bench_args(add_sub_benchmark(
+        subparsers, "model",
+        help="the TP Llama model end to end: TPOT, TTFT, tokens/s per --comm backend",
+        description=__doc__, func=run_model_bench))
 
 
 def config_from_args(args) -> ModelBenchConfig:
@@ -145,12 +143,7 @@ def config_from_args(args) -> ModelBenchConfig:
 
 def run_model_bench(args) -> int:
     """Entry point of ``tpcomm bench model``; returns the exit code."""
-    config = config_from_args(args)
-    try:
-        result = run(config)
-    except RankFailed as e:
-        print(f"tpcomm bench model: {e}", file=sys.stderr)
-        return 1
+    result = run(config_from_args(args))   # a failed rank: execute says so, exit code 1
     if result["meta"] is None:   # ranks other than 0 under torchrun
         return 0 if all(c["ok"] for c in result["checks"]) else 1
     from . import model_report as report

@@ -45,11 +45,12 @@ import torch.distributed as dist
 
 from .. import reference
 from ..cli.command import UsageError
-from ..groups.launch import RankFailed, init_rank, no_multicast, spawn, under_torchrun
+from ..groups.launch import init_rank, no_multicast, spawn, under_torchrun
 from ..ops.overlap import (all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter,
                            overlap_chunks)
 from . import timing
-from .args import add_outputs, add_ranks, int_list, positive_int, resolve_ranks
+from .args import (add_outputs, add_ranks, add_sub_benchmark, int_list, positive_int,
+                   resolve_ranks)
 from .output import columns, markdown_table, write_outputs
 
 OPS = ("matmul_all_reduce", "matmul_reduce_scatter", "all_gather_matmul")
@@ -96,9 +97,10 @@ class OverlapBenchConfig:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """``overlap`` under ``tpcomm bench``."""
-    p = subparsers.add_parser(
-        "overlap", help="GEMM + collective: parts, unfused, torch async-TP, tpcomm overlapped",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_sub_benchmark(
+        subparsers, "overlap",
+        help="GEMM + collective: parts, unfused, torch async-TP, tpcomm overlapped",
+        description=__doc__, func=main)
     add_ranks(p)
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default float32 cpu, bfloat16 cuda")
     p.add_argument("--M", type=int_list, dest="ms",
@@ -128,7 +130,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --fused-gemm: the Ms at which inductor's best Triton GEMM is "
                         "autotuned too (minutes each)")
     add_outputs(p)
-    p.set_defaults(func=main, parser=p)
     return p
 
 
@@ -462,11 +463,7 @@ def format_markdown(meta: dict, rows: list[dict], fused: dict | None = None) -> 
 
 def main(args) -> int:
     config = config_from_args(args)
-    try:
-        result = run(config)
-    except RankFailed as e:
-        print(f"tpcomm bench overlap: {e}", file=sys.stderr)
-        return 1
+    result = run(config)     # a failed rank: execute says so, exit code 1
     rows = result["rows"]
     if result["meta"] is not None:
         meta = result["meta"]

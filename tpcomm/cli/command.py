@@ -1,5 +1,5 @@
 """What every ``tpcomm`` subcommand shares with the command around it: :class:`UsageError` and
-:func:`execute`. A leaf module (it imports only settings), so that the subcommands' own modules
+:func:`execute`. A leaf module (it imports only settings and groups.launch's RankFailed), so that the subcommands' own modules
 (``tpcomm.bench``, ``cli/check.py``, ``cli/plan.py``) never import the CLI's top (``cli/main.py``),
 which finds them by name (``SUBCOMMANDS``)."""
 from __future__ import annotations
@@ -23,8 +23,11 @@ def execute(args: argparse.Namespace, prog: str = "tpcomm") -> int:
     - a TPCOMM_* variable that cannot be used: one line naming it and the values accepted,
       exit code 2, read here first so that no rank is started only to fail;
     - :class:`UsageError`: one line, ``PROG: error: message``, exit code 2;
+    - a rank that failed (:class:`tpcomm.groups.launch.RankFailed`, from the ranks a benchmark
+      started): one line, ``PROG: message``, exit code 1;
     - a closed stdout (``| head``): no traceback, exit code ``EXIT_BROKEN_PIPE``.
     """
+    from ..groups.launch import RankFailed
     from ..settings import SettingsError, get_settings
     try:
         get_settings()
@@ -33,6 +36,9 @@ def execute(args: argparse.Namespace, prog: str = "tpcomm") -> int:
         return code
     except UsageError as e:
         args.parser.exit(2, f"{args.parser.prog}: error: {e}\n")
+    except RankFailed as e:
+        print(f"{args.parser.prog}: {e}", file=sys.stderr)
+        return 1
     except SettingsError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
