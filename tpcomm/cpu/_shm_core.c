@@ -180,35 +180,51 @@ static void sum_f32(float *out, const float *const *srcs, int n_src, int64_t n) 
     }
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
+/* the bits of a float32 and back (memcpy: no aliasing question, a plain move once compiled) */
+static inline float f32_of_bits(uint32_t u) {
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) {
-    /* c10::BFloat16's round_to_nearest_even: NaN -> 0x7FC0 */
+static inline uint32_t bits_of_f32(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
+    return u;
+}
+
+/* The 16-bit sum of ``n_src`` sources, in blocks: float32 acc = TO_F32(s0) + TO_F32(s1) + ...
+ * in rank order, each element rounded once by FROM_F32 at the end (see the header). Defines
+ * ``static void NAME(uint16_t *out, const uint16_t *const *srcs, int n_src, int64_t n)``; an
+ * attribute written before the macro applies to that function. */
+#define DEFINE_SUM16(NAME, TO_F32, FROM_F32)                                                  \
+    static void NAME(uint16_t *out, const uint16_t *const *srcs, int n_src, int64_t n) {       \
+        float acc[BLOCK];                                                                      \
+        for (int64_t lo = 0; lo < n; lo += BLOCK) {                                            \
+            int64_t len = n - lo < BLOCK ? n - lo : BLOCK;                                     \
+            const uint16_t *s0 = srcs[0] + lo;                                                 \
+            for (int64_t i = 0; i < len; i++) acc[i] = TO_F32(s0[i]);                          \
+            for (int k = 1; k < n_src; k++) {                                                  \
+                const uint16_t *s = srcs[k] + lo;                                              \
+                for (int64_t i = 0; i < len; i++) acc[i] += TO_F32(s[i]);                      \
+            }                                                                                  \
+            for (int64_t i = 0; i < len; i++) out[lo + i] = FROM_F32(acc[i]);                  \
+        }                                                                                      \
+    }
+
+static inline float bf16_to_f32(uint16_t h) {
+    return f32_of_bits((uint32_t)h << 16);
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    /* c10::BFloat16's round_to_nearest_even: NaN -> 0x7FC0 */
+    uint32_t u = bits_of_f32(f);
     if (f != f) return 0x7FC0;
     return (uint16_t)((u + (((u >> 16) & 1) + 0x7FFF)) >> 16);
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static void sum_bf16(uint16_t *out, const uint16_t *const *srcs, int n_src, int64_t n) {
-    float acc[BLOCK];
-    for (int64_t lo = 0; lo < n; lo += BLOCK) {
-        int64_t len = n - lo < BLOCK ? n - lo : BLOCK;
-        const uint16_t *s0 = srcs[0] + lo;
-        for (int64_t i = 0; i < len; i++) acc[i] = bf16_to_f32(s0[i]);
-        for (int k = 1; k < n_src; k++) {
-            const uint16_t *s = srcs[k] + lo;
-            for (int64_t i = 0; i < len; i++) acc[i] += bf16_to_f32(s[i]);
-        }
-        for (int64_t i = 0; i < len; i++) out[lo + i] = f32_to_bf16(acc[i]);
-    }
-}
+DEFINE_SUM16(sum_bf16, bf16_to_f32, f32_to_bf16)
 
 /* IEEE half <-> float, exact and round-to-nearest-even (what F16C's vcvtps2ph does with
  * rounding mode 0 and what c10::Half does), for machines without F16C. */
@@ -227,14 +243,11 @@ static inline float f16_to_f32_soft(uint16_t h) {
     } else {
         u = sign | ((exp + 112) << 23) | (man << 13);
     }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
+    return f32_of_bits(u);
 }
 
 static inline uint16_t f32_to_f16_soft(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
+    uint32_t u = bits_of_f32(f);
     uint32_t sign = (u >> 16) & 0x8000, abs = u & 0x7FFFFFFF;
     if (abs > 0x7F800000) return (uint16_t)(sign | 0x7E00 | ((abs >> 13) & 0x3FF)); /* NaN */
     if (abs >= 0x477FF000) return (uint16_t)(sign | 0x7C00);   /* rounds to inf (or is inf) */
@@ -251,16 +264,7 @@ static inline uint16_t f32_to_f16_soft(float f) {
     return (uint16_t)(sign | res);
 }
 
-static void sum_f16_soft(uint16_t *out, const uint16_t *const *srcs, int n_src, int64_t n) {
-    float acc[BLOCK];
-    for (int64_t lo = 0; lo < n; lo += BLOCK) {
-        int64_t len = n - lo < BLOCK ? n - lo : BLOCK;
-        for (int64_t i = 0; i < len; i++) acc[i] = f16_to_f32_soft(srcs[0][lo + i]);
-        for (int k = 1; k < n_src; k++)
-            for (int64_t i = 0; i < len; i++) acc[i] += f16_to_f32_soft(srcs[k][lo + i]);
-        for (int64_t i = 0; i < len; i++) out[lo + i] = f32_to_f16_soft(acc[i]);
-    }
-}
+DEFINE_SUM16(sum_f16_soft, f16_to_f32_soft, f32_to_f16_soft)
 
 __attribute__((target("avx2,f16c")))
 static void sum_f16_f16c(uint16_t *out, const uint16_t *const *srcs, int n_src, int64_t n) {
