@@ -81,14 +81,33 @@ def _world(handle: str) -> int:
 
 
 # ---------------------------------------------------------------- collectives
-@custom_op("tpcomm::all_reduce", mutates_args=())
-def all_reduce(x: torch.Tensor, comm: str, algorithm: str) -> torch.Tensor:
-    return lookup(comm).all_reduce(x.contiguous(), algorithm=algorithm)
+def _collective(op: str, fake):
+    """``torch.ops.tpcomm.<op>(Tensor x, str comm, str algorithm) -> Tensor``: the
+    Communicator's eager method ``op`` on a contiguous ``x``; ``fake(x, comm, algorithm)``, its
+    output's shape (an empty tensor), is what torch.compile sees."""
+    def impl(x: torch.Tensor, comm: str, algorithm: str) -> torch.Tensor:
+        return getattr(lookup(comm), op)(x.contiguous(), algorithm=algorithm)
+    registered = custom_op(f"tpcomm::{op}", impl, mutates_args=())
+    registered.register_fake(fake)
+    return registered
 
 
-@all_reduce.register_fake
-def _(x, comm, algorithm):
-    return x.new_empty(x.shape)
+def _reduce_scatter_shape(x, comm, algorithm):
+    R = _world(comm)
+    torch._check(x.dim() > 0 and x.shape[0] % R == 0, lambda: (
+        f"reduce_scatter needs dim 0 divisible by the world size {R}, got shape "
+        f"{tuple(x.shape)}"))
+    return x.new_empty((x.shape[0] // R, *x.shape[1:]))
+
+
+def _all_gather_shape(x, comm, algorithm):
+    R = _world(comm)
+    return x.new_empty((R * x.shape[0], *x.shape[1:]) if x.dim() else (R,))
+
+
+all_reduce = _collective("all_reduce", lambda x, comm, algorithm: x.new_empty(x.shape))
+reduce_scatter = _collective("reduce_scatter", _reduce_scatter_shape)
+all_gather = _collective("all_gather", _all_gather_shape)
 
 
 @custom_op("tpcomm::all_reduce_", mutates_args=("x",))
@@ -103,31 +122,6 @@ def all_reduce_(x: torch.Tensor, comm: str, algorithm: str) -> None:
 @all_reduce_.register_fake
 def _(x, comm, algorithm):
     return None
-
-
-@custom_op("tpcomm::reduce_scatter", mutates_args=())
-def reduce_scatter(x: torch.Tensor, comm: str, algorithm: str) -> torch.Tensor:
-    return lookup(comm).reduce_scatter(x.contiguous(), algorithm=algorithm)
-
-
-@reduce_scatter.register_fake
-def _(x, comm, algorithm):
-    R = _world(comm)
-    torch._check(x.dim() > 0 and x.shape[0] % R == 0, lambda: (
-        f"reduce_scatter needs dim 0 divisible by the world size {R}, got shape "
-        f"{tuple(x.shape)}"))
-    return x.new_empty((x.shape[0] // R, *x.shape[1:]))
-
-
-@custom_op("tpcomm::all_gather", mutates_args=())
-def all_gather(x: torch.Tensor, comm: str, algorithm: str) -> torch.Tensor:
-    return lookup(comm).all_gather(x.contiguous(), algorithm=algorithm)
-
-
-@all_gather.register_fake
-def _(x, comm, algorithm):
-    R = _world(comm)
-    return x.new_empty((R * x.shape[0], *x.shape[1:]) if x.dim() else (R,))
 
 
 @custom_op("tpcomm::all_reduce_coalesced", mutates_args=())
