@@ -253,9 +253,7 @@ class Communicator:
         the same result.
         """
         if _is_compiling():   # torch.compile: one registered op (tpcomm/ops/library.py)
-            if self.world_size == 1:
-                return _traced_local(x, out)
-            return _traced_out(torch.ops.tpcomm.all_reduce(x, self.handle, algorithm), out)
+            return self._traced(torch.ops.tpcomm.all_reduce, x, out, algorithm)
         if self._hot:    # a call decided before: the hot path (issue 16)
             y = self._all_reduce_hot(x, out, algorithm)
             if y is not None:
@@ -279,31 +277,23 @@ class Communicator:
                        algorithm: str = "auto") -> torch.Tensor:
         """x: [R*m, ...] -> out: [m, ...], the sum over ranks of x's rows [rank*m, (rank+1)*m)."""
         if _is_compiling():
-            if self.world_size == 1:
-                return _traced_local(x, out)
-            return _traced_out(torch.ops.tpcomm.reduce_scatter(x, self.handle, algorithm), out)
+            return self._traced(torch.ops.tpcomm.reduce_scatter, x, out, algorithm)
         self._check_tensor("reduce_scatter", x)
         if x.dim() == 0 or x.shape[0] % self.world_size:
             raise ValueError(f"reduce_scatter needs dim 0 divisible by the world size "
                              f"{self.world_size}, got shape {tuple(x.shape)}")
         shape = (x.shape[0] // self.world_size, *x.shape[1:])
-        out = self._out("reduce_scatter", x, out, shape)
-        if _overlaps(out, x):
-            raise ValueError("reduce_scatter: out must not overlap the input")
+        out = self._out_apart("reduce_scatter", x, out, shape)
         return self._run("reduce_scatter", x, out, algorithm)
 
     def all_gather(self, x: torch.Tensor, *, out: torch.Tensor | None = None,
                    algorithm: str = "auto") -> torch.Tensor:
         """x: [m, ...] -> out: [R*m, ...], rank p's x in rows [p*m, (p+1)*m). A 0-d x gives [R]."""
         if _is_compiling():
-            if self.world_size == 1:
-                return _traced_local(x, out)
-            return _traced_out(torch.ops.tpcomm.all_gather(x, self.handle, algorithm), out)
+            return self._traced(torch.ops.tpcomm.all_gather, x, out, algorithm)
         self._check_tensor("all_gather", x)
         shape = (self.world_size * x.shape[0], *x.shape[1:]) if x.dim() else (self.world_size,)
-        out = self._out("all_gather", x, out, shape)
-        if _overlaps(out, x):
-            raise ValueError("all_gather: out must not overlap the input")
+        out = self._out_apart("all_gather", x, out, shape)
         return self._run("all_gather", x, out, algorithm)
 
     def all_reduce_coalesced(self, tensors: list[torch.Tensor], *,
@@ -538,6 +528,22 @@ class Communicator:
         if not x.is_contiguous():
             raise ValueError(f"{op} needs a contiguous tensor, got shape {tuple(x.shape)} with "
                              f"strides {x.stride()}; call .contiguous() first")
+
+    def _traced(self, op, x: torch.Tensor, out: torch.Tensor | None,
+                algorithm: str) -> torch.Tensor:
+        """A collective while torch.compile traces it: ``op`` (``torch.ops.tpcomm.<name>``, one
+        node of the graph), its result in ``out`` where one was given; at world 1 a copy."""
+        if self.world_size == 1:
+            return _traced_local(x, out)
+        return _traced_out(op(x, self.handle, algorithm), out)
+
+    def _out_apart(self, op: str, x: torch.Tensor, out, shape) -> torch.Tensor:
+        """:meth:`_out`, for an op whose output must not overlap its input (reduce_scatter,
+        all_gather)."""
+        out = self._out(op, x, out, shape)
+        if _overlaps(out, x):
+            raise ValueError(f"{op}: out must not overlap the input")
+        return out
 
     def _out(self, op: str, x: torch.Tensor, out, shape) -> torch.Tensor:
         if out is x:  # in place: x was checked already

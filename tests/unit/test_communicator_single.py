@@ -68,10 +68,12 @@ def test_bad_input_raises_clear_error(comm, call, match):
         call(comm)
 
 
-def test_all_gather_out_may_not_overlap_input(comm):
+def test_all_gather_and_reduce_scatter_out_may_not_overlap_input(comm):
     buf = torch.zeros(8)
-    with pytest.raises(ValueError, match="overlap"):
+    with pytest.raises(ValueError, match="^all_gather: out must not overlap the input$"):
         comm.all_gather(buf[:8], out=buf)
+    with pytest.raises(ValueError, match="^reduce_scatter: out must not overlap the input$"):
+        comm.reduce_scatter(buf, out=buf)
 
 
 def test_world_one_needs_no_fallback(comm):
