@@ -661,24 +661,39 @@ class P2PCollectives:
                        algorithm: str = "direct", *, total: int = -1, offset: int = 0) -> None:
         """inp is [world, c] (rows may be strided), out is [c]: out = sum of row ``rank``; one
         round of at most :meth:`round_limit` columns (more: ``tpcomm.engine.run_call``)."""
+        self._slot_round("reduce_scatter", inp, out, algorithm, total, offset)
+
+    def _slot_round(self, op: str, inp: torch.Tensor, out: torch.Tensor, algorithm: str,
+                    total: int, offset: int) -> None:
+        """One round of reduce_scatter (inp: the [world, c] rows, out: [c]) or of all_gather
+        (inp: [c], out: the rows): the checks, in the order inp then out, and the launch of
+        the slot kernel. ``c`` is the flat side's numel; the call hash covers the call's input
+        numel (``total``, else this round's: world * c to reduce-scatter, c to all-gather)."""
         self._begin() if offset == 0 else self._begin_round()
-        c = out.numel()
+        gather = op == "all_gather"
+        c = (inp if gather else out).numel()
         if c == 0:
             return
         if algorithm not in ("direct", "auto"):
-            raise ValueError(f"reduce_scatter on the GPU has no algorithm {algorithm!r}")
-        inp = inp.view(self.world, c) if inp.dim() != 2 else inp
-        if inp.stride(1) != 1:
-            raise ValueError("reduce_scatter needs rows of contiguous elements")
-        out = out.view(-1)
-        if c > self.layout.slot_max(out.element_size()):
-            self._more_rounds("reduce_scatter", inp, out, algorithm, total)
+            raise ValueError(f"{op} on the GPU has no algorithm {algorithm!r}")
+        inp = inp.view(-1) if gather else self._as_rows(op, inp, c)
+        out = self._as_rows(op, out, c) if gather else out.view(-1)
+        flat, rows = (inp, out) if gather else (out, inp)
+        if c > self.layout.slot_max(flat.element_size()):
+            self._more_rounds(op, inp, out, algorithm, total)
             return
-        site = self._slot_site("reduce_scatter", out.dtype)
-        h = k_barrier.call_hash("reduce_scatter", _DTYPE_NAMES[out.dtype],
-                                self.world * c if total < 0 else total)
+        site = self._slot_site(op, flat.dtype)
+        numel = c if gather else self.world * c
+        h = k_barrier.call_hash(op, _DTYPE_NAMES[flat.dtype], numel if total < 0 else total)
         with self._dev():
-            site.launch(inp, out, c, inp.stride(0), h)
+            site.launch(inp, out, c, rows.stride(0), h)
+
+    def _as_rows(self, op: str, t: torch.Tensor, c: int) -> torch.Tensor:
+        """``t`` as [world, c]: rows that may be strided, each of contiguous elements."""
+        t = t.view(self.world, c) if t.dim() != 2 else t
+        if t.stride(1) != 1:
+            raise ValueError(f"{op} needs rows of contiguous elements")
+        return t
 
     def _more_rounds(self, op: str, inp, out, algorithm: str, total: int) -> None:
         """A reduce_scatter / all_gather of more than one slot: ``run_call`` (callers outside a
@@ -728,24 +743,7 @@ class P2PCollectives:
                    algorithm: str = "direct", *, total: int = -1, offset: int = 0) -> None:
         """inp is [c], out is [world, c] (rows may be strided): out[p] = inp of rank p; one
         round of at most :meth:`round_limit` elements (more: ``tpcomm.engine.run_call``)."""
-        self._begin() if offset == 0 else self._begin_round()
-        c = inp.numel()
-        if c == 0:
-            return
-        if algorithm not in ("direct", "auto"):
-            raise ValueError(f"all_gather on the GPU has no algorithm {algorithm!r}")
-        inp = inp.view(-1)
-        out = out.view(self.world, c) if out.dim() != 2 else out
-        if out.stride(1) != 1:
-            raise ValueError("all_gather needs rows of contiguous elements")
-        if c > self.layout.slot_max(inp.element_size()):
-            self._more_rounds("all_gather", inp, out, algorithm, total)
-            return
-        site = self._slot_site("all_gather", inp.dtype)
-        h = k_barrier.call_hash("all_gather", _DTYPE_NAMES[inp.dtype],
-                                c if total < 0 else total)
-        with self._dev():
-            site.launch(inp, out, c, out.stride(0), h)
+        self._slot_round("all_gather", inp, out, algorithm, total, offset)
 
     def barrier(self) -> None:
         """All ranks meet on the GPU (stream-ordered, graph-safe, bounded by the timeout)."""
