@@ -38,16 +38,20 @@ import enum
 from typing import NamedTuple
 
 
-class Op(str, enum.Enum):
-    ALL_REDUCE = "all_reduce"
-    REDUCE_SCATTER = "reduce_scatter"
-    ALL_GATHER = "all_gather"
+class _Name(str, enum.Enum):
+    """A name of the vocabulary: equal to its string, and printed as it."""
 
     def __str__(self) -> str:
         return self.value
 
 
-class Algorithm(str, enum.Enum):
+class Op(_Name):
+    ALL_REDUCE = "all_reduce"
+    REDUCE_SCATTER = "reduce_scatter"
+    ALL_GATHER = "all_gather"
+
+
+class Algorithm(_Name):
     ONE_SHOT = "one_shot"
     TWO_SHOT = "two_shot"
     RING = "ring"
@@ -57,16 +61,10 @@ class Algorithm(str, enum.Enum):
     TORCH = "torch"
     FUSED = "fused"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Mechanism(str, enum.Enum):
+class Mechanism(_Name):
     PUSH = "push"
     PULL = "pull"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 AUTO = "auto"

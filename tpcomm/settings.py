@@ -38,17 +38,25 @@ def _bool(name: str, default: bool) -> bool:
     raise _bad(name, raw, "one of 1/0, true/false, yes/no, on/off")
 
 
-def _float(name: str, default: float) -> float:
+def _parsed(name: str, default, parse, ok, expected: str):
+    """The variable ``name`` read by ``parse``, ``default`` where it is unset or blank;
+    SettingsError naming ``expected`` where ``parse`` raises ValueError or ``ok`` refuses the
+    value."""
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
-        val = float(raw)
+        val = parse(raw)
     except ValueError:
-        val = math.nan
-    if not 0 < val < math.inf:
-        raise _bad(name, raw, "a number of seconds > 0, such as 60 or 2.5")
+        raise _bad(name, raw, expected) from None
+    if not ok(val):
+        raise _bad(name, raw, expected)
     return val
+
+
+def _float(name: str, default: float) -> float:
+    return _parsed(name, default, float, lambda v: 0 < v < math.inf,
+                   "a number of seconds > 0, such as 60 or 2.5")
 
 
 def parse_size(text: str) -> int:
@@ -69,30 +77,13 @@ def parse_size(text: str) -> int:
 
 
 def _size(name: str, default: int, minimum: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        val = parse_size(raw)
-    except ValueError:
-        val = -1
-    if val < minimum:
-        raise _bad(name, raw, f"a size of at least {minimum // 1024}K in bytes, with K, M or G "
-                              f"for powers of 1024, such as 64M or 1G")
-    return val
+    return _parsed(name, default, parse_size, lambda v: v >= minimum,
+                   f"a size of at least {minimum // 1024}K in bytes, with K, M or G for powers "
+                   f"of 1024, such as 64M or 1G")
 
 
 def _int_or_none(name: str) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        val = int(raw)
-    except ValueError:
-        val = 0
-    if val <= 0:
-        raise _bad(name, raw, "a positive integer (ranks per node)")
-    return val
+    return _parsed(name, None, int, lambda v: v > 0, "a positive integer (ranks per node)")
 
 
 @dataclasses.dataclass(frozen=True)
