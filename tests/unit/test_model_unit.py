@@ -240,6 +240,38 @@ def test_graphed_prefill_replays_the_graph_of_each_length_with_the_new_prompt(ti
         tiny._compiled_fns, tiny.compiled = None, False
 
 
+def test_graphed_decode_replays_one_captured_step_from_the_right_tokens(tiny, monkeypatch):
+    """The decode CUDA graph's bookkeeping, with a stand-in for the capture (it runs the warm-up
+    and ``after_warmup`` as ``_graph_of`` does and reruns the step on replay): the warm-up's
+    steps advance the tokens and positions, which must be put back before the capture, so the
+    graphed tokens equal the eager ones. The graph itself: tests/gpu/test_model_gpu.py."""
+    import tpcomm.models.generate as generate
+    captures = []
+
+    def fake_graph_of(fn, warmup=2, after_warmup=None):
+        for _ in range(warmup):
+            fn()
+        after_warmup()
+        out = fn()           # a capture records the step without running it: the stand-in
+        after_warmup()       # runs it, then undoes that as the put-back does
+        captures.append(out)
+
+        def replay():
+            for o, new in zip(out, fn()):
+                o.copy_(new)
+        return replay, out
+
+    monkeypatch.setattr(generate, "_graph_of", fake_graph_of)
+    prompt = torch.randint(0, tiny.cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(7))
+    want = Generator(tiny, 2, 16).generate(prompt, 6)
+    gen = Generator(tiny, 2, 16)
+    gen.use_graph = True          # (a CUDA device's setting; the capture is the stand-in)
+    got = gen.generate(prompt, 6)
+    assert len(captures) == 1 and torch.equal(got, want), (got, want)
+    gen.close()
+    assert gen._replay is None
+
+
 def test_set_comm_checks_the_rank():
     m = LlamaTP(get_config("tiny"), FakeComm(0, 2), device="meta")
     with pytest.raises(ValueError, match="sharded for rank 0 of 2"):

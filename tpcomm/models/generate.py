@@ -53,7 +53,7 @@ class Generator:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)             # its position
         self.host_pos = 0
         self.logits: torch.Tensor | None = None   # [B, V] of the last step
-        self._graph = None
+        self._replay = None      # the decode step's CUDA graph (its replay)
         self._graph_out = None
         # prompt length -> (replay, prompt, positions, logits)
         self._prefills: dict[int, tuple] = {}
@@ -127,25 +127,18 @@ class Generator:
         return logits, nxt
 
     def _capture(self) -> None:
-        """Record one decode step (attending over the whole cache, a static length)."""
+        """Record one decode step (attending over the whole cache, a static length). The
+        warm-up steps write the cache at the next positions, which the real steps overwrite
+        before anything reads them, and advance the tokens and positions: those are put back
+        before the capture."""
         saved_tokens, saved_pos = self.tokens.clone(), self.pos.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            # warm-up outside the graph: lazy NCCL / tpcomm set-up and cuBLAS workspaces must
-            # not happen during capture; it writes the cache at the next positions, which the
-            # real steps overwrite before anything reads them
-            for _ in range(2):
-                self._step(self.max_seq)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.tokens.copy_(saved_tokens)
-        self.pos.copy_(saved_pos)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        # capture on the warm-up stream: a Communicator sees one stream for its captured calls
-        with torch.cuda.graph(graph, stream=stream):
-            self._graph_out = self._step(self.max_seq)
-        self._graph = graph
+
+        def put_back() -> None:
+            self.tokens.copy_(saved_tokens)
+            self.pos.copy_(saved_pos)
+
+        self._replay, self._graph_out = _graph_of(lambda: self._step(self.max_seq),
+                                                  after_warmup=put_back)
 
     @torch.inference_mode()
     def decode_step(self) -> torch.Tensor:
@@ -153,9 +146,9 @@ class Generator:
         if self.host_pos >= self.max_seq:
             raise ValueError(f"the KV cache holds {self.max_seq} positions; all are used")
         if self.use_graph:
-            if self._graph is None:
+            if self._replay is None:
                 self._capture()
-            self._graph.replay()
+            self._replay()
             self.logits, nxt = self._graph_out
         else:
             self.logits, nxt = self._step(self.kv_len())
@@ -171,22 +164,25 @@ class Generator:
 
     def close(self) -> None:
         """Drop the graphs (and with them the addresses of the cache)."""
-        self._graph = self._graph_out = None
+        self._replay = self._graph_out = None
         self._prefills.clear()
 
 
-def _graph_of(fn, warmup: int = 2):
+def _graph_of(fn, warmup: int = 2, after_warmup=None):
     """(replay, out): ``fn`` run ``warmup`` times on a side stream (a compiled function
-    compiles, lazy set-up happens, outside the capture), then one call of it captured in a CUDA
-    graph on that stream; ``replay()`` reruns it, writing ``out`` (its result) in place.
-    Whatever ``fn`` writes (the KV cache) the warm-up writes too, with the same values the
-    replays write."""
+    compiles, lazy NCCL / tpcomm set-up and cuBLAS workspaces happen, outside the capture),
+    ``after_warmup()`` (if given) on the current stream, then one call of ``fn`` captured in a
+    CUDA graph on the side stream (a Communicator sees one stream for its captured calls);
+    ``replay()`` reruns it, writing ``out`` (its result) in place. Whatever ``fn`` writes (the
+    KV cache) the warm-up writes too."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
+    if after_warmup is not None:
+        after_warmup()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
