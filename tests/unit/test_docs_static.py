@@ -60,6 +60,76 @@ def test_every_file_a_doc_cites_is_in_the_repository(doc):
     assert not missing, f"{doc.name} cites files that are not in the repository: {missing}"
 
 
+# a backticked path: `tpcomm/cuda/emulated.py`, `cuda/fused_gemm.py` (package-relative, as the
+# docs write them inside tpcomm), `kernels/*_fused.py`, `_shm_core.c`, `benchmarks/results/`
+BACKTICKED = re.compile(r"`([\w*.-]+(?:/[\w*.-]+)*/?)`")
+CODE_FILE = re.compile(r"\.(?:py|c|sh|toml)$")
+
+
+def _exists(path: str, *bases) -> bool:
+    return any(glob.glob(str(base / path)) if "*" in path else (base / path).exists()
+               for base in bases)
+
+
+@pytest.mark.parametrize("doc", doc_files(), ids=lambda p: p.name)
+def test_every_backticked_path_a_doc_names_exists(doc):
+    """A path in backticks (one with a folder, or a code file's name) names a file of the
+    repository: from its root, from tpcomm/ (``cuda/fused_gemm.py``) or, a bare code file's
+    name, anywhere in the package, the scripts or the tests."""
+    everywhere = [ROOT / "tpcomm", *(ROOT / "tpcomm").glob("*/"), ROOT / "scripts",
+                  *(ROOT / "tests").glob("*/")]
+    missing = []
+    for path in BACKTICKED.findall(doc.read_text()):
+        if "/" in path.rstrip("/") and ("." in path.rsplit("/", 1)[-1] or path.endswith("/")):
+            if not _exists(path, ROOT, ROOT / "tpcomm"):
+                missing.append(path)
+        elif "/" not in path and CODE_FILE.search(path):
+            if not _exists(path, ROOT, *everywhere):
+                missing.append(path)
+    assert not missing, f"{doc.name} names paths that are not in the repository: {missing}"
+
+
+def _layout() -> dict[str, str]:
+    """The README's Layout block: entry of tpcomm/ (``bench/``, ``settings.py``) -> its role."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```\ntpcomm/\n", text.index("## Layout")) + len("```\ntpcomm/\n")
+    block = text[start:text.index("\n```", start)]
+    entries, name = {}, None
+    for line in block.splitlines():
+        m = re.match(r"  (\S+)\s+(.*)$", line)
+        if m and not line.startswith("   "):
+            name = m.group(1)
+            entries[name] = m.group(2).strip()
+        elif line.startswith(" " * 4) and name is not None:
+            entries[name] += " " + line.strip()
+        else:
+            name = None     # tests/unit ...: not the package
+    return entries
+
+
+def test_readme_layout_lists_every_folder_and_module_of_the_package_with_its_role():
+    entries = _layout()
+    pkg = ROOT / "tpcomm"
+    folders = {f"{d.name}/" for d in pkg.iterdir() if (d / "__init__.py").exists()}
+    modules = {f.name for f in pkg.glob("*.py") if f.name not in ("__init__.py", "__main__.py")}
+    assert set(entries) == folders | modules, (
+        f"README Layout: missing {sorted((folders | modules) - set(entries))}, "
+        f"not in tpcomm/ {sorted(set(entries) - folders - modules)}")
+    assert all(len(role.split()) >= 3 for role in entries.values()), entries
+
+
+def test_readme_layout_names_only_files_that_exist():
+    """``select.py`` under ``selection/`` is tpcomm/selection/select.py; ``cuda/fused_gemm.py``
+    anywhere is tpcomm/cuda/fused_gemm.py."""
+    missing = []
+    for entry, role in _layout().items():
+        for name in re.findall(r"[\w*./-]+\.(?:py|c)\b", role):
+            base = ROOT / "tpcomm" / (entry if entry.endswith("/") else "")
+            if not _exists(name, ROOT / "tpcomm" if "/" in name else base):
+                missing.append(f"{entry}: {name}")
+    assert not missing, missing
+
+
 # this machine's paths (and the team's notes beside the repository): never in the repository
 MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|root)/|\.\./shared\b|BASELINES\.md")
 SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", "build", "dist"}
