@@ -614,6 +614,21 @@ def grid_summary(rows, ms, current, n=N, k=K):
     return out, best
 
 
+def classify(rows):
+    """(rows measured or failed, variants skipped for the budget, variants whose config does
+    not fit the SM (Triton's OutOfResources: shared memory, registers; not a wrong result),
+    wrong results with their errors)."""
+    def err(r):
+        return str(r.get("error", ""))
+    skipped = [f"{r['variant']} M={r['M']}" for r in rows if err(r).startswith("budget")]
+    rows = [r for r in rows if not err(r).startswith("budget")]
+    unfit = [f"{r['variant']} M={r['M']}" for r in rows
+             if not r["ok"] and err(r).startswith("OutOfResources")]
+    wrong = [f"{r['variant']} M={r['M']}: {r.get('error', 'wrong')}" for r in rows
+             if not r["ok"] and not err(r).startswith("OutOfResources")]
+    return rows, skipped, unfit, wrong
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", default=None, help=f"default {MS} ({GRID_MS} with --grid1k)")
@@ -674,17 +689,14 @@ def main():
     rows = [r for r in lines if r["event"] == "row"]
     dev = next((r for r in lines if r["event"] == "device"), {})
     current = {r["M"]: r for r in lines if r["event"] == "current"}
-    skipped = [f"{r['variant']} M={r['M']}" for r in rows
-               if str(r.get("error", "")).startswith("budget")]
-    rows = [r for r in rows if not str(r.get("error", "")).startswith("budget")]
-    wrong = [f"{r['variant']} M={r['M']}: {r.get('error', 'wrong')}" for r in rows
-             if not r["ok"]]
+    rows, skipped, unfit, wrong = classify(rows)
     lines_md = table(rows, ms)
     grid_md, best = (grid_summary(rows, ms, current, dev.get("N", N), dev.get("K", K))
                      if args.grid1k else ([], {}))
     res = {"device": dev, "K": dev.get("K", K), "N": dev.get("N", N), "dtype": "bfloat16",
            "ms": ms, "rows": rows, "current": current, "best": best,
-           "hung": hung, "not_run": left, "skipped_budget": skipped, "wrong": wrong,
+           "hung": hung, "not_run": left, "skipped_budget": skipped, "unfit": unfit,
+           "wrong": wrong,
            "seconds": round(time.perf_counter() - t0, 1)}
     out_dir = os.environ.get("OUT")
     stem = "fused_1k_sweep" if args.grid1k else "fused_rs_sweep"
@@ -707,11 +719,15 @@ def main():
         print(f"FAIL {w}")
     if skipped:
         print(f"NOTE {len(skipped)} variants not built within the budget: {', '.join(skipped)}")
+    if unfit:
+        print(f"NOTE {len(unfit)} variants do not fit the SM (OutOfResources): "
+              f"{', '.join(unfit)}")
     if not rows:
         print("FAIL nothing measured")
         return 1
     print(("PASS" if not wrong else "FAIL") + f": {len(rows)} results, {len(wrong)} wrong, "
           f"{len(hung)} hung, {len(left)} not run, {len(skipped)} over budget, "
+          f"{len(unfit)} unfit, "
           f"{res['seconds']} s")
     return 1 if wrong else 0
 

@@ -240,3 +240,15 @@ def test_grid1k_smoke_on_the_cpu(tmp_path):
     assert "SINGLE_CONFIGS entry: (torch.bfloat16, 128, 512, 128): _gemm.GemmConfig(" \
         in proc.stdout
     assert (tmp_path / "fused_1k_sweep.md").read_text().count("BEST M=128") == 3
+
+
+def test_classify_separates_budget_unfit_and_wrong(sweep):
+    rows = [dict(variant="a", M=1, ok=True, us=1.0),
+            dict(variant="b", M=1, ok=False, error="budget: not built (no time left)"),
+            dict(variant="c", M=1, ok=False, error="OutOfResources: out of resource: shared"),
+            dict(variant="d", M=1, ok=False, bitwise_vs_unfused=False),
+            dict(variant="e", M=1, ok=False, error="RuntimeError: boom")]
+    kept, skipped, unfit, wrong = sweep.classify(rows)
+    assert [r["variant"] for r in kept] == ["a", "c", "d", "e"]
+    assert skipped == ["b M=1"] and unfit == ["c M=1"]
+    assert wrong == ["d M=1: wrong", "e M=1: RuntimeError: boom"]
