@@ -165,9 +165,12 @@ GRID_OPS = {"rs": "rs1k_", "ag": "ag1k_"}   # kind -> variant prefix
 for _key, _fields in GRID_1K.items():
     for _kind, _prefix in GRID_OPS.items():
         VARIANTS[_prefix + _key] = (_kind, {"config": _fields})
-# --grid1k default set: cuBLAS, inductor, then each config for both ops (priority order)
+# --grid1k default set: cuBLAS, inductor, each config for both ops (priority order), then the
+# default paths of both ops as a noise control (the current config again: the same binary, no
+# compile; how far two timings of one kernel in this run differ)
+CONTROLS = {"rs": "rs_single", "ag": "ag_w1"}
 GRID_VARIANTS = ("torch_mm", "inductor") + tuple(
-    p + key for key in GRID_1K for p in GRID_OPS.values())
+    p + key for key in GRID_1K for p in GRID_OPS.values()) + tuple(CONTROLS.values())
 GRID_MS = (1024,)
 
 
@@ -611,6 +614,16 @@ def grid_summary(rows, ms, current, n=N, k=K):
             out.append(f"BEST M={M} {label}: {st['key']} {_fmt(st['rank'])} {basis[1]}{extra}")
             out.append(f"    SINGLE_CONFIGS entry: "
                        f"{paste_entry(GRID_1K[st['key']], M, n, k)}")
+        for kind, control in CONTROLS.items():
+            c = by.get((control, M), {})
+            twin = next((st for st in found[kind] if st["current"]), None)
+            if c.get("us") and twin:
+                g = _ratio(c.get("graph_us"), twin["graph_us"])
+                out.append(f"CONTROL M={M} {control} (the default path, the current config "
+                           f"{twin['key']}): {c['us']} us / graph {c.get('graph_us', '-')} "
+                           f"against {twin['us']} / {twin['graph_us'] or '-'} as "
+                           f"{twin['variant']}: one kernel timed twice differs by x "
+                           f"{_fmt(_ratio(c['us'], twin['us']))} (graph {_fmt(g)})")
     return out, best
 
 

@@ -120,6 +120,7 @@ def test_grid_variants_cover_both_ops(sweep):
     """Every GRID_1K config is a variant of both fused ops, TMA-stored, never warp-specialized,
     and its shared memory (stages of A and B boxes plus the store box) fits the H200's 227 KiB."""
     assert sweep.GRID_VARIANTS[:2] == ("torch_mm", "inductor")
+    assert sweep.GRID_VARIANTS[-2:] == ("rs_single", "ag_w1")   # the noise controls
     for key, f in sweep.GRID_1K.items():
         assert sweep.VARIANTS["rs1k_" + key] == ("rs", {"config": f})
         assert sweep.VARIANTS["ag1k_" + key] == ("ag", {"config": f})
@@ -174,6 +175,13 @@ def test_grid_summary_picks_the_best_by_graph_ratio(sweep):
     assert text.count("SINGLE_CONFIGS entry: (torch.bfloat16, 1024, 8192, 7168)") == 3
     row = next(ln for ln in lines if ln.startswith(f"| {cur} | rs |"))
     assert row.endswith("| yes |")               # marked current
+    assert not any(ln.startswith("CONTROL") for ln in lines)
+    times["rs_single"] = (200.0, 220.0, True)    # the noise control: the current config again
+    rows = _grid_rows(sweep, times)
+    rows[-1]["config"] = "cur"
+    lines, _ = sweep.grid_summary(rows, [1024], {1024: {"rs": "cur", "ag": "cur"}}, 8192, 7168)
+    ctl = [ln for ln in lines if ln.startswith("CONTROL")]
+    assert len(ctl) == 1 and ctl[0].endswith("differs by x 1.053 (graph 1.048)")
 
 
 def test_grid_summary_without_inductor_ranks_by_torch_mm(sweep):
