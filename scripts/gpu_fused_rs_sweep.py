@@ -718,9 +718,11 @@ def main():
         with open(os.path.join(out_dir, stem + ".json"), "w") as f:
             json.dump(res, f, indent=1)
         with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+            how = (f"median over {args.interleave} interleaved passes of one ~25 ms sample"
+                   if args.interleave else "median of 7")
             f.write(f"# Fused GEMM + reduce-scatter at world 1: schedules and configs\n\n"
                     f"{json.dumps(dev)}; bf16; us per call (CUDA events around "
-                    f"back-to-back calls, median of 7; graph: replays of one captured call)\n\n"
+                    f"back-to-back calls, {how}; graph: replays of one captured call)\n\n"
                     + "\n".join(lines_md) + "\n" + "\n".join(grid_md) + "\n")
     print("\n".join(lines_md))
     if grid_md:
