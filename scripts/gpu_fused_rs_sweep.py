@@ -46,6 +46,24 @@ warp-specialized config anywhere (``_gemm.plan`` refuses them: one hung the GPU 
 
 Writes $OUT/fused_rs_sweep.json and $OUT/fused_rs_sweep.md; prints the table and PASS/FAIL.
 Exit status 1 when a result was wrong (or nothing was measured).
+
+--grid1k (issue 14's last miss: M = 1024, where the fused ops ran 1.069 (RS) / 1.029 (AG) x
+inductor in graph replays on 2026-12-03):
+
+    OUT=/tmp/out PYTHONUNBUFFERED=1 python3 scripts/gpu_fused_rs_sweep.py --grid1k --budget-s 150
+
+times every tile config of ``GRID_1K`` (inductor's sm90 persistent-TMA list and neighbours:
+128x256 / 256x128 / 128x128 / 64x256 tiles, BLOCK_K 64 / 128, 3-5 stages, 4 / 8 warps, group
+8 / 4, the loop flattened or not, whole- or half-tile TMA stores) for both fused ops at world
+1 (``rs1k_<config>``, ``ag1k_<config>``: each bitwise-checked against the plain core with its
+config), interleaved with torch.mm and inductor's max-autotune GEMM (21 passes unless
+--interleave says otherwise), and prints per config the ratios to inductor and torch.mm
+(calls and graph replays), then per op and for both ops together the best config by the
+graph-replay ratio to inductor as a ready-to-paste ``fused_gemm.SINGLE_CONFIGS`` entry
+(lines ``BEST ...`` and ``SINGLE_CONFIGS entry: ...``). --budget-s is hard, compiles included:
+the worker builds no variant within TIMING_RESERVE_S of its deadline (listed as over budget)
+and stops its passes before it; the parent kills it at the budget. Writes
+$OUT/fused_1k_sweep.{json,md}.
 """
 from __future__ import annotations
 
@@ -70,6 +88,8 @@ MS = (1024, 4096, 16384)
 ITEM_LIMIT_S = 60        # one variant at every M (compile, check, time)
 INDUCTOR_LIMIT_S = 240   # inductor's max-autotune at one M (--interleave)
 RESTART_MIN_S = 25       # a new worker needs this much time left (start-up, inputs, torch.mm)
+TIMING_RESERVE_S = 20    # --interleave: per M, left for graphs and the timed passes
+WORKER_MARGIN_S = 8      # --interleave: the worker stops this long before the parent's kill
 TOL = 2e-2               # against torch.mm, relative to max |torch.mm|
 
 # name -> (kind, gemm keyword arguments); configs as GemmConfig fields (warp_specialize never)
@@ -108,6 +128,52 @@ INTERLEAVED = ("torch_mm", "inductor", "rs_single", "core_single", "ag_w1", "cor
                "core_tst_g16")
 
 
+# --grid1k (issue 14's last miss, 2026-12-03 third session): at M = 1024 the fused ops ran
+# 1.069 (RS) / 1.029 (AG) x inductor in graph replays with 128x256x64, 3 stages, 8 warps, group
+# 8, the loop not flattened, half-tile TMA stores (overlap-fused-gemm-h200x1-2026-12-03.md).
+# Inductor's autotuner picked that very tile (128x256x64 s3 w8, flattened loop) there, then
+# 256x128x64 s4 w8, 128x128x64 s3 w4 (non-persistent), 128x128x64 s5 w4 / w8 (fused-rs-
+# interleaved-h200x1-2026-12-03.log); its sm90 persistent-TMA list (torch/_inductor/
+# template_heuristics/triton.py, persistent_mm_configs) is 128x256x64 s3 w8, 128x128x64 s3/s4/
+# s5 w8, 128x128x128 s3 w8/w4, 256x128x64 s4 w8, 128x128x64 s5 w4. Every entry below: TMA loads
+# and stores (the world-1 path), no warp specialization; shared memory per stage
+# (BM*BK + BK*BN) * 2 bytes plus the store box (half a tile with split): all <= 224 KiB of 227.
+# In priority order (a run short of budget drops the last ones).
+def _cfg(bm, bn, bk, stages, warps, group=8, flat=False, split=True):
+    return dict(block_m=bm, block_n=bn, block_k=bk, num_stages=stages, num_warps=warps,
+                group_m=group, flatten=flat, epilogue_split=split, tma_store=True)
+
+
+GRID_1K = {
+    "128x256x64_s3w8_nofl_split": _cfg(128, 256, 64, 3, 8),      # the current default
+    "128x256x64_s3w8_flat_split": _cfg(128, 256, 64, 3, 8, flat=True),
+    "128x256x64_s3w8_flat": _cfg(128, 256, 64, 3, 8, flat=True, split=False),   # inductor's
+    "128x256x64_s4w8_nofl_split": _cfg(128, 256, 64, 4, 8),
+    "256x128x64_s4w8_nofl_split": _cfg(256, 128, 64, 4, 8),
+    "128x128x64_s5w4_nofl_split": _cfg(128, 128, 64, 5, 4),
+    "128x128x64_s4w8_nofl_split": _cfg(128, 128, 64, 4, 8),
+    "128x256x64_s3w8_nofl": _cfg(128, 256, 64, 3, 8, split=False),
+    "128x256x64_s4w8_flat_split": _cfg(128, 256, 64, 4, 8, flat=True),
+    "128x256x64_s3w8g4_nofl_split": _cfg(128, 256, 64, 3, 8, group=4),
+    "256x128x64_s3w8_nofl_split": _cfg(256, 128, 64, 3, 8),
+    "128x128x64_s5w8_flat_split": _cfg(128, 128, 64, 5, 8, flat=True),
+    "128x128x128_s3w8_nofl_split": _cfg(128, 128, 128, 3, 8),
+    "64x256x64_s4w4_nofl_split": _cfg(64, 256, 64, 4, 4),
+    "64x256x64_s5w4_nofl_split": _cfg(64, 256, 64, 5, 4),
+}
+GRID_OPS = {"rs": "rs1k_", "ag": "ag1k_"}   # kind -> variant prefix
+for _key, _fields in GRID_1K.items():
+    for _kind, _prefix in GRID_OPS.items():
+        VARIANTS[_prefix + _key] = (_kind, {"config": _fields})
+# --grid1k default set: cuBLAS, inductor, each config for both ops (priority order), then the
+# default paths of both ops as a noise control (the current config again: the same binary, no
+# compile; how far two timings of one kernel in this run differ)
+CONTROLS = {"rs": "rs_single", "ag": "ag_w1"}
+GRID_VARIANTS = ("torch_mm", "inductor") + tuple(
+    p + key for key in GRID_1K for p in GRID_OPS.values()) + tuple(CONTROLS.values())
+GRID_MS = (1024,)
+
+
 def emit(**kw):
     print("RESULT " + json.dumps(kw), flush=True)
 
@@ -115,9 +181,10 @@ def emit(**kw):
 # ---------------------------------------------------------------- worker (the GPU process)
 
 
-def worker(names, ms, smoke=False, interleave=0):
+def worker(names, ms, smoke=False, interleave=0, until=None):
     """The measurements (``smoke``: on the CPU under TRITON_INTERPRET=1 at a small K and N,
-    one timed call, no graph: the code path alone, for a machine without a GPU)."""
+    one timed call, no graph: the code path alone, for a machine without a GPU). ``until``
+    (``time.time()``, --interleave only): build no variant and time no pass past it."""
     import faulthandler
 
     import torch
@@ -201,8 +268,13 @@ def worker(names, ms, smoke=False, interleave=0):
         return (lambda: fn(a, b, out, **kw)), out, ref, cfg.name()
 
     if interleave:
+        for M in ms:   # the configs the fused ops take by default (the table marks them)
+            a, b = data[M]
+            emit(event="current", M=M, **{
+                kind: fused_gemm.gemm_config(eng, op, a, b).name()
+                for kind, op in (("rs", "matmul_reduce_scatter"), ("ag", "all_gather_matmul"))})
         return interleaved(names, ms, interleave, build, graph_us, eng, mm, common, smoke,
-                           time_us)
+                           time_us, until)
     for name in names:
         kind, kw = VARIANTS[name]
         emit(event="start", variant=name)
@@ -231,13 +303,19 @@ def worker(names, ms, smoke=False, interleave=0):
         emit(event="done", variant=name)
 
 
-def interleaved(names, ms, rounds, build, graph_us, eng, mm, common, smoke, time_us):
+def interleaved(names, ms, rounds, build, graph_us, eng, mm, common, smoke, time_us,
+                until=None):
     """``--interleave``: at each M, every variant built and checked first (each under its own
     faulthandler limit; inductor's autotuning gets INDUCTOR_LIMIT_S), then timed in ``rounds``
     round-robin passes (the order rotated each pass), one ~25 ms sample per variant per pass,
     and the same for replays of a one-call CUDA graph: clock and thermal drift fall on every
     variant alike. A row's ``us`` / ``graph_us`` is the median over the passes; ``spread``
-    the (max - min) / median of its samples."""
+    the (max - min) / median of its samples.
+
+    ``until`` (``time.time()``; the budget): a variant whose build would start within
+    TIMING_RESERVE_S of it is skipped (a row with ``error`` "budget"), and the passes stop
+    once the next would end past it (at least one pass; ``rounds`` in the row says how many
+    ran)."""
     import faulthandler
     import statistics
 
@@ -247,6 +325,10 @@ def interleaved(names, ms, rounds, build, graph_us, eng, mm, common, smoke, time
         built = {}
         for name in names:
             kind, kw = VARIANTS[name]
+            if until is not None and time.time() > until - TIMING_RESERVE_S:
+                emit(event="row", variant=name, M=M, kind=kind, ok=False, config="-",
+                     error="budget: not built (no time left to time it)", s=0.0)
+                continue
             limit = INDUCTOR_LIMIT_S if kind == "inductor" else ITEM_LIMIT_S
             faulthandler.dump_traceback_later(limit * (10 if smoke else 1), exit=True)
             t0 = time.perf_counter()
@@ -276,15 +358,23 @@ def interleaved(names, ms, rounds, build, graph_us, eng, mm, common, smoke, time
         samples = {n: [] for n in built}
         gsamples = {n: [] for n in graphs}
         order = list(built)
-        faulthandler.dump_traceback_later(ITEM_LIMIT_S * (10 if smoke else 1), exit=True)
+        # the passes: 2 x ~25 ms per variant each (calls, graph replays), with room to spare
+        faulthandler.dump_traceback_later((ITEM_LIMIT_S + 0.2 * rounds * len(order))
+                                          * (10 if smoke else 1), exit=True)
         t0 = time.perf_counter()
+        done, last = 0, 0.0
         for r in range(rounds):
+            if done and until is not None and time.time() + 1.2 * last > until:
+                break
+            t1 = time.perf_counter()
+            done += 1
             k = r % len(order)
             for name in order[k:] + order[:k]:
                 samples[name].append(time_us(built[name][0], reps=1) if not smoke else
                                      time_us(built[name][0]))
                 if name in graphs:
                     gsamples[name].append(time_us(graphs[name].replay, reps=1))
+            last = time.perf_counter() - t1
         faulthandler.cancel_dump_traceback_later()
         eng.check(sync=True)
         for name, (fn, row) in built.items():
@@ -293,6 +383,7 @@ def interleaved(names, ms, rounds, build, graph_us, eng, mm, common, smoke, time
             row["us"] = round(med, 1)
             row["spread"] = round((max(xs) - min(xs)) / med, 3)
             row["samples"] = xs
+            row["rounds"] = done
             if gsamples.get(name):
                 row["graph_us"] = round(statistics.median(gsamples[name]), 1)
                 row["graph_samples"] = gsamples[name]
@@ -420,72 +511,239 @@ def table(rows, ms):
     return out
 
 
+def _bucket(m: int) -> int:
+    """``_gemm.m_bucket`` without importing torch: the next power of two in [64, 16384]."""
+    return min(16384, max(64, 1 << max(0, m - 1).bit_length()))
+
+
+def paste_entry(fields: dict, m: int, n: int, k: int) -> str:
+    """A ready-to-paste ``fused_gemm.SINGLE_CONFIGS`` entry for GRID_1K ``fields`` (only the
+    fields that differ from GemmConfig's defaults)."""
+    from tpcomm.kernels._gemm import GemmConfig
+    default = GemmConfig()
+    args = ", ".join(f"{f}={v!r}" for f, v in fields.items() if getattr(default, f) != v)
+    return f"(torch.bfloat16, {_bucket(m)}, {n}, {k}): _gemm.GemmConfig({args}),"
+
+
+def _ratio(x, y):
+    return x / y if x and y else None
+
+
+def _fmt(x):
+    return f"{x:.3f}" if x is not None else "-"
+
+
+def grid_summary(rows, ms, current, n=N, k=K):
+    """--grid1k: per M a table of GRID_1K's configs (both ops: us, graph us, ratios to inductor
+    and torch.mm, bitwise, spread) and the best config per op and for both ops together (by
+    the graph-replay ratio to inductor, the overlap benchmark's target column; the calls' ratio
+    where no graph was timed), with ready-to-paste SINGLE_CONFIGS entries. Returns (markdown
+    lines, {M: {"rs"|"ag"|"both": {...}}})."""
+    by = {(r["variant"], r["M"]): r for r in rows}
+    out, best = [], {}
+    for M in ms:
+        ind, mm = by.get(("inductor", M), {}), by.get(("torch_mm", M), {})
+        cur = current.get(M, {})
+        # the ranking: graph replays against inductor, else what this run has of them
+        basis = next(((col, label) for col, ref, label in (
+            ("ind_graph", ind.get("graph_us"), "x inductor (graph replays)"),
+            ("ind_calls", ind.get("us"), "x inductor (calls)"),
+            ("mm_graph", mm.get("graph_us"), "x torch.mm (graph replays)"),
+            ("mm_calls", mm.get("us"), "x torch.mm (calls)")) if ref),
+            (None, "no reference"))
+
+        def stats(kind, key):
+            r = by.get((GRID_OPS[kind] + key, M))
+            if r is None or not r.get("us"):
+                return None
+            st = dict(variant=r["variant"], us=r["us"], graph_us=r.get("graph_us"),
+                      ind_calls=_ratio(r["us"], ind.get("us")),
+                      ind_graph=_ratio(r.get("graph_us"), ind.get("graph_us")),
+                      mm_calls=_ratio(r["us"], mm.get("us")),
+                      mm_graph=_ratio(r.get("graph_us"), mm.get("graph_us")),
+                      bitwise=r.get("bitwise_vs_unfused"), spread=r.get("spread"),
+                      current=r.get("config") == cur.get(kind), key=key)
+            st["rank"] = st.get(basis[0])
+            return st
+        out += [f"\n## M = {M}: GRID_1K (inductor {ind.get('us', '-')} us, graph "
+                f"{ind.get('graph_us', '-')}; torch.mm {mm.get('us', '-')} us, graph "
+                f"{mm.get('graph_us', '-')})\n",
+                "| config | op | us | graph us | /inductor | graph /inductor | /torch.mm | "
+                "graph /torch.mm | bitwise | spread | current |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+        found = {"rs": [], "ag": []}
+        for key in GRID_1K:
+            for kind in GRID_OPS:
+                r = by.get((GRID_OPS[kind] + key, M))
+                if r is None:
+                    continue
+                st = stats(kind, key)
+                if st is None:
+                    out.append(f"| {key} | {kind} | FAILED {str(r.get('error', 'wrong'))[:80]} "
+                               f"| | | | | | | | |")
+                    continue
+                found[kind].append(st)
+                out.append(f"| {key} | {kind} | {st['us']} | {st['graph_us'] or '-'} | "
+                           f"{_fmt(st['ind_calls'])} | {_fmt(st['ind_graph'])} | "
+                           f"{_fmt(st['mm_calls'])} | {_fmt(st['mm_graph'])} | "
+                           f"{st['bitwise']} | {st['spread']} | "
+                           f"{'yes' if st['current'] else ''} |")
+        best[M] = {}
+        for kind in GRID_OPS:
+            ok = [st for st in found[kind] if st["bitwise"] and st["rank"] is not None]
+            if ok:
+                best[M][kind] = min(ok, key=lambda st: st["rank"])
+        rs = {st["key"]: st for st in found["rs"] if st["bitwise"] and st["rank"] is not None}
+        both = [(max(st["rank"], rs[st["key"]]["rank"]), st["key"]) for st in found["ag"]
+                if st["bitwise"] and st["rank"] is not None and st["key"] in rs]
+        if both:
+            worst, key = min(both)
+            best[M]["both"] = dict(key=key, rank=worst)
+        out.append("")
+        for kind, label in (("rs", "matmul_reduce_scatter"), ("ag", "all_gather_matmul"),
+                            ("both", "both ops (the worse of the two ratios)")):
+            st = best[M].get(kind)
+            if st is None:
+                out.append(f"BEST M={M} {label}: none measured")
+                continue
+            curs = [c for c in found.get(kind, []) if c["current"]]
+            extra = "" if kind == "both" else (
+                f" (calls {_fmt(st['ind_calls'])} x inductor, graph {_fmt(st['mm_graph'])} / "
+                f"calls {_fmt(st['mm_calls'])} x torch.mm; current config "
+                f"{_fmt(curs[0]['rank']) if curs else '-'})")
+            out.append(f"BEST M={M} {label}: {st['key']} {_fmt(st['rank'])} {basis[1]}{extra}")
+            out.append(f"    SINGLE_CONFIGS entry: "
+                       f"{paste_entry(GRID_1K[st['key']], M, n, k)}")
+        for kind, control in CONTROLS.items():
+            c = by.get((control, M), {})
+            twin = next((st for st in found[kind] if st["current"]), None)
+            if c.get("us") and twin:
+                g = _ratio(c.get("graph_us"), twin["graph_us"])
+                out.append(f"CONTROL M={M} {control} (the default path, the current config "
+                           f"{twin['key']}): {c['us']} us / graph {c.get('graph_us', '-')} "
+                           f"against {twin['us']} / {twin['graph_us'] or '-'} as "
+                           f"{twin['variant']}: one kernel timed twice differs by x "
+                           f"{_fmt(_ratio(c['us'], twin['us']))} (graph {_fmt(g)})")
+    return out, best
+
+
+def classify(rows):
+    """(rows measured or failed, variants skipped for the budget, variants whose config does
+    not fit the SM (Triton's OutOfResources: shared memory, registers; not a wrong result),
+    wrong results with their errors)."""
+    def err(r):
+        return str(r.get("error", ""))
+    skipped = [f"{r['variant']} M={r['M']}" for r in rows if err(r).startswith("budget")]
+    rows = [r for r in rows if not err(r).startswith("budget")]
+    unfit = [f"{r['variant']} M={r['M']}" for r in rows
+             if not r["ok"] and err(r).startswith("OutOfResources")]
+    wrong = [f"{r['variant']} M={r['M']}: {r.get('error', 'wrong')}" for r in rows
+             if not r["ok"] and not err(r).startswith("OutOfResources")]
+    return rows, skipped, unfit, wrong
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--ms", default=None, help=f"default {MS} ({GRID_MS} with --grid1k)")
     ap.add_argument("--variants", default=None)
     ap.add_argument("--limit-s", type=float, default=190.0,
                     help="stop every worker by then (the device call's hard limit is 200 s)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="hard budget of the whole run, compiles included (replaces --limit-s; "
+                         "with --interleave the worker skips builds and passes that would not "
+                         "fit, so it reports what it measured before the budget ends)")
     ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                     help="build every variant at an M, then time them round-robin for ROUNDS "
                          "passes (median per variant; default variants: INTERLEAVED, inductor "
                          "included); 0: one variant after another (the 2026-12-03 sweep)")
+    ap.add_argument("--grid1k", action="store_true",
+                    help="GRID_1K's tile configs for both fused ops at M = 1024, interleaved "
+                         "with torch.mm and inductor (--interleave 21 unless given), the best "
+                         "as SINGLE_CONFIGS entries")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--until", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true",
                     help="no GPU: the worker's code path on the CPU (needs TRITON_INTERPRET=1; "
                          "use small --ms such as 128,256)")
     args = ap.parse_args()
-    ms = [int(x) for x in args.ms.split(",") if x]
-    names = [x for x in (args.variants or ",".join(
-        INTERLEAVED if args.interleave else [v for v in VARIANTS if v not in INTERLEAVED[5:]
-                                             and v != "inductor"])).split(",") if x]
+    if args.grid1k and not args.interleave:
+        args.interleave = 21
+    limit = args.limit_s if args.budget_s is None else args.budget_s
+    ms = [int(x) for x in (args.ms or ",".join(
+        map(str, GRID_MS if args.grid1k else MS))).split(",") if x]
+    if args.variants:
+        names = [x for x in args.variants.split(",") if x]
+    elif args.grid1k:
+        names = list(GRID_VARIANTS)
+    elif args.interleave:
+        names = list(INTERLEAVED)
+    else:
+        names = [v for v in VARIANTS if v not in INTERLEAVED[5:] and v != "inductor"
+                 and not v.startswith(tuple(GRID_OPS.values()))]
     bad = [x for x in names if x not in VARIANTS]
     if bad:
         ap.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
     if args.worker:
-        worker(names, ms, smoke=args.smoke, interleave=args.interleave)
+        worker(names, ms, smoke=args.smoke, interleave=args.interleave, until=args.until)
         return 0
     t0 = time.perf_counter()
-    print(f"fused RS sweep: {len(names)} variants x M = {ms}, limit {args.limit_s:.0f} s",
-          flush=True)
+    print(f"fused RS sweep: {len(names)} variants x M = {ms}, limit {limit:.0f} s", flush=True)
     if args.interleave:
+        # the worker's own deadline: its last pass and its rows before the parent's kill
+        until = time.time() + limit - WORKER_MARGIN_S
         cmd = (lambda todo: [sys.executable, os.path.abspath(__file__), "--worker",
                              "--interleave", str(args.interleave), "--variants", ",".join(names),
-                             "--ms", ",".join(map(str, ms))] + (["--smoke"] if args.smoke else []))
-        lines, hung, left = run_workers(["interleaved"], ms, t0 + args.limit_s, cmd=cmd,
+                             "--ms", ",".join(map(str, ms)), "--until", f"{until:.1f}"]
+               + (["--smoke"] if args.smoke else []))
+        lines, hung, left = run_workers(["interleaved"], ms, t0 + limit, cmd=cmd,
                                         smoke=args.smoke)
     else:
-        lines, hung, left = run_workers(names, ms, t0 + args.limit_s, smoke=args.smoke)
+        lines, hung, left = run_workers(names, ms, t0 + limit, smoke=args.smoke)
     rows = [r for r in lines if r["event"] == "row"]
     dev = next((r for r in lines if r["event"] == "device"), {})
-    wrong = [f"{r['variant']} M={r['M']}: {r.get('error', 'wrong')}" for r in rows
-             if not r["ok"]]
+    current = {r["M"]: r for r in lines if r["event"] == "current"}
+    rows, skipped, unfit, wrong = classify(rows)
     lines_md = table(rows, ms)
+    grid_md, best = (grid_summary(rows, ms, current, dev.get("N", N), dev.get("K", K))
+                     if args.grid1k else ([], {}))
     res = {"device": dev, "K": dev.get("K", K), "N": dev.get("N", N), "dtype": "bfloat16",
-           "ms": ms, "rows": rows,
-           "hung": hung, "not_run": left, "wrong": wrong,
+           "ms": ms, "rows": rows, "current": current, "best": best,
+           "hung": hung, "not_run": left, "skipped_budget": skipped, "unfit": unfit,
+           "wrong": wrong,
            "seconds": round(time.perf_counter() - t0, 1)}
     out_dir = os.environ.get("OUT")
+    stem = "fused_1k_sweep" if args.grid1k else "fused_rs_sweep"
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "fused_rs_sweep.json"), "w") as f:
+        with open(os.path.join(out_dir, stem + ".json"), "w") as f:
             json.dump(res, f, indent=1)
-        with open(os.path.join(out_dir, "fused_rs_sweep.md"), "w") as f:
+        with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+            how = (f"median over {args.interleave} interleaved passes of one ~25 ms sample"
+                   if args.interleave else "median of 7")
             f.write(f"# Fused GEMM + reduce-scatter at world 1: schedules and configs\n\n"
                     f"{json.dumps(dev)}; bf16; us per call (CUDA events around "
-                    f"back-to-back calls, median of 7; graph: replays of one captured call)\n\n"
-                    + "\n".join(lines_md) + "\n")
+                    f"back-to-back calls, {how}; graph: replays of one captured call)\n\n"
+                    + "\n".join(lines_md) + "\n" + "\n".join(grid_md) + "\n")
     print("\n".join(lines_md))
-    print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
+    if grid_md:
+        print("\n".join(grid_md))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("rows", "best")}))
     for h in hung:
         print(f"FAIL {h}: hung or crashed its worker")
     for w in wrong:
         print(f"FAIL {w}")
+    if skipped:
+        print(f"NOTE {len(skipped)} variants not built within the budget: {', '.join(skipped)}")
+    if unfit:
+        print(f"NOTE {len(unfit)} variants do not fit the SM (OutOfResources): "
+              f"{', '.join(unfit)}")
     if not rows:
         print("FAIL nothing measured")
         return 1
     print(("PASS" if not wrong else "FAIL") + f": {len(rows)} results, {len(wrong)} wrong, "
-          f"{len(hung)} hung, {len(left)} not run, {res['seconds']} s")
+          f"{len(hung)} hung, {len(left)} not run, {len(skipped)} over budget, "
+          f"{len(unfit)} unfit, "
+          f"{res['seconds']} s")
     return 1 if wrong else 0
 
 

@@ -129,6 +129,17 @@ def matmul_reduce_scatter(eng, sync: SyncArgs, a: torch.Tensor, b: torch.Tensor,
 # shared memory (262 KB of 227); group 16, 3 stages, flattened, whole tiles: 0.987 x.
 SINGLE_DEFAULT = dict(flatten=False, epilogue_split=True, tma_store=True)
 SINGLE_CONFIGS = {
+    # M = 1024 (both ops): the loop flattened (the default's half-tile TMA stores kept).
+    # scripts/gpu_fused_rs_sweep.py --grid1k --budget-s 150 on one H200, 2026-12-03 (third
+    # session; benchmarks/results/fused-1k-grid-h200x1-2026-12-03.md: 15 configs x both ops,
+    # 21 interleaved passes with inductor and torch.mm), graph replays / calls, us:
+    # RS 171.2 / 179.3 (0.995 / 1.047 x torch.mm) against the not-flattened default's 178.6 /
+    # 187.2; AG 170.6 / 176.4 (0.992 / 1.030) against 174.7 / 181.4; the best of both ops
+    # there (against inductor, 183.2 in graph replays in that run: RS 0.934, AG 0.931 x;
+    # inductor ran slower than on 2026-12-03's earlier runs, 175.8). The default timed twice
+    # differed by 3.5 % (RS, graph): a margin about the size of the noise, consistent with
+    # the other flattened 128x256 configs (RS 171.8 / 172.8 in graph replays).
+    (torch.bfloat16, 1024, 8192, 7168): _gemm.GemmConfig(epilogue_split=True, tma_store=True),
     (torch.bfloat16, 16384, 8192, 7168): _gemm.GemmConfig(group_m=16, tma_store=True),
 }
 
