@@ -285,6 +285,11 @@ def best_points(rows) -> dict:
     return best
 
 
+def tuned_literal(best: dict) -> str:
+    """``TUNED = ((batch, point), ...)`` of the best point per batch, batches ascending."""
+    return "TUNED = " + repr(tuple((b, tuple(best[b]["point"])) for b in sorted(best)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", help="batch sizes (default 1,8; with --sweep 1,2,4,8,16)")
@@ -308,8 +313,7 @@ def main() -> int:
 
     def write():
         report["best"] = best_points(report["rows"])
-        report["tuned_literal"] = "TUNED = " + repr(tuple(
-            (b, tuple(p["point"])) for b, p in report["best"].items()))
+        report["tuned_literal"] = tuned_literal(report["best"])
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)

@@ -134,6 +134,11 @@ def _decode_attention_split_kernel(
     qp = tl.load(row + q_cols + partner[None, :], mask=gd_mask, other=0.0).to(tl.float32)
     q = qx * cos[None, :] + tl.where((d < HALF)[None, :], -qp, qp) * sin[None, :]
     q = q.to(qkv_ptr.dtype.element_ty)
+    # this step's k and v, read before the loop (their latency hidden behind it) by the one
+    # program whose range holds pos
+    mine = (pos >= start) & (pos < start + split_len)
+    k_new = _rope(row + (HQ + h) * D, d, dm & mine, cos, sin, HALF, D).to(k_ptr.dtype.element_ty)
+    v_new = tl.load(row + (HQ + HK + h) * D + d, mask=dm & mine, other=0.0)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -153,9 +158,7 @@ def _decode_attention_split_kernel(
         v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    if (pos >= start) & (pos < start + split_len):   # this step's token: rope, store, attend
-        k_new = _rope(row + (HQ + h) * D, d, dm, cos, sin, HALF, D).to(k_ptr.dtype.element_ty)
-        v_new = tl.load(row + (HQ + HK + h) * D + d, mask=dm, other=0.0)
+    if mine:   # this step's token: store, attend
         tl.store(k_base + pos * stride_ks + d, k_new, mask=dm)
         tl.store(v_base + pos * stride_vs + d, v_new.to(v_ptr.dtype.element_ty), mask=dm)
         s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * sm_scale
