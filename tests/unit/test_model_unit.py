@@ -380,7 +380,7 @@ def test_folded_combine_compiles_to_the_last_block_protocol_for_sm90():
     ptx = {}
     for combine in (True, False):
         const = dict(HQ=32, HK=8, G=4, G_PAD=16, G_C=4, D=128, BLOCK_D=128, BLOCK_N=64,
-                     PRECISION="tf32", SPLITS_PAD=da.SPLITS_PAD, CHUNK=8, COMBINE=combine,
+                     PRECISION="tf32", CHUNK=8, COMBINE=combine,
                      DIRECT=False)
         src = ASTSource(da._decode_attention_split_kernel, dict(zip(names, types)), const)
         try:

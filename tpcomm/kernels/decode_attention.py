@@ -66,7 +66,6 @@ PROGRAMS_PER_SM = 2   # enough split programs to keep every SM reading the cache
 NUM_STAGES = 3        # K and V tiles in flight per program (Triton's software pipeline; its default)
 COMBINE_CHUNK = 1     # partials the combining program loads before it adds them (1: one by one)
 MAX_SPLITS = 64
-SPLITS_PAD = MAX_SPLITS   # one constant (a power of two): one compiled kernel for every batch
 # (block_n, programs per SM, warps, pipeline stages, combine chunk) by batch size: the entry of
 # the largest batch <= B. Measured on one H200, 2026-12-02 (scripts/gpu_decode_attention.py
 # --sweep; Llama-3-8B layer at world 1, 32 q / 8 KV heads, D 128, bf16, context 1024, us per
@@ -109,7 +108,7 @@ def _decode_attention_split_kernel(
         stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, HQ: tl.constexpr,
         HK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_C: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-        SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, COMBINE: tl.constexpr,
+        CHUNK: tl.constexpr, COMBINE: tl.constexpr,
         DIRECT: tl.constexpr):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -184,32 +183,31 @@ def _decode_attention_split_kernel(
         if done == splits - 1:
             tl.store(count_ptr + bh, 0)   # for the next launch; no program reads it now
             _combine(part_o_ptr, part_ml_ptr, out_ptr, bh, splits, stride_ob, stride_oh,
-                     HK, G, G_C, D, BLOCK_D, SPLITS_PAD, CHUNK)
+                     HK, G, G_C, D, BLOCK_D, CHUNK)
 
 
 @triton.jit
 def _combine(part_o_ptr, part_ml_ptr, out_ptr, bh, splits, stride_ob, stride_oh,
              HK: tl.constexpr, G: tl.constexpr, G_C: tl.constexpr, D: tl.constexpr,
-             BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr):
+             BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
     """out[b, h * G:(h + 1) * G] of the ``splits`` partials of (b, h) = ``bh`` (G_C: G to a
     power of two, rows of the tiles here). The partials are loaded with .cg (from L2, never a
     line this SM's L1 kept from an earlier launch), CHUNK splits at a time as one tile
     ([CHUNK, G_C, D]: the loads of a chunk are in flight together, one latency per chunk
-    instead of one per split). A chunk's splits are summed by ``tl.sum`` (its order follows
-    the tile's layout: the same code at the same warps gives the same bits, so the launcher
-    runs the two-kernel form's combine at the split kernel's warps), the chunks in order."""
+    instead of one per split; with splits <= CHUNK the whole combine waits on one). The
+    chunks are added with a running maximum (a later chunk with a larger m rescales what is
+    summed); split 0 always holds position 0, so the first chunk's maximum is finite. A
+    chunk's splits are summed by ``tl.sum`` (its order follows the tile's layout: the same
+    code at the same warps gives the same bits, so the launcher runs the two-kernel form's
+    combine at the split kernel's warps)."""
     b = bh // HK
     h = bh % HK
     g = tl.arange(0, G_C)
     d = tl.arange(0, BLOCK_D)
-    s = tl.arange(0, SPLITS_PAD)
     j = tl.arange(0, CHUNK)
     gm = g < G
     dm = d < D
-    m = tl.load(part_ml_ptr + ((bh * splits + s) * 2)[:, None] * G + g[None, :],
-                mask=(s < splits)[:, None] & gm[None, :], other=float("-inf"),
-                cache_modifier=".cg")                                   # [SPLITS_PAD, G_C]
-    big = tl.where(gm, tl.max(m, 0), 0.0)          # finite: pos is seen; max is exact
+    big = tl.full([G_C], float("-inf"), tl.float32)
     acc = tl.zeros([G_C, BLOCK_D], tl.float32)
     l_sum = tl.zeros([G_C], tl.float32)
     for c in range(0, splits, CHUNK):
@@ -222,9 +220,12 @@ def _combine(part_o_ptr, part_ml_ptr, out_ptr, bh, splits, stride_ob, stride_oh,
         o_c = tl.load(part_o_ptr + ((rows[:, None] * G + g[None, :]) * D)[:, :, None]
                       + d[None, None, :], mask=ok[:, :, None] & dm[None, None, :], other=0.0,
                       cache_modifier=".cg")                             # [CHUNK, G_C, BLOCK_D]
-        w_c = tl.where(ok, tl.exp(m_c - big[None, :]), 0.0)
-        acc += tl.sum(w_c[:, :, None] * o_c, 0)
-        l_sum += tl.sum(w_c * l_c, 0)
+        new = tl.where(gm, tl.maximum(big, tl.max(m_c, 0)), 0.0)        # finite (see above)
+        scale = tl.exp(big - new)              # 0 at the first chunk (big -inf), else <= 1
+        w_c = tl.where(ok, tl.exp(m_c - new[None, :]), 0.0)
+        acc = acc * scale[:, None] + tl.sum(w_c[:, :, None] * o_c, 0)
+        l_sum = l_sum * scale + tl.sum(w_c * l_c, 0)
+        big = new
     out = acc / tl.where(gm, l_sum, 1.0)[:, None]
     tl.store(out_ptr + b * stride_ob + (h * G + g)[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
@@ -234,10 +235,10 @@ def _combine(part_o_ptr, part_ml_ptr, out_ptr, bh, splits, stride_ob, stride_oh,
 def _decode_attention_combine_kernel(
         part_o_ptr, part_ml_ptr, out_ptr, splits, stride_ob, stride_oh,
         HK: tl.constexpr, G: tl.constexpr, G_C: tl.constexpr, D: tl.constexpr,
-        BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr):
+        BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
     """The combine as a kernel of its own, grid (B * HK,) (``fold_combine=False``)."""
     _combine(part_o_ptr, part_ml_ptr, out_ptr, tl.program_id(0), splits, stride_ob, stride_oh,
-             HK, G, G_C, D, BLOCK_D, SPLITS_PAD, CHUNK)
+             HK, G, G_C, D, BLOCK_D, CHUNK)
 
 
 _SMS: dict = {}
@@ -319,11 +320,11 @@ def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         split_len, splits, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), HQ=HQ, HK=HK, G=G, G_PAD=G_PAD, G_C=G_C, D=D,
-        BLOCK_D=BLOCK_D, BLOCK_N=block_n, PRECISION=precision, SPLITS_PAD=SPLITS_PAD,
+        BLOCK_D=BLOCK_D, BLOCK_N=block_n, PRECISION=precision,
         CHUNK=combine_chunk, COMBINE=fold_combine and splits > 1,
         DIRECT=fold_combine and splits == 1, num_warps=num_warps, num_stages=num_stages)
     if not fold_combine:
         _decode_attention_combine_kernel[(B * HK,)](
             part_o, part_ml, out, splits, out.stride(0), out.stride(1),
-            HK=HK, G=G, G_C=G_C, D=D, BLOCK_D=BLOCK_D, SPLITS_PAD=SPLITS_PAD,
+            HK=HK, G=G, G_C=G_C, D=D, BLOCK_D=BLOCK_D,
             CHUNK=combine_chunk, num_warps=num_warps)
