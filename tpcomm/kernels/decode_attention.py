@@ -67,16 +67,22 @@ NUM_STAGES = 3        # K and V tiles in flight per program (Triton's software p
 COMBINE_CHUNK = 1     # partials the combining program loads before it adds them (1: one by one)
 MAX_SPLITS = 64
 # (block_n, programs per SM, warps, pipeline stages, combine chunk) by batch size: the entry of
-# the largest batch <= B. Measured on one H200, 2026-12-02 (scripts/gpu_decode_attention.py
-# --sweep; Llama-3-8B layer at world 1, 32 q / 8 KV heads, D 128, bf16, context 1024, us per
-# layer): batch 1 best at (128, 2, 8), 9.5 us (the old (64, 2, 4): 11.2 us); batch 8 best at
-# (64, 1, 4), 16.0 us (old: 16.5 us); both with 3 stages and the combine one partial at a
-# time (the kernel had no other then). Batches 2-7 were not measured and take batch 1's point
-# (fewer (sequence, head) pairs than SMs: long splits, wide blocks). 16-bit caches only: a
-# float32 tile of 128 positions x 128 is twice the shared memory of the measured ones (three
-# pipeline stages of K and V tiles: 384 KiB, more than an SM has), so float32 keeps
-# (BLOCK_N, PROGRAMS_PER_SM, 4, NUM_STAGES, COMBINE_CHUNK), 192 KiB.
-TUNED = ((1, (128, 2, 8, 3, 1)), (8, (64, 1, 4, 3, 1)))
+# the largest batch <= B. Measured on one H200, 2026-12-03 (scripts/gpu_decode_attention.py
+# --sweep, /work/notes/sweep-attn8; Llama-3-8B layer at world 1, 32 q / 8 KV heads, D 128,
+# bf16, the bench's cache of 1092 positions filled to 1028..1085, us per layer, median of 10
+# graph replays of 32 layers): batch 1 best at (128, 2, 8, 3, 1), 7.5 us; batches 2, 4 and 8
+# at (64, 1, 4, 3, 1): 10.3, 11.8 and 15.7 us (batch 1's point, which batches 2-7 took
+# before: 12.6, 18.1, 21.4 us); batch 16 at one split per (sequence, head), (128, 0, 8, 3, 1),
+# 22.8 us (23.7 at (64, 1, 4, 3, 1)). Past batch 16 one split is all there is at any point
+# (more (sequence, head) pairs than SMs); the 64-block point keeps three programs per SM
+# (70 KiB of shared memory each, against 136 KiB at 128 positions), not measured there.
+# Neither pipeline depth (2 to 6 stages) nor a combine chunk > 1 helped at any batch: a
+# chunk of 8 cost 1.5 to 9 us (more with 8 warps), so the combine adds partials one by one.
+# 16-bit caches only: a float32 tile of 128 positions x 128 is twice the shared memory of the
+# measured ones (three pipeline stages of K and V tiles: 384 KiB, more than an SM has), so
+# float32 keeps (BLOCK_N, PROGRAMS_PER_SM, 4, NUM_STAGES, COMBINE_CHUNK), 192 KiB.
+TUNED = ((1, (128, 2, 8, 3, 1)), (2, (64, 1, 4, 3, 1)), (16, (128, 0, 8, 3, 1)),
+         (17, (64, 1, 4, 3, 1)))
 
 
 def tuned_constants(batch: int, element_size: int = 2) -> tuple[int, int, int, int, int]:
