@@ -59,18 +59,18 @@ WARMUP_STEPS, DECODE_TOKENS = 3, 64     # tpcomm bench model's defaults (tpcomm/
 REPS = 10
 HBM_BPS = 4.3e12
 
-# (block_n, programs per SM, warps, stages, combine chunk), in the order they run: today's
-# points first (the combine one partial at a time), then the chunked combine at them, then
-# more splits, one split per (sequence, head) (programs per SM 0: no combine), deeper or
-# shallower pipelines. Shared memory per program (sm_90 compile): block_n 64 at 3 stages
-# 70 KiB, 2 stages 38, 4 stages 102; block_n 128 at 3 stages 136 KiB, 2 stages 72
-SWEEP = [(128, 2, 8, 3, 1), (64, 1, 4, 3, 1),
-         (128, 2, 8, 3, 8), (64, 1, 4, 3, 8), (64, 2, 4, 3, 8), (64, 2, 4, 2, 8),
-         (64, 4, 4, 2, 8), (32, 4, 4, 3, 8), (64, 0, 4, 4, 1), (64, 0, 4, 3, 1),
-         (128, 0, 8, 3, 1), (64, 2, 4, 4, 8), (32, 4, 4, 4, 8), (128, 1, 4, 2, 8),
-         (128, 2, 8, 2, 8), (64, 2, 8, 3, 8), (32, 8, 4, 3, 16), (64, 3, 4, 3, 8),
-         (128, 4, 8, 2, 16), (32, 2, 4, 4, 8), (64, 4, 8, 3, 16), (64, 0, 4, 5, 1),
-         (64, 0, 8, 6, 1)]
+# (block_n, programs per SM, warps, stages, combine chunk), in the order they run: TUNED's
+# points first, then more programs per SM with the combine one partial at a time (a program
+# reads ~30 GB/s, bound by its chain per block, so several per SM are what reads the cache
+# fast), two stages where that fits more programs per SM, small combine chunks. The first
+# round (2026-12-03, /work/notes/sweep-attn8) measured chunk 8 slower everywhere, 3 to 6
+# stages alike, 8 warps slower past batch 1. Shared memory per program (sm_90 compile):
+# block_n 64 at 3 stages 70 KiB, 2 stages 38; block_n 32 at 2 stages ~21; 128 at 2 stages 72
+SWEEP = [(128, 2, 8, 3, 1), (64, 1, 4, 3, 1), (128, 0, 8, 3, 1),
+         (64, 2, 4, 3, 1), (64, 2, 4, 2, 1), (64, 3, 4, 2, 1), (64, 4, 4, 2, 1),
+         (32, 2, 4, 3, 1), (32, 4, 4, 2, 1), (64, 1, 4, 2, 1), (128, 1, 4, 2, 1),
+         (128, 2, 4, 2, 1), (64, 6, 4, 2, 1), (32, 8, 4, 2, 1), (64, 1, 4, 3, 2),
+         (64, 1, 4, 3, 4), (64, 2, 4, 2, 4), (128, 2, 8, 3, 2), (128, 3, 8, 3, 1)]
 
 
 def point_name(point) -> str:
