@@ -63,7 +63,7 @@ HBM_BPS = 4.3e12
 # points first, then more programs per SM with the combine one partial at a time (a program
 # reads ~30 GB/s, bound by its chain per block, so several per SM are what reads the cache
 # fast), two stages where that fits more programs per SM, small combine chunks. The first
-# round (2026-12-03, /work/notes/sweep-attn8) measured chunk 8 slower everywhere, 3 to 6
+# round (2026-12-03, one H200) measured chunk 8 slower everywhere, 3 to 6
 # stages alike, 8 warps slower past batch 1. Shared memory per program (sm_90 compile):
 # block_n 64 at 3 stages 70 KiB, 2 stages 38; block_n 32 at 2 stages ~21; 128 at 2 stages 72
 SWEEP = [(128, 2, 8, 3, 1), (64, 1, 4, 3, 1), (128, 0, 8, 3, 1),

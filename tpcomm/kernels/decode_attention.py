@@ -68,7 +68,7 @@ COMBINE_CHUNK = 1     # partials the combining program loads before it adds them
 MAX_SPLITS = 64
 # (block_n, programs per SM, warps, pipeline stages, combine chunk) by batch size: the entry of
 # the largest batch <= B. Measured on one H200, 2026-12-03 (scripts/gpu_decode_attention.py
-# --sweep, /work/notes/sweep-attn8; Llama-3-8B layer at world 1, 32 q / 8 KV heads, D 128,
+# --sweep, first round; Llama-3-8B layer at world 1, 32 q / 8 KV heads, D 128,
 # bf16, the bench's cache of 1092 positions filled to 1028..1085, us per layer, median of 10
 # graph replays of 32 layers): batch 1 best at (128, 2, 8, 3, 1), 7.5 us; batches 2, 4 and 8
 # at (64, 1, 4, 3, 1): 10.3, 11.8 and 15.7 us (batch 1's point, which batches 2-7 took
