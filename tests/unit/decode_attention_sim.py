@@ -68,6 +68,35 @@ def kernel_cases():
         assert torch.equal(kc[:, :, :pos], kr[:, :, :pos].to(dt))
         assert torch.equal(kc[B:, :, :pos + 1], kr[B:, :, :pos + 1].to(dt))  # other rows
         print("kernel", (B, HQ, HK, D, S, pos, dt), f"max err {err:.2e}", flush=True)
+        tuned_points(qkv, cos, sin, kc, vc, p, out, want, tol)
+
+
+# the sweep's tunables (scripts/gpu_decode_attention.py --sweep): many splits per (sequence,
+# head) so that the combine runs whole and partial chunks, a chunk past the split count, other
+# warps and stages (which the interpreter ignores; the GPU sweep checks them), one split
+TUNINGS = [dict(block_n=16, programs_per_sm=8, combine_chunk=2, num_stages=2),
+           dict(block_n=32, programs_per_sm=3, combine_chunk=4, num_warps=2, num_stages=4),
+           dict(block_n=32, programs_per_sm=0)]   # one split: out written directly
+
+
+def tuned_points(qkv, cos, sin, kc, vc, p, default_out, want, tol):
+    """Every tuning point: the reference's result, the folded combine bitwise the combine
+    kernel's, counters left zero, and the chunked combine the one-by-one one's up to
+    rounding (a chunk is summed as a tile, then added)."""
+    B, HK = qkv.shape[0], kc.shape[1]
+    for tuning in TUNINGS:
+        one = _launch(qkv, cos, sin, kc, vc, p, fold_combine=False,
+                      **dict(tuning, combine_chunk=1))
+        two = _launch(qkv, cos, sin, kc, vc, p, fold_combine=False, **tuning)
+        counters = torch.zeros(B * HK, dtype=torch.int32)
+        out = _launch(qkv, cos, sin, kc, vc, p, counters, **tuning)
+        assert not counters.any(), (tuning, counters)
+        assert torch.equal(out, two), (tuning, float((out.double() - two.double()).abs().max()))
+        assert float((two.double() - one.double()).abs().max()) <= tol, tuning
+        err = float((out.double() - want).abs().max())
+        assert err <= tol, (tuning, err)
+        # a different split of the cache: the same result up to rounding, never the same call
+        assert float((out.double() - default_out.double()).abs().max()) <= 2 * tol, tuning
 
 
 def model_case():

@@ -411,8 +411,9 @@ def test_folded_combine_compiles_to_the_last_block_protocol_for_sm90():
     types = ["*bf16"] * 5 + ["*i64", "*fp32", "*fp32", "*bf16", "*i32", "fp32"] + ["i32"] * 11
     ptx = {}
     for combine in (True, False):
-        const = dict(HQ=32, HK=8, G=4, G_PAD=16, D=128, BLOCK_D=128, BLOCK_N=64,
-                     PRECISION="tf32", SPLITS_PAD=16, COMBINE=combine)
+        const = dict(HQ=32, HK=8, G=4, G_PAD=16, G_C=4, D=128, BLOCK_D=128, BLOCK_N=64,
+                     PRECISION="tf32", CHUNK=8, COMBINE=combine,
+                     DIRECT=False)
         src = ASTSource(da._decode_attention_split_kernel, dict(zip(names, types)), const)
         try:
             ptx[combine] = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -433,15 +434,21 @@ def test_folded_combine_compiles_to_the_last_block_protocol_for_sm90():
 
 def test_decode_attention_constants_come_from_the_measured_table_by_batch():
     from tpcomm.kernels.decode_attention import TUNED, plan_splits, tuned_constants
-    assert tuned_constants(1) == (128, 2, 8) and tuned_constants(8) == (64, 1, 4)
-    assert tuned_constants(4) == tuned_constants(1) and tuned_constants(64) == tuned_constants(8)
-    assert tuned_constants(1, element_size=4) == (64, 2, 4)   # float32: the old point
-    for _, (block_n, programs, _) in TUNED:   # every point splits an 8B layer's cache sanely
-        for batch in (1, 8, 32):
+    assert tuned_constants(1) == TUNED[0][1] and tuned_constants(TUNED[-1][0]) == TUNED[-1][1]
+    assert tuned_constants(64) == tuned_constants(TUNED[-1][0])
+    for (b0, p0), (b1, _) in zip(TUNED, TUNED[1:]):   # batches between entries: the lower one
+        assert b0 < b1 and tuned_constants(b1 - 1) == p0
+    assert tuned_constants(1, element_size=4) == (64, 2, 4, 3, 1)   # float32: the defaults
+    for _, (block_n, programs, warps, stages, chunk) in TUNED:
+        assert warps in (1, 2, 4, 8, 16) and stages >= 1 and chunk & (chunk - 1) == 0
+        for batch in (1, 8, 32):   # every point splits an 8B layer's cache sanely
             splits, split_len = plan_splits(batch, 8, 1088, 132, block_n=block_n,
                                             programs_per_sm=programs)
             assert split_len % block_n == 0 and splits * split_len >= 1088
             assert (splits - 1) * split_len < 1088
+    assert plan_splits(8, 8, 1092, 132, block_n=64, programs_per_sm=0) == (1, 1152)
+    with pytest.raises(ValueError):
+        plan_splits(8, 8, 1092, 132, programs_per_sm=-1)
 
 
 def test_compare_past_the_tolerance_measures_both_against_the_float32_logits():
