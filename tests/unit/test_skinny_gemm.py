@@ -17,3 +17,57 @@ def test_skinny_gemm_under_the_triton_interpreter():
     p = subprocess.run([sys.executable, os.path.join(HERE, "skinny_gemm_sim.py")], env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "ALL OK" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def _sweep_script():
+    import importlib.util as u
+    spec = u.spec_from_file_location("gpu_skinny_gemm",
+                                     os.path.join(HERE, "..", "..", "scripts", "gpu_skinny_gemm.py"))
+    mod = u.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_sweep_candidates_fill_the_sms_and_stay_small():
+    g = _sweep_script()
+    for name, (N, K, swiglu) in g.SHAPES.items():
+        n_out = N // 2 if swiglu else N
+        for M in (1, 8):
+            cands = g.candidates(n_out, K, M, 132)
+            assert 7 <= len(cands) <= 20, (name, M, len(cands))
+            assert len(set(cands)) == len(cands)
+            for c in cands:
+                programs = -(-n_out // c.block_n) * c.split_k
+                assert programs >= 132, (name, M, c)
+                assert K // c.split_k >= c.block_k
+                assert c.use_dot or M == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_sweep_winners_literal_keeps_only_winners():
+    g = _sweep_script()
+    from tpcomm.kernels.skinny_gemm import SkinnyConfig
+    res = [{"N": 4096, "K": 4096, "swiglu": False, "M": 8,
+            "best": {"cfg": [64, 256, 4, 4, 3, 1], "speedup": 1.2}},
+           {"N": 4096, "K": 14336, "swiglu": False, "M": 1,
+            "best": {"cfg": [64, 256, 4, 4, 3, 1], "speedup": 0.95}},
+           {"N": 28672, "K": 4096, "swiglu": True, "M": 1,
+            "best": {"cfg": [32, 256, 1, 4, 3, 0], "speedup": 1.1}}]
+    ns: dict = {"SkinnyConfig": SkinnyConfig}
+    exec(g.winners_literal(res), ns)
+    assert ns["TUNED"] == {
+        (4096, 4096, ""): ((1, None), (16, SkinnyConfig(64, 256, 4, 4, 3, True))),
+        (28672, 4096, "swiglu"): ((1, SkinnyConfig(32, 256, 1, 4, 3, False)),)}
+
+
+def test_sweep_script_skips_without_cuda(tmp_path):
+    pytest.importorskip("triton")
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA: the GPU run is the lead's step")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "..", "..", "scripts",
+                                                     "gpu_skinny_gemm.py"), "--budget-s", "5"],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OUT=str(tmp_path)))
+    assert p.returncode == 0 and "SKIP: no CUDA device" in p.stdout, p.stdout + p.stderr

@@ -138,9 +138,9 @@ def _sum_partials(part_ptr, m, n, mask, splits, M, NP, N_OUT, BLOCK_M: tl.conste
     return acc, acc_up
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])   # one binary for M = 1 and M = 8 (BLOCK_M 16 for both)
 def _skinny_gemm_kernel(
-        x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, M, N_OUT, K, k_per_split,
+        x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, M, N_OUT, NP, K, k_per_split,
         stride_xm, stride_wn, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SWIGLU: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
@@ -185,7 +185,6 @@ def _skinny_gemm_kernel(
     if not SPLIT:
         _epilogue_store(out_ptr, acc, acc_up, m, n, mask, stride_om, SWIGLU)
     else:
-        NP = N_OUT * (2 if SWIGLU else 1)                 # partial row: [gate | up]
         rows = part_ptr + (s * M + m)[:, None] * NP
         tl.store(rows + n[None, :], acc, mask=mask)
         if SWIGLU:
@@ -201,15 +200,15 @@ def _skinny_gemm_kernel(
 
 
 @triton.jit
-def _skinny_gemm_reduce_kernel(part_ptr, out_ptr, M, N_OUT, splits, stride_om,
+def _skinny_gemm_reduce_kernel(part_ptr, out_ptr, M, N_OUT, NP, splits, stride_om,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                SWIGLU: tl.constexpr):
     """The split-K sum as a kernel of its own, grid (cdiv(N_out, BLOCK_N),) (``fold=False``)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     mask = (m < M)[:, None] & (n < N_OUT)[None, :]
-    acc, acc_up = _sum_partials(part_ptr, m, n, mask, splits, M, N_OUT * (2 if SWIGLU else 1),
-                                N_OUT, BLOCK_M, BLOCK_N, SWIGLU)
+    acc, acc_up = _sum_partials(part_ptr, m, n, mask, splits, M, NP, N_OUT, BLOCK_M, BLOCK_N,
+                                SWIGLU)
     _epilogue_store(out_ptr, acc, acc_up, m, n, mask, stride_om, SWIGLU)
 
 
@@ -250,14 +249,14 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: Skinny
     block_m = max(16, triton.next_power_of_2(M)) if cfg.use_dot else triton.next_power_of_2(M)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     _skinny_gemm_kernel[(blocks, splits)](
-        x, w, out, part, counters, M, n_out, K, k_per_split, x.stride(0), w.stride(0),
+        x, w, out, part, counters, M, n_out, N, K, k_per_split, x.stride(0), w.stride(0),
         out.stride(0), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SWIGLU=swiglu, USE_DOT=cfg.use_dot, EVEN_K=K % cfg.block_k == 0, PRECISION=precision,
         SPLIT=splits > 1, FOLD=fold,
         REVERSE_SPLITS=reverse_splits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1 and not fold:
         _skinny_gemm_reduce_kernel[(blocks,)](
-            part, out, M, n_out, splits, out.stride(0), BLOCK_M=triton.next_power_of_2(M),
+            part, out, M, n_out, N, splits, out.stride(0), BLOCK_M=triton.next_power_of_2(M),
             BLOCK_N=cfg.block_n, SWIGLU=swiglu, num_warps=4)
     return out
 
