@@ -71,3 +71,37 @@ def test_sweep_script_skips_without_cuda(tmp_path):
                        capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, OUT=str(tmp_path)))
     assert p.returncode == 0 and "SKIP: no CUDA device" in p.stdout, p.stdout + p.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_routing_constants_match_the_kernel():
+    from tpcomm.kernels import skinny_gemm as kernel
+    from tpcomm.models import skinny_linear
+    assert skinny_linear.MAX_ROWS == kernel.MAX_M
+    assert skinny_linear.COUNTER_BLOCK == kernel.MIN_BLOCK_N
+    # a linear's counters cover every config, its SwiGLU form included
+    assert skinny_linear.counters_for(100, "cpu").numel() == -(-100 // kernel.MIN_BLOCK_N)
+
+
+def test_table_starts_empty_and_lookup_takes_the_first_bound(monkeypatch):
+    import torch
+
+    from tpcomm.models import skinny_linear as sl
+    assert sl.TUNED == {}, "TUNED is filled only from a GPU sweep (scripts/gpu_skinny_gemm.py)"
+    a, b = object(), object()
+    monkeypatch.setattr(sl, "TUNED", {(64, 32, ""): ((1, a), (8, None), (16, b))})
+    assert sl.lookup(64, 32, 1) is a
+    assert sl.lookup(64, 32, 5) is None and sl.lookup(64, 32, 8) is None
+    assert sl.lookup(64, 32, 9) is b and sl.lookup(64, 32, 17) is None
+    assert sl.lookup(64, 32, 1, "swiglu") is None and sl.lookup(32, 64, 1) is None
+    # routing: CPU tensors outside the interpreter, fp32, too many rows, no counters -> None
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w = torch.ones(1, 32, dtype=torch.float16), torch.ones(64, 32, dtype=torch.float16)
+    c = sl.counters_for(64, "cpu")
+    assert sl.maybe_linear(x, w, c) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert sl._config(x, w, "") is a
+    assert sl._config(x.float(), w.float(), "") is None
+    assert sl._config(torch.ones(17, 32, dtype=torch.float16), w, "") is None
+    assert sl._config(x, w.t().contiguous().t(), "") is None      # weight not row-major
+    assert sl.maybe_linear(x, w, None) is None
