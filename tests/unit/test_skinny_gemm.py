@@ -31,6 +31,7 @@ def _sweep_script():
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_sweep_candidates_fill_the_sms_and_stay_small():
     g = _sweep_script()
+    from tpcomm.kernels.skinny_gemm import check_config
     for name, (N, K, swiglu) in g.SHAPES.items():
         n_out = N // 2 if swiglu else N
         for M in (1, 8):
@@ -42,6 +43,7 @@ def test_sweep_candidates_fill_the_sms_and_stay_small():
                 assert programs >= 132, (name, M, c)
                 assert K // c.split_k >= c.block_k
                 assert c.use_dot or M == 1
+                check_config(c, M, swiglu)      # registers, blocks
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")

@@ -57,7 +57,8 @@ import triton.language as tl
 
 MAX_M = 16          # rows: above this the GEMM is no longer a weight stream (cuBLAS's job)
 MIN_BLOCK_N = 16    # the smallest column block: callers size their counters with it
-MAX_SUM_M = 4       # the broadcast-sum path keeps [M, BLOCK_N, BLOCK_K] in registers
+MAX_SUM_M = 4       # the FMA path keeps [M, BLOCK_N, BLOCK_K] float32 in registers:
+SUM_REGS = 128      # at most this many of them per thread (x2 with SwiGLU's up tile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ class SkinnyConfig:
                 f"p{self.num_stages}{'dot' if self.use_dot else 'sum'}")
 
 
-def check_config(cfg: SkinnyConfig, m: int) -> None:
+def check_config(cfg: SkinnyConfig, m: int, swiglu: bool = False) -> None:
     """ValueError where ``cfg`` cannot run ``m`` rows."""
     for name in ("block_n", "block_k"):
         v = getattr(cfg, name)
@@ -98,15 +99,70 @@ def check_config(cfg: SkinnyConfig, m: int) -> None:
     if not cfg.use_dot and m > MAX_SUM_M:
         raise ValueError(f"skinny_gemm: the sum path (use_dot=False) takes at most "
                          f"{MAX_SUM_M} rows, got {m}")
+    if not cfg.use_dot:
+        regs = (1 << (m - 1).bit_length()) * cfg.block_n * cfg.block_k * (2 if swiglu else 1)
+        if regs > SUM_REGS * 32 * cfg.num_warps:
+            raise ValueError(f"skinny_gemm: the sum path's accumulator ({regs} float32) needs "
+                             f"more than {SUM_REGS} registers per thread with {cfg.num_warps} "
+                             f"warps; use a smaller block_n * block_k or more warps")
 
 
 @triton.jit
-def _tile_product(w, xt, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] float32 = x_tile @ w_tile^T; w [BLOCK_N, BLOCK_K], xt [BLOCK_M,
-    BLOCK_K]."""
-    if USE_DOT:
-        return tl.trans(tl.dot(w, tl.trans(xt), input_precision=PRECISION))
-    return tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+def _load_w(rows, kc, k_end, EVEN_K: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] tile of W at columns ``kc`` (streamed once: evict first)."""
+    if EVEN_K:
+        return tl.load(rows + kc[None, :], eviction_policy="evict_first")
+    return tl.load(rows + kc[None, :], mask=(kc < k_end)[None, :], other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _stream_dot(x_ptr, w_rows, up_rows, m, mm, k0, k_end, stride_xm,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SWIGLU: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """(y, up) [BLOCK_M, BLOCK_N] float32 over K in [k0, k_end), on the tensor cores: W's tile
+    is the MMA's A operand ([BLOCK_N, BLOCK_K]), x^T ([BLOCK_K, BLOCK_M], rows padded to 16)
+    its B; the accumulators stay in the MMA's layout until the loop ends."""
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    kk = tl.arange(0, BLOCK_K)
+    x_cols = x_ptr + m[None, :] * stride_xm
+    for k in range(k0, k_end, BLOCK_K):
+        kc = k + kk
+        if EVEN_K:
+            xt = tl.load(x_cols + kc[:, None], mask=mm[None, :], other=0.0)
+        else:
+            xt = tl.load(x_cols + kc[:, None], mask=mm[None, :] & (kc < k_end)[:, None],
+                         other=0.0)
+        acc = tl.dot(_load_w(w_rows, kc, k_end, EVEN_K), xt, acc, input_precision=PRECISION)
+        if SWIGLU:
+            acc_up = tl.dot(_load_w(up_rows, kc, k_end, EVEN_K), xt, acc_up,
+                            input_precision=PRECISION)
+    return tl.trans(acc), tl.trans(acc_up)
+
+
+@triton.jit
+def _stream_sum(x_ptr, w_rows, up_rows, m, mm, k0, k_end, stride_xm,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
+    """The same on the FMA units (M <= 4): float32 products accumulate in a [BLOCK_M, BLOCK_N,
+    BLOCK_K] register tile, summed over K once after the loop (no shuffles in the loop)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    kk = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + m[:, None] * stride_xm
+    for k in range(k0, k_end, BLOCK_K):
+        kc = k + kk
+        if EVEN_K:
+            xt = tl.load(x_rows + kc[None, :], mask=mm[:, None], other=0.0)
+        else:
+            xt = tl.load(x_rows + kc[None, :], mask=mm[:, None] & (kc < k_end)[None, :],
+                         other=0.0)
+        xf = xt.to(tl.float32)[:, None, :]
+        acc += xf * _load_w(w_rows, kc, k_end, EVEN_K).to(tl.float32)[None, :, :]
+        if SWIGLU:
+            acc_up += xf * _load_w(up_rows, kc, k_end, EVEN_K).to(tl.float32)[None, :, :]
+    return tl.sum(acc, 2), tl.sum(acc_up, 2)
 
 
 @triton.jit
@@ -153,34 +209,18 @@ def _skinny_gemm_kernel(
         s = splits - 1 - s
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
-    kk = tl.arange(0, BLOCK_K)
     mm = m < M
     n_row = tl.minimum(n, N_OUT - 1).to(tl.int64)       # clamped: no row mask in the loop
     w_rows = w_ptr + n_row[:, None] * stride_wn
-    x_rows = x_ptr + m[:, None] * stride_xm
+    up_rows = w_ptr + (n_row + N_OUT)[:, None] * stride_wn     # SWIGLU: the up rows
     k0 = s * k_per_split
     k_end = tl.minimum(k0 + k_per_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k in range(k0, k_end, BLOCK_K):
-        kc = k + kk
-        if EVEN_K:
-            xt = tl.load(x_rows + kc[None, :], mask=mm[:, None], other=0.0)
-            w = tl.load(w_rows + kc[None, :], eviction_policy="evict_first")
-        else:
-            km = kc < k_end
-            xt = tl.load(x_rows + kc[None, :], mask=mm[:, None] & km[None, :], other=0.0)
-            w = tl.load(w_rows + kc[None, :], mask=km[None, :], other=0.0,
-                        eviction_policy="evict_first")
-        acc += _tile_product(w, xt, USE_DOT, PRECISION)
-        if SWIGLU:
-            up_rows = w_rows + N_OUT * stride_wn
-            if EVEN_K:
-                wu = tl.load(up_rows + kc[None, :], eviction_policy="evict_first")
-            else:
-                wu = tl.load(up_rows + kc[None, :], mask=km[None, :], other=0.0,
-                             eviction_policy="evict_first")
-            acc_up += _tile_product(wu, xt, USE_DOT, PRECISION)
+    if USE_DOT:
+        acc, acc_up = _stream_dot(x_ptr, w_rows, up_rows, m, mm, k0, k_end, stride_xm, BLOCK_M,
+                                  BLOCK_N, BLOCK_K, SWIGLU, EVEN_K, PRECISION)
+    else:
+        acc, acc_up = _stream_sum(x_ptr, w_rows, up_rows, m, mm, k0, k_end, stride_xm, BLOCK_M,
+                                  BLOCK_N, BLOCK_K, SWIGLU, EVEN_K)
     mask = mm[:, None] & (n < N_OUT)[None, :]
     if not SPLIT:
         _epilogue_store(out_ptr, acc, acc_up, m, n, mask, stride_om, SWIGLU)
@@ -231,7 +271,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: Skinny
     Returns ``out``."""
     M, K = x.shape
     N = w.shape[0]
-    check_config(cfg, M)
+    check_config(cfg, M, swiglu)
     if w.shape[1] != K or x.dtype != w.dtype or out.dtype != x.dtype:
         raise ValueError(f"skinny_gemm: x {tuple(x.shape)} {x.dtype} @ w {tuple(w.shape)} "
                          f"{w.dtype}^T -> out {out.dtype}: K and dtypes must match")
