@@ -12,9 +12,12 @@ HERE = os.path.dirname(__file__)
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                     reason="needs triton (pip install --no-deps triton) to interpret the kernels")
-def test_skinny_gemm_under_the_triton_interpreter():
+@pytest.mark.parametrize("script", ["skinny_gemm_sim.py", "skinny_sweep_sim.py"])
+def test_skinny_gemm_under_the_triton_interpreter(script):
+    """skinny_gemm_sim.py: the kernel and the model's use of it; skinny_sweep_sim.py: the GPU
+    sweep's steps on tiny shapes (everything but the CUDA graph)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    p = subprocess.run([sys.executable, os.path.join(HERE, "skinny_gemm_sim.py")], env=env,
+    p = subprocess.run([sys.executable, os.path.join(HERE, script)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "ALL OK" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
 
