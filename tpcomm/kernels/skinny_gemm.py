@@ -16,7 +16,7 @@ matching [M, BLOCK_K] slice of x and accumulating in float32, either on the tens
 
 - split_k == 1: the program applies the epilogue and stores its columns.
 - split_k > 1 (where N alone gives too few programs for the SMs): the last-block pattern of
-  ``decode_attention.py`` (its docstring states the memory-ordering contract)::
+  ``decode_attention.py`` (``_tile_sync.last_to_arrive`` states the memory-ordering contract)::
 
       every program:  store its float32 partial [M, BLOCK_N] at part[s]
                       barrier (all its threads' stores before the next line)
@@ -40,7 +40,7 @@ in ``comm.all_reduce_add_rms_norm``, which at world 1 compiles to one add + RMSN
 must read the GEMM's output anyway, so adding it here would save no kernel.
 
 Rows of W past N are clamped (read row N - 1, never stored), so the main loop has no masks when
-K is a multiple of BLOCK_K * split_k (``EVEN_K``).
+K is a multiple of BLOCK_K (``EVEN_K``: every split is then whole BLOCK_K tiles).
 
 Shapes: x [M, K] (rows of K contiguous); w [N, K] row-major (nn.Linear's weight), N = N_out or
 2 N_out (swiglu); out [M, N_out] (N_out contiguous), x's dtype; counters int32 [>= cdiv(N_out,
@@ -54,6 +54,8 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
+
+from ._tile_sync import last_to_arrive
 
 MAX_M = 16          # rows: above this the GEMM is no longer a weight stream (cuBLAS's job)
 MIN_BLOCK_N = 16    # the smallest column block: callers size their counters with it
@@ -230,10 +232,7 @@ def _skinny_gemm_kernel(
         if SWIGLU:
             tl.store(rows + N_OUT + n[None, :], acc_up, mask=mask)
         if FOLD:   # the last program of column block pid_n sums (module docstring)
-            tl.debug_barrier()          # every thread's partial stores before the release
-            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if done == splits - 1:
-                tl.store(count_ptr + pid_n, 0)   # for the next launch; nobody reads it now
+            if last_to_arrive(count_ptr + pid_n, splits):   # and has reset the counter
                 acc, acc_up = _sum_partials(part_ptr, m, n, mask, splits, M, NP, N_OUT,
                                             BLOCK_M, BLOCK_N, SWIGLU)
                 _epilogue_store(out_ptr, acc, acc_up, m, n, mask, stride_om, SWIGLU)
