@@ -70,3 +70,27 @@ def test_skinny_gemm_in_a_cuda_graph_leaves_counters_zero():
         assert not counters.any()
         want = skinny_gemm(x, w, torch.empty_like(out), cfg, counters=counters)
         assert torch.equal(out, want)
+
+
+@needs_cuda
+def test_registered_op_compiles_without_a_graph_break(monkeypatch):
+    """The model's routing with a table entry: torch.compile(fullgraph=True) runs the kernel
+    through torch.ops.tpcomm.skinny_linear, with the eager bits, counters left zero."""
+    from tpcomm.kernels.skinny_gemm import SkinnyConfig
+    from tpcomm.models import skinny_linear as sl
+    monkeypatch.setattr(sl, "TUNED", {(2048, 1024, ""): ((16, SkinnyConfig(64, 128, 4)),),
+                                      (4096, 1024, "swiglu"): ((16, SkinnyConfig(32, 128, 2)),)})
+    x = torch.randn(2, 1, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16) / 32
+    wg = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16) / 32
+    c, cg = sl.counters_for(2048, "cuda"), sl.counters_for(4096, "cuda")
+
+    def fn(x):
+        return sl.maybe_linear(x, w, c), sl.maybe_linear(x, wg, cg, swiglu=True)
+
+    eager = fn(x)
+    compiled = torch.compile(fn, fullgraph=True)(x)
+    assert eager[0].shape == (2, 1, 2048) and eager[1].shape == (2, 1, 2048)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    assert not c.any() and not cg.any()
+    assert _rel(eager[0], x.float() @ w.float().t()) <= 1e-2
