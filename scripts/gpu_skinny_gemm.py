@@ -55,12 +55,18 @@ ROTATE_BYTES = 200e6     # >= 4x the H200's 50 MB L2
 DEVICE = "cuda"          # the unit test runs the steps on the CPU under Triton's interpreter
 GRAPH_US = 3000.0        # one replay
 TOL = 1e-2
+MIN_SPEEDUP = 1.02       # a winner beats F.linear by this much (medians of 7 replays move ~1 %)
+SMEM_BYTES = 232448      # an H100 / H200 SM's shared memory for one block (227 KiB)
 # (block_n, block_k, warps, stages): dot path (any M), sum path (M = 1). A [BLOCK_N, BLOCK_K]
 # bf16 tile is 16-64 KiB; 2-4 stages stay under the SM's 227 KiB and keep 32-128 KiB in
 # flight per program (4.3 TB/s x ~1 us of latency is ~32 KiB per SM).
-DOT_TILES = [(64, 256, 4, 3), (64, 128, 4, 4), (128, 128, 4, 3), (128, 256, 8, 3),
-             (32, 256, 4, 4), (32, 512, 4, 3), (64, 512, 8, 2)]
-SUM_TILES = [(32, 256, 4, 3), (64, 256, 8, 3), (16, 512, 4, 3)]
+# The first H200 sweep (2026-12-03 16:01 UTC) had (64, 128, 4, 4) best on every shape but the
+# head ((128, 128, 4, 3) at M = 1), and no FMA-path config best anywhere: the grid is centred
+# there, deeper pipelines of smaller K tiles.
+DOT_TILES = [(64, 128, 4, 4), (64, 128, 4, 5), (64, 128, 4, 6), (64, 64, 4, 8),
+             (128, 128, 4, 3), (128, 128, 4, 4), (128, 64, 4, 6), (32, 128, 4, 6),
+             (64, 256, 4, 3)]
+SUM_TILES = [(32, 256, 4, 3)]
 
 
 def log(t0: float, *a) -> None:
@@ -81,11 +87,19 @@ def splits_for(blocks: int, K: int, block_k: int, sms: int) -> list[int]:
     return out or [1]
 
 
-def candidates(n_out: int, K: int, M: int, sms: int) -> list[SkinnyConfig]:
-    """10-20 configs for one shape and M."""
+def smem_bytes(bn: int, bk: int, stages: int, swiglu: bool) -> int:
+    """Shared memory of the pipelined loop: ``stages`` x (the W tile(s) + x^T's [bk, 16]),
+    16-bit (what Triton asked for in the first sweep: 417792 B for (128, 256, 3) with SwiGLU)."""
+    return stages * (bn * bk * 2 * (2 if swiglu else 1) + bk * 16 * 2)
+
+
+def candidates(n_out: int, K: int, M: int, sms: int, swiglu: bool = False) -> list[SkinnyConfig]:
+    """10-20 configs for one shape and M that fit an SM's shared memory."""
     out = []
     for use_dot, tiles in ((True, DOT_TILES), (False, SUM_TILES if M == 1 else [])):
         for bn, bk, w, st in tiles:
+            if smem_bytes(bn, bk, st, swiglu) > SMEM_BYTES:
+                continue
             for s in splits_for(triton.cdiv(n_out, bn), K, bk, sms):
                 out.append(SkinnyConfig(bn, bk, s, w, st, use_dot))
     return out
@@ -155,6 +169,13 @@ def rel_err(got, ref) -> float:
     return float((got.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
+def _does_not_fit(e: BaseException) -> bool:
+    """Triton's "out of resource" (shared memory, registers, threads), by class or by text
+    (the first sweep's came past an ``except OutOfResources``: a copy of the error, raised
+    again by the cached kernel, may not be the class this process imported)."""
+    return isinstance(e, OutOfResources) or "out of resource" in str(e).lower()
+
+
 def check(x, w, cfg, swiglu, ref) -> tuple[bool, str]:
     """Compile (first call) and check one config: error, determinism, counters."""
     M, n_out = x.shape[0], w.shape[0] // (2 if swiglu else 1)
@@ -197,7 +218,7 @@ def run_shape(name, M, t0, deadline, sms, results, failures, dtype=torch.bfloat1
     row = {"shape": name, "N": N, "K": K, "M": M, "swiglu": swiglu, "weight_bytes": wbytes,
            "copies": copies, "configs": [], "baseline": "F.linear" + (" + swiglu" if swiglu
                                                                        else "")}
-    cands = candidates(n_out, K, M, sms)
+    cands = candidates(n_out, K, M, sms, swiglu)
     log(t0, f"{name} M={M}: N={N} K={K}, {copies} copies of W ({copies * wbytes / 1e6:.0f} MB), "
         f"{len(cands)} configs; {row['baseline']} err {base_err:.2e}")
     passed = []
@@ -209,11 +230,12 @@ def run_shape(name, M, t0, deadline, sms, results, failures, dtype=torch.bfloat1
         status = None
         try:
             ok, note = check(x, ws[0], cfg, swiglu, ref)
-        except OutOfResources as e:   # shared memory or registers: not a wrong result
-            ok, note, status = False, str(e).splitlines()[0][:160], "SKIP (does not fit)"
         except Exception as e:   # noqa: BLE001 - a config that does not compile is reported
             ok, note = False, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            traceback.print_exc(limit=1)
+            if _does_not_fit(e):   # shared memory or registers: not a wrong result
+                status = "SKIP (does not fit)"
+            else:
+                traceback.print_exc(limit=1)
         status = status or ("PASS" if ok else "FAIL")
         if status == "FAIL":
             failures.append(f"{name} M={M} {cfg.name()}: {note}")
@@ -290,20 +312,21 @@ def print_table(row) -> None:
 
 
 def winners_literal(results) -> str:
-    """The configs faster than the baseline, as ``TUNED`` entries: {(N, K, epilogue):
-    ((m_max, SkinnyConfig(...) or None), ...)}; M = 1's config serves M = 1, M = 8's M = 2..16
-    (None: F.linear, where M = 1 lost and M = 8 won)."""
+    """The configs faster than the baseline by ``MIN_SPEEDUP``, as ``TUNED`` entries:
+    {(N, K, epilogue): ((m_max, config tuple or None), ...)}; the config measured at M serves
+    the rows above the previous measured M up to M (None: F.linear, where a smaller M lost and
+    a larger one won)."""
     table: dict = {}
     for row in results:
         best = row.get("best")
-        if not best or best.get("speedup", 0) <= 1.0:
+        if not best or best.get("speedup", 0) < MIN_SPEEDUP:
             continue
         key = (row["N"], row["K"], "swiglu" if row["swiglu"] else "")
-        m_max = 1 if row["M"] == 1 else 16
+        m_max = row["M"]
         table.setdefault(key, {})[m_max] = (best["cfg"], best["speedup"])
     lines = ["TUNED = {"]
     for key, entries in sorted(table.items()):
-        if 1 not in entries:
+        if 1 not in entries:        # M = 1 lost (or was not measured): cuBLAS
             entries[1] = (None, None)
         items = ", ".join(f"({m}, {_literal(cfg)})" for m, (cfg, _) in sorted(entries.items()))
         gains = ", ".join(f"M<={m}: {sp:.2f}x" for m, (_, sp) in sorted(entries.items()) if sp)
@@ -316,7 +339,7 @@ def _literal(cfg) -> str:
     if cfg is None:
         return "None"
     bn, bk, sk, w, st, dot = cfg
-    return f"SkinnyConfig({bn}, {bk}, {sk}, {w}, {st}, {bool(dot)})"
+    return f"({bn}, {bk}, {sk}, {w}, {st}, {bool(dot)})"
 
 
 def main() -> int:

@@ -76,10 +76,9 @@ def test_skinny_gemm_in_a_cuda_graph_leaves_counters_zero():
 def test_registered_op_compiles_without_a_graph_break(monkeypatch):
     """The model's routing with a table entry: torch.compile(fullgraph=True) runs the kernel
     through torch.ops.tpcomm.skinny_linear, with the eager bits, counters left zero."""
-    from tpcomm.kernels.skinny_gemm import SkinnyConfig
     from tpcomm.models import skinny_linear as sl
-    monkeypatch.setattr(sl, "TUNED", {(2048, 1024, ""): ((16, SkinnyConfig(64, 128, 4)),),
-                                      (4096, 1024, "swiglu"): ((16, SkinnyConfig(32, 128, 2)),)})
+    monkeypatch.setattr(sl, "TUNED", {(2048, 1024, ""): ((16, (64, 128, 4, 4, 3, True)),),
+                                      (4096, 1024, "swiglu"): ((16, (32, 128, 2, 4, 3, True)),)})
     x = torch.randn(2, 1, 1024, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16) / 32
     wg = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16) / 32

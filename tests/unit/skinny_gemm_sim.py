@@ -126,11 +126,11 @@ def error_cases():
 
 def tiny_table():
     """Entries for every linear of the tiny model (H 256, I 768, 8 q / 4 KV heads of 32,
-    vocab 512): split and unsplit, dot and sum paths, SwiGLU."""
-    return {(512, 256, ""): ((1, C(32, 64, 2, 4, 2, False)), (16, C(32, 64, 1, 4, 2, True))),
-            (256, 256, ""): ((16, C(16, 64, 3, 4, 2, True)),),
-            (1536, 256, "swiglu"): ((16, C(64, 64, 2, 4, 2, True)),),
-            (256, 768, ""): ((1, C(16, 128, 4, 4, 2, False)), (16, None))}
+    vocab 512): split and unsplit, dot and sum paths, SwiGLU; configs as TUNED holds them."""
+    return {(512, 256, ""): ((1, (32, 64, 2, 4, 2, False)), (16, (32, 64, 1, 4, 2, True))),
+            (256, 256, ""): ((16, (16, 64, 3, 4, 2, True)),),
+            (1536, 256, "swiglu"): ((16, (64, 64, 2, 4, 2, True)),),
+            (256, 768, ""): ((1, (16, 128, 4, 4, 2, False)), (16, None))}
 
 
 def model_case():
@@ -154,6 +154,8 @@ def model_case():
         return real(x, w, out, cfg, **kw)
 
     kernel.skinny_gemm = counted
+    saved = dict(skinny_linear.TUNED)
+    skinny_linear.TUNED.clear()
     skinny_linear.TUNED.update(tiny_table())
     try:
         got = Generator(model, 2, 16).generate(prompt, 2)
@@ -180,6 +182,7 @@ def model_case():
     finally:
         kernel.skinny_gemm = real
         skinny_linear.TUNED.clear()
+        skinny_linear.TUNED.update(saved)
     print("model tokens", got.tolist(), flush=True)
 
 

@@ -32,8 +32,8 @@ g.graph_us = wall_us
 g.ROTATE_BYTES = 3 * 64 * 96 * 2
 g.GRAPH_US = 1.0          # calls per timing: the copies (3)
 g.SHAPES = {"tiny": (64, 96, False), "tiny_swiglu": (64, 96, True)}
-g.candidates = lambda n_out, K, M, sms: [C(16, 32, 1, 4, 1, True), C(16, 32, 3, 4, 1, True),
-                                         C(32, 32, 2, 4, 1, False)][:3 if M == 1 else 2]
+g.candidates = lambda n_out, K, M, sms, swiglu=False: [
+    C(16, 32, 1, 4, 1, True), C(16, 32, 3, 4, 1, True), C(32, 32, 2, 4, 1, False)][:3 if M == 1 else 2]
 results, failures = [], []
 t0 = time.monotonic()
 for name in g.SHAPES:

@@ -38,7 +38,7 @@ def test_sweep_candidates_fill_the_sms_and_stay_small():
     for name, (N, K, swiglu) in g.SHAPES.items():
         n_out = N // 2 if swiglu else N
         for M in (1, 8):
-            cands = g.candidates(n_out, K, M, 132)
+            cands = g.candidates(n_out, K, M, 132, swiglu)
             assert 7 <= len(cands) <= 20, (name, M, len(cands))
             assert len(set(cands)) == len(cands)
             for c in cands:
@@ -47,23 +47,27 @@ def test_sweep_candidates_fill_the_sms_and_stay_small():
                 assert K // c.split_k >= c.block_k
                 assert c.use_dot or M == 1
                 check_config(c, M, swiglu)      # registers, blocks
+                assert g.smem_bytes(c.block_n, c.block_k, c.num_stages, swiglu) <= g.SMEM_BYTES
+    # what Triton asked for in the first sweep's two configs that did not fit
+    assert g.smem_bytes(128, 256, 3, True) == 417792 and g.smem_bytes(64, 512, 2, True) == 294912
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_sweep_winners_literal_keeps_only_winners():
     g = _sweep_script()
-    from tpcomm.kernels.skinny_gemm import SkinnyConfig
     res = [{"N": 4096, "K": 4096, "swiglu": False, "M": 8,
             "best": {"cfg": [64, 256, 4, 4, 3, 1], "speedup": 1.2}},
+           {"N": 4096, "K": 4096, "swiglu": False, "M": 1,
+            "best": {"cfg": [64, 256, 4, 4, 3, 1], "speedup": 1.01}},    # below the margin
            {"N": 4096, "K": 14336, "swiglu": False, "M": 1,
             "best": {"cfg": [64, 256, 4, 4, 3, 1], "speedup": 0.95}},
            {"N": 28672, "K": 4096, "swiglu": True, "M": 1,
             "best": {"cfg": [32, 256, 1, 4, 3, 0], "speedup": 1.1}}]
-    ns: dict = {"SkinnyConfig": SkinnyConfig}
+    ns: dict = {}
     exec(g.winners_literal(res), ns)
     assert ns["TUNED"] == {
-        (4096, 4096, ""): ((1, None), (16, SkinnyConfig(64, 256, 4, 4, 3, True))),
-        (28672, 4096, "swiglu"): ((1, SkinnyConfig(32, 256, 1, 4, 3, False)),)}
+        (4096, 4096, ""): ((1, None), (8, (64, 256, 4, 4, 3, True))),
+        (28672, 4096, "swiglu"): ((1, (32, 256, 1, 4, 3, False)),)}
 
 
 def test_sweep_script_skips_without_cuda(tmp_path):
@@ -88,11 +92,29 @@ def test_routing_constants_match_the_kernel():
     assert skinny_linear.counters_for(100, "cpu").numel() == -(-100 // kernel.MIN_BLOCK_N)
 
 
-def test_table_starts_empty_and_lookup_takes_the_first_bound(monkeypatch):
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_tuned_entries_are_valid_configs():
+    """Every entry: int keys, an epilogue the model uses, bounds increasing within 1..16, and
+    configs the kernel takes for every M they serve."""
+    from tpcomm.kernels.skinny_gemm import SkinnyConfig, check_config
+    from tpcomm.models import skinny_linear as sl
+    for (n, k, epilogue), entries in sl.TUNED.items():
+        assert isinstance(n, int) and isinstance(k, int) and epilogue in ("", "swiglu")
+        bounds = [m for m, _ in entries]
+        assert bounds == sorted(set(bounds)) and 1 <= bounds[0] and bounds[-1] <= sl.MAX_ROWS
+        lo = 1
+        for m_max, cfg in entries:
+            if cfg is not None:
+                assert len(cfg) == 6, cfg
+                for m in range(lo, m_max + 1):
+                    check_config(SkinnyConfig.from_list(cfg), m, epilogue == "swiglu")
+            lo = m_max + 1
+
+
+def test_lookup_takes_the_first_bound(monkeypatch):
     import torch
 
     from tpcomm.models import skinny_linear as sl
-    assert sl.TUNED == {}, "TUNED is filled only from a GPU sweep (scripts/gpu_skinny_gemm.py)"
     a, b = object(), object()
     monkeypatch.setattr(sl, "TUNED", {(64, 32, ""): ((1, a), (8, None), (16, b))})
     assert sl.lookup(64, 32, 1) is a
