@@ -132,3 +132,22 @@ def test_lookup_takes_the_first_bound(monkeypatch):
     assert sl._config(torch.ones(17, 32, dtype=torch.float16), w, "") is None
     assert sl._config(x, w.t().contiguous().t(), "") is None      # weight not row-major
     assert sl.maybe_linear(x, w, None) is None
+
+
+def test_switch_off_makes_layers_without_counters(monkeypatch):
+    """TPCOMM_SKINNY_GEMM=0: a layer made then has no counters, so it never takes the kernel."""
+    from tpcomm.models.layers import ColumnParallelLinear, RowParallelLinear
+    from tpcomm.settings import reload_settings
+    try:
+        monkeypatch.setenv("TPCOMM_SKINNY_GEMM", "0")
+        reload_settings()
+        off = [ColumnParallelLinear(32, 64, rank=0, world=1),
+               RowParallelLinear(32, 64, None, rank=0, world=1)]
+        assert all(layer.skinny_counters is None for layer in off)
+        monkeypatch.delenv("TPCOMM_SKINNY_GEMM")
+        reload_settings()
+        on = ColumnParallelLinear(32, 64, rank=0, world=1)
+        assert on.skinny_counters is not None and not on.skinny_counters.any()
+    finally:
+        monkeypatch.delenv("TPCOMM_SKINNY_GEMM", raising=False)
+        reload_settings()

@@ -13,7 +13,8 @@ sequence-parallel input path (:func:`tpcomm.ops.overlap.all_gather_matmul`).
 Shape letters: W = world (TP) size, r = this rank, ``*_local`` = this rank's share.
 
 At decode sizes (at most 16 rows) a linear may run the skinny GEMM instead of ``F.linear``
-where its measured table says so (:mod:`tpcomm.models.skinny_linear`; empty table: cuBLAS);
+where its measured table says so (:mod:`tpcomm.models.skinny_linear`; ``TPCOMM_SKINNY_GEMM=0``:
+never);
 the all-reduce after a row-parallel GEMM is the same either way.
 
 ``comm`` is anything with the Communicator's interface: ``all_reduce_(x)``,
@@ -30,7 +31,7 @@ from torch import nn
 
 from ..ops.overlap import all_gather_matmul, matmul_all_reduce, overlap_chunks
 from ..reference import add_rms_norm
-from .skinny_linear import counters_for, maybe_linear
+from .skinny_linear import maybe_counters, maybe_linear
 
 
 # ---------------------------------------------------------------- sharding arithmetic
@@ -99,7 +100,7 @@ class ColumnParallelLinear(nn.Module):
         self.out_local = sum(b - a for a, b in self.row_ranges)
         self.weight = nn.Parameter(torch.empty(self.out_local, in_features, dtype=dtype,
                                                device=device), requires_grad=False)
-        self.skinny_counters = counters_for(self.out_local, device)   # the skinny GEMM's
+        self.skinny_counters = maybe_counters(self.out_local, device)   # the skinny GEMM's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = maybe_linear(x, self.weight, self.skinny_counters)
@@ -158,7 +159,7 @@ class RowParallelLinear(nn.Module):
         in_local = self.col_range[1] - self.col_range[0]
         self.weight = nn.Parameter(torch.empty(out_features, in_local, dtype=dtype,
                                                device=device), requires_grad=False)
-        self.skinny_counters = counters_for(out_features, device)   # the skinny GEMM's
+        self.skinny_counters = maybe_counters(out_features, device)   # the skinny GEMM's
 
     def _linear(self, x_local: torch.Tensor) -> torch.Tensor:
         """This rank's partial product (the skinny GEMM where its table says so)."""

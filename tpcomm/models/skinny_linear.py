@@ -18,8 +18,9 @@ by >= 2 %; M = 1's measured config serves M = 1, M = 8's serves 2..8.
 Under torch.compile the kernel is ``torch.ops.tpcomm.skinny_linear`` (the counters declared
 mutated); eagerly the launcher is called directly (no dispatcher on the host path).
 
-Counters: each linear keeps its own int32 zeros (:func:`counters_for`, made with the layer so a
-CUDA graph capture never allocates them), which the kernel's split-K uses and leaves zero.
+Counters: each linear keeps its own int32 zeros (:func:`maybe_counters`, made with the layer so
+a CUDA graph capture never allocates them), which the kernel's split-K uses and leaves zero. A
+layer made with ``TPCOMM_SKINNY_GEMM=0`` has none and always runs ``F.linear`` (the A/B switch).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import math
 import torch
 from torch.library import custom_op
 
+from ..settings import get_settings
 from .attention import use_kernel
 
 _is_compiling = torch.compiler.is_dynamo_compiling
@@ -64,6 +66,12 @@ def counters_for(n_weight_rows: int, device) -> torch.Tensor:
     """Zeroed counters for any config of a linear of ``n_weight_rows`` output rows (enough for
     its SwiGLU form, which has half the columns)."""
     return torch.zeros(-(-n_weight_rows // COUNTER_BLOCK), dtype=torch.int32, device=device)
+
+
+def maybe_counters(n_weight_rows: int, device) -> torch.Tensor | None:
+    """A new layer's counters, or None (the layer never takes the skinny GEMM) with
+    ``TPCOMM_SKINNY_GEMM=0``."""
+    return counters_for(n_weight_rows, device) if get_settings().skinny_gemm else None
 
 
 def lookup(n: int, k: int, m: int, epilogue: str = ""):
