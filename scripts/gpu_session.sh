@@ -74,7 +74,7 @@ declare -A CALLS=(
   [extra]="bench-graph-w2 bench-eager-w2 bench-rs bench-ag timing-w2"
 )
 TESTS_A="tests/gpu/test_gpu_collectives.py tests/gpu/test_p2p_check_gpu.py tests/gpu/test_graph_safety_gpu.py tests/gpu/test_fused_norm_gpu.py tests/gpu/test_emulated_ranks_gpu.py"
-TESTS_B="tests/gpu/test_hierarchical_gpu.py tests/gpu/test_model_gpu.py tests/gpu/test_overlap_gpu.py tests/gpu/test_compile_gpu.py"
+TESTS_B="tests/gpu/test_hierarchical_gpu.py tests/gpu/test_model_gpu.py tests/gpu/test_overlap_gpu.py tests/gpu/test_compile_gpu.py tests/gpu/test_skinny_gemm_gpu.py"
 
 pack() { tar czf "$OUT/session.tgz" -C "$WORK" results logs; cp "$LOGS/steps.txt" "$OUT/steps.txt" 2>/dev/null; }
 

@@ -24,7 +24,11 @@
 #             kernel (emulated ranks 1/2/4, eager and CUDA graphs with inputs changed after
 #             capture), no allocation per call, then tpcomm bench host (host.json/.md, at most
 #             240 s: scripts/gpu_host_path.py)
-# Usage: OUT=/tmp/out bash scripts/gpu_single.sh [step ...]   (default: every step but compile)
+#   skinny    the skinny GEMM of the decode step against F.linear on the llama3_8b world-1
+#             shapes, M 1 and 8: checked, timed in CUDA graphs, winners printed as the model's
+#             table (scripts/gpu_skinny_gemm.py --budget-s 150; skinny_gemm.json)
+# Usage: OUT=/tmp/out bash scripts/gpu_single.sh [step ...]
+#        (default: every step but compile and skinny)
 # Logs go to $OUT/<step>.log; JSON where a step writes one. Multicast stays off.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +78,8 @@ for s in $STEPS; do
         --json "$OUT/compile_prefill_nograph.json" --markdown "$OUT/compile_prefill_nograph.md"
       step compile_tests 200 python3 -m pytest -q -rs -p no:cacheprovider --timeout 190 \
         tests/gpu/test_compile_gpu.py tests/gpu/test_graph_safety_gpu.py ;;
+    skinny) step skinny 240 python3 scripts/gpu_skinny_gemm.py --budget-s 150 \
+              --json "$OUT/skinny_gemm.json" ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -125,6 +125,10 @@ class Settings:
     # native core (tpcomm/cpu/_shm_core.c, built at first use with the system compiler); the
     # Python path is also what runs where no compiler exists.
     cpu_native: bool = True
+    # TPCOMM_SKINNY_GEMM=0: the TP model's linears always run F.linear (cuBLAS), never the
+    # skinny GEMM of their measured table (tpcomm/models/skinny_linear.py); read when a layer
+    # is made. The A/B switch of that table.
+    skinny_gemm: bool = True
 
 
 def _read() -> Settings:
@@ -139,6 +143,7 @@ def _read() -> Settings:
         p2p_check=_bool("TPCOMM_P2P_CHECK", True),
         fused_norm=_bool("TPCOMM_FUSED_NORM", False),
         cpu_native=_bool("TPCOMM_CPU_NATIVE", True),
+        skinny_gemm=_bool("TPCOMM_SKINNY_GEMM", True),
         cache_dir=os.path.expanduser(os.environ.get("TPCOMM_CACHE_DIR") or "~/.cache/tpcomm"),
     )
 

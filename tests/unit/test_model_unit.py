@@ -359,6 +359,14 @@ def test_breakdown_counts_each_kernel_once_not_the_cpu_op_around_it():
                 self_device_time_total=1000.0),
               E(key="triton_poi_fused_mul_silu_0", device_type=gpu, self_device_time_total=9.0)]
     assert categorize(events, cuda=True) == {"gemm": 1.0, "attention": 0.3, "comm": 0.04}
+    # the skinny GEMM: its kernels are GEMM time (the CPU op around them not counted), and on
+    # the CPU its op is GEMM time, not communication (a tpcomm:: op)
+    skinny = [E(key="tpcomm::skinny_linear", device_type=cpu, self_device_time_total=70.0,
+                cpu_time_total=70.0, self_cpu_time_total=1.0),
+              E(key="_skinny_gemm_kernel", device_type=gpu, self_device_time_total=60.0),
+              E(key="_skinny_gemm_reduce_kernel", device_type=gpu, self_device_time_total=10.0)]
+    for cats in (categorize(skinny, cuda=True), categorize(skinny[:1], cuda=False)):
+        assert abs(cats["gemm"] - 0.07) < 1e-12 and cats["attention"] == cats["comm"] == 0.0
 
 
 def test_kernel_listing_counts_launches_and_time_per_step_largest_first():

@@ -1,4 +1,4 @@
-"""Device helpers of the fused GEMM kernels: synchronization per tile.
+"""Device helpers of the kernels: synchronization per tile (the fused GEMMs), per reduction.
 
 Two mechanisms, as in the other push kernels (``_lamport.py``, ``barrier.py``):
 
@@ -14,6 +14,10 @@ Two mechanisms, as in the other push kernels (``_lamport.py``, ``barrier.py``):
   (:func:`fence_async_proxy`: TMA reads through the async proxy, the acquire orders the generic
   proxy). Flags only grow (epochs), so nothing resets them.
 
+Within one kernel (split-K and split-KV reductions: ``decode_attention.py``, ``skinny_gemm.py``):
+the program that arrives last at a counter in GPU memory finishes the work of all
+(:func:`last_to_arrive`).
+
 Every wait is bounded as in ``barrier.py``: past ``timeout_ns`` it stops, the caller records
 the error word, and later waits return at once (``dead``).
 """
@@ -24,6 +28,29 @@ import triton.language as tl
 
 from ._lamport import typed
 from .barrier import INTERPRET, keep_waiting, now_ns
+
+
+@triton.jit
+def last_to_arrive(count_ptr, n):
+    """The last-block pattern (CUDA's threadFenceReduction sample, CUTLASS's semaphore), for
+    ``n`` programs that each stored their partial results and now meet at the int32 counter
+    ``count_ptr`` (0 between launches)::
+
+        barrier                                  # every thread's partial stores before the add
+        done = atomic_add(count, 1)              # acq_rel, gpu scope, one thread
+        if done == n - 1:  count = 0; True       # the last: every partial visible (acquire)
+        else: False
+
+    Returns whether this program is the last; the last one has reset the counter, which no
+    program touches again in this launch, so the next launch (or graph replay) starts from 0
+    with no memset. The last program should read the partials with .cg (from L2, never a line
+    its SM's L1 kept from an earlier launch). No wait: nobody spins."""
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    last = done == n - 1
+    if last:
+        tl.store(count_ptr, 0)
+    return last
 
 
 @triton.jit

@@ -61,6 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tile_sync import last_to_arrive
+
 BLOCK_N = 64          # cache positions per step of a program (64 x 128 bf16 = 16 KiB of K)
 PROGRAMS_PER_SM = 2   # enough split programs to keep every SM reading the cache
 NUM_STAGES = 3        # K and V tiles in flight per program (Triton's software pipeline; its default)
@@ -184,10 +186,7 @@ def _decode_attention_split_kernel(
         tl.store(part_ml_ptr + (prow * 2) * G + g, m_i, mask=gm)
         tl.store(part_ml_ptr + (prow * 2 + 1) * G + g, l_i, mask=gm)
     if COMBINE:   # the last program of (b, h) to get here combines (module docstring)
-        tl.debug_barrier()          # every thread's partial stores before the release
-        done = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu")
-        if done == splits - 1:
-            tl.store(count_ptr + bh, 0)   # for the next launch; no program reads it now
+        if last_to_arrive(count_ptr + bh, splits):      # and has reset the counter
             _combine(part_o_ptr, part_ml_ptr, out_ptr, bh, splits, stride_ob, stride_oh,
                      HK, G, G_C, D, BLOCK_D, CHUNK)
 

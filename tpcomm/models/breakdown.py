@@ -3,13 +3,14 @@
 Runs a few eager decode steps under ``torch.profiler`` with the communicator wrapped so that
 every collective is a named range (``comm::<op>``):
 
-- CPU: GEMM = self time of ``aten::mm/addmm/bmm``; attention = total time of
+- CPU: GEMM = self time of ``aten::mm/addmm/bmm`` (and the total of ``tpcomm::skinny_linear``,
+  the skinny GEMM under the interpreter); attention = total time of
   ``aten::scaled_dot_product_attention``; communication = total time of the ``comm::`` ranges
   (the shared-memory copies, the waits for the peer, the fused epilogue); other = the step's
   wall time minus those (norms, RoPE, embedding, Python).
-- GPU: the kernels' device time by name (GEMM: cuBLAS/CUTLASS names; attention: flash / fmha /
-  efficient-attention names and tpcomm's decode attention kernels; communication: NCCL and
-  tpcomm kernels by name); other = the step's wall time minus those kernels (the small kernels,
+- GPU: the kernels' device time by name (GEMM: cuBLAS/CUTLASS names and tpcomm's skinny GEMM;
+  attention: flash / fmha / efficient-attention names and tpcomm's decode attention kernels;
+  communication: NCCL and tpcomm kernels by name); other = the step's wall time minus those kernels (the small kernels,
   and the launch gaps of an eager step, which a CUDA graph removes). Only kernel events count:
   the CPU op around a registered op (``tpcomm::decode_attention`` in the compiled model) carries
   its kernels' time too, and counting it doubled the compiled attention.
@@ -143,6 +144,8 @@ def categorize(events, cuda: bool) -> dict:
         else:
             if e.key in GEMM_OPS:
                 cats["gemm"] += e.self_cpu_time_total / 1e3
+            elif e.key == "tpcomm::skinny_linear":      # the skinny GEMM (models/skinny_linear)
+                cats["gemm"] += e.cpu_time_total / 1e3
             elif e.key == "aten::scaled_dot_product_attention":
                 cats["attention"] += e.cpu_time_total / 1e3
             elif e.key.startswith(("comm::", "_c10d_functional::")) or (

@@ -12,6 +12,11 @@ sequence-parallel input path (:func:`tpcomm.ops.overlap.all_gather_matmul`).
 
 Shape letters: W = world (TP) size, r = this rank, ``*_local`` = this rank's share.
 
+At decode sizes (at most 16 rows) a linear may run the skinny GEMM instead of ``F.linear``
+where its measured table says so (:mod:`tpcomm.models.skinny_linear`; ``TPCOMM_SKINNY_GEMM=0``:
+never);
+the all-reduce after a row-parallel GEMM is the same either way.
+
 ``comm`` is anything with the Communicator's interface: ``all_reduce_(x)``,
 ``all_reduce_add_rms_norm(x, residual, weight, eps)``, ``all_gather(x)`` (a
 :class:`tpcomm.Communicator`, or :class:`tpcomm.models.comm.TorchDistComm` for NCCL / gloo).
@@ -26,6 +31,7 @@ from torch import nn
 
 from ..ops.overlap import all_gather_matmul, matmul_all_reduce, overlap_chunks
 from ..reference import add_rms_norm
+from .skinny_linear import maybe_counters, maybe_linear
 
 
 # ---------------------------------------------------------------- sharding arithmetic
@@ -94,9 +100,16 @@ class ColumnParallelLinear(nn.Module):
         self.out_local = sum(b - a for a, b in self.row_ranges)
         self.weight = nn.Parameter(torch.empty(self.out_local, in_features, dtype=dtype,
                                                device=device), requires_grad=False)
+        self.skinny_counters = maybe_counters(self.out_local, device)   # the skinny GEMM's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        y = maybe_linear(x, self.weight, self.skinny_counters)
+        return F.linear(x, self.weight) if y is None else y
+
+    def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of a [gate; up] layer in one skinny GEMM, [..., out_local / 2];
+        None where its table has no entry for this size (the caller runs :meth:`forward`)."""
+        return maybe_linear(x, self.weight, self.skinny_counters, swiglu=True)
 
     def forward_all_gather(self, x_shard: torch.Tensor, comm=None, *,
                            chunks: int | None = None) -> torch.Tensor:
@@ -146,6 +159,12 @@ class RowParallelLinear(nn.Module):
         in_local = self.col_range[1] - self.col_range[0]
         self.weight = nn.Parameter(torch.empty(out_features, in_local, dtype=dtype,
                                                device=device), requires_grad=False)
+        self.skinny_counters = maybe_counters(out_features, device)   # the skinny GEMM's
+
+    def _linear(self, x_local: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product (the skinny GEMM where its table says so)."""
+        y = maybe_linear(x_local, self.weight, self.skinny_counters)
+        return F.linear(x_local, self.weight) if y is None else y
 
     def _chunks(self, x_local: torch.Tensor) -> int:
         """Row chunks of the overlapped path for this input (1: matmul, then all-reduce)."""
@@ -168,7 +187,7 @@ class RowParallelLinear(nn.Module):
         chunks = self._chunks(x_local)
         if chunks > 1:
             return self._overlapped(x_local, chunks)
-        return self.comm.all_reduce_(F.linear(x_local, self.weight))
+        return self.comm.all_reduce_(self._linear(x_local))
 
     def forward_add_rms_norm(self, x_local: torch.Tensor, residual: torch.Tensor,
                              norm_weight: torch.Tensor, eps: float, fused: bool = True
@@ -182,7 +201,7 @@ class RowParallelLinear(nn.Module):
         chunks = self._chunks(x_local)
         if chunks > 1:
             return add_rms_norm(self._overlapped(x_local, chunks), residual, norm_weight, eps)
-        y = F.linear(x_local, self.weight)
+        y = self._linear(x_local)
         if fused:
             return self.comm.all_reduce_add_rms_norm(y, residual, norm_weight, eps)
         self.comm.all_reduce_(y)

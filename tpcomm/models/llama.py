@@ -212,7 +212,11 @@ class MLP(nn.Module):
                                            device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """SwiGLU before down_proj: [B, T, H] -> [B, T, I_local]."""
+        """SwiGLU before down_proj: [B, T, H] -> [B, T, I_local] (in the gate_up GEMM's
+        epilogue where the skinny GEMM's table has it)."""
+        y = self.gate_up_proj.forward_swiglu(x)
+        if y is not None:
+            return y
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return F.silu(gate) * up
 
