@@ -211,3 +211,70 @@ def test_a_plain_one_shot_is_decided_once_and_chunked_once(comm):
     ops = comm.stats()["ops"]["all_reduce"]
     assert ops["one_shot/pull"]["calls"] == 1 and ops["one_shot/push"]["calls"] == 2
     assert "one_shot" not in ops
+
+
+class HotEngine(Engine):
+    """An engine with ``hot_all_reduce`` (as the GPU engine): one call per (algorithm, dtype,
+    numel), cached by the Communicator's hot path."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def hot_all_reduce(self, algorithm, dtype, numel):
+        self.made.append((algorithm, dtype, numel))
+        tag = len(self.made)
+
+        def go(x, out):
+            self.calls.append((x.data_ptr(), out.data_ptr(), algorithm, "hot", tag))
+        return go
+
+
+def test_engine_call_cached_per_shape_and_never_reused_wrongly(comm, monkeypatch):
+    """The hot path takes the engine's call for the shape (``hot_all_reduce``) once per (dtype,
+    numel, requested algorithm, capture state) and the engine it was made for: a call of another
+    dtype, size or capture state gets an entry of its own (made once), a swapped engine makes
+    the entry again; per call only the tensors change."""
+    eng = comm._backend = HotEngine()
+    x, out = torch.ones(64), torch.empty(64)
+    _decide(comm, x)
+    assert comm._all_reduce_hot(x, out, "one_shot") is out
+    assert comm._all_reduce_hot(x, x, "one_shot") is x
+    assert eng.made == [("one_shot/push", torch.float32, 64)]
+    assert eng.calls == [(x.data_ptr(), out.data_ptr(), "one_shot/push", "hot", 1),
+                         (x.data_ptr(), x.data_ptr(), "one_shot/push", "hot", 1)]
+    # another size, another dtype: entries of their own
+    x2 = torch.ones(128)
+    _decide(comm, x2)
+    comm._all_reduce_hot(x2, x2, "one_shot")
+    xh = torch.ones(64, dtype=torch.bfloat16)
+    _decide(comm, xh)
+    comm._all_reduce_hot(xh, xh, "one_shot")
+    assert eng.made[1:] == [("one_shot/push", torch.float32, 128),
+                            ("one_shot/push", torch.bfloat16, 64)]
+    assert [c[4] for c in eng.calls[2:]] == [2, 3]
+    # the capture state is part of the key: undecided while capturing, so the general path
+    monkeypatch.setattr(comm, "_capture", lambda: True)
+    assert comm._all_reduce_hot(x, x, "one_shot") is None
+    comm._decisions[("all_reduce", 256, torch.float32, "one_shot", True)] = \
+        comm._decisions[("all_reduce", 256, torch.float32, "one_shot", False)]
+    comm._all_reduce_hot(x, x, "one_shot")
+    assert eng.made[-1] == ("one_shot/push", torch.float32, 64) and len(eng.made) == 4
+    monkeypatch.setattr(comm, "_capture", lambda: False)
+    comm._all_reduce_hot(x, x, "one_shot")
+    assert len(eng.made) == 4 and eng.calls[-1][4] == 1    # the eager entry again
+    # a swapped engine: the entry is made again for it, the old engine is not called
+    new = comm._backend = HotEngine()
+    n_old = len(eng.calls)
+    comm._all_reduce_hot(x, x, "one_shot")
+    assert len(eng.calls) == n_old and new.made == [("one_shot/push", torch.float32, 64)]
+    assert new.calls[-1][2:4] == ("one_shot/push", "hot")
+
+
+def test_engine_without_hot_call_is_called_per_call(comm):
+    """An engine without ``hot_all_reduce`` (the CPU engine, the stand-in) gets ``all_reduce``
+    per call, as before."""
+    x = torch.ones(64)
+    _decide(comm, x)
+    comm._all_reduce_hot(x, x, "one_shot")
+    assert comm._backend.calls == [(x.data_ptr(), x.data_ptr(), "one_shot/push")]
