@@ -199,6 +199,10 @@ def engine_rows(group: str, eng, x, out, args, budget, sync) -> dict:
                             sync).get("host_us")
     res["engine_ip"] = row(group, "engine all_reduce(x, x) one_shot/push (in place)",
                            lambda: eng.all_reduce(x, x, algo), args, budget, sync).get("host_us")
+    if hasattr(eng, "hot_all_reduce"):    # the per-shape call the Communicator caches
+        go = eng.hot_all_reduce(algo, x.dtype, n)
+        res["engine_hot_ip"] = row(group, "engine hot_all_reduce's call go(x, x) (in place)",
+                                   lambda: go(x, x), args, budget, sync).get("host_us")
     return res
 
 
@@ -257,7 +261,13 @@ def world1(dev, args, budget) -> dict:
 def world2(dev, args, budget) -> dict:
     """Engine and Communicator calls over 2 emulated ranks (tests/_emulated.py's set-up), per
     rank call, each rank on its own stream; the stream switch alone too."""
-    from tests._emulated import EmulatedRanks
+    import importlib.util
+    # by path: a "tests" package installed elsewhere must not shadow this tree's
+    spec = importlib.util.spec_from_file_location("_tpcomm_emulated",
+                                                  os.path.join(ROOT, "tests", "_emulated.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    EmulatedRanks = mod.EmulatedRanks
     world = 2
     g = EmulatedRanks(world, max_bytes=8 << 20, timeout_s=5.0, device=dev)
     streams = g.streams
@@ -339,6 +349,8 @@ def summary(w1: dict, w2: dict) -> list[str]:
         add(f"{tag}: Communicator / engine, in place", div(r.get("comm_ip"), r.get("engine_ip")),
             "x")
         add(f"{tag}: allocating out costs", sub(r.get("comm_alloc"), r.get("comm_oop")), "us")
+    add("world 1: Communicator in place above the engine's per-shape call",
+        sub(w1.get("comm_ip"), w1.get("engine_hot_ip")), "us")
     add("world 1: engine above its lean launch (out of place)",
         sub(w1.get("engine_oop"), w1.get("lean")), "us")
     add("world 1: engine / lean launch", div(w1.get("engine_oop"), w1.get("lean")), "x")
