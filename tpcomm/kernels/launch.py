@@ -33,6 +33,12 @@ reason). Triton's launch hooks (``knobs.runtime.launch_enter_hook``, used by pro
 called on the lean path. With ``verify=True`` (``TPCOMM_DEBUG=1``) every lean call also runs
 Triton's own binder and raises if its specialization differs from the one of the cached kernel.
 
+Pinned calls. A caller that repeats one shape (the GPU engine's per-shape call, which the
+Communicator's hot path caches) takes ``pinned(dtype, dtype, n, ...)``: a launch with every
+non-tensor call argument fixed and the key precomputed but for the tensors' alignment, on the
+stream the caller passes (it has just read it). The key is the one ``launch`` computes for such
+a call, so both share the compiled entries; a key not seen yet goes through ``launch``.
+
 Example::
 
     k = LeanKernel(_my_kernel, grid=16, call=("inp_ptr", "out_ptr", "n"),
