@@ -297,6 +297,8 @@ def test_pinned_launch_is_the_launch_with_its_stream(no_cuda_stream):
         x[1:].data_ptr(), y[1:].data_ptr(), 64)
     go(0x5, x[1:], y[1:])                  # now cached for the pinned call too
     assert len(k.dispatched) == 2 and k.launched[-1][13] == x[1:].data_ptr()
+    go(0x7, x, x)                          # in place: the one tensor's pointer twice
+    assert k.launched[-1][13:15] == (x.data_ptr(), x.data_ptr())
     # a pinned call of another size or dtype is keyed as the launch of that call
     lk.launch(x, y, 50)
     go50 = lk.pinned(torch.float32, torch.float32, 50)

@@ -301,11 +301,16 @@ def launch({sig}):
         ns: dict = {"cache": self._entries, "slow": self.launch_with,
                     "g0": self._g[0], "g1": self._g[1], "g2": self._g[2]}
         params, pre, key, raw, full = [], [], [], {}, []
+        first = None     # the first tensor: an in-place call passes it twice, read it once
         for i, (name, kind, v) in enumerate(zip(self.call, kinds, spec)):
             if kind == "tensor":
                 a = f"t{i}"
                 params.append(a)
-                pre.append(f"    p{i} = {a}.data_ptr()")
+                if first is None:
+                    first = i
+                    pre.append(f"    p{i} = {a}.data_ptr()")
+                else:
+                    pre.append(f"    p{i} = p{first} if {a} is t{first} else {a}.data_ptr()")
                 ns[f"d{i}"] = v
                 key.append(f"d{i}" if name in dns else f"d{i}, p{i} & 15 == 0")
                 raw[name] = f"p{i}"
