@@ -278,3 +278,28 @@ def test_engine_without_hot_call_is_called_per_call(comm):
     _decide(comm, x)
     comm._all_reduce_hot(x, x, "one_shot")
     assert comm._backend.calls == [(x.data_ptr(), x.data_ptr(), "one_shot/push")]
+
+
+def test_no_allocation_per_call_with_the_engines_call(comm):
+    eng = comm._backend = HotEngine()
+    eng.calls = _Last()
+    x, out = torch.ones(64), torch.empty(64)
+    _decide(comm, x)
+    tracemalloc.start()
+    try:
+        for _ in range(200):
+            comm._all_reduce_hot(x, out, "one_shot")
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):
+            comm._all_reduce_hot(x, out, "one_shot")
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(eng.made) == 1 and eng.calls[-1][3] == "hot"
+    assert grown < 16384, f"the GPU hot path kept {grown} bytes over 2000 calls"
+
+
+class _Last(list):
+    """Keeps only the last call."""
+    def append(self, v):
+        self[:] = [v]
