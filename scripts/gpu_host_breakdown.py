@@ -23,7 +23,14 @@ Ratios in the summary (same run): Communicator over engine (us and x), engine ov
 launch, Communicator over the 16-argument kernel through ``CompiledKernel.run`` (the goal: 1.3 x)
 and over the one-argument kernel through Triton's dispatcher.
 
-    OUT=/tmp/out python scripts/gpu_host_breakdown.py [--budget-s 60] [--iters 2000] [--reps 5]
+    OUT=/tmp/out python scripts/gpu_host_breakdown.py [--budget-s 60] [--iters 400] [--reps 11]
+
+``--iters`` stays below the GPU's launch queue (about 1024 kernels): with more calls queued than
+it holds, a kernel slower on the GPU than its launch on the host throttles the host to the GPU's
+pace, and the figure is the GPU's time, not the host's (a first run with 2000 calls read 9.4 us
+for the engine's out-of-place call, 6.1 with 200: ``host_breakdown.md`` of 2026-12-03 16:03).
+A row whose queueing + sync took over 1.1 x the queueing alone is marked ``gpu behind``: its
+GPU work per call is longer than its host work (the host figure is still the host's).
 
 ``--baseline REV`` first runs the same rows over git revision REV's tree (``git archive`` into a
 temporary directory; this script file, that tree's ``tpcomm``), in a subprocess with a third of
@@ -408,14 +415,15 @@ def write(out_dir: str, meta: dict, lines: list[str]) -> None:
           f"triton {meta['triton']}; {meta['numel']} bf16 elements; {meta['iters']} calls "
           f"queued, median of {meta['reps']}", "",
           "| ratio | value | target |", "|---|---:|---|", *lines, "",
-          "| group | piece | host us/call | with sync | spread |", "|---|---|---:|---:|---:|"]
+          "| group | piece | host us/call | with sync | spread | |", "|---|---|---:|---:|---:|---|"]
     for r in ROWS:
         if "host_us" in r:
+            behind = "gpu behind" if r["with_sync_us"] > 1.1 * r["host_us"] else ""
             md.append(f"| {r['group']} | {r['what']} | {r['host_us']:.2f} | "
-                      f"{r['with_sync_us']:.2f} | {r['spread_us']:.2f} |")
+                      f"{r['with_sync_us']:.2f} | {r['spread_us']:.2f} | {behind} |")
         else:
             md.append(f"| {r['group']} | {r['what']} | {r.get('skipped') or r.get('error')} "
-                      f"| | |")
+                      f"| | | |")
     with open(os.path.join(out_dir, "host_breakdown.md"), "w") as f:
         f.write("\n".join(md) + "\n")
 
@@ -471,8 +479,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-s", type=float, default=60.0, help="hard limit of the run")
-    ap.add_argument("--iters", type=int, default=2000, help="calls queued per repetition")
-    ap.add_argument("--reps", type=int, default=5, help="repetitions (median reported)")
+    ap.add_argument("--iters", type=int, default=400, help="calls queued per repetition (keep "
+                    "below the launch queue's ~1024: see the docstring)")
+    ap.add_argument("--reps", type=int, default=11, help="repetitions (median reported)")
     ap.add_argument("--bytes", type=int, default=4096, help="all-reduce size (bf16)")
     ap.add_argument("--grid", type=int, default=8, help="blocks per kernel")
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/tpcomm-host-breakdown")
