@@ -154,6 +154,9 @@ class Communicator:
         # the all_reduce hot path (_all_reduce_hot): (dtype, numel, requested, graph) -> entry;
         # off under TPCOMM_DEBUG (every call takes the general path and its checks)
         self._fast: dict = {}
+        # the entries of _fast whose decision is the same captured or not (a forced algorithm,
+        # world 1's copy), by (dtype, numel, requested): their calls skip the capture query
+        self._fast_any: dict = {}
         self._hot = not settings.debug
         # the capture query of the hot path: a CPU Communicator never captures (bool() is
         # False, a C call); a CUDA one asks torch's C function
@@ -690,10 +693,13 @@ class Communicator:
         elif b.broken:
             return None
         dtype = x.dtype
-        key = (dtype, x.numel(), algorithm, self._capture())
-        entry = self._fast.get(key)
-        if entry is None or (entry and entry[4] is not b):   # new, or made for another engine
-            entry = self._fast_entry(key)
+        k3 = (dtype, x.numel(), algorithm)
+        entry = self._fast_any.get(k3)
+        if entry is None or entry[4] is not b:   # the capture state decides: ask for it
+            key = k3 + (self._capture(),)
+            entry = self._fast.get(key)
+            if entry is None or (entry and entry[4] is not b):   # new, or for another engine
+                entry = self._fast_entry(key)
         if not entry:
             return None
         algo, nbytes, st, go, _ = entry
@@ -760,9 +766,32 @@ class Communicator:
             go = hot(algo, dtype, numel) if hot is not None else None
         if len(self._fast) > 4096:
             self._fast.clear()
+            self._fast_any.clear()
         entry = (algo, nbytes, st, go, self._backend) if ok else False
         self._fast[key] = entry
+        if entry and self._same_captured_or_not(decision, nbytes, dtype, requested, graph):
+            self._fast_any[(dtype, numel, requested)] = entry
         return entry
+
+    def _same_captured_or_not(self, decision: tuple, nbytes: int, dtype, requested: str,
+                              graph: bool) -> bool:
+        """The all_reduce of this shape makes the same Choice whether captured or not: a forced
+        algorithm (only "auto" selects by the capture state; a fallback to torch, which would
+        name it in its reason, is never a hot entry) or world 1 (its copy). Checked by making
+        the other state's Choice (without caching or logging it: neither path logs)."""
+        if split(requested)[0] == "auto" and self.world_size != 1:
+            return False
+        try:
+            other = self._decide("all_reduce", nbytes, dtype, requested, "all_reduce", not graph)
+        except (ValueError, TpcommError):
+            return False
+        return other == decision[0]
+
+    def _forget_decisions(self) -> None:
+        """Drop every cached decision and hot-path entry (they are made again on use)."""
+        self._decisions.clear()
+        self._fast.clear()
+        self._fast_any.clear()
 
     def _failed(self, rec: list, e: BaseException) -> None:
         """A call that raised: its flight record ends with the error; where the error broke the

@@ -232,8 +232,8 @@ class HotEngine(Engine):
 
 def test_engine_call_cached_per_shape_and_never_reused_wrongly(comm, monkeypatch):
     """The hot path takes the engine's call for the shape (``hot_all_reduce``) once per (dtype,
-    numel, requested algorithm, capture state) and the engine it was made for: a call of another
-    dtype, size or capture state gets an entry of its own (made once), a swapped engine makes
+    numel, requested algorithm, capture state where it decides) and the engine it was made for:
+    a call of another dtype or size gets an entry of its own (made once), a swapped engine makes
     the entry again; per call only the tensors change."""
     eng = comm._backend = HotEngine()
     x, out = torch.ones(64), torch.empty(64)
@@ -253,16 +253,12 @@ def test_engine_call_cached_per_shape_and_never_reused_wrongly(comm, monkeypatch
     assert eng.made[1:] == [("one_shot/push", torch.float32, 128),
                             ("one_shot/push", torch.bfloat16, 64)]
     assert [c[4] for c in eng.calls[2:]] == [2, 3]
-    # the capture state is part of the key: undecided while capturing, so the general path
-    monkeypatch.setattr(comm, "_capture", lambda: True)
-    assert comm._all_reduce_hot(x, x, "one_shot") is None
-    comm._decisions[("all_reduce", 256, torch.float32, "one_shot", True)] = \
-        comm._decisions[("all_reduce", 256, torch.float32, "one_shot", False)]
-    comm._all_reduce_hot(x, x, "one_shot")
-    assert eng.made[-1] == ("one_shot/push", torch.float32, 64) and len(eng.made) == 4
+    # a forced algorithm decides the same captured or not: its entry serves both states and
+    # its calls do not ask for the capture state
+    monkeypatch.setattr(comm, "_capture", lambda: (_ for _ in ()).throw(AssertionError("asked")))
+    assert comm._all_reduce_hot(x, x, "one_shot") is x
+    assert len(eng.made) == 3 and eng.calls[-1][4] == 1
     monkeypatch.setattr(comm, "_capture", lambda: False)
-    comm._all_reduce_hot(x, x, "one_shot")
-    assert len(eng.made) == 4 and eng.calls[-1][4] == 1    # the eager entry again
     # a swapped engine: the entry is made again for it, the old engine is not called
     new = comm._backend = HotEngine()
     n_old = len(eng.calls)
@@ -303,3 +299,41 @@ class _Last(list):
     """Keeps only the last call."""
     def append(self, v):
         self[:] = [v]
+
+
+def test_capture_state_asked_only_where_it_decides(comm, monkeypatch):
+    """On "auto" the capture state picks the algorithm (eager: torch.distributed; captured:
+    the kernels): such an entry is per capture state and every call asks for the state. A forced
+    algorithm's entry serves both states (the other state's Choice is checked to be the same)."""
+    import tpcomm.communicator as communicator
+    comm.world_size = 2
+    monkeypatch.setattr(communicator, "select_algorithm",
+                        lambda op, nbytes, dtype, world, topo, graph: "one_shot" if graph
+                        else "torch")
+    x = torch.ones(64)
+    state = {"capturing": True, "asked": 0}
+
+    def capture():
+        state["asked"] += 1
+        return state["capturing"]
+    monkeypatch.setattr(comm, "_capture", capture)
+    comm._decisions[("all_reduce", 256, torch.float32, "auto", True)] = comm._decision(
+        "all_reduce", 256, torch.float32, "auto", "all_reduce", True)
+    try:
+        assert comm._all_reduce_hot(x, x, "auto") is x             # captured: the kernels
+        assert comm._all_reduce_hot(x, x, "auto") is x
+        assert state["asked"] == 2 and not comm._fast_any
+        state["capturing"] = False                                 # eager: not this entry
+        assert comm._all_reduce_hot(x, x, "auto") is None and state["asked"] == 3
+        # forced: one entry for both states, no query per call
+        _decide(comm, x)
+        asked = state["asked"]
+        assert comm._all_reduce_hot(x, x, "one_shot") is x
+        assert state["asked"] == asked + 1                         # the first call asks
+        state["capturing"] = True
+        for _ in range(3):
+            assert comm._all_reduce_hot(x, x, "one_shot") is x
+        assert state["asked"] == asked + 1
+        assert list(comm._fast_any) == [(torch.float32, 64, "one_shot")]
+    finally:
+        comm.world_size = 1
