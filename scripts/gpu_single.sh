@@ -27,8 +27,12 @@
 #   skinny    the skinny GEMM of the decode step against F.linear on the llama3_8b world-1
 #             shapes, M 1 and 8: checked, timed in CUDA graphs, winners printed as the model's
 #             table (scripts/gpu_skinny_gemm.py --budget-s 150; skinny_gemm.json)
+#   breakdown where the host us of an eager all_reduce go: each piece of the hot path timed alone
+#             (torch queries, the engine's pieces, the lean launch, engine and Communicator
+#             calls) at world 1 and 2 emulated ranks (host_breakdown.json/.md, at most 60 s:
+#             scripts/gpu_host_breakdown.py; not in the default steps)
 # Usage: OUT=/tmp/out bash scripts/gpu_single.sh [step ...]
-#        (default: every step but compile and skinny)
+#        (default: every step but compile, skinny and breakdown)
 # Logs go to $OUT/<step>.log; JSON where a step writes one. Multicast stays off.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +70,7 @@ for s in $STEPS; do
     check) step check 60 python3 -m tpcomm check ;;
     fused) step fused 250 python3 scripts/gpu_fused.py --budget-s 240 ;;
     host) step host 250 python3 scripts/gpu_host_path.py --budget-s 240 ;;
+    breakdown) step breakdown 90 python3 scripts/gpu_host_breakdown.py --budget-s 60 --out "$OUT" ;;
     compile)
       step compile_attention 60 python3 scripts/gpu_decode_attention.py --sweep --json "$OUT/decode_attention.json"
       step compile_bench 180 python3 -m tpcomm bench model --device cuda -n 1 --model llama3_8b \

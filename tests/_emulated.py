@@ -139,7 +139,7 @@ class EmulatedRanks:
         finally:
             communicator.select_algorithm = select
             for c in self.comms:
-                c._decisions.clear()
+                c._forget_decisions()
 
     def check(self, what: str = "") -> None:
         """Wait for the GPU; if a rank's kernel gave up waiting, raise TimeoutError (from the

@@ -154,6 +154,9 @@ class Communicator:
         # the all_reduce hot path (_all_reduce_hot): (dtype, numel, requested, graph) -> entry;
         # off under TPCOMM_DEBUG (every call takes the general path and its checks)
         self._fast: dict = {}
+        # the entries of _fast whose decision is the same captured or not (a forced algorithm,
+        # world 1's copy), by (dtype, numel, requested): their calls skip the capture query
+        self._fast_any: dict = {}
         self._hot = not settings.debug
         # the capture query of the hot path: a CPU Communicator never captures (bool() is
         # False, a C call); a CUDA one asks torch's C function
@@ -679,7 +682,8 @@ class Communicator:
         call must do: the checks that depend on the tensors (type, device, layout, ``out``),
         the cached decision, the flight record and the stats. Everything else is answered at
         set-up or by the cache entry (the capture query is a C call on CUDA and none on the CPU;
-        the decision, its stats row and the byte count are one dict lookup). Returns None,
+        the decision, its stats row, the byte count and the engine's call for this shape,
+        ``hot_all_reduce``, are one dict lookup). Returns None,
         having done nothing, where the general path must take the call: anything unusual (a
         subclass, a fallback, a call of several rounds, a closed or broken Communicator, a
         thread already inside) and the first call of each (dtype, numel, algorithm, capture)
@@ -695,12 +699,16 @@ class Communicator:
         elif b.broken:
             return None
         dtype = x.dtype
-        entry = self._fast.get((dtype, x.numel(), algorithm, self._capture()))
-        if entry is None:
-            entry = self._fast_entry((dtype, x.numel(), algorithm, self._capture()))
+        k3 = (dtype, x.numel(), algorithm)
+        entry = self._fast_any.get(k3)
+        if entry is None or entry[4] is not b:   # the capture state decides: ask for it
+            key = k3 + (self._capture(),)
+            entry = self._fast.get(key)
+            if entry is None or (entry and entry[4] is not b):   # new, or for another engine
+                entry = self._fast_entry(key)
         if not entry:
             return None
-        algo, nbytes, st = entry
+        algo, nbytes, st, go, _ = entry
         idx = self._dev_index
         if x.get_device() != idx or not x.is_contiguous():
             return None
@@ -715,7 +723,9 @@ class Communicator:
         try:
             rec = self._recorder.start("all_reduce", algo, nbytes, dtype)
             try:
-                if algo == "local":   # world 1: the sum is x itself
+                if go is not None:    # the engine's call for this shape (hot_all_reduce)
+                    go(x, out)
+                elif algo == "local":   # world 1: the sum is x itself
                     if out is not x:
                         out.copy_(x)
                 else:
@@ -734,9 +744,15 @@ class Communicator:
         return out
 
     def _fast_entry(self, key: tuple):
-        """(algorithm, nbytes, stats) of the hot path for ``key``, from the
-        decision the general path cached; False where the call is not one kernel round (stored
-        too); None before the general path decided such a call."""
+        """(algorithm, nbytes, stats, the engine's call or None, the engine it was made for)
+        of the hot path for ``key``,
+        from the decision the general path cached; False where the call is not one kernel round
+        (stored too); None before the general path decided such a call. The engine's call is
+        its ``hot_all_reduce(algorithm, dtype, numel)`` (the GPU engine: plan and call hash
+        answered once per shape) where it has one, else None (``all_reduce`` per call). The key
+        holds everything the entry depends on (dtype, numel, requested algorithm, capture
+        state); the engine's call re-reads what may change between calls (stream, device,
+        error word, a dropped plan)."""
         dtype, numel, requested, graph = key
         nbytes = numel * dtype.itemsize
         decision = self._decisions.get(("all_reduce", nbytes, dtype, requested, graph))
@@ -750,11 +766,38 @@ class Communicator:
         st = self._stats.get(("all_reduce", algo))
         if ok and st is None:
             return None     # the general path has not completed such a call yet
+        go = None
+        if ok and algo != "local":
+            hot = getattr(self._backend, "hot_all_reduce", None)
+            go = hot(algo, dtype, numel) if hot is not None else None
         if len(self._fast) > 4096:
             self._fast.clear()
-        entry = (algo, nbytes, st) if ok else False
+            self._fast_any.clear()
+        entry = (algo, nbytes, st, go, self._backend) if ok else False
         self._fast[key] = entry
+        if entry and self._same_captured_or_not(decision, nbytes, dtype, requested, graph):
+            self._fast_any[(dtype, numel, requested)] = entry
         return entry
+
+    def _same_captured_or_not(self, decision: tuple, nbytes: int, dtype, requested: str,
+                              graph: bool) -> bool:
+        """The all_reduce of this shape makes the same Choice whether captured or not: a forced
+        algorithm (only "auto" selects by the capture state; a fallback to torch, which would
+        name it in its reason, is never a hot entry) or world 1 (its copy). Checked by making
+        the other state's Choice (without caching or logging it: neither path logs)."""
+        if split(requested)[0] == "auto" and self.world_size != 1:
+            return False
+        try:
+            other = self._decide("all_reduce", nbytes, dtype, requested, "all_reduce", not graph)
+        except (ValueError, TpcommError):
+            return False
+        return other == decision[0]
+
+    def _forget_decisions(self) -> None:
+        """Drop every cached decision and hot-path entry (they are made again on use)."""
+        self._decisions.clear()
+        self._fast.clear()
+        self._fast_any.clear()
 
     def _failed(self, rec: list, e: BaseException) -> None:
         """A call that raised: its flight record ends with the error; where the error broke the

@@ -289,3 +289,31 @@ def test_build_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
         monkeypatch.undo()
         reload_settings()
         native.reset()
+
+
+def _hot_calls(rank, world):
+    """Repeated calls of one shape: the hot path caches the native engine's per-shape call
+    (``hot_all_reduce``), whose results and books are those of the general path's call."""
+    init_gloo()
+    _use_path("native")
+    comm = tpcomm.Communicator(max_bytes=MAX_BYTES)
+    out = []
+    for algo in ("one_shot", "two_shot"):
+        x = _inputs(rank, torch.float32, 1000, "randn")
+        want = torch.full_like(x, float("nan"))
+        comm.all_reduce(x, out=want, algorithm=algo)       # the general path decides
+        y = torch.full_like(x, float("nan"))
+        comm.all_reduce(x, out=y, algorithm=algo)          # the hot path, the engine's call
+        entry = comm._fast[(torch.float32, 1000, algo, False)]
+        z = x.clone()
+        comm.all_reduce_(z, algorithm=algo)                # in place: the same cached call
+        out.append((entry[3] is not None, torch.equal(y, want), torch.equal(z, want),
+                    comm.stats()["ops"]["all_reduce"][algo]["calls"]))
+    comm.close()
+    return out
+
+
+def test_hot_path_takes_the_native_engines_call_per_shape():
+    _core_or_skip()
+    for per_rank in run(_hot_calls, 2):
+        assert per_rank == [(True, True, True, 3), (True, True, True, 3)]

@@ -211,3 +211,129 @@ def test_a_plain_one_shot_is_decided_once_and_chunked_once(comm):
     ops = comm.stats()["ops"]["all_reduce"]
     assert ops["one_shot/pull"]["calls"] == 1 and ops["one_shot/push"]["calls"] == 2
     assert "one_shot" not in ops
+
+
+class HotEngine(Engine):
+    """An engine with ``hot_all_reduce`` (as the GPU engine): one call per (algorithm, dtype,
+    numel), cached by the Communicator's hot path."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def hot_all_reduce(self, algorithm, dtype, numel):
+        self.made.append((algorithm, dtype, numel))
+        tag = len(self.made)
+
+        def go(x, out):
+            self.calls.append((x.data_ptr(), out.data_ptr(), algorithm, "hot", tag))
+        return go
+
+
+def test_engine_call_cached_per_shape_and_never_reused_wrongly(comm, monkeypatch):
+    """The hot path takes the engine's call for the shape (``hot_all_reduce``) once per (dtype,
+    numel, requested algorithm, capture state where it decides) and the engine it was made for:
+    a call of another dtype or size gets an entry of its own (made once), a swapped engine makes
+    the entry again; per call only the tensors change."""
+    eng = comm._backend = HotEngine()
+    x, out = torch.ones(64), torch.empty(64)
+    _decide(comm, x)
+    assert comm._all_reduce_hot(x, out, "one_shot") is out
+    assert comm._all_reduce_hot(x, x, "one_shot") is x
+    assert eng.made == [("one_shot/push", torch.float32, 64)]
+    assert eng.calls == [(x.data_ptr(), out.data_ptr(), "one_shot/push", "hot", 1),
+                         (x.data_ptr(), x.data_ptr(), "one_shot/push", "hot", 1)]
+    # another size, another dtype: entries of their own
+    x2 = torch.ones(128)
+    _decide(comm, x2)
+    comm._all_reduce_hot(x2, x2, "one_shot")
+    xh = torch.ones(64, dtype=torch.bfloat16)
+    _decide(comm, xh)
+    comm._all_reduce_hot(xh, xh, "one_shot")
+    assert eng.made[1:] == [("one_shot/push", torch.float32, 128),
+                            ("one_shot/push", torch.bfloat16, 64)]
+    assert [c[4] for c in eng.calls[2:]] == [2, 3]
+    # a forced algorithm decides the same captured or not: its entry serves both states and
+    # its calls do not ask for the capture state
+    monkeypatch.setattr(comm, "_capture", lambda: (_ for _ in ()).throw(AssertionError("asked")))
+    assert comm._all_reduce_hot(x, x, "one_shot") is x
+    assert len(eng.made) == 3 and eng.calls[-1][4] == 1
+    monkeypatch.setattr(comm, "_capture", lambda: False)
+    # a swapped engine: the entry is made again for it, the old engine is not called
+    new = comm._backend = HotEngine()
+    n_old = len(eng.calls)
+    comm._all_reduce_hot(x, x, "one_shot")
+    assert len(eng.calls) == n_old and new.made == [("one_shot/push", torch.float32, 64)]
+    assert new.calls[-1][2:4] == ("one_shot/push", "hot")
+
+
+def test_engine_without_hot_call_is_called_per_call(comm):
+    """An engine without ``hot_all_reduce`` (the CPU engine, the stand-in) gets ``all_reduce``
+    per call, as before."""
+    x = torch.ones(64)
+    _decide(comm, x)
+    comm._all_reduce_hot(x, x, "one_shot")
+    assert comm._backend.calls == [(x.data_ptr(), x.data_ptr(), "one_shot/push")]
+
+
+def test_no_allocation_per_call_with_the_engines_call(comm):
+    eng = comm._backend = HotEngine()
+    eng.calls = _Last()
+    x, out = torch.ones(64), torch.empty(64)
+    _decide(comm, x)
+    tracemalloc.start()
+    try:
+        for _ in range(200):
+            comm._all_reduce_hot(x, out, "one_shot")
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):
+            comm._all_reduce_hot(x, out, "one_shot")
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(eng.made) == 1 and eng.calls[-1][3] == "hot"
+    assert grown < 16384, f"the GPU hot path kept {grown} bytes over 2000 calls"
+
+
+class _Last(list):
+    """Keeps only the last call."""
+    def append(self, v):
+        self[:] = [v]
+
+
+def test_capture_state_asked_only_where_it_decides(comm, monkeypatch):
+    """On "auto" the capture state picks the algorithm (eager: torch.distributed; captured:
+    the kernels): such an entry is per capture state and every call asks for the state. A forced
+    algorithm's entry serves both states (the other state's Choice is checked to be the same)."""
+    import tpcomm.communicator as communicator
+    comm.world_size = 2
+    monkeypatch.setattr(communicator, "select_algorithm",
+                        lambda op, nbytes, dtype, world, topo, graph: "one_shot" if graph
+                        else "torch")
+    x = torch.ones(64)
+    state = {"capturing": True, "asked": 0}
+
+    def capture():
+        state["asked"] += 1
+        return state["capturing"]
+    monkeypatch.setattr(comm, "_capture", capture)
+    comm._decisions[("all_reduce", 256, torch.float32, "auto", True)] = comm._decision(
+        "all_reduce", 256, torch.float32, "auto", "all_reduce", True)
+    try:
+        assert comm._all_reduce_hot(x, x, "auto") is x             # captured: the kernels
+        assert comm._all_reduce_hot(x, x, "auto") is x
+        assert state["asked"] == 2 and not comm._fast_any
+        state["capturing"] = False                                 # eager: not this entry
+        assert comm._all_reduce_hot(x, x, "auto") is None and state["asked"] == 3
+        # forced: one entry for both states, no query per call
+        _decide(comm, x)
+        asked = state["asked"]
+        assert comm._all_reduce_hot(x, x, "one_shot") is x
+        assert state["asked"] == asked + 1                         # the first call asks
+        state["capturing"] = True
+        for _ in range(3):
+            assert comm._all_reduce_hot(x, x, "one_shot") is x
+        assert state["asked"] == asked + 1
+        assert list(comm._fast_any) == [(torch.float32, 64, "one_shot")]
+    finally:
+        comm.world_size = 1

@@ -273,3 +273,64 @@ def test_a_bound_bundle_is_passed_raw(no_cuda_stream):
     lf.launch(x, y, 64)
     assert lk.source.replace("f_sync", "f_a").replace("_fake_kernel", "") == \
         lf.source.replace("_fake_kernel", "")
+
+
+def test_pinned_launch_is_the_launch_with_its_stream(no_cuda_stream):
+    """``pinned(dtype, dtype, n)``: the same launcher call as ``launch(x, y, n)`` but on the
+    stream it is given; the key is the launch's, so a pointer of another alignment, which the
+    launch would compile for, goes through the dispatcher; nothing allocated per call."""
+    k = _kernel()
+    k.launched = _Ring()        # the last launch only
+    lk, counters = _lean(k)
+    x, y = torch.ones(64), torch.zeros(64)
+    assert lk.pinned(torch.float32, torch.float32, 64) is None     # kinds not learnt yet
+    lk.launch(x, y, 64)
+    lk.launch(x, y, 64)
+    want = k.launched[-1]
+    go = lk.pinned(torch.float32, torch.float32, 64)
+    go(0x7, x, y)
+    assert len(k.dispatched) == 1
+    assert k.launched[-1] == want[:3] + (0x7,) + want[4:]
+    go(0x5, x[1:], y[1:])                  # unaligned: a new key, through the dispatcher
+    a = k.dispatched[-1][1]
+    assert len(k.dispatched) == 2 and (a[0].data_ptr(), a[1].data_ptr(), a[2]) == (
+        x[1:].data_ptr(), y[1:].data_ptr(), 64)
+    go(0x5, x[1:], y[1:])                  # now cached for the pinned call too
+    assert len(k.dispatched) == 2 and k.launched[-1][13] == x[1:].data_ptr()
+    go(0x7, x, x)                          # in place: the one tensor's pointer twice
+    assert k.launched[-1][13:15] == (x.data_ptr(), x.data_ptr())
+    # a pinned call of another size or dtype is keyed as the launch of that call
+    lk.launch(x, y, 50)
+    go50 = lk.pinned(torch.float32, torch.float32, 50)
+    go50(0x5, x, y)
+    assert len(k.dispatched) == 3 and k.launched[-1][15] == 50
+    gh = lk.pinned(torch.float16, torch.float16, 64)
+    gh(0x5, x.half(), y.half())
+    assert len(k.dispatched) == 4
+    tracemalloc.start()
+    try:
+        go(0x7, x, y)
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):
+            go(0x7, x, y)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 16384, f"the pinned call path kept {grown} bytes over 2000 calls"
+
+
+def test_pinned_refused_where_the_lean_path_is_not_in_use(no_cuda_stream, monkeypatch):
+    x, y = torch.ones(64), torch.zeros(64)
+    k = _kernel()
+    lk, _ = _lean(k, verify=True)              # TPCOMM_DEBUG's check runs on every launch
+    lk.launch(x, y, 64)
+    assert lk.pinned(torch.float32, torch.float32, 64) is None
+    lk, _ = _lean(_kernel())
+    lk.launch(x, y, 64)
+    assert lk.pinned(torch.float32, 64, 64) is None           # a tensor given as an int
+    assert lk.pinned(torch.float32, torch.float32, 6.5) is None   # a float for an int
+    assert lk.pinned(torch.float32, torch.float32) is None        # too few
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
+    lk, _ = _lean(_kernel())
+    lk.launch(x, y, 64)
+    assert lk.pinned(torch.float32, torch.float32, 64) is None

@@ -356,6 +356,36 @@ class ShmCollectives:
                               (seq, src, dst, SLICE_NS, 1, ALGORITHMS[algorithm],
                                DTYPES[inp.dtype], n, n if total < 0 else total, offset))
 
+    def hot_all_reduce(self, algorithm: str, dtype: torch.dtype, numel: int):
+        """``go(inp, out)``: :meth:`_native_all_reduce` of a one-round call of ``numel`` (> 0)
+        elements of ``dtype`` (the caller guarantees both, as the Communicator's cache key
+        does) with the core's arguments but the sequence number and the pointers bound now;
+        None on the Python path, for an unknown algorithm or dtype, or a call of more than one
+        round. Per call it still checks ``broken`` (raises as the engine does), that the core is
+        still open (else the call goes to ``all_reduce``, as before the cache) and resumes or
+        raises through :meth:`_native_slow` like every native call."""
+        if (self._core is None or numel <= 0 or algorithm not in ALGORITHMS
+                or dtype not in DTYPES or numel > self.round_limit("all_reduce", algorithm, dtype)):
+            return None
+        algo, dt, run, eng = ALGORITHMS[algorithm], DTYPES[dtype], self._core_run, self
+        slow = self._native_slow
+
+        def go(inp, out):
+            if eng.broken:
+                raise CommunicatorBrokenError(
+                    f"tpcomm Communicator is broken by an earlier error: {eng.broken}")
+            ctx = eng._ctx
+            if not ctx:          # closed: what all_reduce does then
+                return eng.all_reduce(inp, out, algorithm)
+            eng.seq = seq = eng.seq + 1
+            src = inp.data_ptr()
+            dst = src if out is inp else out.data_ptr()
+            rc = run(ctx, 0, seq, src, dst, SLICE_NS, 1, algo, dt, numel, numel, 0)
+            if rc:
+                slow(rc, "all_reduce", algorithm, inp,
+                     (seq, src, dst, SLICE_NS, 1, algo, dt, numel, numel, 0))
+        return go
+
     def _native_slow(self, rc: int, op: str, algorithm: str, inp: torch.Tensor, args) -> None:
         """A round the core could not finish at once: a wait that ran out of its slice (check
         the peers' liveness and the timeout, then resume), a peer that stopped, a mismatch."""

@@ -113,6 +113,7 @@ ALGORITHMS = ("one_shot", "one_shot/push", "one_shot/pull", "two_shot", "ring")
 # the names of one_shot's mechanisms before tpcomm.algorithms qualified them (scripts, results)
 _ALIASES = {"one_shot_push": "one_shot/push", "one_shot_pull": "one_shot/pull"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_HASH_NUMEL = (1 << 40) - 1   # k_barrier.call_hash's numel field
 
 
 def _round_down(x: int, m: int) -> int:
@@ -251,7 +252,8 @@ class P2PCollectives:
         self.num_warps = num_warps
         # 16-byte vectors per thread in one tile, per kernel (tile = num_warps * 32 * vecs
         # vectors); more vectors per tile keep more bytes in flight per block
-        # (algorithm, dtype) -> (limit in elements, run(inp, out, n, call_hash))
+        # (algorithm, dtype) -> (limit in elements, run(inp, out, n, call_hash), hash of numel 0,
+        # the round's one LeanKernel or None, whether it takes the two-shot / ring split)
         self._plans: dict = {}
         self.vecs = _Tuning(self._plans, {"one_shot/push": 1, "two_shot": 1, "ring": 1,
                                           "direct": 1})
@@ -295,6 +297,9 @@ class P2PCollectives:
         self._sites: dict = {}
         self._last_raw = None       # raw handle of the last call's stream
         self._raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        # the current device: torch.cuda.current_device()'s C function (the Python wrapper
+        # adds a lazy-init check, which a set-up engine has passed)
+        self._get_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
 
     # ---------------------------------------------------------------- errors
     def _setup_error_word(self) -> None:
@@ -481,7 +486,7 @@ class P2PCollectives:
 
     def _dev(self):
         """A guard making this backend's GPU current (a no-op when it already is)."""
-        if self._is_cuda and torch.cuda.current_device() != self._dev_index:
+        if self._is_cuda and self._get_device() != self._dev_index:
             return torch.cuda.device(self.device)
         return _NULL
 
@@ -522,22 +527,20 @@ class P2PCollectives:
     # ---------------------------------------------------------------- collectives
     def all_reduce(self, inp: torch.Tensor, out: torch.Tensor, algorithm: str, *,
                    total: int = -1, offset: int = 0) -> None:
-        """out = sum over ranks of inp (1-D views, same numel; out may alias inp): one round as
+        """out = sum over ranks of inp (contiguous, same numel, any shape: the kernels take
+        pointers and a numel, so no flattening view; out may alias inp): one round as
         ``algorithm`` (a Choice's name). ``total``: numel of the whole Communicator call (-1:
         this is the call), in the call hash. More than one round, or a plain ``one_shot``, from
-        a caller outside a Communicator: ``tpcomm.engine.run_call``."""
+        a caller outside a Communicator: ``tpcomm.engine.run_call``. A caller that repeats one
+        shape may take :meth:`hot_all_reduce`'s call instead (the same launch, less host work)."""
         self._begin() if offset == 0 else self._begin_round()
-        if inp.dim() != 1:
-            inp = inp.view(-1)
-        if out.dim() != 1:
-            out = out.view(-1)
         n = inp.numel()
         if n == 0:
             return
         plan = self._plans.get((algorithm, inp.dtype))
         if plan is None:
             plan = self._plan_all_reduce(algorithm, inp.dtype)
-        limit, run = plan
+        limit, run, hbase = plan[:3]
         if n > limit:      # not one round: a caller outside a Communicator
             if total >= 0:
                 raise ValueError(f"all_reduce as {algorithm!r}: a round of {n} elements, this "
@@ -545,15 +548,75 @@ class P2PCollectives:
             run_call(self, "all_reduce", inp, out, algorithm, self.world)
             return
         # the call check's hash (op, dtype, numel of the whole Communicator call): per call,
-        # a launch argument of every kernel, never bound
-        h = k_barrier.call_hash("all_reduce", _DTYPE_NAMES[inp.dtype],
-                                n if total < 0 else total)
-        with self._dev():
+        # a launch argument of every kernel, never bound (k_barrier.call_hash, inline)
+        t = n if total < 0 else total
+        h = hbase | ((t ^ (t >> 40)) & _HASH_NUMEL)
+        if self._is_cuda and self._get_device() != self._dev_index:
+            with torch.cuda.device(self.device):
+                run(inp, out, n, h)
+        else:
             run(inp, out, n, h)
 
+    def hot_all_reduce(self, algorithm: str, dtype: torch.dtype, numel: int):
+        """``go(inp, out)``: what ``all_reduce(inp, out, algorithm)`` does for a one-round call
+        of ``numel`` (> 0) elements of ``dtype`` (the caller guarantees both, as the
+        Communicator's cache key does: they are not read per call), with what depends only on
+        those answered now (the plan, the call hash, the kernel's key but the pointers'
+        alignment: ``LeanKernel.pinned``); None where such a call is not one round. Per call it
+        still reads the broken / closed state and the error word (any of them set: ``_begin``
+        raises, or recovers from a mismatch and raises, as ``all_reduce`` does), compares the
+        current stream with the last call's (ordering after another stream), checks that the
+        plan is still the one it was made from (a tuning change or ``close()`` drops it: the
+        call then goes through ``all_reduce``) and the current device, and launches on the
+        current stream (capture-safe). For a caller that caches it per (dtype, numel,
+        algorithm): the Communicator's hot path."""
+        if numel <= 0:
+            return None
+        key = (algorithm, dtype)
+        plan = self._plans.get(key) or self._plan_all_reduce(algorithm, dtype)
+        limit, run, hbase, site, split = plan
+        if numel > limit:
+            return None
+        h = hbase | ((numel ^ (numel >> 40)) & _HASH_NUMEL)
+        plans, all_reduce = self._plans, self.all_reduce
+        if not self._is_cuda:   # the CPU interpreter's engine (tests): no device, no stream
+            begin = self._begin
+
+            def go(inp, out):
+                begin()
+                if plans.get(key) is not plan:
+                    return all_reduce(inp, out, algorithm)
+                run(inp, out, numel, h)
+            return go
+        pinned = None
+        if site is not None:
+            pinned = (site.pinned(dtype, dtype, numel, _split(numel, self.world), h) if split
+                      else site.pinned(dtype, dtype, numel, h))
+        if pinned is None:      # the general launch, the stream read again there
+            pinned = lambda stream, i, o: run(i, o, numel, h)  # noqa: E731
+        get_device, idx, device = self._get_device, self._dev_index, self.device
+        stream_of, eng = self._raw_stream, self
+
+        def go_cuda(inp, out):
+            w = eng._err_word
+            if eng.broken or eng._closed or (w is not None and w.value):
+                eng._begin()      # raises (after a mismatch's recovery), as all_reduce's does
+            raw = stream_of(idx)
+            if raw != eng._last_raw:
+                eng._order_streams()
+            if plans.get(key) is not plan:
+                return all_reduce(inp, out, algorithm)
+            if get_device() != idx:
+                with torch.cuda.device(device):
+                    pinned(raw, inp, out)
+            else:
+                pinned(raw, inp, out)
+        return go_cuda
+
     def _plan_all_reduce(self, algorithm: str, dtype: torch.dtype) -> tuple:
-        """(elements of one round, run(inp, out, n, call_hash)) of ``algorithm`` for ``dtype``
-        (once). A plain ``one_shot`` has rounds of 0: its calls go to ``run_call``, which
+        """(elements of one round, run(inp, out, n, call_hash), the call hash of numel 0, the
+        round's one bound kernel or None (pull: three, by where the input lives), whether that
+        kernel takes the split) of ``algorithm`` for ``dtype`` (once). A plain ``one_shot`` has rounds of 0: its calls go to ``run_call``, which
         picks the mechanism as a Communicator does."""
         name = _ALIASES.get(algorithm, algorithm)
         if name not in ALGORITHMS:
@@ -566,6 +629,7 @@ class P2PCollectives:
         kw = self._kw(dtype, "one_shot/push" if name == "one_shot" else name)
         common = dict(grid=kw["grid"], num_warps=kw["num_warps"], itype=kw["itype"],
                       canon=kw["canon"], block=kw["block"], item=item)
+        push, split = None, False   # the one bound kernel of a round (pull has three modes)
         if name == "one_shot":
             run = None
         elif name == "one_shot/push":
@@ -574,6 +638,7 @@ class P2PCollectives:
                               slot_stride=L.push_buf // W // item, **common)
             # through a lambda: site.launch is replaced after its first call (launch.py)
             run = lambda i, o, n, h: site.launch(i, o, n, h)  # noqa: E731
+            push = site
         elif name == "one_shot/pull":   # its modes depend on where the input lives
             run = lambda i, o, n, h: self._one_shot_pull(i, o, h)  # noqa: E731
         elif name == "two_shot":
@@ -581,11 +646,15 @@ class P2PCollectives:
                               k_two_shot.bind_all_reduce_two_shot, FAM_PUSH,
                               rs_slot_stride=L.rs_slot // item, ag_off=W * L.rs_slot, **common)
             run = lambda i, o, n, h: site.launch(i, o, n, _split(n, W), h)  # noqa: E731
+            push, split = site, True
         else:
             site = self._site(("ring", dtype, kw["block"]), k_ring.bind_all_reduce_ring, FAM_PUSH,
                               ag_off=4 * L.ring_max(item), **common)
             run = lambda i, o, n, h: site.launch(i, o, n, _split(n, W), h)  # noqa: E731
-        plan = (0 if run is None else self.round_limit("all_reduce", name, dtype), run)
+            push, split = site, True
+        hbase = k_barrier.call_hash("all_reduce", _DTYPE_NAMES[dtype], 0)
+        plan = (0 if run is None else self.round_limit("all_reduce", name, dtype), run, hbase,
+                push if run is not None and name != "one_shot/pull" else None, split)
         self._plans[(algorithm, dtype)] = plan
         return plan
 

@@ -33,6 +33,12 @@ reason). Triton's launch hooks (``knobs.runtime.launch_enter_hook``, used by pro
 called on the lean path. With ``verify=True`` (``TPCOMM_DEBUG=1``) every lean call also runs
 Triton's own binder and raises if its specialization differs from the one of the cached kernel.
 
+Pinned calls. A caller that repeats one shape (the GPU engine's per-shape call, which the
+Communicator's hot path caches) takes ``pinned(dtype, dtype, n, ...)``: a launch with every
+non-tensor call argument fixed and the key precomputed but for the tensors' alignment, on the
+stream the caller passes (it has just read it). The key is the one ``launch`` computes for such
+a call, so both share the compiled entries; a key not seen yet goes through ``launch``.
+
 Example::
 
     k = LeanKernel(_my_kernel, grid=16, call=("inp_ptr", "out_ptr", "n"),
@@ -191,6 +197,7 @@ class LeanKernel:
         dns = {p.name for p in self.kernel.params if p.do_not_specialize}
         try:
             self.key_of, self.launch = self._generate(kinds, dns)
+            self._kinds, self._dns = kinds, dns
         except Exception as e:  # noqa: BLE001 - never crash for want of a fast path
             self.reason = f"{self.kernel.__name__}: {type(e).__name__}: {e}"
             _log_once(self.reason)
@@ -260,6 +267,95 @@ def launch({sig}):
         self.source = src   # for reading (tests, debugging)
         exec(compile(src, f"<lean launch of {self.kernel.__name__}>", "exec"), ns)
         return ns["key_of"], ns["launch"]
+
+    # ------------------------------------------------------------ pinned calls
+    def pinned(self, *spec) -> Callable | None:
+        """``launch(stream, *tensors)`` for calls whose every non-tensor call argument is fixed:
+        ``spec`` has one entry per ``call`` parameter, a ``torch.dtype`` for a tensor passed per
+        call (the caller guarantees that dtype: it is not read per call), else the argument's
+        value. Per call it reads the tensors' pointers, looks the key up with everything else of
+        it precomputed, and launches on ``stream`` (the raw handle of the current stream of this
+        kernel's device, which the caller has just read: passing it saves the query). A key not
+        seen yet goes through :attr:`launch` (the dispatcher compiles and launches on the current
+        stream). None where the lean path is not in use for this kernel (interpreter, dispatcher
+        fallback, ``verify``) or its first call has not run yet (the kinds of its arguments are
+        learnt then), or where ``spec``'s kinds differ from that first call's."""
+        kinds = getattr(self, "_kinds", None)
+        if (kinds is None or self.reason or self.verify or len(spec) != len(self.call)
+                or self.launch in (self.dispatch, self._bootstrap)):
+            return None
+        for v, kind in zip(spec, kinds):
+            if (kind == "tensor") != isinstance(v, torch.dtype):
+                return None
+            if kind not in ("tensor", "float") and _kind(v) != kind:
+                return None
+        try:
+            return self._generate_pinned(spec, kinds, self._dns)
+        except Exception as e:  # noqa: BLE001 - the caller keeps its general launch
+            _log_once(f"{self.kernel.__name__}: no pinned launch ({type(e).__name__}: {e})")
+            return None
+
+    def _generate_pinned(self, spec: tuple, kinds: list[str], dns: set[str]):
+        """Source of ``pinned(stream, t0, ...)``: the key of :meth:`_generate`'s ``launch`` with
+        every part but the tensors' alignment bound as a constant."""
+        ns: dict = {"cache": self._entries, "slow": self.launch_with,
+                    "g0": self._g[0], "g1": self._g[1], "g2": self._g[2]}
+        params, pre, key, raw, full = [], [], [], {}, []
+        first = None     # the first tensor: an in-place call passes it twice, read it once
+        for i, (name, kind, v) in enumerate(zip(self.call, kinds, spec)):
+            if kind == "tensor":
+                a = f"t{i}"
+                params.append(a)
+                if first is None:
+                    first = i
+                    pre.append(f"    p{i} = {a}.data_ptr()")
+                else:
+                    pre.append(f"    p{i} = p{first} if {a} is t{first} else {a}.data_ptr()")
+                ns[f"d{i}"] = v
+                key.append(f"d{i}" if name in dns else f"d{i}, p{i} & 15 == 0")
+                raw[name] = f"p{i}"
+                full.append(a)
+                continue
+            ns[f"v{i}"] = v
+            raw[name] = f"v{i}"
+            full.append(f"v{i}")
+            if kind == "int":
+                ns[f"k{i}"] = int_key(v, name not in dns)
+            elif kind == "ints":
+                ns[f"k{i}"] = tuple(int_key(x, name not in dns) for x in v)
+            elif kind == "bool":
+                ns[f"k{i}"] = type(v)
+            else:
+                continue     # a float adds nothing to the key
+            key.append(f"k{i}")
+        order = []
+        for n in self._names:
+            if n in raw:
+                order.append(raw[n])
+            elif n in self.fixed:
+                ns[f"f_{n}"] = _raw(self.fixed[n])
+                order.append(f"f_{n}")
+            else:
+                ns[f"c_{n}"] = self.constexprs[n]
+                order.append(f"c_{n}")
+        key_expr = "(" + ", ".join(key) + (",)" if len(key) == 1 else ")")
+        sig = ", ".join(["stream"] + params)
+        src = f"""
+def pinned({sig}):
+{chr(10).join(pre) or '    pass'}
+    e = cache.get({key_expr})
+    if e is None:
+        return slow(({", ".join(full)}{',' if len(full) == 1 else ''}))
+    e[0](g0, g1, g2, stream, e[1], e[2], e[3], None, None, e[4], None, None, None,
+         {", ".join(order)})
+"""
+        self.pinned_source = src
+        exec(compile(src, f"<pinned launch of {self.kernel.__name__}>", "exec"), ns)
+        return ns["pinned"]
+
+    def launch_with(self, call_args: tuple):
+        """:attr:`launch` of ``call_args`` (a tuple): a pinned call's way to a key not seen yet."""
+        return self.launch(*call_args)
 
     def _first(self, key, call_args):
         """First call of a key: the dispatcher compiles (if needed) and launches; keep its
