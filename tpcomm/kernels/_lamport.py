@@ -116,24 +116,13 @@ def poll_sum_call(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead, hdr_
         h = tl.load(hptrs, mask=hmask, other=word, volatile=True)
         acc, missing = _load_slots(base, slot_stride, offs, mask, DTYPE, R)
         ahead = ((h & 0xFFFF) - ep) & 0xFFFF      # 0: this call; < 0x8000: a newer one
-        # the [WP] header vector is replicated in every warp, and its reduction is a warp
-        # shuffle: these two words are per warp (each warp loaded the headers itself). Folded
-        # into the block-wide reduction of the data below, so every warp takes the same
-        # branch: warps that left this loop at different rounds would meet the next
-        # block-wide reduction's bar.sync out of step (wrong sums, stalls; seen at world 4)
+        # per warp (a warp shuffle); _block_verdicts makes them the block's
         hbits = tl.reduce(((ahead >= 0x8000) & hmask).to(tl.int32) << idx, 0, _bit_or)
-        # bits 0-15: a peer's hash differs (dbits); 16-31: a peer's header is of a newer call
-        # (the peer had stopped at an error and went on: barrier.py, "Slot reuse", nbits);
-        # both stop the wait. One reduction for the two, as before the second existed
-        dn = tl.reduce(((hmask & (ahead == 0) & ((h >> 16) != (word >> 16))).to(tl.int32)
-                        << idx) | ((hmask & (ahead != 0) & (ahead < 0x8000)).to(tl.int32)
-                                   << (idx + 16)), 0, _bit_or)
-        fields = tl.reduce(missing.to(tl.int64) | (hbits.to(tl.int64) << 16)
-                           | (dn.to(tl.int64) << 32), 0, _bit_or)
-        hbits = ((fields >> 16) & 0xFFFF).to(tl.int32)
-        dbits = ((fields >> 32) & 0xFFFF).to(tl.int32)
-        nbits = ((fields >> 48) & 0xFFFF).to(tl.int32)
-        bits = (fields & 0xFFFF).to(tl.int32) | hbits
+        # dbits: a peer's hash differs; nbits: a peer's header is of a newer call (the peer had
+        # stopped at an error and went on: barrier.py, "Slot reuse"); both stop the wait
+        dmask = hmask & (ahead == 0) & ((h >> 16) != (word >> 16))
+        nmask = hmask & (ahead != 0) & (ahead < 0x8000)
+        bits, hbits, dbits, nbits = _block_verdicts(missing, hbits, dmask, nmask, idx, WP)
         if (hbits == 0) & ((dbits | nbits) != 0):
             bad = lowest_bit(dbits | nbits, WP)
             theirs = tl.sum(tl.where(idx == bad, h, 0), 0)
@@ -143,6 +132,44 @@ def poll_sum_call(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead, hdr_
         else:
             pending, dead, late = keep_waiting(bits, t0, timeout_ns, dead, late, WP)
     return acc, dead, late, bad, theirs
+
+
+@triton.jit
+def _block_verdicts(missing, hbits, dmask, nmask, idx, WP: tl.constexpr):
+    """The block-wide OR of :func:`poll_sum_call`'s round: the data's ``missing`` bits and the
+    per-warp header verdicts (``hbits``: a header not there yet; ``dmask`` / ``nmask``: a
+    peer's hash differs / its header is of a newer call) packed as fields of one word, so one
+    block-wide reduction serves all four. Returns (bits, hbits, dbits, nbits), the same in
+    every warp; ``bits`` = missing | hbits (what the wait still waits for).
+
+    The [WP] header vector is replicated in every warp, and its reduction is a warp shuffle:
+    the header verdicts alone are per warp (each warp loaded the headers itself). Folded into
+    the block-wide reduction, every warp takes the same branch: warps that left the loop at
+    different rounds would meet the next block-wide reduction's bar.sync out of step (wrong
+    sums, stalls; seen at world 4). Up to WP 8 the fields are 8 bits of an int32, whose warp
+    level is one redux.sync.or.b32 (sm_80+); WP 16 needs 16-bit fields of an int64, whose
+    warp level is 5 rounds of two shuffles and whose block level doubles its shuffles, in
+    every round of the poll. The int64 form at every WP (b5ba387) was the only change of the
+    one-shot push kernel's hot path (sm_90 PTX) when its graph-replayed latency rose 0.4-0.5
+    us per call (2 emulated ranks on one H200, bf16, 2-512 KiB), so it serves WP 16 only."""
+    if WP <= 8:
+        dn = tl.reduce((dmask.to(tl.int32) << idx) | (nmask.to(tl.int32) << (idx + 8)), 0,
+                       _bit_or)
+        fields = tl.reduce(missing | (hbits << 8) | (dn << 16), 0, _bit_or)
+        hbits = (fields >> 8) & 0xFF
+        dbits = (fields >> 16) & 0xFF
+        nbits = (fields >> 24) & 0xFF
+        bits = (fields & 0xFF) | hbits
+    else:
+        dn = tl.reduce((dmask.to(tl.int32) << idx) | (nmask.to(tl.int32) << (idx + 16)), 0,
+                       _bit_or)
+        fields = tl.reduce(missing.to(tl.int64) | (hbits.to(tl.int64) << 16)
+                           | (dn.to(tl.int64) << 32), 0, _bit_or)
+        hbits = ((fields >> 16) & 0xFFFF).to(tl.int32)
+        dbits = ((fields >> 32) & 0xFFFF).to(tl.int32)
+        nbits = ((fields >> 48) & 0xFFFF).to(tl.int32)
+        bits = (fields & 0xFFFF).to(tl.int32) | hbits
+    return bits, hbits, dbits, nbits
 
 
 @triton.jit
