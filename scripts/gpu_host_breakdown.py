@@ -47,7 +47,6 @@ import argparse
 import ctypes
 import json
 import os
-import statistics
 import sys
 import threading
 import time
@@ -78,22 +77,12 @@ class Budget:
 
 
 def time_calls(fn, iters: int, reps: int, sync) -> dict:
-    """Median over ``reps`` of host us per call: queueing only, and queueing + one sync."""
-    for _ in range(3):
-        fn()
-    sync()
-    queued, total = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        t1 = time.perf_counter()
-        sync()
-        t2 = time.perf_counter()
-        queued.append((t1 - t0) / iters * 1e6)
-        total.append((t2 - t0) / iters * 1e6)
-    return {"host_us": statistics.median(queued), "with_sync_us": statistics.median(total),
-            "spread_us": max(queued) - min(queued)}
+    """Median over ``reps`` of host us per call, queueing only and queueing + one sync
+    (``tpcomm.bench.host.time_calls``, the harness's timer; an older tree's has no spread)."""
+    from tpcomm.bench.host import time_calls as timer
+    t = timer(fn, iters, reps, sync)
+    t.setdefault("spread_us", float("nan"))
+    return t
 
 
 def row(group: str, what: str, fn, args, budget: Budget, sync, calls: int = 1) -> dict:

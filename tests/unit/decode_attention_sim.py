@@ -10,23 +10,15 @@ import sys
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
-import triton.runtime.interpreter as interp  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from _interp import patch_scalar_index  # noqa: E402
 
 from tpcomm.models.attention import _launch, decode_attention_reference  # noqa: E402
 
-_orig_patch = interp._patch_lang
-
-
-def _patch(fn):   # numpy >= 2.4 refuses int() of a 1-element array (the interpreter's scalars)
-    r = _orig_patch(fn)
-    tl.tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
-    return r
-
-
-interp._patch_lang = _patch
+patch_scalar_index()   # numpy >= 2.4 and the interpreter's scalars (tests/_interp.py)
 
 CASES = [  # B, HQ, HK, D, S, pos, dtype
     (2, 8, 4, 32, 100, 37, torch.float32), (1, 4, 1, 16, 200, 199, torch.float32),

@@ -19,23 +19,15 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton.language as tl  # noqa: E402
-import triton.runtime.interpreter as interp  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from _interp import patch_scalar_index  # noqa: E402
 
 from tpcomm.kernels.skinny_gemm import SkinnyConfig as C, counters_for, skinny_gemm  # noqa: E402
 
-_orig_patch = interp._patch_lang
-
-
-def _patch(fn):   # numpy >= 2.4 refuses int() of a 1-element array (the interpreter's scalars)
-    r = _orig_patch(fn)
-    tl.tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
-    return r
-
-
-interp._patch_lang = _patch
+patch_scalar_index()   # numpy >= 2.4 and the interpreter's scalars (tests/_interp.py)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 EXACT = [  # M, N_out, K, config, swiglu, dtype

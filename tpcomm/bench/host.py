@@ -93,7 +93,8 @@ def time_calls(fn: Callable[[], object], iters: int, reps: int, sync: Callable[[
         t2 = time.perf_counter()
         queued.append((t1 - t0) / iters * 1e6)
         total.append((t2 - t0) / iters * 1e6)
-    return {"host_us": statistics.median(queued), "with_sync_us": statistics.median(total)}
+    return {"host_us": statistics.median(queued), "with_sync_us": statistics.median(total),
+            "spread_us": max(queued) - min(queued)}
 
 
 def _row(rows: list, what: str, nbytes: int | None, fn, iters, reps, sync, calls: int = 1,
