@@ -26,12 +26,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops.overlap import all_gather_matmul, matmul_all_reduce, overlap_chunks
 from ..reference import add_rms_norm
-from .skinny_linear import maybe_counters, maybe_linear
+from .skinny_linear import linear, maybe_counters, maybe_linear
 
 
 # ---------------------------------------------------------------- sharding arithmetic
@@ -103,8 +102,7 @@ class ColumnParallelLinear(nn.Module):
         self.skinny_counters = maybe_counters(self.out_local, device)   # the skinny GEMM's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = maybe_linear(x, self.weight, self.skinny_counters)
-        return F.linear(x, self.weight) if y is None else y
+        return linear(x, self.weight, self.skinny_counters)
 
     def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of a [gate; up] layer in one skinny GEMM, [..., out_local / 2];
@@ -163,8 +161,7 @@ class RowParallelLinear(nn.Module):
 
     def _linear(self, x_local: torch.Tensor) -> torch.Tensor:
         """This rank's partial product (the skinny GEMM where its table says so)."""
-        y = maybe_linear(x_local, self.weight, self.skinny_counters)
-        return F.linear(x_local, self.weight) if y is None else y
+        return linear(x_local, self.weight, self.skinny_counters)
 
     def _chunks(self, x_local: torch.Tensor) -> int:
         """Row chunks of the overlapped path for this input (1: matmul, then all-reduce)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.library import custom_op
 
 from ..settings import get_settings
@@ -137,3 +138,9 @@ def maybe_linear(x: torch.Tensor, weight: torch.Tensor, counters: torch.Tensor |
     else:
         y = _launch(x2, weight, counters, swiglu, cfg)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, counters: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight^T: the skinny GEMM where :func:`maybe_linear` takes it, else ``F.linear``."""
+    y = maybe_linear(x, weight, counters)
+    return F.linear(x, weight) if y is None else y
