@@ -153,9 +153,9 @@ def _block_verdicts(missing, hbits, dmask, nmask, idx, WP: tl.constexpr):
     sums, stalls; seen at world 4). Up to WP 8 the fields are 8 bits of an int32, whose warp
     level is one redux.sync.or.b32 (sm_80+); WP 16 needs 16-bit fields of an int64, whose
     warp level is 5 rounds of two shuffles and whose block level doubles its shuffles, in
-    every round of the poll. The int64 form at every WP (b5ba387) was the only change of the
-    one-shot push kernel's hot path (sm_90 PTX) when its graph-replayed latency rose 0.4-0.5
-    us per call (2 emulated ranks on one H200, bf16, 2-512 KiB), so it serves WP 16 only."""
+    every round of the poll, so it serves WP 16 only. (The 0.4-0.5 us per push call that
+    b5ba387 cost inside CUDA graphs was mostly the load schedule, not this word: see the
+    comment on the loads in :func:`poll_sum_call`.)"""
     if WP <= 8:
         dn = tl.reduce((dmask.to(tl.int32) << idx) | (nmask.to(tl.int32) << (idx + 8)), 0,
                        _bit_or)
