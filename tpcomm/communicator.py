@@ -678,14 +678,15 @@ class Communicator:
 
     def _all_reduce_hot(self, x, out, algorithm: str):
         """An all_reduce whose shape was decided before, on either device: one engine round
-        (CPU shared memory, GPU kernels, eager or captured) or world 1's copy, with only what a
+        (CPU shared memory, GPU kernels, eager or captured), the CPU engine's rounds of a larger
+        call (its ``hot_all_reduce`` loops over them) or world 1's copy, with only what a
         call must do: the checks that depend on the tensors (type, device, layout, ``out``),
         the cached decision, the flight record and the stats. Everything else is answered at
         set-up or by the cache entry (the capture query is a C call on CUDA and none on the CPU;
         the decision, its stats row, the byte count and the engine's call for this shape,
         ``hot_all_reduce``, are one dict lookup). Returns None,
         having done nothing, where the general path must take the call: anything unusual (a
-        subclass, a fallback, a call of several rounds, a closed or broken Communicator, a
+        subclass, a fallback, a GPU call of several rounds, a closed or broken Communicator, a
         thread already inside) and the first call of each (dtype, numel, algorithm, capture)
         (the general path decides it, with its checks and messages). TPCOMM_DEBUG=1 keeps
         every call on the general path. Allocates nothing but the flight record (and ``out``
@@ -746,10 +747,12 @@ class Communicator:
     def _fast_entry(self, key: tuple):
         """(algorithm, nbytes, stats, the engine's call or None, the engine it was made for)
         of the hot path for ``key``,
-        from the decision the general path cached; False where the call is not one kernel round
-        (stored too); None before the general path decided such a call. The engine's call is
-        its ``hot_all_reduce(algorithm, dtype, numel)`` (the GPU engine: plan and call hash
-        answered once per shape) where it has one, else None (``all_reduce`` per call). The key
+        from the decision the general path cached; False where the call is not on the engine in
+        one round or in rounds that the engine's call loops over (stored too); None before the
+        general path decided such a call. The engine's call is its
+        ``hot_all_reduce(algorithm, dtype, numel)`` (the GPU engine: plan and call hash
+        answered once per shape, one round only; the CPU engine: any number of rounds) where it
+        has one, else None (``all_reduce`` per call, one round). The key
         holds everything the entry depends on (dtype, numel, requested algorithm, capture
         state); the engine's call re-reads what may change between calls (stream, device,
         error word, a dropped plan)."""
@@ -761,8 +764,8 @@ class Communicator:
         algo = decision[0].name
         if algo == "local":   # world 1 (no engine): one copy, or nothing in place
             ok = dtype in FAST_DTYPES and nbytes > 0
-        else:   # one round on the engine
-            ok = decision[3] and dtype in FAST_DTYPES and self._backend is not None and nbytes > 0
+        else:   # on the flat engine
+            ok = decision[2] and dtype in FAST_DTYPES and self._backend is not None and nbytes > 0
         st = self._stats.get(("all_reduce", algo))
         if ok and st is None:
             return None     # the general path has not completed such a call yet
@@ -770,6 +773,9 @@ class Communicator:
         if ok and algo != "local":
             hot = getattr(self._backend, "hot_all_reduce", None)
             go = hot(algo, dtype, numel) if hot is not None else None
+            # several rounds: only where the engine's call loops over them itself (the CPU
+            # engine's); else the general path's run_rounds
+            ok = decision[3] or go is not None
         if len(self._fast) > 4096:
             self._fast.clear()
             self._fast_any.clear()

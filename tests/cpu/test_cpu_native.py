@@ -317,3 +317,53 @@ def test_hot_path_takes_the_native_engines_call_per_shape():
     _core_or_skip()
     for per_rank in run(_hot_calls, 2):
         assert per_rank == [(True, True, True, 3), (True, True, True, 3)]
+
+
+def _hot_rounds(rank, world):
+    """Calls larger than one round (MAX_BYTES 64 KiB: 16384 float32 per round) on the hot path:
+    the native engine's call loops over the rounds itself, with the results of the general
+    path's run_rounds; a later size mismatch between the ranks, both shapes decided before,
+    raises on every rank (the first round carries the whole call's numel)."""
+    init_gloo()
+    _use_path("native")
+    comm = tpcomm.Communicator(max_bytes=MAX_BYTES, timeout_s=20.0)
+    limit = comm._backend.round_limit("all_reduce", "one_shot", torch.float32)
+    out = []
+    for algo, n in (("one_shot", 3 * limit + 77), ("two_shot", 2 * limit + 1), ("auto", 40001)):
+        x = _inputs(rank, torch.float32, n, "exact")
+        before = sum(v["calls"] for v in comm.stats()["ops"].get("all_reduce", {}).values())
+        want = torch.full_like(x, float("nan"))
+        comm.all_reduce(x, out=want, algorithm=algo)       # the general path decides, in rounds
+        ref = x.clone()
+        dist.all_reduce(ref)
+        y = torch.full_like(x, float("nan"))
+        comm.all_reduce(x, out=y, algorithm=algo)          # the hot path: the engine's loop
+        entry = comm._fast[(torch.float32, n, algo, False)]
+        z = x.clone()
+        comm.all_reduce_(z, algorithm=algo)                # in place
+        after = sum(v["calls"] for v in comm.stats()["ops"]["all_reduce"].values())
+        out.append((entry[3] is not None, torch.equal(want, ref), torch.equal(y, want),
+                    torch.equal(z, want), after - before))
+    # both sizes decided on both ranks, then called apart: a mismatch on every rank
+    a, b = 2 * limit + 16, 3 * limit
+    for n in (a, b):
+        comm.all_reduce_(_inputs(rank, torch.float32, n, "exact"), algorithm="one_shot")
+    mine = _inputs(rank, torch.float32, a if rank == 0 else b, "exact")
+    try:
+        comm.all_reduce_(mine, algorithm="one_shot")
+        got = "no error"
+    except tpcomm.MismatchError as e:
+        got = type(e).__name__
+    x = _inputs(rank, torch.float32, a, "exact")          # the next call is exact again
+    ref = x.clone()
+    dist.all_reduce(ref)
+    comm.all_reduce_(x, algorithm="one_shot")
+    comm.close()
+    return out, got, torch.equal(x, ref)
+
+
+def test_hot_path_runs_the_rounds_of_a_large_call_on_the_native_engine():
+    _core_or_skip()
+    for rows, got, after in run(_hot_rounds, 2):
+        assert rows == [(True, True, True, True, 3)] * 3, rows
+        assert got == "MismatchError" and after

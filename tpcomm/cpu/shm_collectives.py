@@ -54,7 +54,7 @@ import time
 
 import torch
 
-from ..engine import CORE_OPS
+from ..engine import CORE_OPS, run_rounds
 from ..errors import CommunicatorBrokenError, MismatchError, PeerDiedError, PeerTimeoutError
 from ..memory.shm import ShmSymmetricBuffer
 from . import native
@@ -357,34 +357,61 @@ class ShmCollectives:
                                DTYPES[inp.dtype], n, n if total < 0 else total, offset))
 
     def hot_all_reduce(self, algorithm: str, dtype: torch.dtype, numel: int):
-        """``go(inp, out)``: :meth:`_native_all_reduce` of a one-round call of ``numel`` (> 0)
-        elements of ``dtype`` (the caller guarantees both, as the Communicator's cache key
-        does) with the core's arguments but the sequence number and the pointers bound now;
-        None on the Python path, for an unknown algorithm or dtype, or a call of more than one
-        round. Per call it still checks ``broken`` (raises as the engine does), that the core is
-        still open (else the call goes to ``all_reduce``, as before the cache) and resumes or
-        raises through :meth:`_native_slow` like every native call."""
-        if (self._core is None or numel <= 0 or algorithm not in ALGORITHMS
-                or dtype not in DTYPES or numel > self.round_limit("all_reduce", algorithm, dtype)):
+        """``go(inp, out)``: :meth:`_native_all_reduce` of a call of ``numel`` (> 0) elements of
+        ``dtype`` (the caller guarantees both, as the Communicator's cache key does) with the
+        core's arguments but the sequence number and the pointers bound now; None on the Python
+        path or for an unknown algorithm or dtype. A call of more than one round (over
+        :meth:`round_limit`) runs its rounds in one loop here, each round with the arguments
+        that ``run_rounds`` and :meth:`_native_all_reduce` would give it (its pointers by
+        offset, no views; the whole call's numel and the round's offset as meta words), so a
+        size mismatch still raises in the first round. Per call (and round) it still checks
+        ``broken`` (raises as the engine does), that the core is still open (else the call goes
+        to ``all_reduce`` / ``run_rounds``, as before the cache) and resumes or raises through
+        :meth:`_native_slow` like every native call."""
+        if self._core is None or numel <= 0 or algorithm not in ALGORITHMS or dtype not in DTYPES:
             return None
         algo, dt, run, eng = ALGORITHMS[algorithm], DTYPES[dtype], self._core_run, self
         slow = self._native_slow
+        limit = self.round_limit("all_reduce", algorithm, dtype)
 
-        def go(inp, out):
+        def broken():
+            return CommunicatorBrokenError(
+                f"tpcomm Communicator is broken by an earlier error: {eng.broken}")
+
+        if numel <= limit:
+            def go(inp, out):
+                if eng.broken:
+                    raise broken()
+                ctx = eng._ctx
+                if not ctx:          # closed: what all_reduce does then
+                    return eng.all_reduce(inp, out, algorithm)
+                eng.seq = seq = eng.seq + 1
+                src = inp.data_ptr()
+                dst = src if out is inp else out.data_ptr()
+                rc = run(ctx, 0, seq, src, dst, SLICE_NS, 1, algo, dt, numel, numel, 0)
+                if rc:
+                    slow(rc, "all_reduce", algorithm, inp,
+                         (seq, src, dst, SLICE_NS, 1, algo, dt, numel, numel, 0))
+            return go
+        # several rounds: (byte offset, elements, element offset) of each
+        rounds = tuple((lo * dtype.itemsize, min(limit, numel - lo), lo)
+                       for lo in range(0, numel, limit))
+
+        def go_rounds(inp, out):
             if eng.broken:
-                raise CommunicatorBrokenError(
-                    f"tpcomm Communicator is broken by an earlier error: {eng.broken}")
-            ctx = eng._ctx
-            if not ctx:          # closed: what all_reduce does then
-                return eng.all_reduce(inp, out, algorithm)
-            eng.seq = seq = eng.seq + 1
-            src = inp.data_ptr()
-            dst = src if out is inp else out.data_ptr()
-            rc = run(ctx, 0, seq, src, dst, SLICE_NS, 1, algo, dt, numel, numel, 0)
-            if rc:
-                slow(rc, "all_reduce", algorithm, inp,
-                     (seq, src, dst, SLICE_NS, 1, algo, dt, numel, numel, 0))
-        return go
+                raise broken()
+            if not eng._ctx:     # closed: the general loop (which raises or falls back as before)
+                return run_rounds(eng, "all_reduce", inp, out, algorithm, limit, eng.world)
+            src0 = inp.data_ptr()
+            dst0 = src0 if out is inp else out.data_ptr()
+            for off, n, lo in rounds:
+                eng.seq = seq = eng.seq + 1
+                rc = run(eng._ctx, 0, seq, src0 + off, dst0 + off, SLICE_NS, 1, algo, dt, n,
+                         numel, lo)
+                if rc:
+                    slow(rc, "all_reduce", algorithm, inp,
+                         (seq, src0 + off, dst0 + off, SLICE_NS, 1, algo, dt, n, numel, lo))
+        return go_rounds
 
     def _native_slow(self, rc: int, op: str, algorithm: str, inp: torch.Tensor, args) -> None:
         """A round the core could not finish at once: a wait that ran out of its slice (check
