@@ -16,10 +16,16 @@ other job interrupted.
     python scripts/host_time_cpu.py --trees BASE_TREE,. --overhead --world 1   # see below
 
 ``--overhead``: the Communicator's cost above its engine. Every rank alternates blocks of
-``--block`` calls of ``Communicator.all_reduce(x, out=y)`` with blocks of the same call made on
-the engine directly (``comm._backend.all_reduce(x, y, name)``; world 1, which has no engine:
-``y.copy_(x)``, what the Communicator does there); a block's time / ``--block`` is one sample,
-and the figure is the median over the blocks of (Communicator - engine), max over ranks.
+``--block`` calls of ``Communicator.all_reduce(x, out=y)`` (``--inplace``:
+``Communicator.all_reduce_(x)``) with blocks of the call that the Communicator's hot path makes
+of its engine, made directly: the engine's per-shape callable
+``comm._backend.hot_all_reduce(algorithm, dtype, numel)(x, y)`` (an engine without one:
+``comm._backend.all_reduce(x, y, algorithm)``); world 1, which has no engine: ``y.copy_(x)``
+(in place: nothing, an empty loop). Each loop makes exactly one call per iteration, as the
+Communicator's does; a block's time / ``--block`` is one sample, and the figure is the median
+over the blocks of (Communicator - engine), max over ranks. (Until 2026-12-03 the world-2
+baseline was ``eng.all_reduce(x, y, name)`` through a closure: a slower call than the hot path's
+``hot_all_reduce`` one, plus a Python frame, which hid ~0.3 us of the Communicator's cost.)
 """
 from __future__ import annotations
 
@@ -87,33 +93,52 @@ def _overhead(comm, args: argparse.Namespace) -> dict:
     out = {}
     for size in args.sizes:
         x = torch.ones(size // 4, dtype=torch.float32)
-        y = torch.empty_like(x)
+        y = x if args.inplace else torch.empty_like(x)
         eng = comm._backend
         if eng is None:
-            def engine_call():
-                y.copy_(x)
+            go = None if args.inplace else y.copy_
         else:
             comm.all_reduce(x, out=y)
             choice = next(iter(comm._decisions.values()))[0]
             name = getattr(choice, "name", choice)    # a Choice, or the name before it existed
-            def engine_call():
-                eng.all_reduce(x, y, name)
+            hot = getattr(eng, "hot_all_reduce", None)
+            go = hot(name, x.dtype, x.numel()) if hot is not None else None
+            if go is None:
+                go = lambda x, y, _ar=eng.all_reduce: _ar(x, y, name)  # noqa: E731
+        ar = comm.all_reduce_ if args.inplace else comm.all_reduce
         for _ in range(args.warmup):
-            comm.all_reduce(x, out=y)
-            engine_call()
+            if args.inplace:
+                ar(x)
+            else:
+                ar(x, out=y)
+            if go is not None:
+                go(x) if eng is None else go(x, y)
         dist.barrier()
         k, diffs, cs, es = args.block, [], [], []
         for _ in range(max(1, args.calls // k)):
             t0 = clock()
-            for _ in range(k):
-                comm.all_reduce(x, out=y)
+            if args.inplace:
+                for _ in range(k):
+                    ar(x)
+            else:
+                for _ in range(k):
+                    ar(x, out=y)
             t1 = clock()
-            for _ in range(k):
-                engine_call()
+            if go is None:          # world 1 in place: the Communicator has nothing to do
+                for _ in range(k):
+                    pass
+            elif eng is None:       # world 1: y.copy_(x)
+                for _ in range(k):
+                    go(x)
+            else:
+                for _ in range(k):
+                    go(x, y)
             t2 = clock()
             cs.append((t1 - t0) / k)
             es.append((t2 - t1) / k)
             diffs.append(cs[-1] - es[-1])
+        if args.inplace:      # x has been doubled at every call (world 2): check one sum
+            comm.all_reduce(torch.ones_like(x), out=y)
         assert float(y[0]) == comm.world_size, "wrong sum"
         out[str(size)] = statistics.median(diffs)
         out[f"{size}_p10"] = sorted(diffs)[len(diffs) // 10]
@@ -131,6 +156,8 @@ def _run_tree(tree: str, args: argparse.Namespace) -> dict:
            "--sizes", ",".join(map(str, args.sizes)), "--block", str(args.block)]
     if args.overhead:
         cmd.append("--overhead")
+    if args.inplace:
+        cmd.append("--inplace")
     procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=env, cwd=os.path.abspath(tree),
                               stdout=subprocess.PIPE, text=True) for r in range(args.world)]
     results = []
@@ -166,6 +193,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="4096,65536", help="bytes, comma-separated")
     ap.add_argument("--overhead", action="store_true",
                     help="time the Communicator against its engine (see above)")
+    ap.add_argument("--inplace", action="store_true",
+                    help="--overhead of all_reduce_(x) instead of all_reduce(x, out=y)")
     ap.add_argument("--block", type=int, default=50, help="calls per block (--overhead)")
     ap.add_argument("--json", help="write the figures here too")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -188,8 +217,9 @@ def main() -> int:
                     if args.overhead else "") for s in args.sizes), flush=True)
     what = ("median of blocks of (Communicator - engine) per call" if args.overhead
             else f"median of {args.calls} calls")
+    form = "all_reduce_(x)" if args.inplace else "all_reduce(x, out=y)"
     print(f"summary: median over {args.rounds} rounds of ({what}, max over {args.world} "
-          f"ranks), us per all_reduce call, float32")
+          f"ranks), us per {form} call, float32")
     summary = {}
     for t in trees:
         summary[t] = {s: {"median": statistics.median(r[s] for r in runs[t]),
