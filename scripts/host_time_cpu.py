@@ -23,7 +23,9 @@ of its engine, made directly: the engine's per-shape callable
 ``comm._backend.all_reduce(x, y, algorithm)``); world 1, which has no engine: ``y.copy_(x)``
 (in place: nothing, an empty loop). Each loop makes exactly one call per iteration, as the
 Communicator's does; a block's time / ``--block`` is one sample, and the figure is the median
-over the blocks of (Communicator - engine), max over ranks. (Until 2026-12-03 the world-2
+over the blocks of (Communicator - engine), max over ranks; ``lo``: the 10th percentile of the
+Communicator's blocks minus that of the engine's (max over ranks, median over rounds), the
+steadier figure where the engine's own time varies (world 2, 64 KiB). (Until 2026-12-03 the world-2
 baseline was ``eng.all_reduce(x, y, name)`` through a closure: a slower call than the hot path's
 ``hot_all_reduce`` one, plus a Python frame, which hid ~0.3 us of the Communicator's cost.)
 """
@@ -142,6 +144,9 @@ def _overhead(comm, args: argparse.Namespace) -> dict:
         assert float(y[0]) == comm.world_size, "wrong sum"
         out[str(size)] = statistics.median(diffs)
         out[f"{size}_p10"] = sorted(diffs)[len(diffs) // 10]
+        # the blocks that no other job interrupted, on each side: p10 of each minus p10 of the
+        # other (a difference of single blocks goes negative where an engine block was hit)
+        out[f"{size}_lo"] = sorted(cs)[len(cs) // 10] - sorted(es)[len(es) // 10]
         out[f"{size}_comm"] = statistics.median(cs)
         out[f"{size}_engine"] = statistics.median(es)
     return out
@@ -176,7 +181,7 @@ def _run_tree(tree: str, args: argparse.Namespace) -> dict:
     extra = {}
     if args.overhead:
         extra = {f"{s}_{k}": max(r[f"{s}_{k}"] for r in results) / 1e3
-                 for s in args.sizes for k in ("comm", "engine")}
+                 for s in args.sizes for k in ("comm", "engine", "lo")}
     return {"engine": ",".join(sorted(engine)), "tpcomm": results[0]["tpcomm"], **extra,
             **{s: max(r[str(s)] for r in results) / 1e3 for s in args.sizes},
             **{f"{s}_p10": max(r[f"{s}_p10"] for r in results) / 1e3 for s in args.sizes}}
@@ -213,7 +218,8 @@ def main() -> int:
             runs[t].append(r)
             print(f"round {rnd} {t} ({r['engine']}): " + "  ".join(
                 f"{s} B {r[s]:.2f} us (p10 {r[f'{s}_p10']:.2f})" + (
-                    f" [comm {r[f'{s}_comm']:.2f}, engine {r[f'{s}_engine']:.2f}]"
+                    f" [comm {r[f'{s}_comm']:.2f}, engine {r[f'{s}_engine']:.2f}, "
+                    f"lo {r[f'{s}_lo']:.2f}]"
                     if args.overhead else "") for s in args.sizes), flush=True)
     what = ("median of blocks of (Communicator - engine) per call" if args.overhead
             else f"median of {args.calls} calls")
@@ -224,10 +230,14 @@ def main() -> int:
     for t in trees:
         summary[t] = {s: {"median": statistics.median(r[s] for r in runs[t]),
                           "min": min(r[s] for r in runs[t]),
-                          "p10": statistics.median(r[f"{s}_p10"] for r in runs[t])}
+                          "p10": statistics.median(r[f"{s}_p10"] for r in runs[t]),
+                          **({"lo": statistics.median(r[f"{s}_lo"] for r in runs[t])}
+                             if args.overhead else {})}
                       for s in args.sizes}
         print(f"  {t}: " + "  ".join(f"{s} B median {v['median']:.2f} us, min {v['min']:.2f} "
-                                     f"us, p10 {v['p10']:.2f} us" for s, v in summary[t].items()))
+                                     f"us, p10 {v['p10']:.2f} us" + (
+                                         f", lo {v['lo']:.2f} us" if "lo" in v else "")
+                                     for s, v in summary[t].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": runs, "summary": summary, "calls": args.calls,
