@@ -25,7 +25,12 @@ of its engine, made directly: the engine's per-shape callable
 Communicator's does; a block's time / ``--block`` is one sample, and the figure is the median
 over the blocks of (Communicator - engine), max over ranks; ``lo``: the 10th percentile of the
 Communicator's blocks minus that of the engine's (max over ranks, median over rounds), the
-steadier figure where the engine's own time varies (world 2, 64 KiB). (Until 2026-12-03 the world-2
+steadier figure where the engine's own time varies (world 2, 64 KiB). ``--clock thread``
+times the blocks by the rank's thread CPU time instead of the wall clock. ``--stub`` (with
+``--world 1``): one process whose Communicator is given a stand-in engine, a world size of 2 and
+world 2's decision ("auto": one_shot in one round), the engine's per-shape call doing nothing:
+the world-2 hot path without a peer to wait for, which a shared machine's scheduling cannot
+blur. (Until 2026-12-03 the world-2
 baseline was ``eng.all_reduce(x, y, name)`` through a closure: a slower call than the hot path's
 ``hot_all_reduce`` one, plus a Python frame, which hid ~0.3 us of the Communicator's cost.)
 """
@@ -60,7 +65,7 @@ def _worker(args: argparse.Namespace) -> None:
                             init_method=f"tcp://127.0.0.1:{args.port}")
     out = {"tpcomm": os.path.dirname(tpcomm.__file__)}
     with tpcomm.Communicator() as comm:
-        out["engine"] = comm.backend_name
+        out["engine"] = "stub" if args.stub else comm.backend_name
         if args.overhead:
             out.update(_overhead(comm, args))
             dist.destroy_process_group()
@@ -86,16 +91,51 @@ def _worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
+class _StubEngine:
+    """``--stub``: an engine whose per-shape call does nothing."""
+    name, device_type, broken, p2p_check = "stub", "cpu", None, None
+
+    @staticmethod
+    def supports(op):
+        return op == "all_reduce"
+
+    def round_limit(self, op, name, dtype):
+        return 1 << 30
+
+    def hot_all_reduce(self, algorithm, dtype, numel):
+        def go(x, out):
+            pass
+        return go
+
+    def all_reduce(self, x, out, algorithm, *, total=-1, offset=0):
+        pass
+
+    def close(self):
+        pass
+
+
+def _stub(comm, x) -> None:
+    """Give ``comm`` (a world of one) the stand-in engine, a world size of 2 and the decision
+    the native engine's world 2 makes for ``x`` ("auto": one_shot, one round)."""
+    from tpcomm.algorithms import choice
+    comm._backend = _StubEngine()
+    comm.world_size = 2
+    comm._decisions[("all_reduce", x.nbytes, x.dtype, "auto", False)] = (
+        choice("one_shot", chunk=1 << 30), comm._stats[("all_reduce", "one_shot")], True, True)
+
+
 def _overhead(comm, args: argparse.Namespace) -> dict:
     """{size: median over blocks of Communicator - engine ns per call, size_comm, size_engine}:
     blocks of the two calls alternate (see the module docstring)."""
     import torch
     import torch.distributed as dist
-    clock = time.perf_counter_ns
+    clock = time.thread_time_ns if args.clock == "thread" else time.perf_counter_ns
     out = {}
     for size in args.sizes:
         x = torch.ones(size // 4, dtype=torch.float32)
         y = x if args.inplace else torch.empty_like(x)
+        if args.stub:
+            _stub(comm, x)
         eng = comm._backend
         if eng is None:
             go = None if args.inplace else y.copy_
@@ -139,9 +179,9 @@ def _overhead(comm, args: argparse.Namespace) -> dict:
             cs.append((t1 - t0) / k)
             es.append((t2 - t1) / k)
             diffs.append(cs[-1] - es[-1])
-        if args.inplace:      # x has been doubled at every call (world 2): check one sum
+        if args.inplace and not args.stub:   # x doubled at every call (world 2): one sum
             comm.all_reduce(torch.ones_like(x), out=y)
-        assert float(y[0]) == comm.world_size, "wrong sum"
+        assert args.stub or float(y[0]) == comm.world_size, "wrong sum"
         out[str(size)] = statistics.median(diffs)
         out[f"{size}_p10"] = sorted(diffs)[len(diffs) // 10]
         # the blocks that no other job interrupted, on each side: p10 of each minus p10 of the
@@ -163,6 +203,9 @@ def _run_tree(tree: str, args: argparse.Namespace) -> dict:
         cmd.append("--overhead")
     if args.inplace:
         cmd.append("--inplace")
+    cmd += ["--clock", args.clock]
+    if args.stub:
+        cmd.append("--stub")
     procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=env, cwd=os.path.abspath(tree),
                               stdout=subprocess.PIPE, text=True) for r in range(args.world)]
     results = []
@@ -200,6 +243,13 @@ def main() -> int:
                     help="time the Communicator against its engine (see above)")
     ap.add_argument("--inplace", action="store_true",
                     help="--overhead of all_reduce_(x) instead of all_reduce(x, out=y)")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="--overhead: time blocks by the wall clock (perf_counter) or by the "
+                         "rank's thread CPU time (not counting the time other jobs hold its "
+                         "core: the steadier figure at world 1 on a shared machine; at world 2 "
+                         "a wait for a descheduled peer spins, and counts, either way)")
+    ap.add_argument("--stub", action="store_true",
+                    help="--overhead at --world 1 with a stand-in engine as world 2's (see above)")
     ap.add_argument("--block", type=int, default=50, help="calls per block (--overhead)")
     ap.add_argument("--json", help="write the figures here too")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -207,6 +257,8 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
+    if args.stub and (args.world != 1 or not args.overhead):
+        ap.error("--stub is an --overhead mode of one process: --world 1")
     if args.worker:
         _worker(args)
         return 0
