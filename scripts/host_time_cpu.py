@@ -30,9 +30,11 @@ times the blocks by the rank's thread CPU time instead of the wall clock. ``--st
 ``--world 1``): one process whose Communicator is given a stand-in engine, a world size of 2 and
 world 2's decision ("auto": one_shot in one round), the engine's per-shape call doing nothing:
 the world-2 hot path without a peer to wait for, which a shared machine's scheduling cannot
-blur. (Until 2026-12-03 the world-2
-baseline was ``eng.all_reduce(x, y, name)`` through a closure: a slower call than the hot path's
-``hot_all_reduce`` one, plus a Python frame, which hid ~0.3 us of the Communicator's cost.)
+blur. (Until 2026-12-03 the world-2 baseline was ``eng.all_reduce(x, y, name)`` through a
+closure: a slower call than the hot path's ``hot_all_reduce`` one, plus a Python frame, 0.4-0.6 us
+more per call at 4 KiB (p10 2.26-2.54 us against 1.68-1.92, blocks alternating, 2 ranks, load
+0.9): the figure understated the Communicator's cost by that much. World 1's baseline went
+through a closure too: ~0.05 us.)
 """
 from __future__ import annotations
 
