@@ -10,7 +10,7 @@ run. The pieces, in the order a call meets them:
   ``torch.cuda.current_device()`` and its C function, the raw-stream query, ``data_ptr()``,
   ``view(-1)``, ``numel()``, ``dtype``, ``get_device()``, ``is_contiguous()``,
   ``torch.empty_like``, dynamo's compile check, the error-word read, the call hash, the flight
-  record, the lock, a dict lookup;
+  record, the lock and the busy flag (list pop + append) that replaced it, a dict lookup;
 - the engine's own pieces: ``_begin`` (error word + stream check), the device guard
   (``_dev()``), the call hash, the bound kernel's lean launch (``LeanKernel.launch``);
 - the engine call (``P2PCollectives.all_reduce``, one_shot/push, in place and out of place);
@@ -136,6 +136,8 @@ def bare_rows(dev, x, args, budget, sync) -> None:
     row(g, "tensor.get_device()", x.get_device, args, budget, sync)
     row(g, "tensor.is_contiguous()", x.is_contiguous, args, budget, sync)
     row(g, "out.is_same_size(x)", lambda: x.is_same_size(x), args, budget, sync)
+    row(g, "out.shape != x.shape (the hot path's)", lambda: x.shape != x.shape, args, budget,
+        sync)
     row(g, "torch.empty_like(x)", lambda: torch.empty_like(x), args, budget, sync)
     row(g, "torch.compiler.is_dynamo_compiling()", cm._is_compiling, args, budget, sync)
     word = ctypes.c_int64(0)
@@ -148,6 +150,10 @@ def bare_rows(dev, x, args, budget, sync) -> None:
     lock = threading.Lock()
     acq, rel = lock.acquire, lock.release
     row(g, "lock acquire(False) + release", lambda: (acq(False), rel()), args, budget, sync)
+    free = [None]
+    pop, put = free.pop, free.append
+    row(g, "busy flag list.pop + append (the hot path's)", lambda: put(pop()), args, budget,
+        sync)
     d = {(torch.bfloat16, 2048, "one_shot", False): 1}
     row(g, "dict.get of a 4-tuple key", lambda: d.get((torch.bfloat16, 2048, "one_shot", False)),
         args, budget, sync)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import threading
 import time
 from time import perf_counter
 
@@ -136,8 +135,10 @@ class Communicator:
         self._is_cpu = self.device.type == "cpu"
         self._debug = settings.debug
         self._fused_norm = settings.fused_norm
-        self._lock = threading.Lock()
-        self._try_lock, self._unlock = self._lock.acquire, self._lock.release  # bound once
+        # one item while no collective runs: a call takes it (list.pop, atomic) and puts it
+        # back; a second thread finds the list empty and is refused (a lock's acquire(False)
+        # costs the hot path ~0.12 us more per call, measured on the CPU VM)
+        self._free: list = [None]
         self._closed = False
         self._backend = None
         self._broken: str | None = None   # the torch.distributed path failed (timeout, peer gone)
@@ -163,6 +164,10 @@ class Communicator:
         self._capture = _capturing if self._is_cuda else bool
         # what x.get_device() says of a tensor on this Communicator's device (CPU: -1)
         self._dev_index = self.device.index if self._is_cuda else -1
+        # the hot path as a CUDA Communicator's: tensors checked by device index, entries per
+        # capture state; else a CPU one's: x.is_cpu (a flag read; get_device() says -1 of a
+        # meta tensor too), and every entry serves every call (a CPU call is never captured)
+        self._hot_cuda = self._is_cuda
         self._setup(settings)
         flight_recorder.register(self)
         from .ops import library   # torch.ops.tpcomm.*, and this Communicator's handle there
@@ -414,14 +419,14 @@ class Communicator:
         if self._backend.broken:
             raise CommunicatorBrokenError(f"{op}: Communicator is broken by an earlier error: "
                                           f"{self._backend.broken}")
-        if not self._lock.acquire(blocking=False):
+        if not self._take():
             raise TpcommError(f"{op}: this Communicator is already running a collective in "
                               f"another thread; use one Communicator per thread")
         try:
             self._timed(op, "fused", nbytes, a.dtype, getattr(engine, op), a, b, out)
             return True
         finally:
-            self._lock.release()
+            self._free.append(None)
 
     def empty(self, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """An uninitialized tensor that lives in this rank's symmetric buffer (GPU backend):
@@ -570,13 +575,22 @@ class Communicator:
         # ``epilogue`` = (residual, weight, eps): all_reduce_add_rms_norm; then the return value
         # is ``normed`` when the fused kernel ran, else None (the caller adds and normalizes).
         name = op_name or op
-        if not self._lock.acquire(blocking=False):
+        if not self._take():
             raise TpcommError(f"{name}: this Communicator is already running a collective in "
                               f"another thread; use one Communicator per thread")
         try:
             return self._run_locked(op, x, out, algorithm, name, epilogue)
         finally:
-            self._lock.release()
+            self._free.append(None)
+
+    def _take(self) -> bool:
+        """Take the Communicator for one call (``self._free``'s item); False where another
+        thread runs a collective on it now."""
+        try:
+            self._free.pop()
+        except IndexError:
+            return False
+        return True
 
     def _decide(self, op: str, nbytes: int, dtype: torch.dtype, requested: str, name: str,
                 graph: bool) -> Choice:
@@ -690,7 +704,13 @@ class Communicator:
         thread already inside) and the first call of each (dtype, numel, algorithm, capture)
         (the general path decides it, with its checks and messages). TPCOMM_DEBUG=1 keeps
         every call on the general path. Allocates nothing but the flight record (and ``out``
-        where none is given)."""
+        where none is given).
+
+        Host cost (issue 16, 2026-12-03, 2-core CPU VM): see docs/host_path.md. Each check is
+        the cheapest C call that answers it: ``x.is_cpu`` (a flag) on the CPU, not
+        ``get_device()`` (which says -1 of a meta tensor too); ``out.shape != x.shape``, not
+        ``is_same_size`` (an aten op through the dispatcher); the busy flag is a list's pop,
+        not a lock's ``acquire(False)`` (argument parsing: ~0.12 us more per call)."""
         b = self._backend
         if self._broken or self._closed or type(x) is not _Tensor:
             return None   # broken or closed: the general path raises
@@ -709,19 +729,32 @@ class Communicator:
                 entry = self._fast_entry(key)
         if not entry:
             return None
-        algo, nbytes, st, go, _ = entry
-        idx = self._dev_index
-        if x.get_device() != idx or not x.is_contiguous():
-            return None
-        if out is None:
-            out = torch.empty_like(x)
-        elif out is not x and (type(out) is not _Tensor or out.dtype is not dtype
-                               or out.get_device() != idx or not out.is_same_size(x)
-                               or not out.is_contiguous()):
-            return None
-        if not self._try_lock(False):
+        if not self._hot_cuda:
+            if not x.is_cpu or not x.is_contiguous():
+                return None
+            if out is None:
+                out = torch.empty_like(x)
+            elif out is not x and (type(out) is not _Tensor or out.dtype is not dtype
+                                   or not out.is_cpu or out.shape != x.shape
+                                   or not out.is_contiguous()):
+                return None
+        else:
+            idx = self._dev_index
+            if x.get_device() != idx or not x.is_contiguous():
+                return None
+            if out is None:
+                out = torch.empty_like(x)
+            elif out is not x and (type(out) is not _Tensor or out.dtype is not dtype
+                                   or out.get_device() != idx or out.shape != x.shape
+                                   or not out.is_contiguous()):
+                return None
+        free = self._free
+        try:
+            free.pop()       # atomic: a thread already inside has taken the one item
+        except IndexError:
             return None
         try:
+            algo, nbytes, st, go, _ = entry
             rec = self._recorder.start("all_reduce", algo, nbytes, dtype)
             try:
                 if go is not None:    # the engine's call for this shape (hot_all_reduce)
@@ -741,7 +774,7 @@ class Communicator:
             st[1] += nbytes
             st[2] += end - rec[6]
         finally:
-            self._unlock()
+            free.append(None)
         return out
 
     def _fast_entry(self, key: tuple):
@@ -781,7 +814,8 @@ class Communicator:
             self._fast_any.clear()
         entry = (algo, nbytes, st, go, self._backend) if ok else False
         self._fast[key] = entry
-        if entry and self._same_captured_or_not(decision, nbytes, dtype, requested, graph):
+        if entry and (not self._hot_cuda or    # a CPU Communicator never captures
+                      self._same_captured_or_not(decision, nbytes, dtype, requested, graph)):
             self._fast_any[(dtype, numel, requested)] = entry
         return entry
 

@@ -309,6 +309,18 @@ def _hot_calls(rank, world):
         comm.all_reduce_(z, algorithm=algo)                # in place: the same cached call
         out.append((entry[3] is not None, torch.equal(y, want), torch.equal(z, want),
                     comm.stats()["ops"]["all_reduce"][algo]["calls"]))
+    # "auto" decides by the capture state on the GPU; a CPU call is never captured, so its
+    # entry serves every call without the query (one dict lookup per call)
+    x = _inputs(rank, torch.float32, 1000, "randn")
+    want, y = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    comm.all_reduce(x, out=want)                           # the general path decides
+    comm.all_reduce(x, out=y)                              # the hot path makes the entry
+
+    def asked():
+        raise AssertionError("the CPU hot path asked for the capture state")
+    comm._capture = asked
+    comm.all_reduce(x, out=y)
+    out.append(((torch.float32, 1000, "auto") in comm._fast_any, torch.equal(y, want)))
     comm.close()
     return out
 
@@ -316,7 +328,7 @@ def _hot_calls(rank, world):
 def test_hot_path_takes_the_native_engines_call_per_shape():
     _core_or_skip()
     for per_rank in run(_hot_calls, 2):
-        assert per_rank == [(True, True, True, 3), (True, True, True, 3)]
+        assert per_rank == [(True, True, True, 3), (True, True, True, 3), (True, True)]
 
 
 def _hot_rounds(rank, world):

@@ -48,6 +48,7 @@ def comm(monkeypatch):
     c = tpcomm.Communicator()
     c._backend = Engine()
     c.device = types.SimpleNamespace(index=-1, type="cuda")   # what x.get_device() says
+    c._hot_cuda = True     # the hot path's CUDA checks (device index, capture state)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(tpcomm.communicator, "_capturing", lambda: False)
     try:
@@ -113,13 +114,13 @@ def test_leaves_the_unusual_to_the_general_path(comm, case):
     elif case == "closed":
         comm._closed = True
     elif case == "busy":
-        comm._lock.acquire()
+        comm._free.pop()
     try:
         assert comm._all_reduce_hot(x, out, "one_shot") is None
     finally:
         comm._closed = False
         if case == "busy":
-            comm._lock.release()
+            comm._free.append(None)
     assert comm._backend.calls == []
     assert all(v["calls"] == 0 for v in comm.stats()["ops"]["all_reduce"].values())
 

@@ -264,6 +264,35 @@ def test_cpu_hot_path_takes_a_decided_call_and_leaves_bad_ones_to_the_checks(com
             comm.all_reduce(x, out=bad)
 
 
+def test_cpu_hot_path_refuses_other_devices_and_a_busy_communicator(comm):
+    """The CPU hot path's device check is ``is_cpu``, not ``get_device()`` (which says -1 of a
+    meta tensor as of a CPU one): a meta ``x`` or ``out`` goes to the general path and gets its
+    error, as before the hot path existed. A thread already inside (the busy flag taken) is
+    refused there too, with the general path's message; the flag is back after each call."""
+    x, y = torch.ones(3, 4), torch.empty(3, 4)
+    comm.all_reduce(x, out=y)
+    comm.all_reduce_(x)
+    assert comm._all_reduce_hot(x, y, "auto") is y
+    meta = torch.empty(3, 4, device="meta")
+    for a, o in ((x, meta), (meta, y), (meta, None)):
+        assert comm._all_reduce_hot(a, o, "auto") is None
+        with pytest.raises(ValueError, match="on meta|out must be"):
+            comm.all_reduce(a, out=o)
+    with pytest.raises(ValueError, match="on meta"):
+        comm.all_reduce_(meta)
+    assert comm._free == [None]                # every call above gave the flag back
+    comm._free.pop()                           # as a thread inside a call holds it
+    try:
+        assert comm._all_reduce_hot(x, y, "auto") is None
+        assert comm._all_reduce_hot(x, x, "auto") is None
+        for call in (lambda: comm.all_reduce(x, out=y), lambda: comm.all_reduce_(x)):
+            with pytest.raises(tpcomm.TpcommError, match="another thread"):
+                call()
+    finally:
+        comm._free.append(None)
+    assert comm.all_reduce(x, out=y) is y
+
+
 def test_cpu_hot_path_allocates_nothing_per_call(comm):
     import tracemalloc
     x, y = torch.ones(256), torch.empty(256)
