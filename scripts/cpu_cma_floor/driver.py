@@ -9,7 +9,9 @@ CMA study: benchmarks/results/cpu-2rank-cma-2026-12-03.md).
 
 SIZES: bytes, comma-separated. VARIANTS: copyin (tpcomm's core scheme), rsag:BLK, oneshot:BLK,
 pipe:BLK (CMA variants, BLK bytes per process_vm_readv), cmaonly:BLK, memcpyonly:BLK (the copy
-alone), tpcomm, mpi; a ``_free`` suffix runs that variant unpinned. Every rank pins itself to
+alone), tpcomm (Communicator.all_reduce_), engine (its ShmCollectives.all_reduce per 1 MiB round, as
+run_rounds), coredirect (its native core's run() per round from a Python loop), copyinpy (copyin, one C
+call per round from Python), mpi; a ``_free`` suffix runs that variant unpinned. Every rank pins itself to
 core ``rank``; each variant is checked (exact sums, in place, every rotating buffer, ranks
 equal) before it is timed. A one-off experiment, not part of the package.
 """
@@ -38,7 +40,7 @@ lib.init(rank, ctypes.c_int64(base), ctypes.c_int64(base + 8192), ctypes.c_int64
 if rank == 0: print("pids", pids, "parents", pp, "(siblings: rank is not the other's parent)", flush=True)
 err = ctypes.c_int(0)
 tcomm = None
-if "tpcomm" in variants:
+if "tpcomm" in variants or "engine" in variants:
     import torch, torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=rank, world_size=2)
@@ -63,6 +65,40 @@ for nb in sizes:
         if v == "mpi":
             t0 = time.perf_counter_ns()
             for i in range(it): comm.Allreduce(MPI.IN_PLACE, bufs[i % nbuf], op=MPI.SUM)
+            return time.perf_counter_ns() - t0
+        if v == "copyinpy":   # the bare copy-in, but one C call per 1 MiB round from Python
+            CHb = 1 << 20
+            one = (ctypes.c_int64 * 1)(); onep = (ctypes.c_int64 * 1)()
+            t0 = time.perf_counter_ns()
+            for i in range(it):
+                a, p = addrs[i % nbuf], peers[i % nbuf]
+                for lo in range(0, nb, CHb):
+                    one[0] = a + lo; onep[0] = p + lo
+                    lib.run(0, one, onep, 1, ctypes.c_int64(min(CHb, nb - lo)), 1, ctypes.c_int64(262144), ctypes.byref(err))
+            return time.perf_counter_ns() - t0
+        if v == "coredirect":   # tpcomm's core.run per 1 MiB round, no engine Python
+            eng = tcomm._backend
+            run, ctx = eng._core_run, eng._ctx
+            CHn = (1 << 20) // 4
+            t0 = time.perf_counter_ns()
+            for i in range(it):
+                base = addrs[i % nbuf]
+                for lo in range(0, n, CHn):
+                    eng.seq += 1
+                    src = base + lo * 4
+                    rc = run(ctx, 0, eng.seq, src, src, 10**9, 1, 1, 1, min(CHn, n - lo), n, lo)
+                    assert rc == 0, rc
+            return time.perf_counter_ns() - t0
+        if v == "engine":
+            eng = tcomm._backend
+            ts_ = [torch.from_numpy(b) for b in bufs]
+            CHn = (1 << 20) // 4
+            t0 = time.perf_counter_ns()
+            for i in range(it):
+                x = ts_[i % nbuf]
+                for lo in range(0, n, CHn):
+                    s = x[lo:lo + CHn]
+                    eng.all_reduce(s, s, "one_shot", total=n, offset=lo)
             return time.perf_counter_ns() - t0
         if v == "tpcomm":
             ts_ = [torch.from_numpy(b) for b in bufs]
