@@ -113,12 +113,16 @@ def poll_sum_call(base_addr, slot_stride, offs, mask, t0, timeout_ns, dead, hdr_
     theirs = word * 0
     pending = dead == 0
     while pending:
-        # the data first, then the headers: in the other order ptxas (sm_90, Triton 3.6) issued
-        # slot 1's load only after slot 0's and the header's had returned (two round trips per
-        # poll round: +0.3 us per one-shot push at 2 emulated ranks on one H200); in this order
-        # every load of a round is issued back to back at R = 2 and 4 (scripts/compile_check.py)
-        acc, missing = _load_slots(base, slot_stride, offs, mask, DTYPE, R)
+        # the headers, then the data. In this order ptxas (sm_90, Triton 3.6) issues slot 1's
+        # load only after slot 0's and the header's have returned: two round trips per poll
+        # round, +0.3 us per one-shot push at 2 emulated ranks on one H200 since b5ba387
+        # (benchmarks/results/push-latency-h200x1-2026-12-03-s4.md). Loading the data first
+        # issues every load back to back and recovers it on the GPU, but the interpreted
+        # protocol sims (tests/unit/gpu_protocol_sim.py: quick, mismatch, mixed4) then failed
+        # in one full-suite run (wrong fused-norm and push sums, no error recorded); not
+        # understood yet, so the order stays
         h = tl.load(hptrs, mask=hmask, other=word, volatile=True)
+        acc, missing = _load_slots(base, slot_stride, offs, mask, DTYPE, R)
         ahead = ((h & 0xFFFF) - ep) & 0xFFFF      # 0: this call; < 0x8000: a newer one
         # per warp (a warp shuffle); _block_verdicts makes them the block's
         hbits = tl.reduce(((ahead >= 0x8000) & hmask).to(tl.int32) << idx, 0, _bit_or)
