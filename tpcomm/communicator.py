@@ -729,25 +729,15 @@ class Communicator:
                 entry = self._fast_entry(key)
         if not entry:
             return None
-        if not self._hot_cuda:
-            if not x.is_cpu or not x.is_contiguous():
-                return None
-            if out is None:
-                out = torch.empty_like(x)
-            elif out is not x and (type(out) is not _Tensor or out.dtype is not dtype
-                                   or not out.is_cpu or out.shape != x.shape
-                                   or not out.is_contiguous()):
-                return None
-        else:
-            idx = self._dev_index
-            if x.get_device() != idx or not x.is_contiguous():
-                return None
-            if out is None:
-                out = torch.empty_like(x)
-            elif out is not x and (type(out) is not _Tensor or out.dtype is not dtype
-                                   or out.get_device() != idx or out.shape != x.shape
-                                   or not out.is_contiguous()):
-                return None
+        cuda, idx = self._hot_cuda, self._dev_index
+        if not (x.get_device() == idx if cuda else x.is_cpu) or not x.is_contiguous():
+            return None
+        if out is None:
+            out = torch.empty_like(x)
+        elif out is not x and (type(out) is not _Tensor or out.dtype is not dtype
+                               or not (out.get_device() == idx if cuda else out.is_cpu)
+                               or out.shape != x.shape or not out.is_contiguous()):
+            return None
         free = self._free
         try:
             free.pop()       # atomic: a thread already inside has taken the one item
